@@ -1,0 +1,308 @@
+//! The workload interpreter: runs a parsed `guest_abi::workload::Program` and prints
+//! one JSON line per step.
+//!
+//! The interpreter owns the guest's memory state: the frame allocator and the set
+//! of allocated pages with what each must hold. Page work is handed to all vCPUs
+//! through `smp`; everything else (allocation, bookkeeping, printing) stays on the
+//! BSP. A failed step (out of memory, bad pages) does not stop the workload; it is
+//! counted, and turns a later `exit 0` into exit code 1.
+
+pub mod job;
+pub mod pages;
+
+use core::hint::black_box;
+
+use guest_abi::content;
+use guest_abi::guest_state;
+use guest_abi::workload::{Kind, Program, Step};
+
+use crate::clock::Clock;
+use crate::console::Line;
+use crate::control::Control;
+use crate::mm::frame_alloc::FrameAllocator;
+use crate::{arch, smp, system};
+use job::{Job, Op, Tally};
+use pages::{PageMeta, PageSet};
+
+/// `spin` iterations between heartbeats (about a millisecond).
+const SPIN_BEAT: u64 = 1 << 20;
+/// An address no VM maps (PML4 slot 2; the identity map uses slot 0): `fault`
+/// reads it.
+const UNMAPPED: u64 = 2 << 39;
+
+/// The VM-wide facts the interpreter needs.
+pub struct Machine {
+    /// vCPUs sharing page work.
+    pub cpus: u32,
+    /// Seed of `unique` and touched contents.
+    pub vm_seed: u64,
+    /// Time source.
+    pub clock: Clock,
+    /// Where progress is published.
+    pub control: Control,
+}
+
+/// The workload's state and its interpreter.
+pub struct Interpreter {
+    machine: Machine,
+    frames: FrameAllocator,
+    pages: PageSet,
+    /// Position in the allocated set where the next `touch` starts.
+    touch_cursor: u64,
+    /// `unique` pages allocated so far (their content index).
+    unique_pages: u64,
+    steps_done: u64,
+    failed_steps: u64,
+}
+
+/// What a step reports besides its name, time and result.
+#[derive(Default)]
+struct Report {
+    pages: Option<u64>,
+    bad: Option<u64>,
+    first_bad_pfn: Option<u64>,
+    error: Option<&'static str>,
+    failed: bool,
+}
+
+impl Report {
+    fn pages(pages: u64) -> Report {
+        Report { pages: Some(pages), ..Report::default() }
+    }
+
+    fn error(msg: &'static str) -> Report {
+        Report { error: Some(msg), failed: true, ..Report::default() }
+    }
+}
+
+impl Interpreter {
+    /// An interpreter with nothing allocated yet.
+    pub fn new(machine: Machine, frames: FrameAllocator, pages: PageSet) -> Interpreter {
+        let interpreter =
+            Interpreter { machine, frames, pages, touch_cursor: 0, unique_pages: 0, steps_done: 0, failed_steps: 0 };
+        interpreter.publish();
+        interpreter
+    }
+
+    /// Free frames.
+    pub fn free_pages(&self) -> u64 {
+        self.frames.free_pages()
+    }
+
+    /// Steps finished so far (over all programs).
+    pub fn steps_done(&self) -> u64 {
+        self.steps_done
+    }
+
+    /// Runs `program`; its lines carry `"seq":S` when it is command `seq`. Returns
+    /// whether every step succeeded. Does not return after an `exit` step.
+    pub fn run(&mut self, program: &Program, seq: Option<u32>) -> bool {
+        let failed_before = self.failed_steps;
+        self.block(program.steps(), seq);
+        self.failed_steps == failed_before
+    }
+
+    /// Prints `{"event":"error","msg":...}` for a workload that cannot run.
+    pub fn print_error(&self, seq: Option<u32>, msg: impl core::fmt::Display) {
+        let mut line = Line::vm();
+        if let Some(seq) = seq {
+            line.num("seq", seq as u64);
+        }
+        line.str("event", "error").str("msg", msg).emit();
+    }
+
+    fn block(&mut self, steps: &[Step], seq: Option<u32>) {
+        let mut i = 0;
+        while i < steps.len() {
+            match steps[i] {
+                Step::Repeat { count, body } => {
+                    let body = &steps[i + 1..i + 1 + body as usize];
+                    for _ in 0..count {
+                        self.block(body, seq);
+                    }
+                    i += body.len();
+                }
+                step => self.step(step, seq),
+            }
+            i += 1;
+        }
+    }
+
+    fn step(&mut self, step: Step, seq: Option<u32>) {
+        let start = self.machine.clock.now();
+        let report = match step {
+            Step::Alloc { pages, kind } => self.alloc(pages, kind),
+            Step::Touch { pages } => self.touch(pages),
+            Step::Verify => self.verify(),
+            Step::Free { pages } => self.free(pages),
+            Step::Idle { us } => self.idle(us),
+            Step::Spin { iterations } => self.spin(iterations),
+            Step::Exit { code } => self.exit(code, seq),
+            Step::Fault => self.fault(),
+            Step::Repeat { .. } => unreachable!("repeat is expanded by block()"),
+        };
+        let us = self.machine.clock.us_since(start);
+        self.steps_done += 1;
+        self.failed_steps += report.failed as u64;
+        self.publish();
+
+        let mut line = self.step_line(seq, step);
+        if let Some(arg) = step.arg() {
+            line.str("arg", arg);
+        }
+        for (key, value) in [("pages", report.pages), ("bad", report.bad), ("first_bad_pfn", report.first_bad_pfn)] {
+            if let Some(v) = value {
+                line.num(key, v);
+            }
+        }
+        line.num("us", us).str("result", if report.failed { "fail" } else { "ok" });
+        if let Some(error) = report.error {
+            line.str("error", error);
+        }
+        line.emit();
+    }
+
+    /// `{"vm":N,"seq":S,"step":K,"op":...` for the step being finished.
+    fn step_line(&self, seq: Option<u32>, step: Step) -> Line {
+        let mut line = Line::vm();
+        if let Some(seq) = seq {
+            line.num("seq", seq as u64);
+        }
+        line.num("step", self.steps_done).str("op", step.op());
+        line
+    }
+
+    fn publish(&self) {
+        self.machine.control.publish(self.steps_done, self.pages.len(), self.frames.free_pages());
+    }
+
+    /// Runs a job over positions `first..first + count` of the allocated set.
+    fn job(&self, op: Op, first: u64, count: u64) -> Tally {
+        let job = Job {
+            op,
+            records: self.pages.records(),
+            set_len: self.pages.len(),
+            first,
+            count,
+            vm_seed: self.machine.vm_seed,
+            control: self.machine.control,
+        };
+        smp::run(job, self.machine.cpus)
+    }
+
+    fn alloc(&mut self, pages: u64, kind: Kind) -> Report {
+        if pages > self.frames.free_pages() {
+            return Report::error("out of memory");
+        }
+        let first = self.pages.len();
+        let mut index = 0;
+        while index < pages {
+            let run = self.frames.alloc_run(pages - index).expect("enough frames were free");
+            for pfn in run.start..run.start + run.count {
+                let content_index = match kind {
+                    Kind::Unique => self.unique_pages + index,
+                    _ => index,
+                };
+                let key = content::alloc_key(kind, content_index, self.machine.vm_seed);
+                let pfn = u32::try_from(pfn).expect("frame numbers fit 32 bits");
+                self.pages.push(PageMeta { key, pfn, version: 0 });
+                index += 1;
+            }
+        }
+        if kind == Kind::Unique {
+            self.unique_pages += pages;
+        }
+        self.job(Op::Fill, first, pages);
+        Report::pages(pages)
+    }
+
+    /// Touches round-robin; more pages than allocated means several rounds (one job
+    /// each, so no page is written by two vCPUs at once).
+    fn touch(&mut self, pages: u64) -> Report {
+        let len = self.pages.len();
+        if len == 0 {
+            return Report::error("nothing allocated");
+        }
+        let mut left = pages;
+        while left > 0 {
+            let n = left.min(len);
+            let first = self.touch_cursor % len;
+            self.job(Op::Touch, first, n);
+            self.touch_cursor = (first + n) % len;
+            left -= n;
+        }
+        Report::pages(pages)
+    }
+
+    fn verify(&mut self) -> Report {
+        let len = self.pages.len();
+        let tally = if len == 0 { Tally::default() } else { self.job(Op::Verify, 0, len) };
+        let first_bad_pfn = tally.first_bad.map(|pos| {
+            // SAFETY: pos < len, a record of the set.
+            unsafe { (*self.pages.records().add(pos as usize)).pfn as u64 }
+        });
+        Report { pages: Some(len), bad: Some(tally.bad), first_bad_pfn, failed: tally.bad > 0, error: None }
+    }
+
+    fn free(&mut self, pages: u64) -> Report {
+        if pages > self.pages.len() {
+            return Report::error("more pages than allocated");
+        }
+        self.pages.pop_into(pages, &mut self.frames);
+        Report::pages(pages)
+    }
+
+    /// Halts until the deadline: each `hlt` sleeps on the host until a wake-up or
+    /// the VMM's halt timeout (2 ms on vmm), then the TSC says whether to go on. An
+    /// idle step can therefore overshoot by up to that timeout.
+    fn idle(&mut self, us: u64) -> Report {
+        let clock = self.machine.clock;
+        let deadline = clock.deadline(us);
+        while clock.now() < deadline {
+            self.machine.control.beat();
+            arch::hlt();
+        }
+        Report::default()
+    }
+
+    /// A loop the compiler cannot remove, and that exits only for heartbeats' sake
+    /// (which are plain memory writes, no exits).
+    fn spin(&mut self, iterations: u64) -> Report {
+        let mut left = iterations;
+        while left > 0 {
+            let n = left.min(SPIN_BEAT);
+            for i in 0..n {
+                black_box(i);
+            }
+            left -= n;
+            self.machine.control.beat();
+        }
+        Report::default()
+    }
+
+    /// Prints the final line and ends the VM: exit 0 becomes 1 if a step failed.
+    fn exit(&mut self, code: u8, seq: Option<u32>) -> ! {
+        let code = match (code, self.failed_steps) {
+            (0, 1..) => 1,
+            (code, _) => code as u32,
+        };
+        self.steps_done += 1;
+        self.publish();
+        let mut line = self.step_line(seq, Step::Exit { code: code as u8 });
+        line.num("code", code as u64);
+        if self.failed_steps > 0 {
+            line.num("failed_steps", self.failed_steps);
+        }
+        line.str("result", "ok").emit();
+        self.machine.control.set_state(guest_state::EXITING);
+        system::exit(code)
+    }
+
+    /// Reads [`UNMAPPED`]: the page fault is reported by `trap` and ends the VM.
+    fn fault(&mut self) -> Report {
+        // SAFETY: a plain load (in assembly: Rust must not assume the address is
+        // valid); it faults and the exception handler never returns.
+        unsafe { core::arch::asm!("mov {0}, [{0}]", inout(reg) UNMAPPED => _, options(nostack, readonly)) };
+        Report::error("reading an unmapped address did not fault")
+    }
+}
