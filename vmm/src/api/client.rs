@@ -1,0 +1,19 @@
+//! `vmm ctl`: sends one request to a running `vmm` and prints the response.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use super::{Request, Response};
+
+/// Sends `req` to the socket at `path` and returns the response.
+pub fn send(path: &Path, req: &Request) -> Result<Response, String> {
+    let mut stream = UnixStream::connect(path).map_err(|e| {
+        format!("cannot connect to {}: {e} (is `vmm run` running? it prints its socket path at start)", path.display())
+    })?;
+    let text = serde_json::to_string(req).expect("requests serialise");
+    writeln!(stream, "{text}").map_err(|e| format!("sending the request: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).map_err(|e| format!("reading the response: {e}"))?;
+    serde_json::from_str(&line).map_err(|e| format!("bad response {line:?}: {e}"))
+}

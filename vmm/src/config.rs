@@ -1,0 +1,321 @@
+//! What a user asks for: VM definitions from the command line or a TOML file,
+//! sizes and durations in human units, validated before anything is created.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::devices::virtio::balloon::BalloonConfig;
+use crate::memory::{self, HostPages};
+
+/// The default boot workload of the built-in test guest: every kind of page, then a
+/// check, a working set rewrite, a release and a final check.
+pub const DEFAULT_WORKLOAD: &str =
+    "alloc 16M zero; alloc 16M dup; alloc 32M shared:1; alloc 32M unique; verify; touch 16M; free 16M; verify; exit 0";
+
+/// Where a VM's console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleTarget {
+    /// The VMM's stdout, each line prefixed with `[NAME] ` when several VMs run.
+    Stdout,
+    /// A file of its own.
+    File(PathBuf),
+    /// Nowhere but the in-memory log (library users and tests).
+    Discard,
+}
+
+/// Which guest kernel a VM boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// The test guest embedded in the vmm binary.
+    Builtin,
+    /// An x86-64 ELF file.
+    Path(PathBuf),
+}
+
+/// One VM, fully specified.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Name used in logs, console prefixes, summaries and control requests.
+    pub name: String,
+    /// Guest RAM in bytes.
+    pub mem: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest kernel.
+    pub kernel: Kernel,
+    /// Boot workload handed to the guest.
+    pub workload: String,
+    /// Console destination.
+    pub console: ConsoleTarget,
+    /// Host page policy for guest RAM.
+    pub host_pages: HostPages,
+    /// A running test guest that shows no progress for this long is declared hung.
+    pub hang_timeout: Duration,
+    /// The virtio balloon, if the VM has one.
+    pub balloon: Option<BalloonConfig>,
+}
+
+impl VmConfig {
+    /// A VM booting the built-in guest with the default workload.
+    pub fn new(name: impl Into<String>, mem: u64) -> Self {
+        VmConfig {
+            name: name.into(),
+            mem,
+            vcpus: 1,
+            kernel: Kernel::Builtin,
+            workload: DEFAULT_WORKLOAD.to_string(),
+            console: ConsoleTarget::Discard,
+            host_pages: HostPages::Small,
+            hang_timeout: Duration::from_secs(30),
+            balloon: Some(BalloonConfig::default()),
+        }
+    }
+
+    /// Checks everything that can be checked before creating the VM.
+    pub fn validate(&self) -> Result<(), String> {
+        let ctx = |m: String| format!("vm {}: {m}", self.name);
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(format!("bad VM name {:?}: use letters, digits, '-', '_' and '.'", self.name));
+        }
+        memory::validate_size(self.mem).map_err(|e| ctx(e.to_string()))?;
+        if self.vcpus == 0 || self.vcpus > guest_abi::MAX_VCPUS {
+            return Err(ctx(format!("vcpus must be between 1 and {}, not {}", guest_abi::MAX_VCPUS, self.vcpus)));
+        }
+        if self.workload.len() > guest_abi::CMDLINE_MAX {
+            return Err(ctx(format!("workload is {} bytes, at most {}", self.workload.len(), guest_abi::CMDLINE_MAX)));
+        }
+        if self.kernel == Kernel::Builtin {
+            check_workload(&self.workload).map_err(|e| ctx(format!("bad workload: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a program of the test guest's workload language (the guest would refuse
+/// it at boot; better to say so before creating the VM).
+pub fn check_workload(text: &str) -> Result<(), String> {
+    guest_abi::workload::Program::parse(text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Parses `512M`, `2G`, `4096`, `64K` (binary units; `B`/`iB` suffixes accepted).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 30),
+        Some((i, 'T' | 't')) => (&t[..i], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad size {text:?}: expected a number with an optional K, M, G or T suffix"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// Formats a byte count the way [`parse_size`] reads it back.
+pub fn format_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+/// Parses `500ms`, `2s`, `1m`, `250us` (a plain number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let bad = || format!("bad duration {text:?}: expected e.g. 500ms, 2s or 1m");
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "us" => n / 1e6,
+        "m" | "min" => n * 60.0,
+        _ => return Err(bad()),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+/// The TOML file of `vmm run --config`: defaults, then a list of VMs.
+///
+/// ```toml
+/// [defaults]
+/// mem = "256M"
+/// workload = "alloc 64M shared:7; verify; exit 0"
+///
+/// [[vm]]
+/// name = "web"
+///
+/// [[vm]]
+/// name = "db"
+/// mem = "512M"
+/// vcpus = 2
+/// console = "db.log"
+/// ```
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Values used by every VM that does not set them.
+    #[serde(default)]
+    pub defaults: VmEntry,
+    /// The VMs, at least one.
+    #[serde(default)]
+    pub vm: Vec<VmEntry>,
+}
+
+/// One `[[vm]]` (or the `[defaults]`) of a [`ConfigFile`].
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmEntry {
+    /// VM name (defaults to `vmN`).
+    pub name: Option<String>,
+    /// Guest RAM, e.g. `"256M"`.
+    pub mem: Option<String>,
+    /// vCPU count.
+    pub vcpus: Option<u32>,
+    /// Path of an x86-64 ELF kernel instead of the built-in guest.
+    pub kernel: Option<PathBuf>,
+    /// Boot workload.
+    pub workload: Option<String>,
+    /// `"stdout"` or a file path (relative to the config file).
+    pub console: Option<String>,
+    /// `"small"` (4 KiB, default) or `"thp"`.
+    pub host_pages: Option<HostPages>,
+    /// e.g. `"30s"`.
+    pub hang_timeout: Option<String>,
+}
+
+impl VmEntry {
+    /// Fills unset fields of `self` from `defaults`.
+    fn or(self, defaults: &VmEntry) -> VmEntry {
+        VmEntry {
+            name: self.name,
+            mem: self.mem.or_else(|| defaults.mem.clone()),
+            vcpus: self.vcpus.or(defaults.vcpus),
+            kernel: self.kernel.or_else(|| defaults.kernel.clone()),
+            workload: self.workload.or_else(|| defaults.workload.clone()),
+            console: self.console.or_else(|| defaults.console.clone()),
+            host_pages: self.host_pages.or(defaults.host_pages),
+            hang_timeout: self.hang_timeout.or_else(|| defaults.hang_timeout.clone()),
+        }
+    }
+
+    /// Applies this entry over `base` (the command line's values).
+    pub fn apply(&self, mut base: VmConfig, dir: &Path) -> Result<VmConfig, String> {
+        if let Some(n) = &self.name {
+            base.name = n.clone();
+        }
+        if let Some(m) = &self.mem {
+            base.mem = parse_size(m)?;
+        }
+        if let Some(v) = self.vcpus {
+            base.vcpus = v;
+        }
+        if let Some(k) = &self.kernel {
+            base.kernel = Kernel::Path(dir.join(k));
+        }
+        if let Some(w) = &self.workload {
+            base.workload = w.clone();
+        }
+        if let Some(c) = &self.console {
+            base.console = match c.as_str() {
+                "stdout" => ConsoleTarget::Stdout,
+                path => ConsoleTarget::File(dir.join(path)),
+            };
+        }
+        if let Some(p) = self.host_pages {
+            base.host_pages = p;
+        }
+        if let Some(t) = &self.hang_timeout {
+            base.hang_timeout = parse_duration(t)?;
+        }
+        Ok(base)
+    }
+}
+
+/// Reads a config file into VM configs, each starting from `base` (the command
+/// line's values) and named `vmN` unless it names itself.
+pub fn load_config_file(path: &Path, base: &VmConfig) -> Result<Vec<VmConfig>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    let file: ConfigFile = toml::from_str(&text).map_err(|e| format!("bad config {}: {}", path.display(), e.message()))?;
+    if file.vm.is_empty() {
+        return Err(format!("config {} lists no [[vm]]", path.display()));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut vms = Vec::with_capacity(file.vm.len());
+    for (i, entry) in file.vm.into_iter().enumerate() {
+        let mut vm = base.clone();
+        vm.name = format!("vm{i}");
+        let vm = entry.or(&file.defaults).apply(vm, dir).map_err(|e| format!("config {}: vm {i}: {e}", path.display()))?;
+        vms.push(vm);
+    }
+    check_unique_names(&vms)?;
+    Ok(vms)
+}
+
+/// VM names address VMs in logs and control requests: they must differ.
+pub fn check_unique_names(vms: &[VmConfig]) -> Result<(), String> {
+    let mut names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+    names.sort_unstable();
+    match names.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(format!("two VMs are named {:?}", w[0])),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(format_size(256 << 20), "256M");
+        assert_eq!(format_size(4097), "4097");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn config_file_defaults_and_overrides() {
+        let dir = std::env::temp_dir().join(format!("vmm-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vms.toml");
+        std::fs::write(
+            &path,
+            "[defaults]\nmem = \"128M\"\nworkload = \"exit 3\"\n[[vm]]\nname = \"a\"\n[[vm]]\nmem = \"64M\"\nconsole = \"b.log\"\n",
+        )
+        .unwrap();
+        let vms = load_config_file(&path, &VmConfig::new("x", 256 << 20)).unwrap();
+        assert_eq!(vms.len(), 2);
+        assert_eq!((vms[0].name.as_str(), vms[0].mem), ("a", 128 << 20));
+        assert_eq!((vms[1].name.as_str(), vms[1].mem), ("vm1", 64 << 20));
+        assert_eq!(vms[1].workload, "exit 3");
+        assert_eq!(vms[1].console, ConsoleTarget::File(dir.join("b.log")));
+        std::fs::write(&path, "[[vm]]\nmemory = \"1G\"\n").unwrap();
+        let err = load_config_file(&path, &VmConfig::new("x", 256 << 20)).unwrap_err();
+        assert!(err.contains("memory"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

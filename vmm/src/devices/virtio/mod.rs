@@ -1,0 +1,96 @@
+//! virtio devices: the device model shared by every device type, the virtio-mmio
+//! transport ([`mmio`]), the worker thread that serves queue notifications
+//! ([`worker`]) and the devices themselves ([`balloon`]).
+//!
+//! Notifications arrive through `KVM_IOEVENTFD` (a queue kick does not exit to
+//! userspace, which matters when an exit costs ~50 us). There is no interrupt
+//! controller on the hosts this project targets, so the device only records
+//! interrupt causes in `InterruptStatus`; the guest polls its used rings.
+
+pub mod balloon;
+pub mod mmio;
+pub mod worker;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use virtio_queue::Queue;
+
+/// virtio 1.x feature bit: the device conforms to version 1.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// `InterruptStatus` bit: a queue has new used buffers.
+pub const INT_VRING: u32 = 1;
+/// `InterruptStatus` bit: the configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// What a device type implements; the transport does the rest.
+pub trait VirtioDevice: Send {
+    /// virtio device ID (5 for the balloon).
+    fn device_id(&self) -> u32;
+    /// Features the device offers.
+    fn features(&self) -> u64;
+    /// Number of queues for the negotiated `features` (numbered densely: a queue
+    /// whose feature is not negotiated is skipped, as real drivers do).
+    fn queue_count(&self, features: u64) -> usize;
+    /// Largest queue size the device accepts.
+    fn queue_max_size(&self) -> u16;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: start using `queues` with `features`.
+    fn activate(&mut self, features: u64, queues: Vec<Queue>) -> Result<(), String>;
+    /// The driver reset the device: drop the queues, keep host-side state that must
+    /// survive (e.g. which pages are ballooned).
+    fn reset(&mut self);
+    /// Queue `index` was notified.
+    fn process_queue(&mut self, index: usize);
+    /// Periodic work; returns the wanted period in milliseconds (0: none).
+    fn tick(&mut self) -> u64 {
+        0
+    }
+}
+
+/// Interrupt causes recorded for the guest (`InterruptStatus`/`InterruptACK`).
+#[derive(Default)]
+pub struct Interrupt {
+    status: AtomicU32,
+}
+
+impl Interrupt {
+    /// Records a cause.
+    pub fn raise(&self, cause: u32) {
+        self.status.fetch_or(cause, Ordering::AcqRel);
+    }
+    /// Current causes.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+    /// The driver acknowledged `causes`.
+    pub fn ack(&self, causes: u32) {
+        self.status.fetch_and(!causes, Ordering::AcqRel);
+    }
+}
+
+/// Logs each kind of guest misbehaviour once per device, counting every occurrence:
+/// a guest must not be able to flood the host's log.
+#[derive(Default)]
+pub struct GuestErrors {
+    seen: Mutex<HashSet<&'static str>>,
+    count: AtomicU32,
+}
+
+impl GuestErrors {
+    /// Notes an error of kind `kind` described by `detail`.
+    pub fn report(&self, device: &str, kind: &'static str, detail: impl FnOnce() -> String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if self.seen.lock().unwrap().insert(kind) {
+            log::warn!("{device}: guest error ({kind}): {} (further ones of this kind are only counted)", detail());
+        }
+    }
+    /// Errors seen so far.
+    pub fn count(&self) -> u32 {
+        self.count.load(Ordering::Relaxed)
+    }
+}

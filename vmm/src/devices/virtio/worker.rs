@@ -1,0 +1,78 @@
+//! The thread that serves a virtio device: waits for queue notifications
+//! (ioeventfds) and the device's periodic work, and runs them under the VM's
+//! device gate so that a paused VM has no device thread touching guest memory.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::VirtioDevice;
+use crate::run_control::RunControl;
+
+/// A running worker; dropping it stops the thread.
+pub struct Worker {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Serves `device`: `notify[i]` signals queue `i`.
+    pub fn spawn<D: VirtioDevice + 'static>(
+        name: String,
+        device: Arc<Mutex<D>>,
+        notify: Vec<EventFd>,
+        run: Arc<RunControl>,
+    ) -> std::io::Result<Worker> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        let stop_token = notify.len() as u64;
+        for (i, fd) in notify.iter().enumerate() {
+            epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(EventSet::IN, i as u64))?;
+        }
+        epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
+        let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
+            let mut events = vec![EpollEvent::default(); notify.len() + 1];
+            let mut period_ms = -1i32;
+            loop {
+                let n = match epoll.wait(period_ms, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::error!("{name}: epoll failed, device stopped: {e}");
+                        return;
+                    }
+                };
+                if !run.device_enter() {
+                    return;
+                }
+                let mut dev = device.lock().unwrap();
+                for ev in &events[..n] {
+                    let token = ev.data();
+                    if token == stop_token {
+                        run.device_exit();
+                        return;
+                    }
+                    let _ = notify[token as usize].read();
+                    dev.process_queue(token as usize);
+                }
+                let p = dev.tick();
+                period_ms = if p == 0 { -1 } else { p.min(i32::MAX as u64) as i32 };
+                drop(dev);
+                run.device_exit();
+            }
+        })?;
+        Ok(Worker { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The `vmm` command line: `vmm run` boots VMs (the built-in test guest by default).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use vmm::api::Request;
+use vmm::config::{self, ConsoleTarget, Kernel, VmConfig};
+use vmm::devices::virtio::balloon::BalloonConfig;
+use vmm::host::{self, RunOptions};
+use vmm::memory::HostPages;
+
+/// A userspace KVM hypervisor for measuring memory reclamation.
+#[derive(Parser)]
+#[command(name = "vmm", version, about, long_about = None)]
+struct Cli {
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
+    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot one or more VMs and run them to their end.
+    ///
+    /// Without --kernel, boots the built-in test guest, which runs the --workload
+    /// (a `;`-separated program: alloc SIZE zero|dup|shared:SEED|unique, touch SIZE,
+    /// verify, free SIZE, idle DURATION, spin N, repeat N { ... }, exit CODE; see
+    /// docs/guest.md) and prints one JSON line per step. At the end, one JSON summary
+    /// line per VM and one for the process. The exit status is the guest's exit code
+    /// (the first non-zero one with several VMs), 254 for a guest-internal failure,
+    /// 255 if the VMM had to stop a guest.
+    Run(RunArgs),
+    /// Talk to a running `vmm run` through its control socket.
+    Ctl(CtlArgs),
+    /// Measure a mechanism against its baseline; prints a table and a JSON line.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Balloon inflate/deflate: merged madvise ranges against one madvise per page.
+    Balloon {
+        /// Repetitions per mode (the table shows medians).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Guest RAM (the guest touches all of it first).
+        #[arg(long, default_value = "2G", value_parser = config::parse_size)]
+        mem: u64,
+        /// Balloon size to inflate to.
+        #[arg(long, default_value = "1G", value_parser = config::parse_size)]
+        inflate: u64,
+    },
+    /// Boot time, memory population with 4 KiB pages and THP, VMM overhead.
+    Boot {
+        /// Repetitions per configuration (the table shows medians).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Guest RAM.
+        #[arg(long, default_value = "512M", value_parser = config::parse_size)]
+        mem: u64,
+        /// How much the guest allocates and fills (`alloc SIZE unique`).
+        #[arg(long, default_value = "256M", value_parser = config::parse_size)]
+        alloc: u64,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Guest RAM per VM, e.g. 256M or 2G (16M..63G).
+    #[arg(long, default_value = "256M", value_parser = config::parse_size, value_name = "SIZE")]
+    mem: u64,
+    /// vCPUs per VM (1..32).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    vcpus: u32,
+    /// Number of identical VMs in this process (vm0, vm1, ...).
+    #[arg(long, default_value_t = 1, value_name = "N", conflicts_with = "config")]
+    vms: u32,
+    /// TOML file listing VMs ([[vm]] with name, mem, vcpus, workload, kernel,
+    /// console, host_pages, hang_timeout; [defaults] for all). Command-line values
+    /// are the defaults of the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// An x86-64 ELF kernel to boot instead of the built-in test guest.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// The test guest's boot workload.
+    #[arg(long, value_name = "PROGRAM", default_value = config::DEFAULT_WORKLOAD)]
+    workload: String,
+    /// Write each VM's console to DIR/NAME.log instead of stdout.
+    #[arg(long, value_name = "DIR")]
+    console_dir: Option<PathBuf>,
+    /// Back guest RAM with transparent huge pages (default: 4 KiB pages, which is
+    /// what reclamation works on).
+    #[arg(long)]
+    thp: bool,
+    /// Stop every VM after this long (e.g. 30s, 5m).
+    #[arg(long, value_parser = config::parse_duration, value_name = "DURATION")]
+    timeout: Option<std::time::Duration>,
+    /// Declare a test guest hung after this long without progress.
+    #[arg(long, default_value = "30s", value_parser = config::parse_duration, value_name = "DURATION")]
+    hang_timeout: std::time::Duration,
+    /// The virtio balloon of every VM: size=SIZE (initial target, default 0),
+    /// deflate_on_oom=on|off (default on), stats_interval=DURATION (default 1s,
+    /// 0 = no statistics queue), free_page_reporting=on|off (default on).
+    #[arg(long, value_name = "OPTIONS", value_parser = parse_balloon, conflicts_with = "no_balloon")]
+    balloon: Option<BalloonConfig>,
+    /// VMs without a balloon device.
+    #[arg(long)]
+    no_balloon: bool,
+    /// Control socket (mode 0600) for `vmm ctl`; default /tmp/vmm-PID.sock.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+}
+
+/// Parses `size=128M,deflate_on_oom=on,stats_interval=1s,free_page_reporting=off`.
+fn parse_balloon(text: &str) -> Result<BalloonConfig, String> {
+    let mut cfg = BalloonConfig::default();
+    let on_off = |k: &str, v: &str| match v {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("{k}={v}: expected on or off")),
+    };
+    for item in text.split(',').filter(|s| !s.is_empty()) {
+        let (k, v) = item.split_once('=').ok_or_else(|| format!("{item:?}: expected key=value"))?;
+        match k {
+            "size" => cfg.size = config::parse_size(v)?,
+            "deflate_on_oom" => cfg.deflate_on_oom = on_off(k, v)?,
+            "stats_interval" => cfg.stats_interval = config::parse_duration(v)?,
+            "free_page_reporting" => cfg.free_page_reporting = on_off(k, v)?,
+            _ => {
+                return Err(format!(
+                    "unknown balloon option {k:?} (size, deflate_on_oom, stats_interval, free_page_reporting)"
+                ))
+            }
+        }
+    }
+    Ok(cfg)
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// Socket of the running `vmm run` (it logs the path at start).
+    #[arg(long, value_name = "PATH")]
+    sock: PathBuf,
+    #[command(subcommand)]
+    what: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// The balloon: set its target, or read its counters and the guest's statistics.
+    #[command(subcommand)]
+    Balloon(BalloonCtl),
+    /// The VMs.
+    #[command(subcommand)]
+    Vm(VmCtl),
+    /// Run a workload program in a serving test guest and print its results.
+    Command {
+        /// The program, e.g. "alloc 64M unique; verify".
+        workload: String,
+        /// The VM.
+        #[arg(long)]
+        vm: String,
+        /// Seconds to wait for it.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BalloonCtl {
+    /// Set the balloon target size (e.g. 128M; 0 deflates fully).
+    Set {
+        /// Target size.
+        size: String,
+        /// Only this VM (default: every VM).
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Balloon counters and guest statistics.
+    Stats {
+        /// Only this VM (default: every VM).
+        #[arg(long)]
+        vm: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCtl {
+    /// Memory figures and counters.
+    Stats {
+        /// Only this VM (default: every VM).
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// List the VMs.
+    List,
+}
+
+/// Exit status when the VMM had to stop a guest (crash, hang, time limit).
+const EXIT_VMM_STOPPED: u8 = 255;
+/// Exit status for a guest-internal failure code (>= 256: panic, bad boot info...).
+const EXIT_GUEST_FAILURE: u8 = 254;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn main() -> ExitCode {
+    let t0 = Instant::now();
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.log_level)
+        .parse_env("RUST_LOG")
+        .format_timestamp_millis()
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => run(args, t0),
+        Command::Ctl(args) => ctl(args),
+        Command::Bench(BenchCommand::Balloon { runs, mem, inflate }) => {
+            vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) }).map(|()| 0)
+        }
+        Command::Bench(BenchCommand::Boot { runs, mem, alloc }) => {
+            vmm::bench::boot::run(&vmm::bench::boot::BootBench { runs: runs.max(1), mem, alloc }).map(|()| 0)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(msg) => {
+            eprintln!("vmm: error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
+    let configs = vm_configs(&args)?;
+    install_interrupt_handler();
+    let api_socket = args.api_sock.clone().unwrap_or_else(|| vmm::api::default_socket(std::process::id()));
+    let report = host::run(
+        &configs,
+        t0,
+        RunOptions { timeout: args.timeout, interrupted: Some(&INTERRUPTED), api_socket: Some(api_socket) },
+    )?;
+    let mut status = 0u8;
+    for vm in &report.vms {
+        let mut line = serde_json::to_value(vm).expect("report serialises");
+        line.as_object_mut().expect("object").insert("summary".into(), "vm".into());
+        println!("{line}");
+        let vm_status = match (vm.exit_code, &vm.error) {
+            (Some(c), _) if c <= 255 => c as u8,
+            (Some(c), _) => {
+                eprintln!("vmm: {}: the guest failed internally (code {c:#x}, see its console)", vm.vm);
+                EXIT_GUEST_FAILURE
+            }
+            (None, Some(e)) => {
+                eprintln!("vmm: error: {}: {e}", vm.vm);
+                EXIT_VMM_STOPPED
+            }
+            (None, None) => EXIT_VMM_STOPPED,
+        };
+        if status == 0 {
+            status = vm_status;
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "summary": "host",
+            "vms": report.vms.len(),
+            "process_rss_mib": report.process_rss_mib,
+            "guest_rss_mib": report.guest_rss_mib,
+            "vmm_overhead_mib": report.vmm_overhead_mib,
+        })
+    );
+    Ok(status)
+}
+
+fn ctl(args: CtlArgs) -> Result<u8, String> {
+    let req = match args.what {
+        CtlCommand::Balloon(BalloonCtl::Set { size, vm }) => Request::BalloonSet { size, vm },
+        CtlCommand::Balloon(BalloonCtl::Stats { vm }) => Request::BalloonStats { vm },
+        CtlCommand::Vm(VmCtl::Stats { vm }) => Request::VmStats { vm },
+        CtlCommand::Vm(VmCtl::List) => Request::Vms,
+        CtlCommand::Command { workload, vm, timeout } => Request::Command { vm, workload, timeout_s: Some(timeout) },
+    };
+    let resp = vmm::api::client::send(&args.sock, &req)?;
+    match (resp.ok, resp.result, resp.error) {
+        (true, Some(result), _) => {
+            println!("{}", serde_json::to_string_pretty(&result).expect("json"));
+            Ok(0)
+        }
+        (_, _, error) => Err(error.unwrap_or_else(|| "request failed".into())),
+    }
+}
+
+/// The VMs this run asks for, validated.
+fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
+    let mut base = VmConfig::new("vm0", args.mem);
+    base.vcpus = args.vcpus;
+    base.workload = args.workload.clone();
+    base.kernel = args.kernel.clone().map_or(Kernel::Builtin, Kernel::Path);
+    base.console = ConsoleTarget::Stdout;
+    base.host_pages = if args.thp { HostPages::Thp } else { HostPages::Small };
+    base.hang_timeout = args.hang_timeout;
+    base.balloon = if args.no_balloon { None } else { Some(args.balloon.clone().unwrap_or_default()) };
+    let mut configs = match &args.config {
+        Some(path) => config::load_config_file(path, &base)?,
+        None => {
+            if args.vms == 0 {
+                return Err("--vms must be at least 1".into());
+            }
+            (0..args.vms).map(|i| VmConfig { name: format!("vm{i}"), ..base.clone() }).collect()
+        }
+    };
+    if let Some(dir) = &args.console_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create console directory {}: {e}", dir.display()))?;
+        for c in &mut configs {
+            c.console = ConsoleTarget::File(dir.join(format!("{}.log", c.name)));
+        }
+    }
+    for c in &configs {
+        c.validate()?;
+    }
+    Ok(configs)
+}
+
+fn install_interrupt_handler() {
+    extern "C" fn on_interrupt(_: libc::c_int) {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            // Second Ctrl-C: leave now.
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) };
+        }
+    }
+    // SAFETY: the handler only touches an atomic and calls _exit.
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
+    }
+}

@@ -1,0 +1,566 @@
+//! One VM: its KVM handle, guest RAM, devices, vCPU threads, and how it ends.
+//!
+//! A [`Vm`] is created fully (RAM, memory slots, vCPUs in long mode, kernel and boot
+//! information in memory) before any guest code runs, so every configuration
+//! error is reported before the first instruction. [`VmShared`] is the part the vCPU
+//! threads see.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest_abi::{guest_state, BALLOON_MMIO_BASE, VIF_BASE_GPA};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use serde::Serialize;
+
+use crate::boot::{self, BootParams};
+use crate::config::{Kernel, VmConfig};
+use crate::console::Console;
+use crate::control::{self, GuestProgress};
+use crate::devices::bus::Bus;
+use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
+use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::worker::Worker;
+use crate::devices::virtio::{GuestErrors, Interrupt};
+use crate::devices::serial::{SerialPort, PORT_BASE, PORT_COUNT};
+use crate::kvm_stats;
+use crate::loader;
+use crate::memory::GuestRam;
+use crate::run_control::{Mode, RunControl};
+use crate::vcpu;
+use crate::x86::{pvm, regs, Backend};
+
+/// Queues of the balloon at most (inflate, deflate, stats, reporting).
+const BALLOON_QUEUES: u32 = 4;
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// The guest wrote this code to the exit port.
+    GuestExit(u32),
+    /// The VMM stopped the guest because something went wrong (triple fault,
+    /// KVM error, hang).
+    Error(String),
+    /// Stopped from outside (interrupt, time limit, shutdown of the host process).
+    Stopped(String),
+}
+
+/// The state of a VM that its vCPU threads share.
+pub struct VmShared {
+    /// The VM's name.
+    pub name: String,
+    /// Mode and wake-ups of the vCPUs, gate of the device threads.
+    pub run: Arc<RunControl>,
+    /// Port I/O devices (COM1).
+    pub pio: Bus,
+    /// MMIO devices (in the MMIO hole).
+    pub mmio: Bus,
+    /// The console behind COM1.
+    pub console: Arc<Console>,
+    /// Guest RAM.
+    pub ram: Arc<GuestRam>,
+    /// The balloon device, if the VM has one.
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
+    ending: Mutex<Option<Ending>>,
+    ended: Condvar,
+    command_lock: Mutex<()>,
+    first_insn: OnceLock<Instant>,
+    stats: Mutex<BTreeMap<String, u64>>,
+}
+
+impl VmShared {
+    /// Ends the VM (the first ending wins) and stops its vCPUs.
+    pub fn end(&self, ending: Ending) {
+        let mut slot = self.ending.lock().unwrap();
+        if slot.is_none() {
+            match &ending {
+                Ending::GuestExit(code) => log::info!("{}: guest exited with code {code}", self.name),
+                Ending::Error(msg) => log::error!("{}: {msg}", self.name),
+                Ending::Stopped(why) => log::info!("{}: stopped: {why}", self.name),
+            }
+            *slot = Some(ending);
+        }
+        self.run.stop();
+        self.ended.notify_all();
+    }
+
+    /// Runs a command of the workload language in a serving test guest and waits
+    /// for it; returns its status (0 = success) and the lines it printed. Fails if the
+    /// guest is not serving commands or busy with another one.
+    pub fn run_command(&self, cmd: &str, timeout: Duration) -> Result<CommandOutput, String> {
+        crate::config::check_workload(cmd).map_err(|e| format!("bad command: {e}"))?;
+        let _one_at_a_time = self.command_lock.lock().unwrap();
+        let mem = self.ram.mem();
+        let p = control::progress(mem);
+        if self.ending().is_some() {
+            return Err(format!("vm {} has ended", self.name));
+        }
+        if p.state != guest_state::SERVING {
+            return Err(format!("vm {} is not taking commands yet (its boot workload is still running)", self.name));
+        }
+        if control::posted_seq(mem) != p.ack_seq {
+            return Err(format!("vm {} is busy with another command", self.name));
+        }
+        let first_line = self.console.line_count();
+        let seq = control::post(mem, cmd)?;
+        self.run.wake();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let p = control::progress(mem);
+            if p.ack_seq == seq {
+                // Lines of a finished command are printed before the ack.
+                return Ok(CommandOutput { status: p.cmd_status, lines: self.console.lines_since(first_line) });
+            }
+            if let Some(e) = self.ending() {
+                return Err(format!("vm {} ended during the command: {e:?}", self.name));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("vm {}: command not finished after {:.1}s", self.name, timeout.as_secs_f64()));
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// How the VM ended, if it has.
+    pub fn ending(&self) -> Option<Ending> {
+        self.ending.lock().unwrap().clone()
+    }
+
+    /// What the guest publishes on the control page.
+    pub fn progress(&self) -> GuestProgress {
+        control::progress(self.ram.mem())
+    }
+
+    /// Memory figures and counters, for the control API.
+    pub fn stats(&self) -> serde_json::Value {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let state = match self.ending() {
+            Some(Ending::GuestExit(c)) => format!("exited({c})"),
+            Some(Ending::Error(e)) => format!("failed: {e}"),
+            Some(Ending::Stopped(w)) => format!("stopped: {w}"),
+            None => format!("{:?}", self.run.mode()).to_lowercase(),
+        };
+        let balloon = self.balloon.as_ref().map(|b| b.lock().unwrap().snapshot());
+        serde_json::json!({
+            "state": state,
+            "mem_mib": mib(self.ram.size()),
+            "guest_rss_mib": mib(self.ram.resident_bytes()),
+            "ballooned_mib": balloon.as_ref().map(|b| mib(b.ballooned_pages * guest_abi::PAGE_SIZE)),
+            "guest": self.progress(),
+            "balloon": balloon,
+        })
+    }
+
+    /// The guest reached its first instruction.
+    pub fn mark_first_instruction(&self) {
+        self.first_insn.get_or_init(Instant::now);
+    }
+
+    /// Adds one vCPU's KVM counters to the VM's.
+    pub fn add_stats(&self, stats: &BTreeMap<String, u64>) {
+        let mut total = self.stats.lock().unwrap();
+        for (k, v) in stats {
+            *total.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
+/// What a finished VM reports (one JSON line in `vmm run`'s summary).
+#[derive(Clone, Debug, Serialize)]
+pub struct VmReport {
+    /// VM name.
+    pub vm: String,
+    /// The guest's exit code, if it exited by itself.
+    pub exit_code: Option<u32>,
+    /// Why the VMM ended it, if it did.
+    pub error: Option<String>,
+    /// KVM backend.
+    pub backend: Backend,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// From the start of the host process (or library caller) to the VM's end.
+    pub wall_ms: f64,
+    /// From the start to the guest's first instruction (its boot-marker exit).
+    pub first_insn_ms: Option<f64>,
+    /// From the start to the guest's first console output.
+    pub first_output_ms: Option<f64>,
+    /// Guest RAM resident in host memory at the end, MiB.
+    pub guest_rss_mib: f64,
+    /// The KVM vCPU counters of [`kvm_stats::REPORTED`] (`exits`, `insn_emulation`,
+    /// ...), summed over vCPUs.
+    #[serde(flatten)]
+    pub counters: BTreeMap<String, u64>,
+    /// Every KVM vCPU counter, summed over vCPUs.
+    #[serde(skip)]
+    pub kvm: BTreeMap<String, u64>,
+    /// The JSON step results the test guest printed (objects with an `op`).
+    #[serde(skip)]
+    pub steps: Vec<serde_json::Value>,
+}
+
+/// A running (or finished) VM.
+pub struct Vm {
+    shared: Arc<VmShared>,
+    config: VmConfig,
+    backend: Backend,
+    t0: Instant,
+    pending_vcpus: Vec<VcpuFd>,
+    threads: Vec<JoinHandle<()>>,
+    /// Queue eventfds of the balloon, until its worker starts.
+    balloon_notify: Option<Vec<EventFd>>,
+    workers: Vec<Worker>,
+    last_progress: (u64, Instant),
+    _vm_fd: VmFd,
+}
+
+/// Opens `/dev/kvm` with an error a user can act on.
+pub fn open_kvm() -> Result<Kvm, String> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => "/dev/kvm does not exist: this host has no KVM (load the kvm module, or enable nested virtualisation)".to_string(),
+        libc::EACCES | libc::EPERM => "no permission to open /dev/kvm: run as root or join the group that owns it (usually kvm)".to_string(),
+        _ => format!("cannot open /dev/kvm: {e}"),
+    })
+}
+
+impl Vm {
+    /// Builds VM number `index` of its process. `t0` is the reference for the boot
+    /// figures (the start of `vmm run`).
+    pub fn create(kvm: &Kvm, config: &VmConfig, index: u32, t0: Instant, label_console: bool) -> Result<Vm, String> {
+        config.validate()?;
+        let ctx = |m: String| format!("vm {}: {m}", config.name);
+        let image = loader::kernel_bytes(&config.kernel).map_err(ctx)?;
+        let vm_fd = kvm.create_vm().map_err(|e| ctx(format!("KVM_CREATE_VM failed: {e}")))?;
+        let ram = Arc::new(GuestRam::new(config.mem, config.host_pages).map_err(|e| ctx(e.to_string()))?);
+        for (slot, (gpa, host, len)) in ram.host_ranges().into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: len,
+                userspace_addr: host,
+            };
+            // SAFETY: the host range is guest RAM mapped by `ram`, which lives in
+            // VmShared as long as the VM fd (dropped after the vCPU threads end).
+            unsafe { vm_fd.set_user_memory_region(region) }.map_err(|e| ctx(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+        }
+
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| ctx(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for i in 0..config.vcpus {
+            let vcpu = vm_fd.create_vcpu(i as u64).map_err(|e| ctx(format!("KVM_CREATE_VCPU {i}: {e}")))?;
+            vcpu.set_cpuid2(&cpuid).map_err(|e| ctx(format!("KVM_SET_CPUID2: {e}")))?;
+            vcpus.push(vcpu);
+        }
+        let backend = Backend::detect(&vcpus[0]);
+        let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0) as u64;
+        let params = BootParams {
+            vcpus: config.vcpus,
+            backend: backend.abi(),
+            vm_index: index,
+            tsc_khz,
+            vm_seed: random_seed() ^ index as u64,
+            workload: &config.workload,
+            balloon_mmio: config.balloon.as_ref().map(|_| BALLOON_MMIO_BASE),
+        };
+        let layout = boot::prepare(&ram, &image, &params).map_err(ctx)?;
+        for (i, vcpu) in vcpus.iter().enumerate() {
+            if backend == Backend::Pvm {
+                pvm::register_vif(vcpu, VIF_BASE_GPA + i as u64 * 4096).map_err(ctx)?;
+            }
+            let sregs = vcpu.get_sregs().map_err(|e| ctx(format!("KVM_GET_SREGS: {e}")))?;
+            vcpu.set_sregs(&regs::long_mode_sregs(sregs, layout.cr3)).map_err(|e| ctx(format!("KVM_SET_SREGS: {e}")))?;
+            vcpu.set_regs(&regs::entry_regs(layout.entry, guest_abi::BOOT_INFO_GPA, i as u32))
+                .map_err(|e| ctx(format!("KVM_SET_REGS: {e}")))?;
+        }
+
+        let console = Console::new(&config.console, &config.name, label_console).map_err(|e| ctx(e.to_string()))?;
+        let mut pio = Bus::new();
+        let serial = Arc::new(Mutex::new(SerialPort::new(console.clone())));
+        pio.insert(serial, PORT_BASE.into(), PORT_COUNT.into()).map_err(|e| ctx(e.to_string()))?;
+        let mut mmio = Bus::new();
+        let balloon = match &config.balloon {
+            Some(cfg) => Some(attach_balloon(&vm_fd, &mut mmio, &config.name, cfg, &ram).map_err(ctx)?),
+            None => None,
+        };
+        let shared = Arc::new(VmShared {
+            name: config.name.clone(),
+            run: Arc::new(RunControl::new(config.vcpus)),
+            pio,
+            mmio,
+            balloon: balloon.as_ref().map(|(dev, _)| dev.clone()),
+            console,
+            ram,
+            ending: Mutex::new(None),
+            ended: Condvar::new(),
+            command_lock: Mutex::new(()),
+            first_insn: OnceLock::new(),
+            stats: Mutex::new(BTreeMap::new()),
+        });
+        log::info!(
+            "{}: {} MiB, {} vCPU(s), {backend:?} backend, TSC {tsc_khz} kHz, entry {:#x}",
+            config.name,
+            config.mem >> 20,
+            config.vcpus,
+            layout.entry
+        );
+        Ok(Vm {
+            shared,
+            balloon_notify: balloon.map(|(_, fds)| fds),
+            workers: Vec::new(),
+            config: config.clone(),
+            backend,
+            t0,
+            pending_vcpus: vcpus,
+            threads: Vec::new(),
+            last_progress: (0, Instant::now()),
+            _vm_fd: vm_fd,
+        })
+    }
+
+    /// Starts the device threads and the vCPU threads.
+    pub fn start(&mut self) -> Result<(), String> {
+        self.last_progress = (0, Instant::now());
+        if let (Some(dev), Some(fds)) = (&self.shared.balloon, self.balloon_notify.take()) {
+            let worker = Worker::spawn(format!("{}-balloon", self.config.name), dev.clone(), fds, self.shared.run.clone())
+                .map_err(|e| format!("vm {}: cannot start the balloon thread: {e}", self.config.name))?;
+            self.workers.push(worker);
+        }
+        for (cpu, vcpu) in std::mem::take(&mut self.pending_vcpus).into_iter().enumerate() {
+            let shared = self.shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("{}-vcpu{cpu}", self.config.name))
+                .spawn(move || vcpu::run(vcpu, cpu as u32, shared))
+                .map_err(|e| format!("vm {}: cannot start a vCPU thread: {e}", self.config.name))?;
+            self.threads.push(handle);
+        }
+        Ok(())
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The KVM backend it runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Its console.
+    pub fn console(&self) -> &Arc<Console> {
+        &self.shared.console
+    }
+
+    /// Its RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.shared.ram
+    }
+
+    /// Its balloon device, if it has one.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<Balloon>>> {
+        self.shared.balloon.as_ref()
+    }
+
+    /// The shared state (for the control API and reclaim threads).
+    pub fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
+    /// What the guest publishes on the control page.
+    pub fn progress(&self) -> GuestProgress {
+        self.shared.progress()
+    }
+
+    /// Pulls every vCPU out of the guest and keeps it out; returns how long that
+    /// took, or `None` if the VM is ending or did not settle in time.
+    pub fn pause(&self) -> Option<Duration> {
+        self.shared.run.pause(Duration::from_secs(5))
+    }
+
+    /// Lets a paused VM run again.
+    pub fn resume(&self) {
+        self.shared.run.resume();
+    }
+
+    /// Stops the VM from outside.
+    pub fn stop(&self, why: &str) {
+        self.shared.end(Ending::Stopped(why.to_string()));
+    }
+
+    /// How the VM ended, if it has.
+    pub fn ending(&self) -> Option<Ending> {
+        self.shared.ending()
+    }
+
+    /// Waits up to `timeout` for the VM to end.
+    pub fn wait(&self, timeout: Duration) -> Option<Ending> {
+        let slot = self.shared.ending.lock().unwrap();
+        let (slot, _) = self.shared.ended.wait_timeout_while(slot, timeout, |e| e.is_none()).unwrap();
+        slot.clone()
+    }
+
+    /// Watchdog tick: ends a guest that has made no progress on its control page
+    /// for the configured hang timeout while allowed to run. Applies to the test
+    /// guest, and to other kernels once they use the control page.
+    pub fn check_hang(&mut self, now: Instant) {
+        if self.ending().is_some() {
+            return;
+        }
+        let p = self.progress();
+        if self.config.kernel != Kernel::Builtin && p.state == guest_state::BOOTING {
+            return;
+        }
+        if p.heartbeat != self.last_progress.0 || self.shared.run.mode() != Mode::Running {
+            self.last_progress = (p.heartbeat, now);
+            return;
+        }
+        let quiet = now.duration_since(self.last_progress.1);
+        if quiet >= self.config.hang_timeout {
+            let what = if p.state == guest_state::BOOTING { "did not start" } else { "stopped responding" };
+            self.shared.end(Ending::Error(format!(
+                "guest {what}: no progress for {:.1}s (hang timeout)",
+                quiet.as_secs_f64()
+            )));
+        }
+    }
+
+    /// Runs a command of the workload language in the serving test guest and waits
+    /// for it (see [`VmShared::run_command`]).
+    pub fn run_command(&self, cmd: &str, timeout: Duration) -> Result<CommandOutput, String> {
+        self.shared.run_command(cmd, timeout)
+    }
+
+    /// Waits for the vCPU threads and reports. The VM must have ended.
+    pub fn finish(mut self) -> VmReport {
+        let ending = self.ending().unwrap_or_else(|| {
+            self.stop("finished by its owner");
+            self.ending().expect("ending set by stop")
+        });
+        let end_time = Instant::now();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("{}: a vCPU thread panicked", self.config.name);
+            }
+        }
+        self.workers.clear();
+        self.shared.console.flush();
+        let kvm = self.shared.stats.lock().unwrap().clone();
+        let ms = |t: Instant| t.duration_since(self.t0).as_secs_f64() * 1e3;
+        let (exit_code, error) = match ending {
+            Ending::GuestExit(c) => (Some(c), None),
+            Ending::Error(e) => (None, Some(e)),
+            Ending::Stopped(w) => (None, Some(format!("stopped: {w}"))),
+        };
+        VmReport {
+            vm: self.config.name.clone(),
+            exit_code,
+            error,
+            backend: self.backend,
+            vcpus: self.config.vcpus,
+            mem_mib: self.config.mem >> 20,
+            wall_ms: ms(end_time),
+            first_insn_ms: self.shared.first_insn.get().map(|&t| ms(t)),
+            first_output_ms: self.shared.console.first_output().map(ms),
+            guest_rss_mib: self.shared.ram.resident_bytes() as f64 / (1 << 20) as f64,
+            counters: kvm_stats::REPORTED
+                .iter()
+                .map(|&k| (k.to_string(), kvm.get(k).copied().unwrap_or(0)))
+                .collect(),
+            kvm,
+            steps: self
+                .shared
+                .console
+                .lines()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v.get("op").is_some())
+                .collect(),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shared.end(Ending::Stopped("dropped".into()));
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// What a run-time command returned.
+#[derive(Clone, Debug)]
+pub struct CommandOutput {
+    /// 0 if every step succeeded.
+    pub status: u32,
+    /// The console lines printed while it ran.
+    pub lines: Vec<String>,
+}
+
+/// Creates the balloon behind a virtio-mmio window at [`BALLOON_MMIO_BASE`], with
+/// ioeventfds on its queue-notify register; returns the device and the queue
+/// eventfds for its worker.
+fn attach_balloon(
+    vm_fd: &VmFd,
+    mmio: &mut Bus,
+    name: &str,
+    cfg: &BalloonConfig,
+    ram: &Arc<GuestRam>,
+) -> Result<(Arc<Mutex<Balloon>>, Vec<EventFd>), String> {
+    let interrupt = Arc::new(Interrupt::default());
+    let errors = Arc::new(GuestErrors::default());
+    let generation = Arc::new(AtomicU32::new(0));
+    let device = Arc::new(Mutex::new(Balloon::new(
+        format!("{name}/balloon"),
+        cfg.clone(),
+        ram.clone(),
+        interrupt.clone(),
+        errors.clone(),
+        generation.clone(),
+    )));
+    let notify_addr = BALLOON_MMIO_BASE + mmio::QUEUE_NOTIFY;
+    let mut fds = Vec::new();
+    for q in 0..BALLOON_QUEUES {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        if let Err(e) = vm_fd.register_ioevent(&fd, &IoEventAddress::Mmio(notify_addr), q) {
+            // Still works: the notify write then exits to the transport.
+            log::warn!("{name}: KVM_IOEVENTFD for balloon queue {q} failed ({e}); notifications will exit");
+        }
+        fds.push(fd);
+    }
+    let clones = fds.iter().map(|f| f.try_clone().map_err(|e| format!("eventfd: {e}"))).collect::<Result<Vec<_>, _>>()?;
+    let transport = MmioTransport::new(
+        format!("{name}/balloon"),
+        device.clone(),
+        ram.mem().clone(),
+        interrupt,
+        errors,
+        clones,
+        generation,
+    );
+    mmio.insert(Arc::new(Mutex::new(transport)), BALLOON_MMIO_BASE, mmio::MMIO_SIZE).map_err(|e| e.to_string())?;
+    Ok((device, fds))
+}
+
+fn random_seed() -> u64 {
+    let mut seed = 0u64;
+    // SAFETY: getrandom writes at most 8 bytes into `seed`.
+    let n = unsafe { libc::getrandom((&mut seed as *mut u64).cast(), 8, 0) };
+    if n != 8 {
+        seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+    }
+    seed
+}

@@ -1,0 +1,96 @@
+//! The `vmm` binary as a user runs it: the commands the README and the issues show,
+//! exit statuses, and one-line errors for bad input.
+
+use std::process::{Command, Output};
+
+fn vmm(args: &[&str]) -> Output {
+    assert!(std::path::Path::new("/dev/kvm").exists(), "these tests boot real guests and need /dev/kvm");
+    Command::new(env!("CARGO_BIN_EXE_vmm")).args(args).output().expect("run vmm")
+}
+
+fn stdout_json(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim_start_matches(|c| c != '{')).ok())
+        .collect()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn default_run_boots_the_builtin_guest() {
+    let out = vmm(&["--log-level", "warn", "run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = stdout_json(&out);
+    let vm = lines.iter().find(|l| l["summary"] == "vm").expect("vm summary");
+    assert_eq!(vm["exit_code"], 0);
+    for key in ["exits", "insn_emulation", "first_output_ms", "first_insn_ms", "wall_ms"] {
+        assert!(vm.get(key).is_some_and(|v| !v.is_null()), "summary lacks {key}: {vm}");
+    }
+    assert!(lines.iter().any(|l| l["summary"] == "host"));
+    assert!(lines.iter().any(|l| l["op"] == "verify" && l["bad"] == 0));
+}
+
+#[test]
+fn the_issue_examples_work_as_written() {
+    let out = vmm(&["run", "--mem", "256M", "--workload", "alloc 128M unique; verify; exit 0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = vmm(&["run", "--vms", "3", "--mem", "128M", "--workload", "alloc 32M shared:5; verify; exit 0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for vm in ["vm0", "vm1", "vm2"] {
+        assert!(text.contains(&format!("[{vm}] ")), "console lines of {vm} are labelled");
+    }
+    let summaries: Vec<_> = stdout_json(&out).into_iter().filter(|l| l["summary"] == "vm").collect();
+    assert_eq!(summaries.len(), 3);
+}
+
+#[test]
+fn the_guest_exit_code_is_the_exit_status() {
+    let out = vmm(&["run", "--mem", "32M", "--workload", "exit 9"]);
+    assert_eq!(out.status.code(), Some(9));
+}
+
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--mem", "8M"], "too small"),
+        (&["run", "--mem", "100T"], "too large"),
+        (&["run", "--mem", "lots"], "bad size"),
+        (&["run", "--vcpus", "0"], "vcpus"),
+        (&["run", "--workload", "alloc 1M purple"], "bad workload"),
+        (&["run", "--kernel", "/etc/hostname"], "not an x86-64 ELF"),
+        (&["run", "--kernel", "/nonexistent/kernel"], "cannot read kernel"),
+        (&["run", "--config", "/nonexistent.toml"], "cannot read config"),
+    ];
+    for (args, expect) in cases {
+        let out = vmm(args);
+        let err = stderr(&out);
+        assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?}: status {:?}", out.status);
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn config_files_define_vms() {
+    let dir = std::env::temp_dir().join(format!("vmm-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("vms.toml");
+    std::fs::write(
+        &cfg,
+        "[defaults]\nmem = \"64M\"\n[[vm]]\nname = \"small\"\nworkload = \"alloc 4M dup; verify; exit 0\"\n\
+         [[vm]]\nname = \"big\"\nmem = \"128M\"\nworkload = \"alloc 64M unique; verify; exit 0\"\nconsole = \"big.log\"\n",
+    )
+    .unwrap();
+    let out = vmm(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let big = std::fs::read_to_string(dir.join("big.log")).unwrap();
+    assert!(big.contains("\"op\":\"verify\""), "{big}");
+    let vms: Vec<_> = stdout_json(&out).into_iter().filter(|l| l["summary"] == "vm").collect();
+    assert_eq!(vms[1]["vm"], "big");
+    assert_eq!(vms[1]["mem_mib"], 128);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
