@@ -1,0 +1,324 @@
+//! Eviction: copy pages to the swap file and discard them from guest RAM, in
+//! batches, each batch with every writer of the VM paused.
+//!
+//! **The race.** Copy-then-discard loses a write that lands between the copy and
+//! the `MADV_DONTNEED`: the file holds the old content and the new one is thrown
+//! away. Two ways close it: userfaultfd write-protection (protect, copy, discard,
+//! with writers blocked in WP faults) or pausing every writer. The swapper pauses:
+//!
+//! - on this host a `MADV_DONTNEED` costs 65-91 us while a vCPU of the VM runs guest
+//!   code and 4-8 us while it is out of KVM_RUN, so batching under one pause (~60-120
+//!   us) is cheaper than discarding under a running guest anyway;
+//! - write-protecting drops KVM's mappings too (every later *read* of a protected
+//!   page exits, ~30-43 us), each writer that hits it pays a WP fault (~110 us), and
+//!   the fault thread would have to tell WP from MISSING faults and un-protect pages
+//!   it has not finished copying: more states for the same guarantee;
+//! - a pause is simple to reason about: between `pause()` and the guard's drop,
+//!   nothing but this thread changes the batch's pages, so the content written to
+//!   the file is the content discarded.
+//!
+//! One batch, under the pause:
+//! 1. read `/proc/self/maps`: only pages in private anonymous mappings may be
+//!    discarded (a page remapped by page sharing would revert to the pool's content
+//!    instead of faulting);
+//! 2. read `/proc/self/pagemap`: skip pages not present, mapped to the shared zero
+//!    page, file-backed or not exclusively mapped (KSM, fork): discarding those
+//!    frees nothing or loses data;
+//! 3. ask the VMM (`skip_page`: ballooned, shared);
+//! 4. all-zero pages: discard without writing; others: copy into the batch buffer
+//!    and checksum;
+//! 5. allocate slots (as few runs as possible) and write the buffer with one large
+//!    write per run; on an error (ENOSPC, EIO) free the slots, resume, stop
+//!    eviction: nothing was discarded, nothing is lost;
+//! 6. make sure the anonymous mappings of the batch are registered with the
+//!    userfaultfd (a no-op unless the VMM replaced a mapping), then publish
+//!    page -> slot in the table, *then* `MADV_DONTNEED` the pages (coalesced into
+//!    ranges): from the moment a page is missing, a fault on it finds its slot;
+//! 7. resume.
+
+use std::time::Instant;
+
+use crate::file::{AlignedBuf, NO_SLOT, PAGE_SIZE};
+use crate::pagemap::{anon_ranges, in_ranges, PM_EXCLUSIVE, PM_FILE, PM_PFN, PM_PRESENT};
+use crate::swapper::{Shared, SwapError};
+use crate::uffd::UFFDIO_REGISTER_MODE_MISSING;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// State kept between eviction requests (behind the swapper's eviction lock, which
+/// also serialises requests).
+pub(crate) struct EvictState {
+    pub buf: AlignedBuf,
+}
+
+impl EvictState {
+    pub fn new(batch_pages: usize) -> EvictState {
+        EvictState { buf: AlignedBuf::new(batch_pages * PAGE_SIZE) }
+    }
+}
+
+enum BatchError {
+    Ending,
+    Write(std::io::Error),
+    Other(SwapError),
+}
+
+/// Evict up to `want` pages: victims from the policy, or from `explicit` (sorted
+/// page indices). Returns the pages reclaimed.
+pub(crate) fn swap_out(sh: &Shared, ev: &mut EvictState, want: usize, explicit: Option<&[u32]>) -> Result<usize, SwapError> {
+    if want == 0 {
+        return Ok(0);
+    }
+    {
+        let mut stopped = sh.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((since, reason)) = &*stopped {
+            if since.elapsed() < sh.cfg.retry_after {
+                return Err(SwapError::Stopped { reason: reason.clone() });
+            }
+            log::info!("swapd: {}: retrying eviction (stopped {:?} ago: {reason})", sh.name, since.elapsed());
+            *stopped = None;
+        }
+    }
+    sh.ensure_registered()?;
+    let t0 = Instant::now();
+    let batch = sh.cfg.batch_pages;
+    let mut done = 0usize;
+    let mut pos = 0usize;
+    if explicit.is_none() {
+        sh.victims.begin();
+    }
+    let result = loop {
+        if done >= want {
+            break Ok(());
+        }
+        let max = batch.min(want - done);
+        let mut cands: Vec<u32> = {
+            let t = sh.lock();
+            match explicit {
+                Some(list) => {
+                    let mut c = Vec::with_capacity(max);
+                    while c.len() < max && pos < list.len() {
+                        let p = list[pos];
+                        pos += 1;
+                        if t.map[p as usize] == NO_SLOT {
+                            c.push(p);
+                        }
+                    }
+                    c
+                }
+                None => sh.victims.next(max, |p| t.map[p as usize] == NO_SLOT),
+            }
+        };
+        if cands.is_empty() {
+            break Ok(());
+        }
+        // The random walk re-keys when it completes a cycle, so one request can
+        // propose a page twice.
+        cands.sort_unstable();
+        cands.dedup();
+        match evict_batch(sh, &mut ev.buf, &cands) {
+            Ok(n) => done += n,
+            Err(BatchError::Ending) => break Err(SwapError::Ending { reclaimed: done }),
+            Err(BatchError::Write(e)) => {
+                sh.counters.write_errors.fetch_add(1, Relaxed);
+                let reason = format!("writing {}: {e}", sh.file.path().display());
+                log::error!(
+                    "swapd: {}: {reason}; eviction stopped, the batch's pages stay resident ({done} pages evicted before)",
+                    sh.name
+                );
+                *sh.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), reason));
+                break Err(SwapError::Write { reclaimed: done, error: e });
+            }
+            Err(BatchError::Other(e)) => break Err(e),
+        }
+    };
+    sh.counters.evict_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+    result.map(|()| done)
+}
+
+fn is_zero(p: &[u8]) -> bool {
+    // SAFETY: any bit pattern is a valid u128.
+    let (pre, words, post) = unsafe { p.align_to::<u128>() };
+    pre.iter().all(|&b| b == 0) && post.iter().all(|&b| b == 0) && words.iter().fold(0u128, |a, &w| a | w) == 0
+}
+
+/// Runs of consecutive pages (same region, consecutive indices) of a sorted list:
+/// (index into the list, length).
+fn runs(sh: &Shared, pages: &[u32]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, &p) in pages.iter().enumerate() {
+        match out.last_mut() {
+            Some((s, l)) if pages[*s + *l - 1] + 1 == p && sh.same_region(pages[*s], p) => *l += 1,
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
+/// One batch under one pause. `cands` is sorted and holds no page with a slot.
+fn evict_batch(sh: &Shared, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize, BatchError> {
+    let c = &sh.counters;
+    let guard = sh.vm.pause().ok_or(BatchError::Ending)?;
+    let tp = Instant::now();
+    let res = (|| {
+        let lo = cands.iter().map(|&p| sh.host_of_page(p)).min().unwrap();
+        let hi = cands.iter().map(|&p| sh.host_of_page(p)).max().unwrap() + PAGE_SIZE;
+        let anon = anon_ranges(lo, hi).map_err(|e| BatchError::Other(SwapError::io("/proc/self/maps", e)))?;
+
+        let mut entries = vec![0u64; cands.len()];
+        for (s, l) in runs(sh, cands) {
+            sh.pagemap
+                .read(sh.host_of_page(cands[s]), &mut entries[s..s + l])
+                .map_err(|e| BatchError::Other(SwapError::io("/proc/self/pagemap", e)))?;
+        }
+
+        let mut copied: Vec<u32> = Vec::with_capacity(cands.len());
+        let mut crcs: Vec<u32> = Vec::with_capacity(cands.len());
+        let mut zero: Vec<u32> = Vec::new();
+        for (&p, &e) in cands.iter().zip(&entries) {
+            if e & PM_PRESENT == 0 || (sh.zero_pfn != 0 && e & PM_PFN == sh.zero_pfn) {
+                c.skipped_not_present.fetch_add(1, Relaxed);
+                continue;
+            }
+            if e & PM_FILE != 0 || e & PM_EXCLUSIVE == 0 {
+                c.skipped_shared.fetch_add(1, Relaxed);
+                continue;
+            }
+            let host = sh.host_of_page(p);
+            if !in_ranges(&anon, host) {
+                c.skipped_vma.fetch_add(1, Relaxed);
+                continue;
+            }
+            if sh.vm.skip_page(sh.gpa_of_page(p)) {
+                c.skipped_vmm.fetch_add(1, Relaxed);
+                continue;
+            }
+            // SAFETY: host is a resident page of guest RAM (checked above), which
+            // stays mapped for the swapper's life; every writer is paused.
+            let src = unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE) };
+            if is_zero(src) {
+                zero.push(p);
+                continue;
+            }
+            let k = copied.len();
+            let dst = &mut buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+            dst.copy_from_slice(src);
+            crcs.push(crc32c::crc32c(dst));
+            copied.push(p);
+        }
+
+        // Slots, then one large write per run of slots.
+        let (extents, batch_id) = {
+            let mut t = sh.lock();
+            let ext = t.slots.alloc(copied.len() as u32);
+            let got: usize = ext.iter().map(|e| e.1 as usize).sum();
+            if got < copied.len() {
+                // Cannot happen with a file sized for the VM; keep the rest resident.
+                log::warn!("swapd: {}: swap file full ({got} of {} slots)", sh.name, copied.len());
+                copied.truncate(got);
+            }
+            let b = t.next_batch;
+            t.next_batch = t.next_batch.wrapping_add(1).max(1);
+            (ext, b)
+        };
+        let mut off = 0usize;
+        for &(s, l) in &extents {
+            let l = l as usize;
+            if let Err(e) = sh.file.write_slots(s, &buf[off * PAGE_SIZE..(off + l) * PAGE_SIZE]) {
+                let mut t = sh.lock();
+                for &(s, l) in &extents {
+                    for slot in s..s + l {
+                        t.slots.free(slot);
+                    }
+                }
+                t.slots.rewind();
+                return Err(BatchError::Write(e));
+            }
+            off += l;
+        }
+        c.bytes_written.fetch_add((copied.len() * PAGE_SIZE) as u64, Relaxed);
+
+        // Register before discarding (a no-op for ranges already ours).
+        for &(a, b) in &anon {
+            for r in &sh.regions {
+                let s = a.max(r.host).max(lo);
+                let e = b.min(r.host + r.len).min(hi);
+                if s < e {
+                    sh.uffd
+                        .register(s as u64, (e - s) as u64, UFFDIO_REGISTER_MODE_MISSING)
+                        .map_err(|e| BatchError::Other(SwapError::io("register before discard", e)))?;
+                }
+            }
+        }
+
+        // Publish page -> slot, then discard.
+        {
+            let mut t = sh.lock();
+            let mut i = 0usize;
+            for &(s, l) in &extents {
+                for slot in s..s + l {
+                    let p = copied[i];
+                    let old = t.map[p as usize];
+                    debug_assert_eq!(old, NO_SLOT);
+                    if old != NO_SLOT {
+                        t.slots.free(old);
+                    }
+                    t.map[p as usize] = slot;
+                    t.slots.record(slot, p, batch_id, crcs[i]);
+                    i += 1;
+                }
+            }
+        }
+        let mut gone: Vec<u32> = copied.iter().chain(zero.iter()).copied().collect();
+        gone.sort_unstable();
+        let mut freed = 0usize;
+        let mut kept_copied = 0usize;
+        let runs = runs(sh, &gone);
+        let ranges: Vec<(usize, usize)> =
+            runs.iter().map(|&(s, l)| (sh.host_of_page(gone[s]), l * PAGE_SIZE)).collect();
+        for ((s, l), r) in runs.into_iter().zip(sh.discarder.discard(&ranges)) {
+            if let Err(e) = r {
+                log::error!("swapd: {}: madvise(DONTNEED) {:#x}+{:#x}: {e}", sh.name, sh.host_of_page(gone[s]), l * PAGE_SIZE);
+                // Not discarded: the pages are resident, drop their slots.
+                let mut t = sh.lock();
+                for &p in &gone[s..s + l] {
+                    let slot = t.map[p as usize];
+                    if slot != NO_SLOT {
+                        t.map[p as usize] = NO_SLOT;
+                        t.slots.free(slot);
+                        kept_copied += 1;
+                    }
+                }
+                c.fault_errors.fetch_add(1, Relaxed);
+                continue;
+            }
+            freed += l;
+        }
+        for &p in &gone {
+            sh.clear_prefetched(p);
+        }
+        let out = copied.len() - kept_copied;
+        c.pages_out.fetch_add(out as u64, Relaxed);
+        c.zero_pages_elided.fetch_add((freed - out) as u64, Relaxed);
+        c.batches.fetch_add(1, Relaxed);
+        Ok(freed)
+    })();
+    drop(guard);
+    c.pause.record(tp.elapsed());
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 4096 + 1];
+        assert!(is_zero(&v[1..]));
+        v[4096] = 1;
+        assert!(!is_zero(&v[1..]));
+        v[4096] = 0;
+        v[1] = 0x80;
+        assert!(!is_zero(&v[1..]));
+    }
+}

@@ -1,0 +1,330 @@
+//! Counters of the swapper and of the free-memory policy, serialisable with serde.
+//!
+//! The hot paths (fault handler, evictor) update atomics ([`Counters`],
+//! [`AtomicHistogram`]); [`SwapStats`] is a consistent-enough snapshot of them for the
+//! control API and the exit summary.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::FreeState;
+
+/// Number of buckets: 16 exact ones for 0..16 ns, then 8 per power of two up to 2^64.
+const BUCKETS: usize = 16 + 60 * 8;
+
+/// Bucket of a value: exact below 16, then 8 linear sub-buckets per power of two
+/// (so any percentile is within 12.5% of the truth).
+fn bucket_of(v: u64) -> usize {
+    if v < 16 {
+        return v as usize;
+    }
+    let e = 63 - v.leading_zeros() as usize; // >= 4
+    let sub = ((v >> (e - 3)) & 7) as usize;
+    16 + (e - 4) * 8 + sub
+}
+
+/// Smallest value that falls in bucket `b`.
+fn bucket_low(b: usize) -> u64 {
+    if b < 16 {
+        return b as u64;
+    }
+    let e = 4 + (b - 16) / 8;
+    let sub = ((b - 16) % 8) as u64;
+    (8 + sub) << (e - 3)
+}
+
+/// A lock-free latency histogram in nanoseconds.
+pub struct AtomicHistogram {
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    sum: AtomicU64,
+    max: AtomicU64,
+}
+
+impl Default for AtomicHistogram {
+    fn default() -> Self {
+        AtomicHistogram {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+            max: AtomicU64::new(0),
+        }
+    }
+}
+
+impl AtomicHistogram {
+    /// Record one value (ns).
+    pub fn record_ns(&self, ns: u64) {
+        self.buckets[bucket_of(ns)].fetch_add(1, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+        self.sum.fetch_add(ns, Relaxed);
+        self.max.fetch_max(ns, Relaxed);
+    }
+
+    /// Record one duration.
+    pub fn record(&self, d: Duration) {
+        self.record_ns(d.as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    /// A serialisable copy.
+    pub fn snapshot(&self) -> Histogram {
+        let buckets: Vec<(u64, u64)> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let c = c.load(Relaxed);
+                (c > 0).then(|| (bucket_low(i), c))
+            })
+            .collect();
+        let mut h = Histogram {
+            count: buckets.iter().map(|b| b.1).sum(),
+            sum_ns: self.sum.load(Relaxed),
+            max_ns: self.max.load(Relaxed),
+            buckets,
+            p50_us: 0.0,
+            p99_us: 0.0,
+        };
+        h.p50_us = h.percentile_ns(0.50) as f64 / 1000.0;
+        h.p99_us = h.percentile_ns(0.99) as f64 / 1000.0;
+        h
+    }
+}
+
+/// A histogram snapshot: non-empty buckets as (lowest value in ns, count).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Histogram {
+    pub count: u64,
+    pub sum_ns: u64,
+    pub max_ns: u64,
+    pub buckets: Vec<(u64, u64)>,
+    /// Median and 99th percentile in microseconds (bucket midpoints, within 12.5%).
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+impl Histogram {
+    /// The value below which a fraction `q` of the samples fall (midpoint of its
+    /// bucket, capped by the maximum seen); 0 when empty.
+    pub fn percentile_ns(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for &(low, c) in &self.buckets {
+            seen += c;
+            if seen >= rank {
+                let b = bucket_of(low);
+                let high = if b + 1 < BUCKETS { bucket_low(b + 1) } else { u64::MAX };
+                let mid = low + (high - low) / 2;
+                return mid.min(self.max_ns).max(low);
+            }
+        }
+        self.max_ns
+    }
+
+    /// Mean in ns.
+    pub fn mean_ns(&self) -> u64 {
+        self.sum_ns.checked_div(self.count).unwrap_or(0)
+    }
+}
+
+/// The swapper's counters, updated by the fault thread and the evictor.
+#[derive(Default)]
+pub struct Counters {
+    pub pages_out: AtomicU64,
+    pub pages_in: AtomicU64,
+    pub prefetched: AtomicU64,
+    pub prefetch_hits: AtomicU64,
+    pub zero_pages_elided: AtomicU64,
+    pub zero_fills: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub batches: AtomicU64,
+    pub skipped_not_present: AtomicU64,
+    pub skipped_vmm: AtomicU64,
+    pub skipped_shared: AtomicU64,
+    pub skipped_vma: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub read_errors: AtomicU64,
+    pub checksum_errors: AtomicU64,
+    pub fault_errors: AtomicU64,
+    pub faults_unresolved: AtomicU64,
+    pub evict_ns: AtomicU64,
+    pub fault_in: AtomicHistogram,
+    pub zero_fill: AtomicHistogram,
+    pub pause: AtomicHistogram,
+}
+
+/// A snapshot of one VM's swapper.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SwapStats {
+    /// VM name and swap file path.
+    pub vm: String,
+    pub file: String,
+    /// Slots in the file and slots holding a page now.
+    pub slots_total: u64,
+    pub slots_used: u64,
+    /// Pages written to the file and discarded from guest RAM.
+    pub pages_out: u64,
+    /// Pages brought back by a fault on them (the faulting page itself).
+    pub pages_in: u64,
+    /// Pages brought back by prefetch (a neighbour of a faulting page, same batch).
+    pub prefetched: u64,
+    /// Prefetched pages later seen written in the dirty log (a lower bound of the
+    /// prefetched pages the guest used: reads are invisible to the host).
+    pub prefetch_hits: u64,
+    /// All-zero pages discarded without being written.
+    pub zero_pages_elided: u64,
+    /// Faults on pages that were never in the file (first touch, zero-evicted,
+    /// ballooned): resolved with a zero page.
+    pub zero_fills: u64,
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+    /// Eviction batches (one pause each).
+    pub batches: u64,
+    /// Candidates not evicted: not resident (or the shared zero page), refused by
+    /// the VMM (ballooned/shared), shared with another mapping (KSM, file), outside
+    /// an anonymous mapping.
+    pub skipped_not_present: u64,
+    pub skipped_vmm: u64,
+    pub skipped_shared: u64,
+    pub skipped_vma: u64,
+    /// Write errors (ENOSPC, EIO): each stopped eviction with pages left resident.
+    pub write_errors: u64,
+    /// Read errors and checksum mismatches on fault-in (each one is fatal to the VM).
+    pub read_errors: u64,
+    pub checksum_errors: u64,
+    /// Other failures of the fault path (ioctl errors, addresses outside the VM).
+    pub fault_errors: u64,
+    /// Faults left unresolved on purpose (the slot was bad; the VM is being stopped).
+    pub faults_unresolved: u64,
+    /// Why eviction is stopped, if it is.
+    pub eviction_stopped: Option<String>,
+    /// Time spent evicting (all batches), and the eviction throughput over it.
+    pub evict_ms: f64,
+    pub evict_mib_s: f64,
+    /// Handler-side latency of faults resolved from the file (read + verify + COPY).
+    pub fault_in: Histogram,
+    /// Handler-side latency of zero-page faults.
+    pub zero_fill: Histogram,
+    /// How long each eviction batch held the VM paused.
+    pub pause: Histogram,
+}
+
+impl Counters {
+    /// Fill the counter part of a [`SwapStats`].
+    pub fn fill(&self, s: &mut SwapStats) {
+        s.pages_out = self.pages_out.load(Relaxed);
+        s.pages_in = self.pages_in.load(Relaxed);
+        s.prefetched = self.prefetched.load(Relaxed);
+        s.prefetch_hits = self.prefetch_hits.load(Relaxed);
+        s.zero_pages_elided = self.zero_pages_elided.load(Relaxed);
+        s.zero_fills = self.zero_fills.load(Relaxed);
+        s.bytes_written = self.bytes_written.load(Relaxed);
+        s.bytes_read = self.bytes_read.load(Relaxed);
+        s.batches = self.batches.load(Relaxed);
+        s.skipped_not_present = self.skipped_not_present.load(Relaxed);
+        s.skipped_vmm = self.skipped_vmm.load(Relaxed);
+        s.skipped_shared = self.skipped_shared.load(Relaxed);
+        s.skipped_vma = self.skipped_vma.load(Relaxed);
+        s.write_errors = self.write_errors.load(Relaxed);
+        s.read_errors = self.read_errors.load(Relaxed);
+        s.checksum_errors = self.checksum_errors.load(Relaxed);
+        s.fault_errors = self.fault_errors.load(Relaxed);
+        s.faults_unresolved = self.faults_unresolved.load(Relaxed);
+        let ns = self.evict_ns.load(Relaxed);
+        s.evict_ms = ns as f64 / 1e6;
+        let bytes = (s.pages_out + s.zero_pages_elided) as f64 * 4096.0;
+        s.evict_mib_s = if ns > 0 { bytes / (1 << 20) as f64 / (ns as f64 / 1e9) } else { 0.0 };
+        s.fault_in = self.fault_in.snapshot();
+        s.zero_fill = self.zero_fill.snapshot();
+        s.pause = self.pause.snapshot();
+    }
+}
+
+/// One change of free-memory state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StateChange {
+    /// Milliseconds since the policy started, and since the Unix epoch.
+    pub at_ms: u64,
+    pub unix_ms: u64,
+    pub from: FreeState,
+    pub to: FreeState,
+    /// Host free memory at the change, percent of host memory.
+    pub free_pct: f64,
+}
+
+/// The policy's counters: current state, its history, what it asked for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PolicyStats {
+    pub state: FreeState,
+    pub free_pct: f64,
+    pub ticks: u64,
+    /// Ticks spent in each state: high, soft, hard, low.
+    pub ticks_in_state: [u64; 4],
+    /// State changes, oldest first (the most recent [`HISTORY_MAX`] are kept).
+    pub history: Vec<StateChange>,
+    /// Changes dropped from the front of `history`.
+    pub history_dropped: u64,
+    /// Totals asked of the VMM over all ticks.
+    pub balloon_pages_asked: u64,
+    pub swap_pages_asked: u64,
+    pub pauses_asked: u64,
+}
+
+/// Changes kept in [`PolicyStats::history`].
+pub const HISTORY_MAX: usize = 4096;
+
+impl PolicyStats {
+    /// Append a change, dropping the oldest beyond [`HISTORY_MAX`].
+    pub fn push(&mut self, c: StateChange) {
+        if self.history.len() >= HISTORY_MAX {
+            self.history.remove(0);
+            self.history_dropped += 1;
+        }
+        self.history.push(c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_cover() {
+        let mut last = 0;
+        for b in 0..BUCKETS {
+            let low = bucket_low(b);
+            assert!(b == 0 || low > last, "bucket {b}");
+            assert_eq!(bucket_of(low), b);
+            if b + 1 < BUCKETS {
+                assert_eq!(bucket_of(bucket_low(b + 1) - 1), b);
+            }
+            last = low;
+        }
+        assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
+    }
+
+    #[test]
+    fn percentiles() {
+        let h = AtomicHistogram::default();
+        for v in 1..=1000u64 {
+            h.record_ns(v * 1000); // 1..1000 us
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 1000);
+        let p50 = s.percentile_ns(0.5) as f64;
+        let p99 = s.percentile_ns(0.99) as f64;
+        assert!((p50 - 500_000.0).abs() / 500_000.0 < 0.13, "{p50}");
+        assert!((p99 - 990_000.0).abs() / 990_000.0 < 0.13, "{p99}");
+        assert!(s.percentile_ns(1.0) <= s.max_ns);
+        assert_eq!(Histogram::default().percentile_ns(0.5), 0);
+        let json = serde_json::to_string(&s).unwrap();
+        let back: Histogram = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+    }
+}

@@ -1,0 +1,138 @@
+//! Helpers shared by the integration tests: run real VMs on /dev/kvm and read the
+//! guest's JSON lines.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmm::config::VmConfig;
+use vmm::host::{self, HostReport};
+use vmm::vm::Vm;
+
+/// Panics loudly if this machine has no usable /dev/kvm: these tests never skip.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("these tests boot real guests and need /dev/kvm (read-write): {e}");
+    }
+}
+
+/// A config for the built-in guest with `workload`.
+pub fn guest(name: &str, mem: u64, workload: &str) -> VmConfig {
+    let mut c = VmConfig::new(name, mem);
+    c.workload = workload.to_string();
+    c.hang_timeout = Duration::from_secs(60);
+    c
+}
+
+/// A finished run: the host report and each VM's console lines.
+pub struct Run {
+    pub report: HostReport,
+    pub consoles: Vec<Vec<String>>,
+}
+
+impl Run {
+    /// The JSON objects VM `vm` printed.
+    pub fn json(&self, vm: usize) -> Vec<Value> {
+        parse_lines(&self.consoles[vm])
+    }
+
+    /// The step lines (with an "op") VM `vm` printed.
+    pub fn steps(&self, vm: usize) -> Vec<Value> {
+        self.json(vm).into_iter().filter(|v| v.get("op").is_some()).collect()
+    }
+
+    /// The exit code of VM `vm`, panicking with its console if the VMM stopped it.
+    pub fn exit_code(&self, vm: usize) -> u32 {
+        let r = &self.report.vms[vm];
+        r.exit_code.unwrap_or_else(|| panic!("{} did not exit: {:?}\n{}", r.vm, r.error, self.consoles[vm].join("\n")))
+    }
+}
+
+/// Parses every line that is a JSON object.
+pub fn parse_lines(lines: &[String]) -> Vec<Value> {
+    lines.iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(Value::is_object).collect()
+}
+
+/// Runs `configs` to their end (2 minutes at most).
+pub fn run(configs: &[VmConfig]) -> Run {
+    require_kvm();
+    let t0 = Instant::now();
+    let mut vms = host::create_all(configs, t0).expect("create VMs");
+    for vm in &mut vms {
+        vm.start().expect("start");
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while vms.iter().any(|vm| vm.ending().is_none()) {
+        assert!(Instant::now() < deadline, "VMs did not finish within 2 minutes");
+        for vm in &mut vms {
+            vm.check_hang(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let consoles: Vec<Vec<String>> = vms.iter().map(|vm| vm.console().lines()).collect();
+    let report = host::finish_all(vms);
+    for (c, vm) in consoles.iter().zip(&report.vms) {
+        // Trailing partial lines are flushed at finish; nothing else is lost.
+        assert!(!c.is_empty() || vm.exit_code.is_none(), "{}: empty console", vm.vm);
+    }
+    Run { report, consoles }
+}
+
+/// Runs one VM.
+pub fn run_one(config: VmConfig) -> Run {
+    run(&[config])
+}
+
+/// Starts one VM and returns it running (for run-time commands).
+pub fn start(config: VmConfig) -> Vm {
+    require_kvm();
+    let mut vms = host::create_all(&[config], Instant::now()).expect("create VM");
+    let mut vm = vms.pop().unwrap();
+    vm.start().expect("start");
+    vm
+}
+
+/// Waits until the guest of `vm` serves run-time commands.
+pub fn wait_serving(vm: &Vm) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vm.progress().state != guest_abi::guest_state::SERVING {
+        assert!(vm.ending().is_none(), "guest ended: {:?}\n{}", vm.ending(), vm.console().lines().join("\n"));
+        assert!(Instant::now() < deadline, "guest never served commands:\n{}", vm.console().lines().join("\n"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A minimal x86-64 ELF executable whose single segment (at 1 MiB) holds `code`.
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    const BASE: u64 = 0x10_0000;
+    let mut elf = Vec::new();
+    let hdr_len = 64 + 56;
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(BASE + hdr_len as u64).to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    let size = (hdr_len + code.len()) as u64;
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&7u32.to_le_bytes()); // RWX
+    for v in [0u64, BASE, BASE, size, size, 0x1000] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// Writes `bytes` to a fresh temporary file and returns its path.
+pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}

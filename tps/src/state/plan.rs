@@ -1,0 +1,235 @@
+//! Planning, while the guests run: classify each page, look its hash up, compare,
+//! write new pool pages, and record what to do in the batch.
+
+use super::{guest, is_zero, State};
+use crate::batch::{Batch, Op, Target};
+use crate::hash_table::Entry;
+use crate::pagemap::{Backing, PageInfo};
+use crate::pass::{Chunk, PassRegion};
+use crate::region::Slot;
+use crate::Page;
+
+impl State {
+    /// Plans the merges of one chunk. `infos` (pagemap) and `skip` (the VMM's
+    /// `skip_page`) were read for its pages without the lock.
+    pub(crate) fn plan_chunk(
+        &mut self,
+        chunk: &Chunk,
+        infos: &[PageInfo],
+        skip: &[bool],
+        batch: &mut Batch,
+    ) {
+        let PassRegion { id, host_addr, .. } = chunk.region;
+        if self.regions.get(host_addr, id).is_none() {
+            return; // removed since the pass started
+        }
+        for i in 0..chunk.pages {
+            self.visit(chunk, i, infos[i], skip[i], batch);
+        }
+        self.stats.pages_scanned += chunk.pages as u64;
+    }
+
+    fn visit(&mut self, chunk: &Chunk, i: usize, info: PageInfo, skip: bool, batch: &mut Batch) {
+        let host = chunk.region.host_addr;
+        let (page, addr) = (chunk.first + i, chunk.addr(i));
+        if batch.planned(addr).is_some() {
+            return;
+        }
+        let backing = info.backing();
+        match self
+            .regions
+            .get(host, chunk.region.id)
+            .expect("checked")
+            .slot(page)
+        {
+            Slot::Pool { idx, broken: false } => {
+                if backing != Backing::Anon {
+                    return; // still shared (or not faulted in since)
+                }
+                self.stats.broken_shares += 1;
+                self.regions
+                    .set_slot(host, page, Slot::Pool { idx, broken: true });
+                self.release(idx);
+            }
+            Slot::Zero => {
+                if backing != Backing::Anon {
+                    return; // still dropped, or the shared zero page
+                }
+                self.stats.zero_pages -= 1;
+                self.regions.set_slot(host, page, Slot::Anon);
+            }
+            Slot::Anon | Slot::Pool { broken: true, .. } => {}
+        }
+        if skip || backing != Backing::Anon {
+            return;
+        }
+        self.stats.pages_hashed += 1;
+        // SAFETY: a page of a registered region, checked above.
+        let g = unsafe { guest(addr) };
+        let op = Op {
+            region: host,
+            region_id: chunk.region.id,
+            page,
+            vm: chunk.region.vm,
+            gpa: chunk.gpa(i),
+            target: Target::Zero,
+        };
+        if is_zero(g) {
+            batch.push(op);
+            return;
+        }
+        let domain = self.domain(op.vm);
+        let key = Self::hash(g, domain);
+        match self.table.get(key) {
+            None => self.table.set(key, Entry::Hint(addr)),
+            Some(Entry::Hint(h)) if h == addr => self.table.set(key, Entry::Hint(addr)),
+            Some(Entry::Hint(h)) => self.match_hint(h, key, domain, op, g, batch),
+            Some(Entry::Pool(p)) => self.join(p, key, domain, op, g, batch),
+        }
+    }
+
+    /// Pool page the VMA maps at the page before `addr` in its region (planned or
+    /// done), if any.
+    fn offset_before(&self, addr: usize, batch: &Batch) -> Option<u32> {
+        let r = self.regions.find(addr)?;
+        let before = r.page_of(addr)?.checked_sub(1)?;
+        match batch.planned(r.addr(before)) {
+            Some(Target::Pool(q)) => Some(q),
+            Some(Target::Zero) => None,
+            None => r.slot(before).pool_offset(),
+        }
+    }
+
+    /// The op for hint `h` if it still holds the content of `key` and can be merged.
+    fn hint_op(&self, h: usize, key: u64, domain: u64, batch: &Batch) -> Option<Op> {
+        let r = self.regions.find(h)?;
+        let page = r.page_of(h)?;
+        let mergeable = matches!(r.slot(page), Slot::Anon | Slot::Pool { broken: true, .. });
+        if !mergeable || self.domain(r.vm) != domain || batch.planned(h).is_some() {
+            return None;
+        }
+        if self.pagemap.one(h).ok()?.backing() != Backing::Anon {
+            return None;
+        }
+        // SAFETY: `h` is in a registered region.
+        (Self::hash(unsafe { guest(h) }, domain) == key).then(|| Op {
+            region: r.host_addr,
+            region_id: r.id,
+            page,
+            vm: r.vm,
+            gpa: r.gpa_of(page),
+            target: Target::Zero,
+        })
+    }
+
+    /// A page matches hint `h`: both go onto a new pool page if `h` is unchanged.
+    fn match_hint(&mut self, h: usize, key: u64, domain: u64, op: Op, g: &Page, batch: &mut Batch) {
+        let Some(hop) = self.hint_op(h, key, domain, batch) else {
+            self.stats.stale_hints += 1;
+            self.table.set(key, Entry::Hint(op.addr()));
+            return;
+        };
+        // SAFETY: `h` is in a registered region.
+        if unsafe { guest(h) } != g {
+            self.stats.hash_collisions += 1;
+            return;
+        }
+        // Continue a run of pool pages after either page's predecessor.
+        let want = self
+            .offset_before(op.addr(), batch)
+            .or_else(|| self.offset_before(h, batch))
+            .map(|q| q + 1);
+        let buf = batch.copy_in(g);
+        match self.pool.alloc(want, batch.buf(buf), key, domain, None) {
+            Ok(idx) => {
+                batch.bind_new(idx, buf, 2);
+                self.table.set(key, Entry::Pool(idx));
+                batch.push(Op {
+                    target: Target::Pool(idx),
+                    ..hop
+                });
+                batch.push(Op {
+                    target: Target::Pool(idx),
+                    ..op
+                });
+            }
+            Err(e) => {
+                batch.drop_last_copy();
+                self.count_error("writing a pool page", e);
+            }
+        }
+    }
+
+    /// A page matches pool page `p`: map it there, or onto the replica that
+    /// continues the run of the page before it.
+    fn join(&mut self, p: u32, key: u64, domain: u64, op: Op, g: &Page, batch: &mut Batch) {
+        if self.pool.get(p).is_none_or(|pp| pp.domain != domain) {
+            self.stats.hash_collisions += 1;
+            return;
+        }
+        let buf = match batch.load(&self.pool, p) {
+            Ok(b) => b,
+            Err(e) => return self.count_error("reading a pool page", e),
+        };
+        if batch.buf(buf) != g {
+            self.stats.hash_collisions += 1;
+            return;
+        }
+        let target = self
+            .run_target(op.addr(), key, domain, g, buf, batch)
+            .unwrap_or(p);
+        batch.push(Op {
+            target: Target::Pool(target),
+            ..op
+        });
+    }
+
+    /// The pool page after the one mapped at the page before `addr`, if it holds
+    /// this content (`g`, also in `buf`), or can be made a replica of it to extend a
+    /// run of identical pages.
+    fn run_target(
+        &mut self,
+        addr: usize,
+        key: u64,
+        domain: u64,
+        g: &Page,
+        buf: usize,
+        batch: &mut Batch,
+    ) -> Option<u32> {
+        let q = self.offset_before(addr, batch)?;
+        let next = q + 1;
+        let same = |pp: &crate::pool::PoolPage| pp.key == key && pp.domain == domain;
+        if let Some(n) = self.pool.get(next) {
+            if !same(n) {
+                return None;
+            }
+            // Equal keys are only a hint: compare (and keep the content for the commit).
+            return match batch.load(&self.pool, next) {
+                Ok(b) => (batch.buf(b) == g).then_some(next),
+                Err(e) => {
+                    self.count_error("reading a pool page", e);
+                    None
+                }
+            };
+        }
+        let prev = self.pool.get(q).filter(|pp| same(pp))?;
+        let base = prev.base;
+        if next - base >= self.run_replicas || !self.pool.is_free(next) {
+            return None;
+        }
+        match self
+            .pool
+            .alloc(Some(next), batch.buf(buf), key, domain, Some(base))
+        {
+            Ok(idx) => {
+                debug_assert_eq!(idx, next);
+                batch.bind_new(idx, buf, 1);
+                Some(idx)
+            }
+            Err(e) => {
+                self.count_error("writing a pool page", e);
+                None
+            }
+        }
+    }
+}
