@@ -177,36 +177,89 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Bytes of guest RAM resident in host memory (Rss of the guest RAM mappings in
-    /// `/proc/self/smaps`; the shared zero page is not counted).
+    /// Bytes of guest RAM resident in host memory.
+    ///
+    /// Taken from `/proc/self/smaps`: the proportional set size (`Pss`) of every
+    /// mapping that lies inside guest RAM, so a page shared by page sharing is
+    /// counted once across all the VMs that map it, and the shared zero page not at
+    /// all. The kernel merges adjacent anonymous mappings with equal flags (two
+    /// regions of one VM, or the RAM of two VMs mapped next to each other); for a
+    /// mapping that reaches outside guest RAM, the pages of the overlap are counted
+    /// with `mincore`.
     pub fn resident_bytes(&self) -> u64 {
         let ranges: Vec<(u64, u64)> = self.host_ranges().iter().map(|&(_, h, l)| (h, h + l)).collect();
-        smaps_rss(|start, end| ranges.iter().any(|&(s, e)| start >= s && end <= e)).unwrap_or(0)
+        let Ok(vmas) = smaps_vmas() else { return 0 };
+        let mut total = 0;
+        for vma in vmas {
+            let overlaps: Vec<(u64, u64)> = ranges
+                .iter()
+                .filter_map(|&(s, e)| {
+                    let (s, e) = (s.max(vma.start), e.min(vma.end));
+                    (s < e).then_some((s, e))
+                })
+                .collect();
+            let inside: u64 = overlaps.iter().map(|(s, e)| e - s).sum();
+            if inside == vma.end - vma.start {
+                total += vma.pss;
+            } else {
+                total += overlaps.iter().map(|&(s, e)| mincore_bytes(s, e)).sum::<u64>();
+            }
+        }
+        total
     }
 }
 
-/// Sums the `Rss:` of the mappings of this process selected by `select(start, end)`.
-pub fn smaps_rss(select: impl Fn(u64, u64) -> bool) -> std::io::Result<u64> {
+/// One mapping of `/proc/self/smaps` with the figures the VMM reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SmapsVma {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// Resident bytes.
+    pub rss: u64,
+    /// Proportional set size in bytes (shared pages divided among their mappers).
+    pub pss: u64,
+}
+
+/// The mappings of this process with their `Rss` and `Pss`.
+pub fn smaps_vmas() -> std::io::Result<Vec<SmapsVma>> {
     let file = std::fs::File::open("/proc/self/smaps")?;
-    let mut total = 0u64;
-    let mut selected = false;
+    let mut vmas: Vec<SmapsVma> = Vec::new();
+    let kib = |v: &str| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
     for line in BufReader::new(file).lines() {
         let line = line?;
-        if let Some((range, _)) = line.split_once(' ') {
+        if let Some(v) = line.strip_prefix("Rss:") {
+            if let Some(vma) = vmas.last_mut() {
+                vma.rss = kib(v);
+            }
+        } else if let Some(v) = line.strip_prefix("Pss:") {
+            if let Some(vma) = vmas.last_mut() {
+                vma.pss = kib(v);
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
             if let Some((s, e)) = range.split_once('-') {
-                if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
-                    selected = select(s, e);
-                    continue;
+                if let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
+                    vmas.push(SmapsVma { start, end, ..Default::default() });
                 }
             }
         }
-        if selected {
-            if let Some(kb) = line.strip_prefix("Rss:") {
-                total += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
-            }
-        }
     }
-    Ok(total)
+    Ok(vmas)
+}
+
+/// Resident bytes of the page-aligned range `[start, end)` of this process's memory
+/// according to `mincore` (0 if it cannot tell).
+fn mincore_bytes(start: u64, end: u64) -> u64 {
+    let pages = ((end - start) / PAGE_SIZE) as usize;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the range is page aligned and mapped (it overlaps a live mapping of
+    // guest RAM); `vec` has one byte per page.
+    let rc = unsafe { libc::mincore(start as *mut libc::c_void, (end - start) as usize, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    vec.iter().filter(|b| *b & 1 != 0).count() as u64 * PAGE_SIZE
 }
 
 /// Resident memory of the whole process in bytes (`VmRSS` of `/proc/self/status`).
@@ -267,5 +320,22 @@ mod tests {
         }
         let rss = ram.resident_bytes();
         assert!((4 << 20..(5 << 20)).contains(&rss), "rss {rss}");
+    }
+
+    #[test]
+    fn residency_is_per_vm_even_when_mappings_merge() {
+        // Several RAMs mapped one after another usually end up adjacent, and the
+        // kernel merges them into one mapping; each must still see its own pages.
+        let rams: Vec<GuestRam> = (0..4).map(|_| GuestRam::new(32 << 20, HostPages::Small).unwrap()).collect();
+        for (i, ram) in rams.iter().enumerate() {
+            for page in 0..256 * (i as u64 + 1) {
+                ram.mem().write_obj(1u8, GuestAddress(page * PAGE_SIZE)).unwrap();
+            }
+        }
+        for (i, ram) in rams.iter().enumerate() {
+            let want = 256 * (i as u64 + 1) * PAGE_SIZE;
+            let rss = ram.resident_bytes();
+            assert!((want..want + (1 << 20)).contains(&rss), "ram {i}: rss {rss}, want {want}");
+        }
     }
 }
