@@ -8,6 +8,7 @@ use guest_abi::{
     exit_code, guest_state, Backend, BootInfo, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, CONTROL_CMD_MAX, MAX_VCPUS,
 };
 
+use crate::balloon::Balloon;
 use crate::clock::Clock;
 use crate::console::{self, Line};
 use crate::control::Control;
@@ -41,8 +42,17 @@ pub fn bsp_main(info: *const BootInfo) -> ! {
     smp::release_aps();
 
     let clock = Clock::new(info.tsc_khz);
+    let balloon = match info.balloon_mmio {
+        0 => Ok(None),
+        base => Balloon::new(base, info.mem_regions(), &mut frames, clock).map(Some),
+    };
+    let (balloon, balloon_error) = match balloon {
+        Ok(b) => (b, None),
+        Err(msg) => (None, Some(msg)),
+    };
+    let balloon_features = balloon.as_ref().map(Balloon::features);
     let machine = Machine { cpus: info.vcpus, vm_seed: info.vm_seed, clock, control };
-    let mut interpreter = Interpreter::new(machine, frames, pages);
+    let mut interpreter = Interpreter::new(machine, frames, pages, balloon);
     let mem_bytes: u64 = info.mem_regions().iter().map(|r| r.size).sum();
     let mut line = Line::vm();
     line.str("event", "boot")
@@ -51,10 +61,17 @@ pub fn bsp_main(info: *const BootInfo) -> ! {
         .str("backend", if pvm { "pvm" } else { "hardware" })
         .num("free_pages", interpreter.free_pages())
         .num("tsc_khz", clock.khz());
+    if let Some(features) = balloon_features {
+        line.num("balloon", features);
+    }
     if info.tsc_khz == 0 {
         line.flag("tsc_assumed");
     }
     line.emit();
+    if let Some(msg) = balloon_error {
+        // The guest runs on without a balloon.
+        Line::vm().str("event", "error").str("msg", format_args!("balloon: {msg}")).emit();
+    }
 
     if run_text(&mut interpreter, info.cmdline(), None).is_none() {
         control.set_state(guest_state::EXITING);
@@ -69,6 +86,7 @@ fn serve(interpreter: &mut Interpreter, control: Control) -> ! {
     Line::vm().str("event", "serving").num("steps", interpreter.steps_done()).emit();
     let mut buf = [0u8; CONTROL_CMD_MAX];
     loop {
+        interpreter.poll_devices();
         let Some(seq) = control.pending() else {
             control.beat();
             arch::hlt();

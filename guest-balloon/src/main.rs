@@ -13,12 +13,14 @@
 //!
 //! Modules: [`entry`] (first instructions, stacks), [`boot`] (the BSP's life),
 //! [`smp`] (work split across vCPUs), [`workload`] (the interpreter), [`mm`]
-//! (frames), [`control`], [`console`], [`clock`], [`trap`] and [`panic`] (failure
-//! reports), [`arch`] and [`system`] (instructions and VMM ports).
+//! (frames), [`balloon`] (the virtio-balloon driver) over [`virtio`] (virtio-mmio
+//! transport and queues), [`control`], [`console`], [`clock`], [`trap`] and
+//! [`panic`] (failure reports), [`arch`] and [`system`] (instructions and VMM ports).
 #![no_std]
 #![no_main]
 
 mod arch;
+mod balloon;
 mod boot;
 mod clock;
 mod console;
@@ -29,6 +31,7 @@ mod panic;
 mod smp;
 mod system;
 mod trap;
+mod virtio;
 mod workload;
 
 use guest_abi::BootInfo;

@@ -8,6 +8,13 @@
 //!
 //! Next-fit (a cursor that moves past each allocation) keeps successive allocations
 //! ascending and contiguous, which makes later frees and reports coalesce well.
+//!
+//! For free page reporting the allocator also remembers which 2 MiB chunks had
+//! frames freed by the workload since the last report ([`FrameAllocator::free_run`]
+//! marks them); [`FrameAllocator::take_reportable`] hands out the chunks among them
+//! that are now entirely free. Frames whose host memory is already gone (deflated
+//! or reported ones) come back through [`FrameAllocator::free_unbacked`], which does
+//! not mark them, so nothing is reported twice.
 
 use guest_abi::{MemRegion, PAGE_SIZE};
 
@@ -20,6 +27,10 @@ pub struct FrameRun {
     pub count: u64,
 }
 
+/// Frames per reporting chunk (2 MiB, 8 bitmap words).
+pub const CHUNK_FRAMES: u64 = 512;
+const CHUNK_WORDS: usize = (CHUNK_FRAMES / 64) as usize;
+
 /// The guest's free frames.
 pub struct FrameAllocator {
     /// Bit `pfn % 64` of word `pfn / 64` is set when frame `pfn` is free.
@@ -27,6 +38,11 @@ pub struct FrameAllocator {
     free: u64,
     /// Where the next search starts.
     cursor: u64,
+    /// Bit `c % 64` of word `c / 64` is set when chunk `c` had frames freed by
+    /// [`FrameAllocator::free_run`] since it was last looked at for reporting.
+    freed: &'static mut [u64],
+    /// Some bit of `freed` is set.
+    freed_any: bool,
 }
 
 impl FrameAllocator {
@@ -35,20 +51,23 @@ impl FrameAllocator {
     pub fn new(regions: &[MemRegion], first_free: u64) -> Result<FrameAllocator, &'static str> {
         let end_pfn = regions.iter().map(|r| (r.base + r.size) / PAGE_SIZE).max().ok_or("no RAM regions")?;
         let words = end_pfn.div_ceil(64);
-        let bitmap_end = first_free + (words * 8).next_multiple_of(PAGE_SIZE);
+        let chunk_words = end_pfn.div_ceil(CHUNK_FRAMES).div_ceil(64);
+        let bitmap_end = first_free + ((words + chunk_words) * 8).next_multiple_of(PAGE_SIZE);
         if !regions.iter().any(|r| r.base <= first_free && bitmap_end <= r.base + r.size) {
             return Err("no room for the frame bitmap after the kernel");
         }
-        // SAFETY: the bitmap's frames are RAM (checked above), identity-mapped, past
+        // SAFETY: the bitmaps' frames are RAM (checked above), identity-mapped, past
         // the kernel image, and from now on owned by this allocator alone.
-        let bitmap = unsafe { core::slice::from_raw_parts_mut(first_free as *mut u64, words as usize) };
-        bitmap.fill(0);
-        let mut frames = FrameAllocator { bitmap, free: 0, cursor: bitmap_end / PAGE_SIZE };
+        let all = unsafe { core::slice::from_raw_parts_mut(first_free as *mut u64, (words + chunk_words) as usize) };
+        all.fill(0);
+        let (bitmap, freed) = all.split_at_mut(words as usize);
+        let mut frames = FrameAllocator { bitmap, free: 0, cursor: bitmap_end / PAGE_SIZE, freed, freed_any: false };
         for r in regions {
             let start = r.base.max(bitmap_end) / PAGE_SIZE;
             let end = (r.base + r.size) / PAGE_SIZE;
             if start < end {
-                frames.free_run(FrameRun { start, count: end - start });
+                // Never touched: the host has no memory behind these yet.
+                frames.free_unbacked(FrameRun { start, count: end - start });
             }
         }
         Ok(frames)
@@ -84,13 +103,66 @@ impl FrameAllocator {
         None
     }
 
-    /// Returns a run of allocated frames.
+    /// Returns a run of allocated frames that the guest wrote: their chunks become
+    /// candidates for free page reporting.
     pub fn free_run(&mut self, run: FrameRun) {
+        if run.count == 0 {
+            return;
+        }
+        self.free_unbacked(run);
+        for chunk in run.start / CHUNK_FRAMES..=(run.start + run.count - 1) / CHUNK_FRAMES {
+            self.freed[(chunk / 64) as usize] |= 1 << (chunk % 64);
+        }
+        self.freed_any = true;
+    }
+
+    /// Returns a run of allocated frames that have no host memory behind them
+    /// (never touched, deflated from the balloon, or just reported free).
+    pub fn free_unbacked(&mut self, run: FrameRun) {
         self.for_each_word(run, |word, mask| {
             assert!(*word & mask == 0, "frame freed twice");
             *word |= mask;
         });
         self.free += run.count;
+    }
+
+    /// Whether frames were freed by [`FrameAllocator::free_run`] since the last
+    /// complete [`FrameAllocator::take_reportable`] pass.
+    pub fn freed_since_report(&self) -> bool {
+        self.freed_any
+    }
+
+    /// Takes the entirely free chunks among those freed since the last pass, merged
+    /// into runs of whole chunks of at most `max_run` frames, into `out`; returns how
+    /// many runs it filled. A chunk still partly in use is forgotten until some of
+    /// its frames are freed again. The pass stops early when `out` is full.
+    pub fn take_reportable(&mut self, out: &mut [FrameRun], max_run: u64) -> usize {
+        let mut n = 0;
+        for w in 0..self.freed.len() {
+            while self.freed[w] != 0 {
+                let chunk = w as u64 * 64 + self.freed[w].trailing_zeros() as u64;
+                let run = FrameRun { start: chunk * CHUNK_FRAMES, count: CHUNK_FRAMES };
+                let words = self.bitmap.get(chunk as usize * CHUNK_WORDS..(chunk as usize + 1) * CHUNK_WORDS);
+                if words.is_some_and(|ws| ws.iter().all(|&x| x == !0)) {
+                    let merged = n > 0
+                        && out[n - 1].start + out[n - 1].count == run.start
+                        && out[n - 1].count + run.count <= max_run;
+                    if !merged && n == out.len() {
+                        return n; // full: this chunk stays marked for the next pass
+                    }
+                    self.take(run);
+                    if merged {
+                        out[n - 1].count += run.count;
+                    } else {
+                        out[n] = run;
+                        n += 1;
+                    }
+                }
+                self.freed[w] &= self.freed[w] - 1;
+            }
+        }
+        self.freed_any = false;
+        n
     }
 
     fn take(&mut self, run: FrameRun) {

@@ -6,6 +6,11 @@
 //! through `smp`; everything else (allocation, bookkeeping, printing) stays on the
 //! BSP. A failed step (out of memory, bad pages) does not stop the workload; it is
 //! counted, and turns a later `exit 0` into exit code 1.
+//!
+//! The interpreter also owns the balloon driver, which shares the frame allocator
+//! with the workload: it is polled after every step, while idling, during `spin`,
+//! and by the command loop ([`Interpreter::poll_devices`]), and an `alloc` that
+//! finds too few free frames asks it for room first.
 
 pub mod job;
 pub mod pages;
@@ -16,6 +21,7 @@ use guest_abi::content;
 use guest_abi::guest_state;
 use guest_abi::workload::{Kind, Program, Step};
 
+use crate::balloon::Balloon;
 use crate::clock::Clock;
 use crate::console::Line;
 use crate::control::Control;
@@ -47,6 +53,7 @@ pub struct Interpreter {
     machine: Machine,
     frames: FrameAllocator,
     pages: PageSet,
+    balloon: Option<Balloon>,
     /// Position in the allocated set where the next `touch` starts.
     touch_cursor: u64,
     /// `unique` pages allocated so far (their content index).
@@ -77,11 +84,27 @@ impl Report {
 
 impl Interpreter {
     /// An interpreter with nothing allocated yet.
-    pub fn new(machine: Machine, frames: FrameAllocator, pages: PageSet) -> Interpreter {
-        let interpreter =
-            Interpreter { machine, frames, pages, touch_cursor: 0, unique_pages: 0, steps_done: 0, failed_steps: 0 };
+    pub fn new(machine: Machine, frames: FrameAllocator, pages: PageSet, balloon: Option<Balloon>) -> Interpreter {
+        let interpreter = Interpreter {
+            machine,
+            frames,
+            pages,
+            balloon,
+            touch_cursor: 0,
+            unique_pages: 0,
+            steps_done: 0,
+            failed_steps: 0,
+        };
         interpreter.publish();
         interpreter
+    }
+
+    /// Lets the balloon driver make progress (see `crate::balloon`).
+    pub fn poll_devices(&mut self) {
+        if let Some(b) = &mut self.balloon {
+            b.poll(&mut self.frames);
+            self.publish();
+        }
     }
 
     /// Free frames.
@@ -145,6 +168,7 @@ impl Interpreter {
         self.steps_done += 1;
         self.failed_steps += report.failed as u64;
         self.publish();
+        self.poll_devices();
 
         let mut line = self.step_line(seq, step);
         if let Some(arg) = step.arg() {
@@ -192,7 +216,13 @@ impl Interpreter {
 
     fn alloc(&mut self, pages: u64, kind: Kind) -> Report {
         if pages > self.frames.free_pages() {
-            return Report::error("out of memory");
+            let room = match &mut self.balloon {
+                Some(b) => b.make_room(&mut self.frames, pages),
+                None => false,
+            };
+            if !room {
+                return Report::error("out of memory");
+            }
         }
         let first = self.pages.len();
         let mut index = 0;
@@ -260,6 +290,7 @@ impl Interpreter {
         let deadline = clock.deadline(us);
         while clock.now() < deadline {
             self.machine.control.beat();
+            self.poll_devices();
             arch::hlt();
         }
         Report::default()
@@ -276,6 +307,7 @@ impl Interpreter {
             }
             left -= n;
             self.machine.control.beat();
+            self.poll_devices();
         }
         Report::default()
     }
