@@ -89,6 +89,9 @@ impl VmConfig {
         if self.kernel == Kernel::Builtin {
             check_workload(&self.workload).map_err(|e| ctx(format!("bad workload: {e}")))?;
         }
+        if let Some(balloon) = &self.balloon {
+            balloon.validate(self.mem).map_err(ctx)?;
+        }
         Ok(())
     }
 }

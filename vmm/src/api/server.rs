@@ -6,18 +6,22 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use super::{Request, Response};
 use crate::config::parse_size;
+use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
+use crate::devices::virtio::balloon::Balloon;
 use crate::vm::VmShared;
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 << 10;
+/// How long `balloon_stats` waits for the guest to answer with fresh statistics.
+const FRESH_STATS_WAIT: Duration = Duration::from_millis(500);
 
 /// A running API server; dropping it stops it and removes the socket.
 pub struct Server {
@@ -138,6 +142,27 @@ fn per_vm(vms: &[&Arc<VmShared>], f: impl Fn(&VmShared) -> Result<Value, String>
     Ok(Value::Object(out))
 }
 
+/// Asks the guest for fresh statistics and waits up to [`FRESH_STATS_WAIT`] for
+/// them; a guest that is busy (its driver polls between workload steps) or has no
+/// statistics queue gets its latest numbers reported, with their age.
+fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
+    let before = dev.lock().unwrap().snapshot().stats_updates;
+    let mut asked = false;
+    if v.run.device_enter() {
+        asked = dev.lock().unwrap().request_stats();
+        v.run.device_exit();
+        v.run.wake();
+    }
+    let deadline = Instant::now() + FRESH_STATS_WAIT;
+    loop {
+        let snapshot = dev.lock().unwrap().snapshot();
+        if !asked || snapshot.stats_updates > before || Instant::now() >= deadline {
+            return snapshot;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn run(req: Request, vms: &[Arc<VmShared>]) -> Result<Value, String> {
     match req {
         Request::Vms => Ok(json!(vms.iter().map(|v| &v.name).collect::<Vec<_>>())),
@@ -162,20 +187,19 @@ fn run(req: Request, vms: &[Arc<VmShared>]) -> Result<Value, String> {
         }
         Request::BalloonStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| {
             let dev = v.balloon.as_ref().ok_or_else(|| format!("vm {} has no balloon device", v.name))?;
-            let snapshot = dev.lock().unwrap().snapshot();
-            if v.run.device_enter() {
-                dev.lock().unwrap().request_stats();
-                v.run.device_exit();
-            }
-            serde_json::to_value(snapshot).map_err(|e| e.to_string())
+            serde_json::to_value(fresh_balloon_stats(v, dev)).map_err(|e| e.to_string())
         }),
         Request::VmStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.stats())),
         Request::Command { vm, workload, timeout_s } => {
             let target = select(vms, Some(&vm))?[0];
-            let timeout = Duration::try_from_secs_f64(timeout_s.unwrap_or(60.0)).map_err(|e| format!("bad timeout: {e}"))?;
+            let timeout =
+                Duration::try_from_secs_f64(timeout_s.unwrap_or(60.0)).map_err(|e| format!("bad timeout: {e}"))?;
             let out = target.run_command(&workload, timeout)?;
-            let lines: Vec<Value> =
-                out.lines.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|_| Value::String(l.clone()))).collect();
+            let lines: Vec<Value> = out
+                .lines
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|_| Value::String(l.clone())))
+                .collect();
             Ok(json!({ "status": out.status, "lines": lines }))
         }
     }

@@ -75,15 +75,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         config_generation: Arc<std::sync::atomic::AtomicU32>,
     ) -> Self {
         let max = device.lock().unwrap().queue_max_size();
-        let queues = (0..notify.len())
-            .map(|_| QueueSlot {
-                size: max,
-                desc: 0,
-                avail: 0,
-                used: 0,
-                ready: false,
-            })
-            .collect();
+        let queues =
+            (0..notify.len()).map(|_| QueueSlot { size: max, desc: 0, avail: 0, used: 0, ready: false }).collect();
         MmioTransport {
             name: name.into(),
             device,
@@ -154,7 +147,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if newly & STATUS_FEATURES_OK != 0 {
             let offered = self.device.lock().unwrap().features();
             if self.driver_features & !offered != 0 {
-                self.fail("features", format!("driver accepted unoffered features {:#x}", self.driver_features & !offered));
+                self.fail(
+                    "features",
+                    format!("driver accepted unoffered features {:#x}", self.driver_features & !offered),
+                );
                 return;
             }
             if self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
@@ -214,7 +210,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn write_queue_reg(&mut self, offset: u64, v: u32) {
         if self.status & STATUS_DRIVER_OK != 0 {
-            self.errors.report(&self.name, "queue config", || format!("queue register {offset:#x} written after DRIVER_OK"));
+            self.errors
+                .report(&self.name, "queue config", || format!("queue register {offset:#x} written after DRIVER_OK"));
             return;
         }
         let max = self.device.lock().unwrap().queue_max_size();
@@ -248,7 +245,8 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         if data.len() != 4 {
-            self.errors.report(&self.name, "register width", || format!("{}-byte read of register {offset:#x}", data.len()));
+            self.errors
+                .report(&self.name, "register width", || format!("{}-byte read of register {offset:#x}", data.len()));
             data.fill(0);
             return;
         }
@@ -285,7 +283,8 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         if data.len() != 4 {
-            self.errors.report(&self.name, "register width", || format!("{}-byte write of register {offset:#x}", data.len()));
+            self.errors
+                .report(&self.name, "register width", || format!("{}-byte write of register {offset:#x}", data.len()));
             return;
         }
         let v = u32::from_le_bytes(data.try_into().unwrap());
@@ -307,12 +306,16 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
                 Some(fd) if self.active => {
                     let _ = fd.write(1);
                 }
-                _ => self.errors.report(&self.name, "notify", || format!("notify of queue {v} (inactive or no such queue)")),
+                _ => self
+                    .errors
+                    .report(&self.name, "notify", || format!("notify of queue {v} (inactive or no such queue)")),
             },
             0x064 => self.interrupt.ack(v),
             0x070 => self.set_status(v),
             0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => self.write_queue_reg(offset, v),
-            _ => self.errors.report(&self.name, "register", || format!("write to read-only or unknown register {offset:#x}")),
+            _ => self
+                .errors
+                .report(&self.name, "register", || format!("write to read-only or unknown register {offset:#x}")),
         }
         if self.status & STATUS_FAILED != 0 && self.active {
             self.reset();

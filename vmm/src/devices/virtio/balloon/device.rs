@@ -38,6 +38,28 @@ pub struct BalloonConfig {
     pub per_page_discard: bool,
 }
 
+impl BalloonConfig {
+    /// Checks the options against a VM of `mem` bytes.
+    pub fn validate(&self, mem: u64) -> Result<(), String> {
+        check_size(self.size, mem)
+    }
+}
+
+/// A balloon size must be whole pages and fit the VM's `mem` bytes.
+fn check_size(bytes: u64, mem: u64) -> Result<(), String> {
+    if bytes % guest_abi::PAGE_SIZE != 0 {
+        return Err(format!("balloon size {bytes} is not a multiple of 4 KiB"));
+    }
+    if bytes > mem {
+        return Err(format!(
+            "balloon size {} exceeds the VM's memory ({})",
+            crate::config::format_size(bytes),
+            crate::config::format_size(mem)
+        ));
+    }
+    Ok(())
+}
+
 impl Default for BalloonConfig {
     fn default() -> Self {
         BalloonConfig {
@@ -120,18 +142,8 @@ impl Balloon {
     /// Sets the target size in bytes; the guest sees the new `num_pages` and
     /// inflates or deflates towards it.
     pub fn set_target(&mut self, bytes: u64) -> Result<(), String> {
+        check_size(bytes, self.ram.size())?;
         let pages = bytes / guest_abi::PAGE_SIZE;
-        let max = self.ram.size() / guest_abi::PAGE_SIZE;
-        if bytes % guest_abi::PAGE_SIZE != 0 {
-            return Err(format!("balloon size {bytes} is not a multiple of 4 KiB"));
-        }
-        if pages > max {
-            return Err(format!(
-                "balloon size {} exceeds the VM's memory ({})",
-                crate::config::format_size(bytes),
-                crate::config::format_size(self.ram.size())
-            ));
-        }
         self.num_pages = pages as u32;
         self.config_generation.fetch_add(1, Ordering::AcqRel);
         self.interrupt.raise(INT_CONFIG);
@@ -139,16 +151,22 @@ impl Balloon {
         Ok(())
     }
 
-    /// Hands the statistics buffer back to the guest so it sends fresh numbers.
-    pub fn request_stats(&mut self) {
-        let Some(head) = self.stats_head.take() else { return };
+    /// Hands the statistics buffer back to the guest so it sends fresh numbers;
+    /// false if the device holds no buffer (no statistics queue, or the guest has
+    /// not answered the previous request yet).
+    pub fn request_stats(&mut self) -> bool {
+        let Some(head) = self.stats_head.take() else { return false };
         let mem = self.ram.mem().clone();
-        if let Some((_, q)) = self.queues.iter_mut().find(|(r, _)| *r == Role::Stats) {
-            if q.add_used(&mem, head, 0).is_ok() {
-                self.interrupt.raise(INT_VRING);
-            }
-        }
         self.stats_asked = Instant::now();
+        let returned = self
+            .queues
+            .iter_mut()
+            .find(|(r, _)| *r == Role::Stats)
+            .is_some_and(|(_, q)| q.add_used(&mem, head, 0).is_ok());
+        if returned {
+            self.interrupt.raise(INT_VRING);
+        }
+        returned
     }
 
     /// Counters and state for reports.
@@ -292,12 +310,13 @@ impl Balloon {
         }
         BalloonMetrics::add(&self.metrics.reported_buffers, heads.len() as u64);
         for (gpa, len) in ranges {
-            let (first, last) = (gpa / guest_abi::PAGE_SIZE, (gpa + len) / guest_abi::PAGE_SIZE - 1);
-            if !self.ballooned.is_ram(first) || !self.ram.contains(gpa, len) {
-                self.report("report outside RAM", || format!("reported range {gpa:#x}+{len:#x} is not guest RAM: ignored"));
+            // `contains` checks the end without overflowing: `gpa` is any u64 the guest wrote.
+            if !self.ram.contains(gpa, len) {
+                self.report("report outside RAM", || {
+                    format!("reported range {gpa:#x}+{len:#x} is not guest RAM: ignored")
+                });
                 continue;
             }
-            debug_assert!(self.ballooned.is_ram(last));
             BalloonMetrics::add(&self.metrics.reported_pages, len / guest_abi::PAGE_SIZE);
             self.discard(gpa, len);
         }

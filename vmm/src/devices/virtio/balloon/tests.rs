@@ -10,8 +10,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{features, Balloon, BalloonConfig};
 use crate::devices::bus::BusDevice;
-use crate::devices::virtio::mmio::{MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
-    STATUS_FEATURES_OK, STATUS_NEEDS_RESET};
+use crate::devices::virtio::mmio::{
+    MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
+};
 use crate::devices::virtio::{GuestErrors, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::{GuestRam, HostPages};
 
@@ -45,7 +46,15 @@ impl Harness {
             generation.clone(),
         )));
         let notify = (0..4).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
-        let mmio = MmioTransport::new("test/balloon", dev.clone(), ram.mem().clone(), interrupt, errors.clone(), notify, generation);
+        let mmio = MmioTransport::new(
+            "test/balloon",
+            dev.clone(),
+            ram.mem().clone(),
+            interrupt,
+            errors.clone(),
+            notify,
+            generation,
+        );
         Harness { ram, dev, mmio, errors, next: vec![(0, 0); 4] }
     }
 
@@ -232,8 +241,9 @@ fn stats_buffers_must_be_whole_entries() {
     assert_eq!(snap.guest_stats["free_memory"], 100 << 20);
     assert_eq!(snap.guest_stats["total_memory"], 256 << 20);
     assert_eq!(h.used_idx(stats_q), 0, "the device holds the stats buffer");
-    h.dev.lock().unwrap().request_stats();
+    assert!(h.dev.lock().unwrap().request_stats());
     assert_eq!(h.used_idx(stats_q), 1, "asking for fresh stats returns it");
+    assert!(!h.dev.lock().unwrap().request_stats(), "nothing to return until the guest answers");
     h.post(stats_q, &[(BUFFERS, 12, false)], None); // 12: the spec's "multiple of 6"
     assert_eq!(h.dev.lock().unwrap().snapshot().stats_updates, 1);
     assert!(h.errors.count() >= 1);
@@ -255,6 +265,29 @@ fn reported_free_ranges_are_freed_when_in_ram() {
     h.post(report_q, &[(0x1040 * 4096, 4096, false)], None);
     assert_eq!(h.byte(0x1040), 0xaa);
     assert_eq!(h.used_idx(report_q), 3);
+}
+
+#[test]
+fn reported_ranges_at_the_top_of_the_address_space_are_refused() {
+    let mut h = Harness::standard(BalloonConfig::default());
+    data_pages(&h);
+    let report_q = 3;
+    // gpa + len overflows u64: refused (it used to be computed before the check).
+    h.post(report_q, &[(u64::MAX & !0xfff, 2 * 4096, true)], None);
+    // A range that starts in RAM and runs past its end.
+    h.post(report_q, &[((32 * MIB) - 4096, 2 * 4096, true)], None);
+    assert_eq!(h.used_idx(report_q), 2, "both buffers completed");
+    assert_eq!(h.dev.lock().unwrap().snapshot().reported_pages, 0);
+    assert!(h.errors.count() >= 2);
+}
+
+#[test]
+fn boot_sizes_are_checked_like_run_time_targets() {
+    let cfg = |size| BalloonConfig { size, ..BalloonConfig::default() };
+    assert!(cfg(16 * MIB).validate(32 * MIB).is_ok());
+    assert!(cfg(32 * MIB).validate(32 * MIB).is_ok());
+    assert!(cfg(64 * MIB).validate(32 * MIB).unwrap_err().contains("exceeds"));
+    assert!(cfg(4097).validate(32 * MIB).unwrap_err().contains("4 KiB"));
 }
 
 #[test]
