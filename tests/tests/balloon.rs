@@ -1,0 +1,168 @@
+//! virtio-balloon end to end: the test guest's driver and the VMM's device on
+//! /dev/kvm. Inflating frees host memory and deflating gives it back, free page
+//! reporting frees what the guest freed, and an allocation that would fail takes
+//! pages back from the balloon. Targets are set through the control API handler,
+//! the code `vmm ctl` reaches (vmm/tests/balloon_ctl.rs drives the binary itself).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{guest, start, wait_serving};
+use serde_json::Value;
+use vmm::api::{server, Request};
+use vmm::devices::virtio::balloon::metrics::BalloonSnapshot;
+use vmm::devices::virtio::balloon::BalloonConfig;
+use vmm::vm::Vm;
+
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+
+fn snapshot(vm: &Vm) -> BalloonSnapshot {
+    vm.balloon().expect("the VM has a balloon").lock().unwrap().snapshot()
+}
+
+/// Sets the balloon target through the control API.
+fn set_target(vm: &Vm, size: &str) {
+    let req = Request::BalloonSet { size: size.into(), vm: None };
+    let resp = server::handle(req, std::slice::from_ref(vm.shared()));
+    assert!(resp.ok, "balloon_set {size}: {:?}", resp.error);
+}
+
+/// Waits until `done` holds, failing with the guest's console after `limit`.
+fn wait_for(vm: &Vm, what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(vm.ending().is_none(), "guest ended: {:?}\n{}", vm.ending(), vm.console().lines().join("\n"));
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {limit:?}; balloon {:?}\n{}",
+            snapshot(vm),
+            vm.console().lines().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs `cmd` in the serving guest; returns its step lines, asserting success.
+fn command(vm: &Vm, cmd: &str) -> Vec<Value> {
+    let out = vm.run_command(cmd, Duration::from_secs(60)).unwrap();
+    assert_eq!(out.status, 0, "{cmd}: {:?}", out.lines);
+    common::parse_lines(&out.lines)
+}
+
+fn verify_ok(vm: &Vm, expect_pages: u64) {
+    let lines = command(vm, "verify");
+    let verify = lines.iter().find(|l| l["op"] == "verify").expect("a verify line");
+    assert_eq!(verify["bad"], 0, "{verify}");
+    assert_eq!(verify["pages"], expect_pages, "{verify}");
+}
+
+fn no_reporting() -> Option<BalloonConfig> {
+    Some(BalloonConfig { free_page_reporting: false, ..BalloonConfig::default() })
+}
+
+#[test]
+fn inflating_frees_host_memory_and_deflating_returns_the_pages() {
+    // Touch all but ~2 MiB of the guest's free memory, keep 104 MiB of it: the
+    // rest is free in the guest but resident on the host, which only the balloon
+    // can get back here.
+    let mut c = guest("inflate", 256 * MIB, "alloc 250M unique; free 146M; verify");
+    c.vcpus = 2;
+    c.balloon = no_reporting();
+    let vm = start(c);
+    wait_serving(&vm);
+    let kept = 104 * MIB / PAGE;
+    let rss_before = vm.ram().resident_bytes();
+    assert!(rss_before >= 245 * MIB, "the guest touched its memory: {} MiB", rss_before / MIB);
+    let free_before = vm.progress().free_pages;
+
+    set_target(&vm, "128M");
+    let target = 128 * MIB / PAGE;
+    wait_for(&vm, "inflate 128M", Duration::from_secs(30), || {
+        let s = snapshot(&vm);
+        s.actual_pages == target && s.ballooned_pages == target
+    });
+    let rss_inflated = vm.ram().resident_bytes();
+    let dropped = (rss_before - rss_inflated) as f64 / MIB as f64;
+    assert!((120.0..=136.0).contains(&dropped), "resident guest memory dropped by {dropped:.1} MiB, not ~128");
+    let s = snapshot(&vm);
+    assert_eq!(s.inflated_pages, target);
+    assert!(s.discard_calls < 1000, "PFNs are merged into ranges: {} madvise calls", s.discard_calls);
+    assert_eq!(s.guest_errors, 0);
+    verify_ok(&vm, kept);
+    assert_eq!(vm.progress().free_pages, free_before - target, "ballooned frames left the guest's allocator");
+
+    set_target(&vm, "0");
+    wait_for(&vm, "deflate", Duration::from_secs(30), || {
+        let s = snapshot(&vm);
+        s.actual_pages == 0 && s.ballooned_pages == 0
+    });
+    assert_eq!(snapshot(&vm).deflated_pages, target);
+    assert_eq!(vm.progress().free_pages, free_before, "deflated frames are back in the allocator");
+    verify_ok(&vm, kept);
+    // The returned frames hold data again.
+    command(&vm, "alloc 128M unique");
+    verify_ok(&vm, kept + target);
+}
+
+#[test]
+fn free_page_reporting_frees_what_the_guest_freed() {
+    let vm = start(guest("report", 256 * MIB, "alloc 200M unique; verify"));
+    wait_serving(&vm);
+    let rss_before = vm.ram().resident_bytes();
+    assert!(rss_before >= 195 * MIB, "{} MiB resident", rss_before / MIB);
+    command(&vm, "free 128M");
+    wait_for(&vm, "resident memory to fall after free 128M", Duration::from_secs(10), || {
+        vm.ram().resident_bytes() + 120 * MIB <= rss_before
+    });
+    let s = snapshot(&vm);
+    assert!(s.reported_pages >= 120 * MIB / PAGE && s.reported_pages <= 128 * MIB / PAGE, "{s:?}");
+    assert_eq!((s.ballooned_pages, s.guest_errors), (0, 0), "{s:?}");
+    verify_ok(&vm, 72 * MIB / PAGE);
+    // Reported frames went back to the allocator: all of the memory is usable again.
+    command(&vm, "alloc 128M dup");
+    verify_ok(&vm, 200 * MIB / PAGE);
+}
+
+#[test]
+fn an_allocation_beyond_what_is_left_deflates_the_balloon() {
+    let vm = start(guest("oom", 256 * MIB, "alloc 64M unique"));
+    wait_serving(&vm);
+    set_target(&vm, "160M");
+    let target = 160 * MIB / PAGE;
+    wait_for(&vm, "inflate 160M", Duration::from_secs(30), || snapshot(&vm).actual_pages == target);
+    let free = vm.progress().free_pages;
+    let want = 96 * MIB / PAGE;
+    assert!(free < want, "the allocation must not fit without the balloon ({free} pages free)");
+
+    let lines = command(&vm, "alloc 96M unique; verify");
+    let verify = lines.iter().find(|l| l["op"] == "verify").unwrap();
+    assert_eq!((verify["bad"].as_u64(), verify["pages"].as_u64()), (Some(0), Some(160 * MIB / PAGE)));
+    let s = snapshot(&vm);
+    assert!(s.actual_pages <= target - (want - free), "the balloon shrank: {s:?}");
+    assert_eq!(s.actual_pages, s.ballooned_pages);
+    assert_eq!(s.deflated_pages, want - free, "exactly the missing pages came back");
+    // The guest counts the event in its statistics.
+    let stats = server::handle(Request::BalloonStats { vm: None }, std::slice::from_ref(vm.shared()));
+    let stats = &stats.result.expect("balloon stats")["oom"]["guest_stats"];
+    assert_eq!(stats["alloc_stalls"], 1, "{stats}");
+    assert_eq!(stats["direct_reclaims"], want - free, "{stats}");
+}
+
+#[test]
+fn without_deflate_on_oom_the_balloon_keeps_its_pages() {
+    let mut c = guest("no-oom", 256 * MIB, "alloc 64M unique");
+    c.balloon = Some(BalloonConfig { deflate_on_oom: false, ..BalloonConfig::default() });
+    let vm = start(c);
+    wait_serving(&vm);
+    set_target(&vm, "160M");
+    let target = 160 * MIB / PAGE;
+    wait_for(&vm, "inflate 160M", Duration::from_secs(30), || snapshot(&vm).actual_pages == target);
+    let out = vm.run_command("alloc 96M unique", Duration::from_secs(60)).unwrap();
+    assert_ne!(out.status, 0, "{:?}", out.lines);
+    assert!(out.lines.iter().any(|l| l.contains("out of memory")), "{:?}", out.lines);
+    let s = snapshot(&vm);
+    assert_eq!((s.actual_pages, s.deflated_pages), (target, 0), "{s:?}");
+    verify_ok(&vm, 64 * MIB / PAGE);
+}
