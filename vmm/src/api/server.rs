@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::{Request, Response};
 use crate::config::parse_size;
+use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::Balloon;
 use crate::vm::VmShared;
@@ -174,9 +175,7 @@ fn run(req: Request, vms: &[Arc<VmShared>]) -> Result<Value, String> {
                 if v.balloon.is_none() {
                     return Err(format!("vm {} has no balloon device", v.name));
                 }
-                if bytes > v.ram.size() {
-                    return Err(format!("balloon size {size} exceeds the memory of vm {}", v.name));
-                }
+                check_size(bytes, v.ram.size()).map_err(|e| format!("vm {}: {e}", v.name))?;
             }
             per_vm(&targets, |v| {
                 let dev = v.balloon.as_ref().expect("checked above");

@@ -46,7 +46,7 @@ impl BalloonConfig {
 }
 
 /// A balloon size must be whole pages and fit the VM's `mem` bytes.
-fn check_size(bytes: u64, mem: u64) -> Result<(), String> {
+pub fn check_size(bytes: u64, mem: u64) -> Result<(), String> {
     if bytes % guest_abi::PAGE_SIZE != 0 {
         return Err(format!("balloon size {bytes} is not a multiple of 4 KiB"));
     }
