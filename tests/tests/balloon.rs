@@ -98,7 +98,9 @@ fn inflating_frees_host_memory_and_deflating_returns_the_pages() {
         let s = snapshot(&vm);
         s.actual_pages == 0 && s.ballooned_pages == 0
     });
-    assert_eq!(snapshot(&vm).deflated_pages, target);
+    let s = snapshot(&vm);
+    assert_eq!(s.deflated_pages, target);
+    assert_eq!(s.touched_pages, 0, "the guest never touched a page while it was ballooned");
     assert_eq!(vm.progress().free_pages, free_before, "deflated frames are back in the allocator");
     verify_ok(&vm, kept);
     // The returned frames hold data again.
@@ -143,6 +145,7 @@ fn an_allocation_beyond_what_is_left_deflates_the_balloon() {
     assert!(s.actual_pages <= target - (want - free), "the balloon shrank: {s:?}");
     assert_eq!(s.actual_pages, s.ballooned_pages);
     assert_eq!(s.deflated_pages, want - free, "exactly the missing pages came back");
+    assert_eq!(s.touched_pages, 0, "none was used before the device acknowledged it");
     // The guest counts the event in its statistics.
     let stats = server::handle(Request::BalloonStats { vm: None }, std::slice::from_ref(vm.shared()));
     let stats = &stats.result.expect("balloon stats")["oom"]["guest_stats"];

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::metrics::{stat_name, BalloonMetrics, BalloonSnapshot};
-use super::pages::{merge_ranges, BalloonedPages};
+use super::pages::{merge_ranges, resident_pages, BalloonedPages};
 use super::{config, features, queues, DEVICE_ID};
 use crate::devices::virtio::{GuestErrors, Interrupt, VirtioDevice, INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1};
 use crate::memory::GuestRam;
@@ -260,14 +260,28 @@ impl Balloon {
         self.drain(index, |b, pfns| match pfns {
             Err(e) => b.report(e.kind(), || format!("deflate buffer: {e}")),
             Ok(pfns) => {
+                let mut left = Vec::with_capacity(pfns.len());
                 for pfn in pfns {
                     if b.ballooned.remove(pfn) {
-                        BalloonMetrics::add(&b.metrics.deflated_pages, 1);
+                        left.push(pfn);
                     } else if b.ballooned.is_ram(pfn) {
                         BalloonMetrics::add(&b.metrics.duplicate_pfns, 1);
                     } else {
                         BalloonMetrics::add(&b.metrics.invalid_pfns, 1);
                         b.report("pfn outside RAM", || format!("deflate of PFN {pfn:#x}, not guest RAM: ignored"));
+                    }
+                }
+                BalloonMetrics::add(&b.metrics.deflated_pages, left.len() as u64);
+                // Before the buffer completes, the guest must not touch these pages:
+                // any host memory behind them now means it used them while ballooned.
+                for r in merge_ranges(&mut left) {
+                    let (gpa, len) = (r.first_pfn * guest_abi::PAGE_SIZE, r.count * guest_abi::PAGE_SIZE);
+                    match b.ram.mem().get_host_address(GuestAddress(gpa)).map_err(std::io::Error::other) {
+                        Ok(host) => match resident_pages(host, len) {
+                            Ok(n) => BalloonMetrics::add(&b.metrics.touched_pages, n),
+                            Err(e) => log::warn!("{}: mincore of deflated pages: {e}", b.name),
+                        },
+                        Err(e) => log::warn!("{}: deflated range {gpa:#x}: {e}", b.name),
                     }
                 }
             }

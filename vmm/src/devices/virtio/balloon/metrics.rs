@@ -13,6 +13,9 @@ pub struct BalloonMetrics {
     pub inflated_pages: AtomicU64,
     /// Pages taken back out by deflate buffers.
     pub deflated_pages: AtomicU64,
+    /// Deflated pages that had host memory behind them: the guest touched them
+    /// while they were in the balloon (read as zeros, or written).
+    pub touched_pages: AtomicU64,
     /// Pages freed because the guest reported them free.
     pub reported_pages: AtomicU64,
     /// Free-page-reporting buffers handled.
@@ -75,6 +78,8 @@ pub struct BalloonSnapshot {
     /// See [`BalloonMetrics`].
     pub deflated_pages: u64,
     /// See [`BalloonMetrics`].
+    pub touched_pages: u64,
+    /// See [`BalloonMetrics`].
     pub reported_pages: u64,
     /// See [`BalloonMetrics`].
     pub reported_buffers: u64,
@@ -106,6 +111,7 @@ impl BalloonSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         self.inflated_pages = get(&m.inflated_pages);
         self.deflated_pages = get(&m.deflated_pages);
+        self.touched_pages = get(&m.touched_pages);
         self.reported_pages = get(&m.reported_pages);
         self.reported_buffers = get(&m.reported_buffers);
         self.discard_calls = get(&m.discard_calls);

@@ -101,6 +101,19 @@ impl BalloonedPages {
     }
 }
 
+/// Pages of the host range `[host, host + len)` (page aligned) that have memory
+/// behind them, the shared zero page included (`mincore`): a ballooned page that
+/// shows up here was touched after the guest gave it away.
+pub fn resident_pages(host: *mut u8, len: u64) -> std::io::Result<u64> {
+    let mut vec = vec![0u8; len.div_ceil(PAGE_SIZE) as usize];
+    // SAFETY: `vec` has one byte per page of the range; mincore only reads the
+    // page tables of a range of this process's guest RAM mapping.
+    if unsafe { libc::mincore(host.cast(), len as usize, vec.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -176,6 +176,21 @@ fn inflate_frees_ranges_and_deflate_returns_pages() {
 }
 
 #[test]
+fn ballooned_pages_the_guest_touched_anyway_are_counted_at_deflate() {
+    let mut h = Harness::standard(BalloonConfig::default());
+    data_pages(&h);
+    let (a, l) = h.pfns(0, &[0x1000, 0x1001, 0x1002, 0x1003]);
+    h.post(0, &[(a, l, false)], None);
+    assert_eq!(h.byte(0x1001), 0, "a ballooned page reads zero");
+    h.fill(0x1002, 0x55);
+    let (a, l) = h.pfns(0x100, &[0x1000, 0x1001, 0x1002, 0x1003]);
+    h.post(1, &[(a, l, false)], None);
+    let snap = h.dev.lock().unwrap().snapshot();
+    assert_eq!(snap.deflated_pages, 4);
+    assert_eq!(snap.touched_pages, 2, "one page read (zero page), one written");
+}
+
+#[test]
 fn pfns_outside_ram_or_in_the_hole_free_nothing() {
     let mut h = Harness::standard(BalloonConfig::default());
     data_pages(&h);
