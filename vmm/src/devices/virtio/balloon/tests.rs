@@ -288,7 +288,7 @@ fn reported_ranges_at_the_top_of_the_address_space_are_refused() {
     data_pages(&h);
     let report_q = 3;
     // gpa + len overflows u64: refused (it used to be computed before the check).
-    h.post(report_q, &[(u64::MAX & !0xfff, 2 * 4096, true)], None);
+    h.post(report_q, &[(!0xfff, 2 * 4096, true)], None);
     // A range that starts in RAM and runs past its end.
     h.post(report_q, &[((32 * MIB) - 4096, 2 * 4096, true)], None);
     assert_eq!(h.used_idx(report_q), 2, "both buffers completed");
@@ -307,8 +307,7 @@ fn boot_sizes_are_checked_like_run_time_targets() {
 
 #[test]
 fn queues_are_numbered_densely() {
-    let mut cfg = BalloonConfig::default();
-    cfg.stats_interval = std::time::Duration::ZERO; // no stats queue
+    let cfg = BalloonConfig { stats_interval: std::time::Duration::ZERO, ..BalloonConfig::default() }; // no stats queue
     let mut h = Harness::standard(cfg);
     data_pages(&h);
     // Reporting is queue 2 when there is no stats queue.
@@ -336,9 +335,7 @@ fn queue_sizes_must_be_powers_of_two() {
 
 #[test]
 fn features_offered_follow_the_config() {
-    let mut cfg = BalloonConfig::default();
-    cfg.deflate_on_oom = false;
-    cfg.free_page_reporting = false;
+    let cfg = BalloonConfig { deflate_on_oom: false, free_page_reporting: false, ..BalloonConfig::default() };
     let h = Harness::new(cfg);
     let f = h.dev.lock().unwrap().features();
     assert_eq!(f & (1 << features::DEFLATE_ON_OOM | 1 << features::PAGE_REPORTING), 0);
