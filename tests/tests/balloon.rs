@@ -22,11 +22,17 @@ fn snapshot(vm: &Vm) -> BalloonSnapshot {
     vm.balloon().expect("the VM has a balloon").lock().unwrap().snapshot()
 }
 
+/// Sends `req` to the control API's handler for `vm`; returns its result.
+fn api(vm: &Vm, req: Request) -> Value {
+    let what = format!("{req:?}");
+    let resp = server::handle(req, std::slice::from_ref(vm.shared()));
+    assert!(resp.ok, "{what}: {:?}", resp.error);
+    resp.result.expect("a result")
+}
+
 /// Sets the balloon target through the control API.
 fn set_target(vm: &Vm, size: &str) {
-    let req = Request::BalloonSet { size: size.into(), vm: None };
-    let resp = server::handle(req, std::slice::from_ref(vm.shared()));
-    assert!(resp.ok, "balloon_set {size}: {:?}", resp.error);
+    api(vm, Request::BalloonSet { size: size.into(), vm: None });
 }
 
 /// Waits until `done` holds, failing with the guest's console after `limit`.
@@ -147,8 +153,8 @@ fn an_allocation_beyond_what_is_left_deflates_the_balloon() {
     assert_eq!(s.deflated_pages, want - free, "exactly the missing pages came back");
     assert_eq!(s.touched_pages, 0, "none was used before the device acknowledged it");
     // The guest counts the event in its statistics.
-    let stats = server::handle(Request::BalloonStats { vm: None }, std::slice::from_ref(vm.shared()));
-    let stats = &stats.result.expect("balloon stats")["oom"]["guest_stats"];
+    let stats = api(&vm, Request::BalloonStats { vm: None });
+    let stats = &stats["oom"]["guest_stats"];
     assert_eq!(stats["alloc_stalls"], 1, "{stats}");
     assert_eq!(stats["direct_reclaims"], want - free, "{stats}");
 }
