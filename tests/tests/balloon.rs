@@ -175,3 +175,24 @@ fn without_deflate_on_oom_the_balloon_keeps_its_pages() {
     assert_eq!((s.actual_pages, s.deflated_pages), (target, 0), "{s:?}");
     verify_ok(&vm, 64 * MIB / PAGE);
 }
+
+#[test]
+fn a_busy_guest_follows_the_target_and_keeps_its_data() {
+    // Two vCPUs rewrite and check their pages while the balloon inflates and
+    // deflates underneath: the driver polls between steps and must never give away
+    // (or take back into use too early) a frame the workload relies on.
+    let mut c = guest("busy", 256 * MIB, "alloc 64M unique; repeat 150 { touch 8M; verify; idle 1ms }; exit 0");
+    c.vcpus = 2;
+    let vm = start(c);
+    for (size, pages) in [("128M", 128 * MIB / PAGE), ("32M", 32 * MIB / PAGE), ("160M", 160 * MIB / PAGE)] {
+        set_target(&vm, size);
+        wait_for(&vm, size, Duration::from_secs(60), || snapshot(&vm).actual_pages == pages);
+    }
+    assert_eq!(vm.wait(Duration::from_secs(120)), Some(vmm::vm::Ending::GuestExit(0)));
+    let lines = common::parse_lines(&vm.console().lines());
+    let verifies: Vec<_> = lines.iter().filter(|l| l["op"] == "verify").collect();
+    assert_eq!(verifies.len(), 150);
+    assert!(verifies.iter().all(|v| v["bad"] == 0), "{verifies:?}");
+    let s = snapshot(&vm);
+    assert_eq!((s.ballooned_pages, s.touched_pages, s.guest_errors), (160 * MIB / PAGE, 0, 0), "{s:?}");
+}
