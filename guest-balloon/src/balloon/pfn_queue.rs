@@ -12,7 +12,7 @@ use crate::mm::frame_alloc::FrameAllocator;
 use crate::virtio::queue::Virtq;
 
 /// PFNs per buffer.
-pub const PFNS_PER_BUFFER: usize = 256;
+const PFNS_PER_BUFFER: usize = 256;
 /// Buffers per queue (8192 pages, 32 MiB, per round trip).
 const BUFFERS: usize = 32;
 const BUFFER_BYTES: u64 = (PFNS_PER_BUFFER * 4) as u64;
@@ -98,9 +98,8 @@ impl PfnQueue {
         posted
     }
 
-    /// Passes the PFNs of every buffer the device has finished with to `done`;
-    /// returns how many PFNs that was.
-    pub fn complete(&mut self, mut done: impl FnMut(&[u32])) -> u64 {
+    /// Passes the PFNs of every buffer the device has finished with to `done`.
+    pub fn complete(&mut self, mut done: impl FnMut(&[u32])) {
         let mut pages = 0;
         while let Some(head) = self.q.take_used() {
             let b = head as usize;
@@ -115,7 +114,6 @@ impl PfnQueue {
             pages += n as u64;
         }
         self.in_flight -= pages;
-        pages
     }
 
     fn buffer(&self, b: usize) -> *mut u32 {
