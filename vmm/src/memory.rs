@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader};
+use std::sync::{Arc, OnceLock};
 
 use guest_abi::{MemRegion, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -85,12 +86,22 @@ pub fn layout(bytes: u64) -> Vec<MemRegion> {
     }
 }
 
+/// Frees host pages of guest RAM when a plain `MADV_DONTNEED` is not enough: with
+/// page sharing on, a shared page is a mapping of the sharing pool, where DONTNEED
+/// brings the pool's content back instead of zeros.
+pub trait Discarder: Send + Sync {
+    /// Makes `[host_addr, host_addr + len)` read zeros and frees its host memory.
+    fn discard(&self, host_addr: usize, len: usize) -> std::io::Result<()>;
+}
+
 /// A VM's RAM: the vm-memory view used to read and write it, plus the facts the
 /// reclaim code needs (host ranges, page size policy).
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     regions: Vec<MemRegion>,
     host_pages: HostPages,
+    /// Set once page sharing covers this RAM: every discard goes through it.
+    discarder: OnceLock<Arc<dyn Discarder>>,
 }
 
 impl GuestRam {
@@ -119,7 +130,7 @@ impl GuestRam {
             })?);
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        Ok(GuestRam { mem, regions, host_pages })
+        Ok(GuestRam { mem, regions, host_pages, discarder: OnceLock::new() })
     }
 
     /// The vm-memory view of guest RAM.
@@ -159,8 +170,15 @@ impl GuestRam {
         gpa.checked_add(len).is_some_and(|end| self.regions.iter().any(|r| gpa >= r.base && end <= r.base + r.size))
     }
 
+    /// Routes every later [`GuestRam::discard`] through `discarder`; false if one
+    /// was already set.
+    pub fn set_discarder(&self, discarder: Arc<dyn Discarder>) -> bool {
+        self.discarder.set(discarder).is_ok()
+    }
+
     /// Frees the host memory behind `[gpa, gpa + len)` (page aligned, inside one
-    /// region): the guest reads zeros there next time.
+    /// region): the guest reads zeros there next time. Every path that frees guest
+    /// pages (balloon inflation, free page reporting) comes here.
     pub fn discard(&self, gpa: u64, len: u64) -> std::io::Result<()> {
         if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || !self.contains(gpa, len) {
             return Err(std::io::Error::new(
@@ -169,6 +187,9 @@ impl GuestRam {
             ));
         }
         let host = self.mem.get_host_address(GuestAddress(gpa)).map_err(std::io::Error::other)?;
+        if let Some(d) = self.discarder.get() {
+            return d.discard(host as usize, len as usize);
+        }
         // SAFETY: the range lies inside one mapping of guest RAM owned by `self`;
         // dropping its pages is what the caller asks for.
         if unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) } != 0 {
@@ -177,16 +198,19 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Bytes of guest RAM resident in host memory (Rss of the guest RAM mappings in
-    /// `/proc/self/smaps`; the shared zero page is not counted).
+    /// Bytes of guest RAM resident in host memory: the proportional set size (`Pss`
+    /// in `/proc/self/smaps`) of the guest RAM mappings, so that a page shared by N
+    /// guest pages (page sharing, KSM) counts once in all, not N times as in `Rss`;
+    /// for private pages the two are equal. The shared zero page is not counted.
     pub fn resident_bytes(&self) -> u64 {
         let ranges: Vec<(u64, u64)> = self.host_ranges().iter().map(|&(_, h, l)| (h, h + l)).collect();
-        smaps_rss(|start, end| ranges.iter().any(|&(s, e)| start >= s && end <= e)).unwrap_or(0)
+        smaps_sum("Pss:", |start, end| ranges.iter().any(|&(s, e)| start >= s && end <= e)).unwrap_or(0)
     }
 }
 
-/// Sums the `Rss:` of the mappings of this process selected by `select(start, end)`.
-pub fn smaps_rss(select: impl Fn(u64, u64) -> bool) -> std::io::Result<u64> {
+/// Sums the `field` (e.g. `Rss:`, `Pss:`) of the mappings of this process selected
+/// by `select(start, end)`.
+pub fn smaps_sum(field: &str, select: impl Fn(u64, u64) -> bool) -> std::io::Result<u64> {
     let file = std::fs::File::open("/proc/self/smaps")?;
     let mut total = 0u64;
     let mut selected = false;
@@ -201,7 +225,7 @@ pub fn smaps_rss(select: impl Fn(u64, u64) -> bool) -> std::io::Result<u64> {
             }
         }
         if selected {
-            if let Some(kb) = line.strip_prefix("Rss:") {
+            if let Some(kb) = line.strip_prefix(field) {
                 total += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
             }
         }
@@ -209,13 +233,16 @@ pub fn smaps_rss(select: impl Fn(u64, u64) -> bool) -> std::io::Result<u64> {
     Ok(total)
 }
 
-/// Resident memory of the whole process in bytes (`VmRSS` of `/proc/self/status`).
+/// Resident memory of the whole process in bytes: `Pss` of `/proc/self/smaps_rollup`,
+/// which counts a page shared by several mappings once, like
+/// [`GuestRam::resident_bytes`] (`VmRSS` would count shared guest pages once per
+/// mapping).
 pub fn process_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    std::fs::read_to_string("/proc/self/smaps_rollup")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix("Pss:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map(|kb| kb * 1024)
