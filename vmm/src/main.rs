@@ -11,6 +11,7 @@ use vmm::config::{self, ConsoleTarget, Kernel, VmConfig};
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::host::{self, RunOptions};
 use vmm::memory::HostPages;
+use vmm::reclaim::sharing;
 
 /// A userspace KVM hypervisor for measuring memory reclamation.
 #[derive(Parser)]
@@ -116,6 +117,16 @@ struct RunArgs {
     /// Control socket (mode 0600) for `vmm ctl`; default /tmp/vmm-PID.sock.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Transparent page sharing over all VMs: on, off, or comma-separated
+    /// rate=PAGES_PER_S|SIZE/s (default 25600, i.e. 100M/s; 0 = no limit),
+    /// period=DURATION (pace a full pass to this), scope=global|vm (share across
+    /// VMs, the default, or only within each VM).
+    #[arg(long, value_name = "OPTIONS", default_value = "on", value_parser = parse_tps)]
+    tps: tps::Config,
+}
+
+fn parse_tps(text: &str) -> Result<tps::Config, String> {
+    sharing::parse_options(text, tps::Config::default())
 }
 
 /// Parses `size=128M,deflate_on_oom=on,stats_interval=1s,free_page_reporting=off`.
@@ -160,6 +171,9 @@ enum CtlCommand {
     /// The VMs.
     #[command(subcommand)]
     Vm(VmCtl),
+    /// Transparent page sharing: its counters, or new settings.
+    #[command(subcommand)]
+    Tps(TpsCtl),
     /// Run a workload program in a serving test guest and print its results.
     Command {
         /// The program, e.g. "alloc 64M unique; verify".
@@ -188,6 +202,17 @@ enum BalloonCtl {
         /// Only this VM (default: every VM).
         #[arg(long)]
         vm: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TpsCtl {
+    /// Pages scanned, passes, zero pages, pool pages, shares, memory saved, CPU, VMAs.
+    Stats,
+    /// Change the settings: on, off, rate=..., period=..., scope=global|vm.
+    Set {
+        /// Options in --tps syntax.
+        options: String,
     },
 }
 
@@ -244,7 +269,12 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
     let report = host::run(
         &configs,
         t0,
-        RunOptions { timeout: args.timeout, interrupted: Some(&INTERRUPTED), api_socket: Some(api_socket) },
+        RunOptions {
+            timeout: args.timeout,
+            interrupted: Some(&INTERRUPTED),
+            api_socket: Some(api_socket),
+            tps: Some(args.tps.clone()).filter(|c| c.enabled),
+        },
     )?;
     let mut status = 0u8;
     for vm in &report.vms {
@@ -267,16 +297,17 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
             status = vm_status;
         }
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "summary": "host",
-            "vms": report.vms.len(),
-            "process_rss_mib": report.process_rss_mib,
-            "guest_rss_mib": report.guest_rss_mib,
-            "vmm_overhead_mib": report.vmm_overhead_mib,
-        })
-    );
+    let mut host = serde_json::json!({
+        "summary": "host",
+        "vms": report.vms.len(),
+        "process_rss_mib": report.process_rss_mib,
+        "guest_rss_mib": report.guest_rss_mib,
+        "vmm_overhead_mib": report.vmm_overhead_mib,
+    });
+    if let Some(tps) = &report.tps {
+        host["tps"] = sharing::stats_json(tps);
+    }
+    println!("{host}");
     Ok(status)
 }
 
@@ -286,6 +317,8 @@ fn ctl(args: CtlArgs) -> Result<u8, String> {
         CtlCommand::Balloon(BalloonCtl::Stats { vm }) => Request::BalloonStats { vm },
         CtlCommand::Vm(VmCtl::Stats { vm }) => Request::VmStats { vm },
         CtlCommand::Vm(VmCtl::List) => Request::Vms,
+        CtlCommand::Tps(TpsCtl::Stats) => Request::TpsStats,
+        CtlCommand::Tps(TpsCtl::Set { options }) => Request::TpsSet { options },
         CtlCommand::Command { workload, vm, timeout } => Request::Command { vm, workload, timeout_s: Some(timeout) },
     };
     let resp = vmm::api::client::send(&args.sock, &req)?;

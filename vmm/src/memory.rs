@@ -102,6 +102,8 @@ pub struct GuestRam {
     host_pages: HostPages,
     /// Set once page sharing covers this RAM: every discard goes through it.
     discarder: OnceLock<Arc<dyn Discarder>>,
+    /// `PROT_NONE` pages just below each region (see [`guard_below`]).
+    guards: Vec<usize>,
 }
 
 impl GuestRam {
@@ -110,6 +112,7 @@ impl GuestRam {
         validate_size(bytes)?;
         let regions = layout(bytes);
         let mut mapped = Vec::with_capacity(regions.len());
+        let mut guards = Vec::new();
         for r in &regions {
             let mmap = MmapRegionBuilder::new(r.size as usize)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -125,12 +128,13 @@ impl GuestRam {
             if rc != 0 {
                 log::warn!("madvise({advice}) on guest RAM failed: {}", std::io::Error::last_os_error());
             }
+            guards.extend(guard_below(mmap.as_ptr() as usize));
             mapped.push(GuestRegionMmap::new(mmap, GuestAddress(r.base)).ok_or_else(|| {
                 MemoryError::Mmap(format!("region at {:#x} overflows the address space", r.base))
             })?);
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        Ok(GuestRam { mem, regions, host_pages, discarder: OnceLock::new() })
+        Ok(GuestRam { mem, regions, host_pages, discarder: OnceLock::new(), guards })
     }
 
     /// The vm-memory view of guest RAM.
@@ -206,6 +210,35 @@ impl GuestRam {
         let ranges: Vec<(u64, u64)> = self.host_ranges().iter().map(|&(_, h, l)| (h, h + l)).collect();
         smaps_sum("Pss:", |start, end| ranges.iter().any(|&(s, e)| start >= s && end <= e)).unwrap_or(0)
     }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        for &g in &self.guards {
+            // SAFETY: a page mapped by `guard_below` for this RAM and used by nothing.
+            unsafe { libc::munmap(g as *mut libc::c_void, PAGE_SIZE as usize) };
+        }
+    }
+}
+
+/// Maps one inaccessible page right below guest RAM at `start`, where the kernel
+/// places the next mapping: without it the RAM of the next VM (same flags) would
+/// join this RAM in one VMA, and `/proc/self/smaps` could not tell the two VMs'
+/// resident memory apart. None if that page is taken (then by something else).
+fn guard_below(start: usize) -> Option<usize> {
+    let at = start.checked_sub(PAGE_SIZE as usize)?;
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let p = unsafe {
+        libc::mmap(
+            at as *mut libc::c_void,
+            PAGE_SIZE as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    (p as usize == at).then_some(at)
 }
 
 /// Sums the `field` (e.g. `Rss:`, `Pss:`) of the mappings of this process selected
