@@ -28,7 +28,8 @@ pub struct HostReport {
     pub vms: Vec<VmReport>,
     /// Resident memory of the whole process just before the VMs were torn down, MiB.
     pub process_rss_mib: f64,
-    /// Of which guest RAM, MiB.
+    /// Host memory holding guest RAM, MiB: its `Pss`, or with page sharing its
+    /// private pages plus the sharing pool.
     pub guest_rss_mib: f64,
     /// The rest: the VMM's own memory, MiB.
     pub vmm_overhead_mib: f64,
@@ -103,7 +104,8 @@ pub fn finish_all(vms: Vec<Vm>) -> HostReport {
 pub fn finish_with_sharing(vms: Vec<Vm>, sharing: Option<&PageSharing>) -> HostReport {
     let tps = sharing.map(PageSharing::stats);
     let process = memory::process_rss();
-    let guest: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
+    let pss: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
+    let guest = sharing.map_or(pss, |s| s.guest_memory_bytes(&vms));
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let reports = vms
         .into_iter()
@@ -120,7 +122,7 @@ pub fn finish_with_sharing(vms: Vec<Vm>, sharing: Option<&PageSharing>) -> HostR
         vms: reports,
         process_rss_mib: mib(process),
         guest_rss_mib: mib(guest),
-        vmm_overhead_mib: mib(process.saturating_sub(guest)),
+        vmm_overhead_mib: mib(process.saturating_sub(pss)),
         tps,
     }
 }

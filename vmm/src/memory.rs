@@ -205,10 +205,22 @@ impl GuestRam {
     /// Bytes of guest RAM resident in host memory: the proportional set size (`Pss`
     /// in `/proc/self/smaps`) of the guest RAM mappings, so that a page shared by N
     /// guest pages (page sharing, KSM) counts once in all, not N times as in `Rss`;
-    /// for private pages the two are equal. The shared zero page is not counted.
+    /// for private pages the two are equal. The shared zero page is not counted, nor
+    /// are page sharing's pool pages where no guest page has them mapped yet (see
+    /// [`GuestRam::private_bytes`]).
     pub fn resident_bytes(&self) -> u64 {
+        self.smaps("Pss:")
+    }
+
+    /// Bytes of guest RAM held in private host pages (`Anonymous` in smaps): all of
+    /// it but page sharing's pool pages, which the scanner counts.
+    pub fn private_bytes(&self) -> u64 {
+        self.smaps("Anonymous:")
+    }
+
+    fn smaps(&self, field: &str) -> u64 {
         let ranges: Vec<(u64, u64)> = self.host_ranges().iter().map(|&(_, h, l)| (h, h + l)).collect();
-        smaps_sum("Pss:", |start, end| ranges.iter().any(|&(s, e)| start >= s && end <= e)).unwrap_or(0)
+        smaps_sum(field, |start, end| ranges.iter().any(|&(s, e)| start >= s && end <= e)).unwrap_or(0)
     }
 }
 

@@ -166,6 +166,14 @@ impl PageSharing {
         &self.scanner
     }
 
+    /// Host memory holding the RAM of `vms` (those it covers): their private pages
+    /// plus the pool. (`Pss` would miss pool pages that no guest page has faulted
+    /// into its page tables since the merge.)
+    pub fn guest_memory_bytes(&self, vms: &[Vm]) -> u64 {
+        let private: u64 = vms.iter().map(|vm| vm.ram().private_bytes()).sum();
+        private + self.stats().pool_pages * PAGE_SIZE
+    }
+
     /// The counters.
     pub fn stats(&self) -> tps::Stats {
         self.scanner.stats()
