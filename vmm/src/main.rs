@@ -57,6 +57,27 @@ enum BenchCommand {
         #[arg(long, default_value = "1G", value_parser = config::parse_size)]
         inflate: u64,
     },
+    /// Page sharing against Linux KSM: time and CPU to converge, memory saved.
+    Tps {
+        /// Number of VMs.
+        #[arg(long, default_value_t = 4)]
+        vms: u32,
+        /// Memory each VM fills (25% zero, 50% shared by all VMs, 25% unique).
+        #[arg(long, default_value = "256M", value_parser = config::parse_size)]
+        size: u64,
+        /// Quick run: 2 VMs x 64M, 60 s limit per configuration.
+        #[arg(long)]
+        quick: bool,
+        /// The scanner's settings, in `vmm run --tps` syntax.
+        #[arg(long, value_name = "OPTIONS", default_value = "on", value_parser = parse_tps)]
+        tps: tps::Config,
+        /// Longest wait for one configuration to converge.
+        #[arg(long, default_value = "300s", value_parser = config::parse_duration)]
+        limit: std::time::Duration,
+        /// Skip the KSM comparison.
+        #[arg(long)]
+        no_ksm: bool,
+    },
     /// Boot time, memory population with 4 KiB pages and THP, VMM overhead.
     Boot {
         /// Repetitions per configuration (the table shows medians).
@@ -248,6 +269,10 @@ fn main() -> ExitCode {
         Command::Ctl(args) => ctl(args),
         Command::Bench(BenchCommand::Balloon { runs, mem, inflate }) => {
             vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) }).map(|()| 0)
+        }
+        Command::Bench(BenchCommand::Tps { vms, size, quick, tps, limit, no_ksm }) => {
+            let (vms, size, limit) = if quick { (2, 64 << 20, limit.min(std::time::Duration::from_secs(60))) } else { (vms, size, limit) };
+            vmm::bench::tps::run(&vmm::bench::tps::TpsBench { vms, size, tps, limit, ksm: !no_ksm }).map(|()| 0)
         }
         Command::Bench(BenchCommand::Boot { runs, mem, alloc }) => {
             vmm::bench::boot::run(&vmm::bench::boot::BootBench { runs: runs.max(1), mem, alloc }).map(|()| 0)
