@@ -263,3 +263,36 @@ fn sharing_within_each_vm_only_keeps_vms_apart() {
     assert!(before - h.resident_mib() < 2.0, "pages of two VMs were merged with scope=vm: {s:?}");
     h.verify_all();
 }
+
+/// An outside pause (the control API's, a swapper's) holds the VM even while merge
+/// batches pause and resume it: pauses nest, and the scanner's resume does not end
+/// the other pause.
+#[test]
+fn a_pause_holds_while_merge_batches_pause_and_resume_the_vm() {
+    let mut c = guest("held", 128 * MIB, "alloc 8M shared:3");
+    c.vcpus = 2;
+    let h = Host::start(&[c]);
+    h.set(|c| {
+        c.enabled = true;
+        c.pages_per_sec = 0;
+        c.max_batch = 16;
+    });
+    let vm = &h.vms[0];
+    let (mut held, mut batches_while_held) = (0, 0);
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| h.run(0, "repeat 40 { alloc 8M dup; alloc 8M shared:5; touch 4M; verify; free 16M }"));
+        while !worker.is_finished() {
+            std::thread::sleep(Duration::from_millis(15));
+            let Some(_) = vm.pause() else { continue };
+            let (heartbeat, batches) = (vm.progress().heartbeat, h.sharing.stats().batches);
+            std::thread::sleep(Duration::from_millis(30));
+            batches_while_held += h.sharing.stats().batches - batches;
+            assert_eq!(vm.progress().heartbeat, heartbeat, "the guest ran during a pause");
+            held += 1;
+            vm.resume();
+        }
+        worker.join().unwrap();
+    });
+    assert!(held >= 5 && batches_while_held > 0, "{held} pauses, {batches_while_held} merge batches during them");
+    h.verify_all();
+}
