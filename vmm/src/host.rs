@@ -26,7 +26,8 @@ const TICK: Duration = Duration::from_millis(20);
 pub struct HostReport {
     /// One report per VM, in configuration order.
     pub vms: Vec<VmReport>,
-    /// Resident memory of the whole process just before the VMs were torn down, MiB.
+    /// Resident memory of the whole process just before the VMs were torn down, MiB:
+    /// guest RAM (below) plus the VMM's own memory.
     pub process_rss_mib: f64,
     /// Host memory holding guest RAM, MiB: its `Pss`, or with page sharing its
     /// private pages plus the sharing pool.
@@ -103,8 +104,8 @@ pub fn finish_all(vms: Vec<Vm>) -> HostReport {
 /// meanwhile.)
 pub fn finish_with_sharing(vms: Vec<Vm>, sharing: Option<&PageSharing>) -> HostReport {
     let tps = sharing.map(PageSharing::stats);
-    let process = memory::process_rss();
     let pss: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
+    let overhead = memory::process_rss().saturating_sub(pss);
     let guest = sharing.map_or(pss, |s| s.guest_memory_bytes(&vms));
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let reports = vms
@@ -120,9 +121,9 @@ pub fn finish_with_sharing(vms: Vec<Vm>, sharing: Option<&PageSharing>) -> HostR
         .collect();
     HostReport {
         vms: reports,
-        process_rss_mib: mib(process),
+        process_rss_mib: mib(overhead + guest),
         guest_rss_mib: mib(guest),
-        vmm_overhead_mib: mib(process.saturating_sub(pss)),
+        vmm_overhead_mib: mib(overhead),
         tps,
     }
 }
