@@ -77,6 +77,9 @@ enum BenchCommand {
         /// Skip the KSM comparison.
         #[arg(long)]
         no_ksm: bool,
+        /// Repetitions of each configuration (the table shows medians).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
     },
     /// Boot time, memory population with 4 KiB pages and THP, VMM overhead.
     Boot {
@@ -270,9 +273,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Balloon { runs, mem, inflate }) => {
             vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) }).map(|()| 0)
         }
-        Command::Bench(BenchCommand::Tps { vms, size, quick, tps, limit, no_ksm }) => {
+        Command::Bench(BenchCommand::Tps { vms, size, quick, tps, limit, no_ksm, runs }) => {
             let (vms, size, limit) = if quick { (2, 64 << 20, limit.min(std::time::Duration::from_secs(60))) } else { (vms, size, limit) };
-            vmm::bench::tps::run(&vmm::bench::tps::TpsBench { vms, size, tps, limit, ksm: !no_ksm }).map(|()| 0)
+            vmm::bench::tps::run(&vmm::bench::tps::TpsBench { vms, size, tps, limit, ksm: !no_ksm, runs }).map(|()| 0)
         }
         Command::Bench(BenchCommand::Boot { runs, mem, alloc }) => {
             vmm::bench::boot::run(&vmm::bench::boot::BootBench { runs: runs.max(1), mem, alloc }).map(|()| 0)

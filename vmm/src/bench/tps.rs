@@ -20,7 +20,7 @@ use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::print_table;
+use super::{median, print_table};
 use crate::config::{format_size, VmConfig};
 use crate::host;
 use crate::reclaim::sharing::PageSharing;
@@ -38,6 +38,8 @@ pub struct TpsBench {
     pub limit: Duration,
     /// Also run KSM.
     pub ksm: bool,
+    /// Repetitions of each configuration (the table shows medians).
+    pub runs: usize,
 }
 
 const KSM: &str = "/sys/kernel/mm/ksm";
@@ -64,6 +66,20 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// Field-wise medians of `runs`; converged only if most runs converged.
+    fn median(runs: &[Outcome]) -> Outcome {
+        let med = |f: fn(&Outcome) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+        let mut converged: Vec<f64> = runs.iter().filter_map(|o| o.converge_ms).collect();
+        Outcome {
+            converge_ms: (2 * converged.len() > runs.len()).then(|| median(&mut converged)),
+            cpu_ms: med(|o| o.cpu_ms),
+            pages_scanned: med(|o| o.pages_scanned as f64) as u64,
+            before_mib: med(|o| o.before_mib),
+            after_mib: med(|o| o.after_mib),
+            wall_ms: med(|o| o.wall_ms),
+        }
+    }
+
     fn saved_mib(&self) -> f64 {
         self.before_mib - self.after_mib
     }
@@ -83,7 +99,21 @@ pub fn run(b: &TpsBench) -> Result<(), String> {
     install_interrupt_handler();
     let quarter = b.size / 4;
     let achievable = (b.vms as u64 * quarter + (b.vms as u64 - 1) * 2 * quarter) as f64 / MIB;
-    let tps = measure_tps(b, achievable)?;
+    let repeat = |what: &str, f: &dyn Fn() -> Result<Outcome, String>| -> Result<Outcome, String> {
+        let mut runs = Vec::with_capacity(b.runs);
+        for i in 0..b.runs.max(1) {
+            let o = f()?;
+            log::info!(
+                "{what} run {i}: saved {:.0} MiB, 95% after {:?} ms, {:.0} ms CPU",
+                o.saved_mib(),
+                o.converge_ms,
+                o.cpu_ms
+            );
+            runs.push(o);
+        }
+        Ok(Outcome::median(&runs))
+    };
+    let tps = repeat("tps", &|| measure_tps(b, achievable))?;
     log::info!(
         "tps: saved {:.0} MiB, converged in {:?} ms",
         tps.saved_mib(),
@@ -92,7 +122,7 @@ pub fn run(b: &TpsBench) -> Result<(), String> {
     let (mut ksm, mut matched, mut matched_pages) = (None, None, 0);
     if b.ksm {
         let _restore = KsmSettings::save()?;
-        let default = measure_ksm(b, achievable, 100)?;
+        let default = repeat("ksm default", &|| measure_ksm(b, achievable, 100))?;
         log::info!(
             "ksm (default): saved {:.0} MiB, converged in {:?} ms",
             default.saved_mib(),
@@ -103,7 +133,7 @@ pub fn run(b: &TpsBench) -> Result<(), String> {
         let ksm_cpu_per_page_ms = default.cpu_ms / default.pages_scanned.max(1) as f64;
         let pages_per_s = tps_cpu_share / ksm_cpu_per_page_ms * 1e3;
         matched_pages = ((pages_per_s * 0.020).round() as u64).max(1);
-        let m = measure_ksm(b, achievable, matched_pages)?;
+        let m = repeat("ksm matched", &|| measure_ksm(b, achievable, matched_pages))?;
         log::info!(
             "ksm (matched, {matched_pages} pages/20 ms): saved {:.0} MiB",
             m.saved_mib()
@@ -113,9 +143,10 @@ pub fn run(b: &TpsBench) -> Result<(), String> {
     }
 
     println!(
-        "page sharing: {} VMs x {} (25% zero, 50% shared, 25% unique), achievable saving {achievable:.0} MiB",
+        "page sharing: {} VMs x {} (25% zero, 50% shared, 25% unique), achievable saving {achievable:.0} MiB, median of {} runs",
         b.vms,
-        format_size(b.size)
+        format_size(b.size),
+        b.runs.max(1)
     );
     let mut rows = vec![[
         "mechanism",
@@ -157,6 +188,7 @@ pub fn run(b: &TpsBench) -> Result<(), String> {
     let field = |o: &Option<Outcome>, f: fn(&Outcome) -> Option<f64>| o.as_ref().and_then(f);
     let json = serde_json::json!({
         "bench": "tps",
+        "runs": b.runs.max(1),
         "vms": b.vms,
         "size_mib": b.size >> 20,
         "achievable_mib": achievable,
