@@ -394,3 +394,37 @@ fn a_pause_holds_while_merge_batches_pause_and_resume_the_vm() {
     );
     h.verify_all();
 }
+
+/// `vmm run`'s path: one scanner over the VMs of `host::run`, its counters in the
+/// report, taken before the VMs drop their shares.
+#[test]
+fn host_run_shares_and_reports_its_counters() {
+    require_kvm();
+    let workload = "alloc 16M shared:7; alloc 8M zero; idle 1500ms; verify; exit 0";
+    let configs = [
+        guest("a", 64 * MIB, workload),
+        guest("b", 64 * MIB, workload),
+    ];
+    let opts = host::RunOptions {
+        tps: Some(tps::Config {
+            pages_per_sec: 1 << 18,
+            ..tps::Config::default()
+        }),
+        ..host::RunOptions::default()
+    };
+    let report = host::run(&configs, Instant::now(), opts).expect("run");
+    assert!(
+        report.vms.iter().all(|vm| vm.exit_code == Some(0)),
+        "{:?}",
+        report.vms
+    );
+    let s = report.tps.expect("page sharing counters in the report");
+    assert!(s.full_passes >= 1 && s.regions == 2, "{s:?}");
+    // 16 MiB kept once instead of twice, 16 MiB of zero pages dropped.
+    assert!(s.bytes_saved >= 30 * MIB, "{s:?}");
+    assert!(
+        report.guest_rss_mib < 24.0,
+        "guest memory {} MiB",
+        report.guest_rss_mib
+    );
+}
