@@ -2,11 +2,12 @@
 //! creates them all before starting any, starts them together, watches them
 //! (hangs, time limit, interruption) and collects their reports.
 //!
-//! One process hosting every VM is what lets page sharing later merge pages across
-//! VMs.
+//! One process hosting every VM is what lets page sharing merge pages across VMs:
+//! with `--tps` one scanner covers them all ([`PageSharing`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -14,6 +15,7 @@ use serde::Serialize;
 use crate::api::server::Server;
 use crate::config::VmConfig;
 use crate::memory;
+use crate::reclaim::sharing::PageSharing;
 use crate::vm::{open_kvm, Vm, VmReport};
 
 /// How often the host checks its VMs.
@@ -24,12 +26,17 @@ const TICK: Duration = Duration::from_millis(20);
 pub struct HostReport {
     /// One report per VM, in configuration order.
     pub vms: Vec<VmReport>,
-    /// Resident memory of the whole process just before the VMs were torn down, MiB.
+    /// Resident memory of the whole process just before the VMs were torn down, MiB:
+    /// guest RAM (below) plus the VMM's own memory.
     pub process_rss_mib: f64,
-    /// Of which guest RAM, MiB.
+    /// Host memory holding guest RAM, MiB: its `Pss`, or with page sharing its
+    /// private pages plus the sharing pool.
     pub guest_rss_mib: f64,
     /// The rest: the VMM's own memory, MiB.
     pub vmm_overhead_mib: f64,
+    /// Page sharing counters just before the VMs were torn down, if it was on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tps: Option<tps::Stats>,
 }
 
 /// Options of a run.
@@ -41,14 +48,17 @@ pub struct RunOptions<'a> {
     pub interrupted: Option<&'a AtomicBool>,
     /// Serve the control API on this Unix socket.
     pub api_socket: Option<PathBuf>,
+    /// Page sharing over all the VMs, with this configuration (None: off).
+    pub tps: Option<tps::Config>,
 }
 
 /// Creates, starts and runs the VMs to their end. `t0` is the reference time of the
 /// boot figures.
 pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostReport, String> {
     let mut vms = create_all(configs, t0)?;
+    let sharing = opts.tps.map(|c| PageSharing::start(c, &vms)).transpose()?.map(Arc::new);
     let _api = match &opts.api_socket {
-        Some(path) => Some(Server::start(path, vms.iter().map(|vm| vm.shared().clone()).collect())?),
+        Some(path) => Some(Server::start(path, vms.iter().map(|vm| vm.shared().clone()).collect(), sharing.clone())?),
         None => None,
     };
     for vm in &mut vms {
@@ -72,7 +82,7 @@ pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostRe
         }
         std::thread::sleep(TICK);
     }
-    Ok(finish_all(vms))
+    Ok(finish_with_sharing(vms, sharing.as_deref()))
 }
 
 /// Creates every VM (none runs yet); the first error aborts all.
@@ -85,13 +95,35 @@ pub fn create_all(configs: &[VmConfig], t0: Instant) -> Result<Vec<Vm>, String> 
 
 /// Reports of ended VMs plus the process's memory figures.
 pub fn finish_all(vms: Vec<Vm>) -> HostReport {
-    let process = memory::process_rss();
-    let guest: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
+    finish_with_sharing(vms, None)
+}
+
+/// [`finish_all`] for VMs covered by `sharing`: its counters, taken while every VM
+/// still holds its shares, go into the report, and each VM leaves it once its
+/// threads are gone. (An ended VM is never paused, so nothing is merged in it
+/// meanwhile.)
+pub fn finish_with_sharing(vms: Vec<Vm>, sharing: Option<&PageSharing>) -> HostReport {
+    let tps = sharing.map(PageSharing::stats);
+    let pss: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
+    let overhead = memory::process_rss().saturating_sub(pss);
+    let guest = sharing.map_or(pss, |s| s.guest_memory_bytes(&vms));
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let reports = vms
+        .into_iter()
+        .enumerate()
+        .map(|(i, vm)| {
+            let report = vm.finish();
+            if let Some(s) = sharing {
+                s.vm_ended(i);
+            }
+            report
+        })
+        .collect();
     HostReport {
-        vms: vms.into_iter().map(Vm::finish).collect(),
-        process_rss_mib: mib(process),
+        vms: reports,
+        process_rss_mib: mib(overhead + guest),
         guest_rss_mib: mib(guest),
-        vmm_overhead_mib: mib(process.saturating_sub(guest)),
+        vmm_overhead_mib: mib(overhead),
+        tps,
     }
 }

@@ -14,6 +14,7 @@
 //! - [`vm`], [`control`]: one VM and its run-time command channel;
 //! - [`host`]: several VMs in one process;
 //! - [`api`]: the control socket (`vmm ctl`);
+//! - [`reclaim`]: page sharing over the VMs of the process;
 //! - [`config`]: what users ask for;
 //! - [`bench`]: the benchmarks behind `vmm bench`.
 //!
@@ -30,6 +31,7 @@ pub mod host;
 pub mod kvm_stats;
 pub mod loader;
 pub mod memory;
+pub mod reclaim;
 pub mod run_control;
 pub mod vcpu;
 pub mod vm;

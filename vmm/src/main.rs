@@ -11,6 +11,7 @@ use vmm::config::{self, ConsoleTarget, Kernel, VmConfig};
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::host::{self, RunOptions};
 use vmm::memory::HostPages;
+use vmm::reclaim::sharing;
 
 /// A userspace KVM hypervisor for measuring memory reclamation.
 #[derive(Parser)]
@@ -55,6 +56,30 @@ enum BenchCommand {
         /// Balloon size to inflate to.
         #[arg(long, default_value = "1G", value_parser = config::parse_size)]
         inflate: u64,
+    },
+    /// Page sharing against Linux KSM: time and CPU to converge, memory saved.
+    Tps {
+        /// Number of VMs.
+        #[arg(long, default_value_t = 4)]
+        vms: u32,
+        /// Memory each VM fills (25% zero, 50% shared by all VMs, 25% unique).
+        #[arg(long, default_value = "256M", value_parser = config::parse_size)]
+        size: u64,
+        /// Quick run: 2 VMs x 64M, 60 s limit per configuration.
+        #[arg(long)]
+        quick: bool,
+        /// The scanner's settings, in `vmm run --tps` syntax.
+        #[arg(long, value_name = "OPTIONS", default_value = "on", value_parser = parse_tps)]
+        tps: tps::Config,
+        /// Longest wait for one configuration to converge.
+        #[arg(long, default_value = "300s", value_parser = config::parse_duration)]
+        limit: std::time::Duration,
+        /// Skip the KSM comparison.
+        #[arg(long)]
+        no_ksm: bool,
+        /// Repetitions of each configuration (the table shows medians).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
     },
     /// Boot time, memory population with 4 KiB pages and THP, VMM overhead.
     Boot {
@@ -116,6 +141,16 @@ struct RunArgs {
     /// Control socket (mode 0600) for `vmm ctl`; default /tmp/vmm-PID.sock.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Transparent page sharing over all VMs: on, off, or comma-separated
+    /// rate=PAGES_PER_S|SIZE/s (default 25600, i.e. 100M/s; 0 = no limit),
+    /// period=DURATION (pace a full pass to this), scope=global|vm (share across
+    /// VMs, the default, or only within each VM).
+    #[arg(long, value_name = "OPTIONS", default_value = "on", value_parser = parse_tps)]
+    tps: tps::Config,
+}
+
+fn parse_tps(text: &str) -> Result<tps::Config, String> {
+    sharing::parse_options(text, tps::Config::default())
 }
 
 /// Parses `size=128M,deflate_on_oom=on,stats_interval=1s,free_page_reporting=off`.
@@ -160,6 +195,9 @@ enum CtlCommand {
     /// The VMs.
     #[command(subcommand)]
     Vm(VmCtl),
+    /// Transparent page sharing: its counters, or new settings.
+    #[command(subcommand)]
+    Tps(TpsCtl),
     /// Run a workload program in a serving test guest and print its results.
     Command {
         /// The program, e.g. "alloc 64M unique; verify".
@@ -188,6 +226,17 @@ enum BalloonCtl {
         /// Only this VM (default: every VM).
         #[arg(long)]
         vm: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TpsCtl {
+    /// Pages scanned, passes, zero pages, pool pages, shares, memory saved, CPU, VMAs.
+    Stats,
+    /// Change the settings: on, off, rate=..., period=..., scope=global|vm.
+    Set {
+        /// Options in --tps syntax.
+        options: String,
     },
 }
 
@@ -224,6 +273,10 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Balloon { runs, mem, inflate }) => {
             vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) }).map(|()| 0)
         }
+        Command::Bench(BenchCommand::Tps { vms, size, quick, tps, limit, no_ksm, runs }) => {
+            let (vms, size, limit) = if quick { (2, 64 << 20, limit.min(std::time::Duration::from_secs(60))) } else { (vms, size, limit) };
+            vmm::bench::tps::run(&vmm::bench::tps::TpsBench { vms, size, tps, limit, ksm: !no_ksm, runs }).map(|()| 0)
+        }
         Command::Bench(BenchCommand::Boot { runs, mem, alloc }) => {
             vmm::bench::boot::run(&vmm::bench::boot::BootBench { runs: runs.max(1), mem, alloc }).map(|()| 0)
         }
@@ -244,7 +297,12 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
     let report = host::run(
         &configs,
         t0,
-        RunOptions { timeout: args.timeout, interrupted: Some(&INTERRUPTED), api_socket: Some(api_socket) },
+        RunOptions {
+            timeout: args.timeout,
+            interrupted: Some(&INTERRUPTED),
+            api_socket: Some(api_socket),
+            tps: Some(args.tps.clone()).filter(|c| c.enabled),
+        },
     )?;
     let mut status = 0u8;
     for vm in &report.vms {
@@ -267,16 +325,17 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
             status = vm_status;
         }
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "summary": "host",
-            "vms": report.vms.len(),
-            "process_rss_mib": report.process_rss_mib,
-            "guest_rss_mib": report.guest_rss_mib,
-            "vmm_overhead_mib": report.vmm_overhead_mib,
-        })
-    );
+    let mut host = serde_json::json!({
+        "summary": "host",
+        "vms": report.vms.len(),
+        "process_rss_mib": report.process_rss_mib,
+        "guest_rss_mib": report.guest_rss_mib,
+        "vmm_overhead_mib": report.vmm_overhead_mib,
+    });
+    if let Some(tps) = &report.tps {
+        host["tps"] = sharing::stats_json(tps);
+    }
+    println!("{host}");
     Ok(status)
 }
 
@@ -286,6 +345,8 @@ fn ctl(args: CtlArgs) -> Result<u8, String> {
         CtlCommand::Balloon(BalloonCtl::Stats { vm }) => Request::BalloonStats { vm },
         CtlCommand::Vm(VmCtl::Stats { vm }) => Request::VmStats { vm },
         CtlCommand::Vm(VmCtl::List) => Request::Vms,
+        CtlCommand::Tps(TpsCtl::Stats) => Request::TpsStats,
+        CtlCommand::Tps(TpsCtl::Set { options }) => Request::TpsSet { options },
         CtlCommand::Command { workload, vm, timeout } => Request::Command { vm, workload, timeout_s: Some(timeout) },
     };
     let resp = vmm::api::client::send(&args.sock, &req)?;

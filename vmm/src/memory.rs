@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader};
+use std::sync::{Arc, OnceLock};
 
 use guest_abi::{MemRegion, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -85,12 +86,24 @@ pub fn layout(bytes: u64) -> Vec<MemRegion> {
     }
 }
 
+/// Frees host pages of guest RAM when a plain `MADV_DONTNEED` is not enough: with
+/// page sharing on, a shared page is a mapping of the sharing pool, where DONTNEED
+/// brings the pool's content back instead of zeros.
+pub trait Discarder: Send + Sync {
+    /// Makes `[host_addr, host_addr + len)` read zeros and frees its host memory.
+    fn discard(&self, host_addr: usize, len: usize) -> std::io::Result<()>;
+}
+
 /// A VM's RAM: the vm-memory view used to read and write it, plus the facts the
 /// reclaim code needs (host ranges, page size policy).
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     regions: Vec<MemRegion>,
     host_pages: HostPages,
+    /// Set once page sharing covers this RAM: every discard goes through it.
+    discarder: OnceLock<Arc<dyn Discarder>>,
+    /// `PROT_NONE` pages just below each region (see [`guard_below`]).
+    guards: Vec<usize>,
 }
 
 impl GuestRam {
@@ -99,6 +112,7 @@ impl GuestRam {
         validate_size(bytes)?;
         let regions = layout(bytes);
         let mut mapped = Vec::with_capacity(regions.len());
+        let mut guards = Vec::new();
         for r in &regions {
             let mmap = MmapRegionBuilder::new(r.size as usize)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -114,12 +128,13 @@ impl GuestRam {
             if rc != 0 {
                 log::warn!("madvise({advice}) on guest RAM failed: {}", std::io::Error::last_os_error());
             }
+            guards.extend(guard_below(mmap.as_ptr() as usize));
             mapped.push(GuestRegionMmap::new(mmap, GuestAddress(r.base)).ok_or_else(|| {
                 MemoryError::Mmap(format!("region at {:#x} overflows the address space", r.base))
             })?);
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        Ok(GuestRam { mem, regions, host_pages })
+        Ok(GuestRam { mem, regions, host_pages, discarder: OnceLock::new(), guards })
     }
 
     /// The vm-memory view of guest RAM.
@@ -159,8 +174,15 @@ impl GuestRam {
         gpa.checked_add(len).is_some_and(|end| self.regions.iter().any(|r| gpa >= r.base && end <= r.base + r.size))
     }
 
+    /// Routes every later [`GuestRam::discard`] through `discarder`; false if one
+    /// was already set.
+    pub fn set_discarder(&self, discarder: Arc<dyn Discarder>) -> bool {
+        self.discarder.set(discarder).is_ok()
+    }
+
     /// Frees the host memory behind `[gpa, gpa + len)` (page aligned, inside one
-    /// region): the guest reads zeros there next time.
+    /// region): the guest reads zeros there next time. Every path that frees guest
+    /// pages (balloon inflation, free page reporting) comes here.
     pub fn discard(&self, gpa: u64, len: u64) -> std::io::Result<()> {
         if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || !self.contains(gpa, len) {
             return Err(std::io::Error::new(
@@ -169,6 +191,9 @@ impl GuestRam {
             ));
         }
         let host = self.mem.get_host_address(GuestAddress(gpa)).map_err(std::io::Error::other)?;
+        if let Some(d) = self.discarder.get() {
+            return d.discard(host as usize, len as usize);
+        }
         // SAFETY: the range lies inside one mapping of guest RAM owned by `self`;
         // dropping its pages is what the caller asks for.
         if unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) } != 0 {
@@ -177,98 +202,92 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Bytes of guest RAM resident in host memory.
-    ///
-    /// Taken from `/proc/self/smaps`: the proportional set size (`Pss`) of every
-    /// mapping that lies inside guest RAM, so a page shared by page sharing is
-    /// counted once across all the VMs that map it, and the shared zero page not at
-    /// all. The kernel merges adjacent anonymous mappings with equal flags (two
-    /// regions of one VM, or the RAM of two VMs mapped next to each other); for a
-    /// mapping that reaches outside guest RAM, the pages of the overlap are counted
-    /// with `mincore`.
+    /// Bytes of guest RAM resident in host memory: the proportional set size (`Pss`
+    /// in `/proc/self/smaps`) of the guest RAM mappings, so that a page shared by N
+    /// guest pages (page sharing, KSM) counts once in all, not N times as in `Rss`;
+    /// for private pages the two are equal. The shared zero page is not counted, nor
+    /// are page sharing's pool pages where no guest page has them mapped yet (see
+    /// [`GuestRam::private_bytes`]).
     pub fn resident_bytes(&self) -> u64 {
+        self.smaps("Pss:")
+    }
+
+    /// Bytes of guest RAM held in private host pages (`Anonymous` in smaps): all of
+    /// it but page sharing's pool pages, which the scanner counts.
+    pub fn private_bytes(&self) -> u64 {
+        self.smaps("Anonymous:")
+    }
+
+    fn smaps(&self, field: &str) -> u64 {
         let ranges: Vec<(u64, u64)> = self.host_ranges().iter().map(|&(_, h, l)| (h, h + l)).collect();
-        let Ok(vmas) = smaps_vmas() else { return 0 };
-        let mut total = 0;
-        for vma in vmas {
-            let overlaps: Vec<(u64, u64)> = ranges
-                .iter()
-                .filter_map(|&(s, e)| {
-                    let (s, e) = (s.max(vma.start), e.min(vma.end));
-                    (s < e).then_some((s, e))
-                })
-                .collect();
-            let inside: u64 = overlaps.iter().map(|(s, e)| e - s).sum();
-            if inside == vma.end - vma.start {
-                total += vma.pss;
-            } else {
-                total += overlaps.iter().map(|&(s, e)| mincore_bytes(s, e)).sum::<u64>();
-            }
-        }
-        total
+        smaps_sum(field, |start, end| ranges.iter().any(|&(s, e)| start >= s && end <= e)).unwrap_or(0)
     }
 }
 
-/// One mapping of `/proc/self/smaps` with the figures the VMM reads.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SmapsVma {
-    /// First byte.
-    pub start: u64,
-    /// One past the last byte.
-    pub end: u64,
-    /// Resident bytes.
-    pub rss: u64,
-    /// Proportional set size in bytes (shared pages divided among their mappers).
-    pub pss: u64,
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        for &g in &self.guards {
+            // SAFETY: a page mapped by `guard_below` for this RAM and used by nothing.
+            unsafe { libc::munmap(g as *mut libc::c_void, PAGE_SIZE as usize) };
+        }
+    }
 }
 
-/// The mappings of this process with their `Rss` and `Pss`.
-pub fn smaps_vmas() -> std::io::Result<Vec<SmapsVma>> {
+/// Maps one inaccessible page right below guest RAM at `start`, where the kernel
+/// places the next mapping: without it the RAM of the next VM (same flags) would
+/// join this RAM in one VMA, and `/proc/self/smaps` could not tell the two VMs'
+/// resident memory apart. None if that page is taken (then by something else).
+fn guard_below(start: usize) -> Option<usize> {
+    let at = start.checked_sub(PAGE_SIZE as usize)?;
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let p = unsafe {
+        libc::mmap(
+            at as *mut libc::c_void,
+            PAGE_SIZE as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    (p as usize == at).then_some(at)
+}
+
+/// Sums the `field` (e.g. `Rss:`, `Pss:`) of the mappings of this process selected
+/// by `select(start, end)`.
+pub fn smaps_sum(field: &str, select: impl Fn(u64, u64) -> bool) -> std::io::Result<u64> {
     let file = std::fs::File::open("/proc/self/smaps")?;
-    let mut vmas: Vec<SmapsVma> = Vec::new();
-    let kib = |v: &str| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+    let mut total = 0u64;
+    let mut selected = false;
     for line in BufReader::new(file).lines() {
         let line = line?;
-        if let Some(v) = line.strip_prefix("Rss:") {
-            if let Some(vma) = vmas.last_mut() {
-                vma.rss = kib(v);
-            }
-        } else if let Some(v) = line.strip_prefix("Pss:") {
-            if let Some(vma) = vmas.last_mut() {
-                vma.pss = kib(v);
-            }
-        } else if let Some((range, _)) = line.split_once(' ') {
+        if let Some((range, _)) = line.split_once(' ') {
             if let Some((s, e)) = range.split_once('-') {
-                if let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
-                    vmas.push(SmapsVma { start, end, ..Default::default() });
+                if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
+                    selected = select(s, e);
+                    continue;
                 }
             }
         }
+        if selected {
+            if let Some(kb) = line.strip_prefix(field) {
+                total += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+            }
+        }
     }
-    Ok(vmas)
+    Ok(total)
 }
 
-/// Resident bytes of the page-aligned range `[start, end)` of this process's memory
-/// according to `mincore` (0 if it cannot tell).
-fn mincore_bytes(start: u64, end: u64) -> u64 {
-    let pages = ((end - start) / PAGE_SIZE) as usize;
-    let mut vec = vec![0u8; pages];
-    // SAFETY: the range is page aligned and mapped (it overlaps a live mapping of
-    // guest RAM); `vec` has one byte per page.
-    let rc = unsafe { libc::mincore(start as *mut libc::c_void, (end - start) as usize, vec.as_mut_ptr()) };
-    if rc != 0 {
-        return 0;
-    }
-    vec.iter().filter(|b| *b & 1 != 0).count() as u64 * PAGE_SIZE
-}
-
-/// Resident memory of the whole process in bytes (`VmRSS` of `/proc/self/status`).
+/// Resident memory of the whole process in bytes: `Pss` of `/proc/self/smaps_rollup`,
+/// which counts a page shared by several mappings once, like
+/// [`GuestRam::resident_bytes`] (`VmRSS` would count shared guest pages once per
+/// mapping).
 pub fn process_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    std::fs::read_to_string("/proc/self/smaps_rollup")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix("Pss:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map(|kb| kb * 1024)
@@ -323,9 +342,9 @@ mod tests {
     }
 
     #[test]
-    fn residency_is_per_vm_even_when_mappings_merge() {
-        // Several RAMs mapped one after another usually end up adjacent, and the
-        // kernel merges them into one mapping; each must still see its own pages.
+    fn residency_is_per_vm_even_when_mappings_are_adjacent() {
+        // RAMs mapped one after another end up next to each other, where the kernel
+        // would merge them into one mapping; each must still see its own pages.
         let rams: Vec<GuestRam> = (0..4).map(|_| GuestRam::new(32 << 20, HostPages::Small).unwrap()).collect();
         for (i, ram) in rams.iter().enumerate() {
             for page in 0..256 * (i as u64 + 1) {

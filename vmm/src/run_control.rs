@@ -13,9 +13,14 @@
 //!
 //! Halted vCPUs (`hlt` exits, no interrupt controller) sleep on the same condition
 //! variable and are woken by any mode change or an explicit [`RunControl::wake`].
+//!
+//! Pauses nest: page sharing, the swapper and the control API may each pause a VM
+//! at the same time, and the VM runs again only when the last of them resumes it
+//! (a count of pausers, not a flag, so that no pauser resumes a VM another one still
+//! needs held). [`RunControl::pause_guard`] pairs the two calls.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -54,6 +59,8 @@ struct State {
     wake_gen: u64,
     /// Device threads currently touching guest memory.
     devices_busy: u32,
+    /// Pauses not yet resumed: the VM runs again when this falls to zero.
+    pausers: u32,
 }
 
 /// Mode and wake-up state shared by a VM's vCPU threads and everyone steering them.
@@ -72,7 +79,7 @@ impl RunControl {
         });
         let slots = (0..vcpus).map(|_| Slot { thread: None, immediate_exit: 0 }).collect();
         RunControl {
-            state: Mutex::new(State { mode: Mode::Running, slots, alive: 0, parked: 0, wake_gen: 0, devices_busy: 0 }),
+            state: Mutex::new(State { mode: Mode::Running, slots, alive: 0, parked: 0, wake_gen: 0, devices_busy: 0, pausers: 0 }),
             changed: Condvar::new(),
         }
     }
@@ -138,22 +145,42 @@ impl RunControl {
 
     /// Asks every vCPU to stop for good.
     pub fn stop(&self) {
-        self.set_mode(Mode::Stopping);
+        let mut s = self.state.lock().unwrap();
+        if s.mode != Mode::Stopping {
+            s.mode = Mode::Stopping;
+            self.kick_all(&s);
+        }
     }
 
-    /// Pauses the VM: returns once no vCPU is in the guest, or `None` if it was
-    /// stopping or did not settle within `timeout`.
+    /// Pauses the VM: returns once no vCPU is in the guest and no device thread is at
+    /// work, or `None` if it was stopping or did not settle within `timeout`. Every
+    /// `Some` must be paired with one [`RunControl::resume`]; pauses by several
+    /// threads nest.
     pub fn pause(&self, timeout: Duration) -> Option<Duration> {
         let start = Instant::now();
-        if !self.set_mode(Mode::Paused) {
+        let mut s = self.state.lock().unwrap();
+        if s.mode == Mode::Stopping {
             return None;
         }
-        let s = self.state.lock().unwrap();
-        let (s, _) = self
+        s.pausers += 1;
+        if s.mode == Mode::Running {
+            s.mode = Mode::Paused;
+            self.kick_all(&s);
+        }
+        let (mut s, _) = self
             .changed
             .wait_timeout_while(s, timeout, |s| s.mode == Mode::Paused && !Self::quiet(s))
             .unwrap();
-        (s.mode == Mode::Paused && Self::quiet(&s)).then(|| start.elapsed())
+        if s.mode == Mode::Paused && Self::quiet(&s) {
+            return Some(start.elapsed());
+        }
+        self.release(&mut s);
+        None
+    }
+
+    /// Pauses like [`RunControl::pause`]; the VM resumes when the guard drops.
+    pub fn pause_guard(self: &Arc<Self>, timeout: Duration) -> Option<PauseGuard> {
+        self.pause(timeout).map(|_| PauseGuard(self.clone()))
     }
 
     /// No vCPU in the guest and no device thread at work.
@@ -182,10 +209,15 @@ impl RunControl {
         self.changed.notify_all();
     }
 
-    /// Lets paused vCPUs run again.
+    /// Ends one pause; the vCPUs run again when no other pause holds the VM.
     pub fn resume(&self) {
         let mut s = self.state.lock().unwrap();
-        if s.mode == Mode::Paused {
+        self.release(&mut s);
+    }
+
+    fn release(&self, s: &mut State) {
+        s.pausers = s.pausers.saturating_sub(1);
+        if s.pausers == 0 && s.mode == Mode::Paused {
             s.mode = Mode::Running;
             self.changed.notify_all();
         }
@@ -198,23 +230,17 @@ impl RunControl {
         s.alive == 0
     }
 
-    /// Sets the mode (never leaving `Stopping`) and pulls every vCPU out of the guest.
-    fn set_mode(&self, mode: Mode) -> bool {
-        let mut s = self.state.lock().unwrap();
-        if s.mode == Mode::Stopping {
-            return false;
-        }
-        s.mode = mode;
+    /// Pulls every registered vCPU out of the guest and wakes every sleeper.
+    fn kick_all(&self, s: &State) {
         for (cpu, slot) in s.slots.iter().enumerate() {
             if let Some(thread) = slot.thread {
-                self.immediate_exit_flag(&s, cpu as u32).store(1, Ordering::SeqCst);
+                self.immediate_exit_flag(s, cpu as u32).store(1, Ordering::SeqCst);
                 // SAFETY: the thread is registered, so it has not exited (it
                 // unregisters under this lock before it ends).
                 unsafe { libc::pthread_kill(thread, kick_signal()) };
             }
         }
         self.changed.notify_all();
-        true
     }
 
     fn immediate_exit_flag<'a>(&self, s: &'a State, cpu: u32) -> &'a AtomicU8 {
@@ -223,5 +249,47 @@ impl RunControl {
         // SAFETY: the address points into the vCPU's kvm_run mapping, which lives as
         // long as the registration; KVM reads the byte, we write it atomically.
         unsafe { AtomicU8::from_ptr(addr as *mut u8) }
+    }
+}
+
+/// A pause of a VM, ended when dropped (see [`RunControl::pause_guard`]).
+pub struct PauseGuard(Arc<RunControl>);
+
+impl Drop for PauseGuard {
+    fn drop(&mut self) {
+        self.0.resume();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_nest_and_the_last_resume_lets_the_vm_run() {
+        // No vCPU registered: a pause settles at once.
+        let rc = Arc::new(RunControl::new(1));
+        let a = rc.pause_guard(Duration::from_secs(1)).expect("pause");
+        let b = rc.pause_guard(Duration::from_secs(1)).expect("nested pause");
+        drop(a);
+        assert_eq!(rc.mode(), Mode::Paused, "the other pauser still holds the VM");
+        drop(b);
+        assert_eq!(rc.mode(), Mode::Running);
+        rc.resume();
+        assert_eq!(rc.mode(), Mode::Running, "a stray resume changes nothing");
+        let c = rc.pause_guard(Duration::from_secs(1)).expect("pause again");
+        rc.stop();
+        drop(c);
+        assert_eq!(rc.mode(), Mode::Stopping);
+        assert!(rc.pause(Duration::from_secs(1)).is_none());
+    }
+
+    #[test]
+    fn a_pause_that_cannot_settle_gives_up_and_releases() {
+        let rc = Arc::new(RunControl::new(1));
+        assert!(rc.device_enter());
+        assert!(rc.pause_guard(Duration::from_millis(20)).is_none(), "a device thread is busy");
+        assert_eq!(rc.mode(), Mode::Running, "a failed pause leaves the VM running");
+        rc.device_exit();
     }
 }

@@ -388,7 +388,8 @@ impl Vm {
         self.shared.run.pause(Duration::from_secs(5))
     }
 
-    /// Lets a paused VM run again.
+    /// Ends a pause of [`Vm::pause`]; the VM runs again once no other pause (page
+    /// sharing's, another thread's) holds it.
     pub fn resume(&self) {
         self.shared.run.resume();
     }

@@ -3,7 +3,8 @@
 //!
 //! Requests: `{"cmd": "balloon_set", "size": "128M", "vm": "vm0"}`,
 //! `{"cmd": "balloon_stats"}`, `{"cmd": "vm_stats"}`, `{"cmd": "vms"}`,
-//! `{"cmd": "command", "vm": "vm0", "workload": "verify"}`. Without `"vm"`, a
+//! `{"cmd": "command", "vm": "vm0", "workload": "verify"}`, `{"cmd": "tps_stats"}`,
+//! `{"cmd": "tps_set", "options": "rate=50M/s,scope=vm"}`. Without `"vm"`, a
 //! request applies to every VM. Responses: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`. A malformed request gets an error response;
 //! nothing a client sends can stop the VMM.
@@ -50,6 +51,13 @@ pub enum Request {
         /// Give up after this many seconds (default 60).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_s: Option<f64>,
+    },
+    /// Page sharing counters (the process's scanner covers every VM).
+    TpsStats,
+    /// Change page sharing at run time, in `--tps` syntax (`off`, `rate=...`, ...).
+    TpsSet {
+        /// The options.
+        options: String,
     },
 }
 

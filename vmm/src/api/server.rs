@@ -17,6 +17,7 @@ use crate::config::parse_size;
 use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::Balloon;
+use crate::reclaim::sharing::{self, PageSharing};
 use crate::vm::VmShared;
 
 /// Longest request line accepted.
@@ -32,9 +33,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `path` (mode 0600) for requests about `vms`. A stale socket left
-    /// by a dead process is replaced; a live one is an error.
-    pub fn start(path: &Path, vms: Vec<Arc<VmShared>>) -> Result<Server, String> {
+    /// Listens on `path` (mode 0600) for requests about `vms` and their page sharing.
+    /// A stale socket left by a dead process is replaced; a live one is an error.
+    pub fn start(path: &Path, vms: Vec<Arc<VmShared>>, tps: Option<Arc<PageSharing>>) -> Result<Server, String> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(format!("{} is in use by another vmm", path.display()));
@@ -47,7 +48,7 @@ impl Server {
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let vms = Arc::new(vms);
+        let vms = Arc::new(Targets { vms, tps });
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || accept_loop(listener, vms, stop2))
@@ -72,7 +73,15 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(listener: UnixListener, vms: Arc<Vec<Arc<VmShared>>>, stop: Arc<AtomicBool>) {
+/// What requests act on.
+pub struct Targets {
+    /// The VMs of the process.
+    pub vms: Vec<Arc<VmShared>>,
+    /// Page sharing, if on.
+    pub tps: Option<Arc<PageSharing>>,
+}
+
+fn accept_loop(listener: UnixListener, vms: Arc<Targets>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -91,7 +100,7 @@ fn accept_loop(listener: UnixListener, vms: Arc<Vec<Arc<VmShared>>>, stop: Arc<A
     }
 }
 
-fn serve(stream: UnixStream, vms: &[Arc<VmShared>]) {
+fn serve(stream: UnixStream, vms: &Targets) {
     let _ = stream.set_nonblocking(false);
     let Ok(mut out) = stream.try_clone() else { return };
     let mut reader = BufReader::new(stream);
@@ -118,7 +127,7 @@ fn serve(stream: UnixStream, vms: &[Arc<VmShared>]) {
 }
 
 /// Handles one request.
-pub fn handle(req: Request, vms: &[Arc<VmShared>]) -> Response {
+pub fn handle(req: Request, vms: &Targets) -> Response {
     match run(req, vms) {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(e),
@@ -164,7 +173,9 @@ fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
     }
 }
 
-fn run(req: Request, vms: &[Arc<VmShared>]) -> Result<Value, String> {
+fn run(req: Request, targets: &Targets) -> Result<Value, String> {
+    let vms = &targets.vms[..];
+    let tps = || targets.tps.as_ref().ok_or("page sharing is off (start vmm run with --tps on)");
     match req {
         Request::Vms => Ok(json!(vms.iter().map(|v| &v.name).collect::<Vec<_>>())),
         Request::BalloonSet { size, vm } => {
@@ -200,6 +211,11 @@ fn run(req: Request, vms: &[Arc<VmShared>]) -> Result<Value, String> {
                 .map(|l| serde_json::from_str(l).unwrap_or_else(|_| Value::String(l.clone())))
                 .collect();
             Ok(json!({ "status": out.status, "lines": lines }))
+        }
+        Request::TpsStats => Ok(sharing::stats_json(&tps()?.stats())),
+        Request::TpsSet { options } => {
+            let config = tps()?.set_options(&options)?;
+            serde_json::to_value(config).map_err(|e| e.to_string())
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod balloon;
 pub mod boot;
+pub mod tps;
 
 /// The median of `values` (NaN if empty).
 pub fn median(values: &mut [f64]) -> f64 {
