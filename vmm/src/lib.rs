@@ -26,6 +26,7 @@ pub mod boot;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod demo;
 pub mod devices;
 pub mod host;
 pub mod kvm_stats;
