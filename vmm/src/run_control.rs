@@ -11,11 +11,16 @@
 //! [`RunControl::device_enter`]/[`RunControl::device_exit`]; a pause also waits for
 //! them, and holds them while it lasts.
 //!
+//! Pauses nest: several threads (the swapper's evictor, the free-memory policy, page
+//! sharing, the control API) may pause the same VM independently; it runs again only
+//! when the last of them resumes. [`RunControl::pause_guard`] ties a pause to a
+//! value that resumes on drop.
+//!
 //! Halted vCPUs (`hlt` exits, no interrupt controller) sleep on the same condition
 //! variable and are woken by any mode change or an explicit [`RunControl::wake`].
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -54,6 +59,8 @@ struct State {
     wake_gen: u64,
     /// Device threads currently touching guest memory.
     devices_busy: u32,
+    /// Pauses not yet resumed; the VM is paused while this is not zero.
+    pausers: u32,
 }
 
 /// Mode and wake-up state shared by a VM's vCPU threads and everyone steering them.
@@ -72,7 +79,7 @@ impl RunControl {
         });
         let slots = (0..vcpus).map(|_| Slot { thread: None, immediate_exit: 0 }).collect();
         RunControl {
-            state: Mutex::new(State { mode: Mode::Running, slots, alive: 0, parked: 0, wake_gen: 0, devices_busy: 0 }),
+            state: Mutex::new(State { mode: Mode::Running, slots, alive: 0, parked: 0, wake_gen: 0, devices_busy: 0, pausers: 0 }),
             changed: Condvar::new(),
         }
     }
@@ -141,19 +148,39 @@ impl RunControl {
         self.set_mode(Mode::Stopping);
     }
 
-    /// Pauses the VM: returns once no vCPU is in the guest, or `None` if it was
-    /// stopping or did not settle within `timeout`.
+    /// Pauses the VM: returns once no vCPU is in the guest and no device thread is at
+    /// work, or `None` if it was stopping or did not settle within `timeout` (then
+    /// this pause is withdrawn). Each successful pause must be matched by one
+    /// [`RunControl::resume`]; the VM runs again after the last one.
     pub fn pause(&self, timeout: Duration) -> Option<Duration> {
         let start = Instant::now();
-        if !self.set_mode(Mode::Paused) {
-            return None;
+        let first = {
+            let mut s = self.state.lock().unwrap();
+            if s.mode == Mode::Stopping {
+                return None;
+            }
+            s.pausers += 1;
+            s.mode != Mode::Paused
+        };
+        if first {
+            self.set_mode(Mode::Paused);
         }
         let s = self.state.lock().unwrap();
         let (s, _) = self
             .changed
             .wait_timeout_while(s, timeout, |s| s.mode == Mode::Paused && !Self::quiet(s))
             .unwrap();
-        (s.mode == Mode::Paused && Self::quiet(&s)).then(|| start.elapsed())
+        if s.mode == Mode::Paused && Self::quiet(&s) {
+            return Some(start.elapsed());
+        }
+        drop(s);
+        self.resume();
+        None
+    }
+
+    /// As [`RunControl::pause`], with a guard that resumes when dropped.
+    pub fn pause_guard(self: &Arc<Self>, timeout: Duration) -> Option<PauseGuard> {
+        self.pause(timeout).map(|took| PauseGuard { run: self.clone(), took })
     }
 
     /// No vCPU in the guest and no device thread at work.
@@ -182,10 +209,12 @@ impl RunControl {
         self.changed.notify_all();
     }
 
-    /// Lets paused vCPUs run again.
+    /// Withdraws one pause; the vCPUs run again when no pause is left.
     pub fn resume(&self) {
         let mut s = self.state.lock().unwrap();
-        if s.mode == Mode::Paused {
+        debug_assert!(s.pausers > 0, "resume without a pause");
+        s.pausers = s.pausers.saturating_sub(1);
+        if s.pausers == 0 && s.mode == Mode::Paused {
             s.mode = Mode::Running;
             self.changed.notify_all();
         }
@@ -223,5 +252,112 @@ impl RunControl {
         // SAFETY: the address points into the vCPU's kvm_run mapping, which lives as
         // long as the registration; KVM reads the byte, we write it atomically.
         unsafe { AtomicU8::from_ptr(addr as *mut u8) }
+    }
+}
+
+/// One pause of a VM; dropping it resumes (see [`RunControl::pause_guard`]).
+pub struct PauseGuard {
+    run: Arc<RunControl>,
+    took: Duration,
+}
+
+impl PauseGuard {
+    /// How long the VM took to settle.
+    pub fn took(&self) -> Duration {
+        self.took
+    }
+}
+
+impl Drop for PauseGuard {
+    fn drop(&mut self) {
+        self.run.resume();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    /// A fake vCPU thread: counts loop turns while it may run.
+    fn vcpu(run: Arc<RunControl>, turns: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let flag = Box::leak(Box::new(0u8));
+            run.register(0, flag);
+            while run.may_run(0) {
+                turns.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            run.unregister(0);
+        })
+    }
+
+    fn still(turns: &AtomicU64) -> bool {
+        let before = turns.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        turns.load(Ordering::SeqCst) == before
+    }
+
+    #[test]
+    fn pauses_nest_and_the_last_resume_lets_the_vm_run() {
+        let run = Arc::new(RunControl::new(1));
+        let turns = Arc::new(AtomicU64::new(0));
+        let t = vcpu(run.clone(), turns.clone());
+        let a = run.pause_guard(Duration::from_secs(5)).expect("first pause");
+        let b = run.pause_guard(Duration::from_secs(5)).expect("nested pause");
+        assert!(still(&turns));
+        drop(a);
+        assert_eq!(run.mode(), Mode::Paused, "one pauser cannot resume the VM under another");
+        assert!(still(&turns));
+        drop(b);
+        assert_eq!(run.mode(), Mode::Running);
+        let before = turns.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while turns.load(Ordering::SeqCst) == before {
+            assert!(Instant::now() < deadline, "the vCPU did not run again");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        run.stop();
+        t.join().unwrap();
+        assert!(run.pause(Duration::from_millis(10)).is_none(), "a stopping VM cannot be paused");
+    }
+
+    #[test]
+    fn concurrent_pausers_each_hold_the_vm() {
+        let run = Arc::new(RunControl::new(1));
+        let turns = Arc::new(AtomicU64::new(0));
+        let t = vcpu(run.clone(), turns.clone());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (run, turns) = (run.clone(), turns.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        let g = run.pause_guard(Duration::from_secs(5)).expect("pause");
+                        let seen = turns.load(Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_micros(300));
+                        assert_eq!(turns.load(Ordering::SeqCst), seen, "the vCPU ran during a pause");
+                        drop(g);
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        assert_eq!(run.mode(), Mode::Running);
+        run.stop();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_pause_that_does_not_settle_is_withdrawn() {
+        let run = Arc::new(RunControl::new(1));
+        assert!(run.device_enter());
+        assert!(run.pause(Duration::from_millis(20)).is_none(), "a busy device thread holds the pause off");
+        assert_eq!(run.mode(), Mode::Running);
+        run.device_exit();
+        assert!(run.pause(Duration::from_secs(1)).is_some());
+        run.resume();
+        assert_eq!(run.mode(), Mode::Running);
     }
 }
