@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::api::server::Server;
 use crate::config::VmConfig;
 use crate::memory;
+use crate::reclaim::swap::{self, SwapOptions};
 use crate::vm::{open_kvm, Vm, VmReport};
 
 /// How often the host checks its VMs.
@@ -30,6 +31,8 @@ pub struct HostReport {
     pub guest_rss_mib: f64,
     /// The rest: the VMM's own memory, MiB.
     pub vmm_overhead_mib: f64,
+    /// The free-memory policy's state and history, if swapping was on.
+    pub swap_policy: Option<swapd::PolicyStats>,
 }
 
 /// Options of a run.
@@ -41,12 +44,18 @@ pub struct RunOptions<'a> {
     pub interrupted: Option<&'a AtomicBool>,
     /// Serve the control API on this Unix socket.
     pub api_socket: Option<PathBuf>,
+    /// Host swapping and the free-memory policy.
+    pub swap: Option<SwapOptions>,
 }
 
 /// Creates, starts and runs the VMs to their end. `t0` is the reference time of the
 /// boot figures.
 pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostReport, String> {
     let mut vms = create_all(configs, t0)?;
+    let policy = match &opts.swap {
+        Some(s) => Some(swap::start(&vms, s)?),
+        None => None,
+    };
     let _api = match &opts.api_socket {
         Some(path) => Some(Server::start(path, vms.iter().map(|vm| vm.shared().clone()).collect())?),
         None => None,
@@ -72,7 +81,8 @@ pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostRe
         }
         std::thread::sleep(TICK);
     }
-    Ok(finish_all(vms))
+    let swap_policy = policy.map(|p| p.stats());
+    Ok(HostReport { swap_policy, ..finish_all(vms) })
 }
 
 /// Creates every VM (none runs yet); the first error aborts all.
@@ -93,5 +103,6 @@ pub fn finish_all(vms: Vec<Vm>) -> HostReport {
         process_rss_mib: mib(process),
         guest_rss_mib: mib(guest),
         vmm_overhead_mib: mib(process.saturating_sub(guest)),
+        swap_policy: None,
     }
 }

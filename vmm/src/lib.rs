@@ -13,6 +13,7 @@
 //! - [`vcpu`], [`run_control`]: vCPU threads, exits, pause/resume/stop;
 //! - [`vm`], [`control`]: one VM and its run-time command channel;
 //! - [`host`]: several VMs in one process;
+//! - [`reclaim`]: reclaim mechanisms driven while VMs run (host swapper);
 //! - [`api`]: the control socket (`vmm ctl`);
 //! - [`config`]: what users ask for;
 //! - [`bench`]: the benchmarks behind `vmm bench`.
@@ -30,6 +31,7 @@ pub mod host;
 pub mod kvm_stats;
 pub mod loader;
 pub mod memory;
+pub mod reclaim;
 pub mod run_control;
 pub mod vcpu;
 pub mod vm;

@@ -11,6 +11,7 @@ use vmm::config::{self, ConsoleTarget, Kernel, VmConfig};
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::host::{self, RunOptions};
 use vmm::memory::HostPages;
+use vmm::reclaim::swap::{HostMemChoice, SwapOptions};
 
 /// A userspace KVM hypervisor for measuring memory reclamation.
 #[derive(Parser)]
@@ -116,6 +117,22 @@ struct RunArgs {
     /// Control socket (mode 0600) for `vmm ctl`; default /tmp/vmm-PID.sock.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Turn on the host swapper (swap files in /var/tmp/vmm unless --swap-dir) and
+    /// the free-memory policy.
+    #[arg(long)]
+    swap: bool,
+    /// Directory of the swap files NAME.vswp (turns swapping on).
+    #[arg(long, value_name = "DIR")]
+    swap_dir: Option<PathBuf>,
+    /// Host memory the policy watches: host (/proc/meminfo, default), cgroup (this
+    /// process's memory cgroup), or a budget SIZE (free = SIZE minus resident guest
+    /// RAM of every VM). Needs swapping on.
+    #[arg(long, value_name = "SIZE|host|cgroup", value_parser = HostMemChoice::parse)]
+    host_mem: Option<HostMemChoice>,
+    /// Resident memory limit of every VM (ESX limit; a config file's `limit` wins):
+    /// reclaimed above it whatever the host's state. Needs swapping on.
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
+    limit: Option<u64>,
 }
 
 /// Parses `size=128M,deflate_on_oom=on,stats_interval=1s,free_page_reporting=off`.
@@ -160,6 +177,9 @@ enum CtlCommand {
     /// The VMs.
     #[command(subcommand)]
     Vm(VmCtl),
+    /// The host swapper: force eviction, read its counters.
+    #[command(subcommand)]
+    Swap(SwapCtl),
     /// Run a workload program in a serving test guest and print its results.
     Command {
         /// The program, e.g. "alloc 64M unique; verify".
@@ -184,6 +204,24 @@ enum BalloonCtl {
         vm: Option<String>,
     },
     /// Balloon counters and guest statistics.
+    Stats {
+        /// Only this VM (default: every VM).
+        #[arg(long)]
+        vm: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SwapCtl {
+    /// Evict up to SIZE of a VM's memory to its swap file now (e.g. 64M).
+    Out {
+        /// How much.
+        size: String,
+        /// The VM.
+        #[arg(long)]
+        vm: String,
+    },
+    /// Swapper counters of the VMs and the free-memory policy's state and history.
     Stats {
         /// Only this VM (default: every VM).
         #[arg(long)]
@@ -241,10 +279,11 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
     let configs = vm_configs(&args)?;
     install_interrupt_handler();
     let api_socket = args.api_sock.clone().unwrap_or_else(|| vmm::api::default_socket(std::process::id()));
+    let swap = swap_options(&args, &configs)?;
     let report = host::run(
         &configs,
         t0,
-        RunOptions { timeout: args.timeout, interrupted: Some(&INTERRUPTED), api_socket: Some(api_socket) },
+        RunOptions { timeout: args.timeout, interrupted: Some(&INTERRUPTED), api_socket: Some(api_socket), swap },
     )?;
     let mut status = 0u8;
     for vm in &report.vms {
@@ -275,6 +314,7 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
             "process_rss_mib": report.process_rss_mib,
             "guest_rss_mib": report.guest_rss_mib,
             "vmm_overhead_mib": report.vmm_overhead_mib,
+            "swap_policy": report.swap_policy,
         })
     );
     Ok(status)
@@ -286,6 +326,8 @@ fn ctl(args: CtlArgs) -> Result<u8, String> {
         CtlCommand::Balloon(BalloonCtl::Stats { vm }) => Request::BalloonStats { vm },
         CtlCommand::Vm(VmCtl::Stats { vm }) => Request::VmStats { vm },
         CtlCommand::Vm(VmCtl::List) => Request::Vms,
+        CtlCommand::Swap(SwapCtl::Out { size, vm }) => Request::SwapOut { size, vm },
+        CtlCommand::Swap(SwapCtl::Stats { vm }) => Request::SwapStats { vm },
         CtlCommand::Command { workload, vm, timeout } => Request::Command { vm, workload, timeout_s: Some(timeout) },
     };
     let resp = vmm::api::client::send(&args.sock, &req)?;
@@ -298,6 +340,21 @@ fn ctl(args: CtlArgs) -> Result<u8, String> {
     }
 }
 
+/// Swapping options, if swapping is on.
+fn swap_options(args: &RunArgs, configs: &[VmConfig]) -> Result<Option<SwapOptions>, String> {
+    if !args.swap && args.swap_dir.is_none() {
+        if args.host_mem.is_some() || configs.iter().any(|c| c.limit.is_some()) {
+            return Err("--host-mem and memory limits need the host swapper: add --swap or --swap-dir DIR".into());
+        }
+        return Ok(None);
+    }
+    let mut opts = SwapOptions::new(args.swap_dir.clone().unwrap_or_else(|| vmm::reclaim::swap::DEFAULT_DIR.into()));
+    if let Some(h) = &args.host_mem {
+        opts.host_mem = h.clone();
+    }
+    Ok(Some(opts))
+}
+
 /// The VMs this run asks for, validated.
 fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
     let mut base = VmConfig::new("vm0", args.mem);
@@ -307,6 +364,7 @@ fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
     base.console = ConsoleTarget::Stdout;
     base.host_pages = if args.thp { HostPages::Thp } else { HostPages::Small };
     base.hang_timeout = args.hang_timeout;
+    base.limit = args.limit;
     base.balloon = if args.no_balloon { None } else { Some(args.balloon.clone().unwrap_or_default()) };
     let mut configs = match &args.config {
         Some(path) => config::load_config_file(path, &base)?,

@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader};
+use std::sync::{Arc, RwLock};
 
 use guest_abi::{MemRegion, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -91,7 +92,12 @@ pub struct GuestRam {
     mem: GuestMemoryMmap,
     regions: Vec<MemRegion>,
     host_pages: HostPages,
+    discard_hooks: RwLock<Vec<DiscardHook>>,
 }
+
+/// Told `(gpa, len)` before [`GuestRam::discard`] drops a range (the swapper forgets
+/// its copies of those pages, so they are not faulted back from its file).
+pub type DiscardHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 impl GuestRam {
     /// Maps `bytes` of guest RAM (anonymous, private, not reserved).
@@ -119,7 +125,7 @@ impl GuestRam {
             })?);
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        Ok(GuestRam { mem, regions, host_pages })
+        Ok(GuestRam { mem, regions, host_pages, discard_hooks: RwLock::new(Vec::new()) })
     }
 
     /// The vm-memory view of guest RAM.
@@ -159,6 +165,11 @@ impl GuestRam {
         gpa.checked_add(len).is_some_and(|end| self.regions.iter().any(|r| gpa >= r.base && end <= r.base + r.size))
     }
 
+    /// Calls `hook` before every later [`GuestRam::discard`].
+    pub fn on_discard(&self, hook: DiscardHook) {
+        self.discard_hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+
     /// Frees the host memory behind `[gpa, gpa + len)` (page aligned, inside one
     /// region): the guest reads zeros there next time.
     pub fn discard(&self, gpa: u64, len: u64) -> std::io::Result<()> {
@@ -169,6 +180,9 @@ impl GuestRam {
             ));
         }
         let host = self.mem.get_host_address(GuestAddress(gpa)).map_err(std::io::Error::other)?;
+        for hook in self.discard_hooks.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            hook(gpa, len);
+        }
         // SAFETY: the range lies inside one mapping of guest RAM owned by `self`;
         // dropping its pages is what the caller asks for.
         if unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) } != 0 {
@@ -256,6 +270,17 @@ mod tests {
         assert!(ram.discard(1, PAGE_SIZE).is_err());
         assert!(ram.discard(31 << 20, 2 << 20).is_err(), "beyond RAM");
         assert!(ram.contains(0, 32 << 20) && !ram.contains(u64::MAX, 2));
+    }
+
+    #[test]
+    fn discard_hooks_see_each_valid_range() {
+        let ram = GuestRam::new(32 << 20, HostPages::Small).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        ram.on_discard(Arc::new(move |gpa, len| s2.lock().unwrap().push((gpa, len))));
+        ram.discard(PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        assert!(ram.discard(1, PAGE_SIZE).is_err());
+        assert_eq!(*seen.lock().unwrap(), vec![(PAGE_SIZE, 2 * PAGE_SIZE)]);
     }
 
     #[test]

@@ -178,5 +178,15 @@ fn run(req: Request, vms: &[Arc<VmShared>]) -> Result<Value, String> {
                 out.lines.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|_| Value::String(l.clone()))).collect();
             Ok(json!({ "status": out.status, "lines": lines }))
         }
+        Request::SwapOut { size, vm } => {
+            let bytes = parse_size(&size)?;
+            crate::reclaim::swap::swap_out(select(vms, Some(&vm))?[0], bytes)
+        }
+        Request::SwapStats { vm } => {
+            let targets = select(vms, vm.as_deref())?;
+            let policy = targets.iter().find_map(|v| v.swap.policy_stats());
+            let per = per_vm(&targets, |v| Ok(json!(v.swap.stats())))?;
+            Ok(json!({ "policy": policy, "vms": per }))
+        }
     }
 }
