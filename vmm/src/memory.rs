@@ -9,7 +9,6 @@
 //! [`MMIO_HOLE_END`], leaving the hole for devices.
 
 use std::fmt;
-use std::io::{BufRead, BufReader};
 use std::sync::{Arc, RwLock};
 
 use guest_abi::{MemRegion, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
@@ -191,36 +190,26 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Bytes of guest RAM resident in host memory (Rss of the guest RAM mappings in
-    /// `/proc/self/smaps`; the shared zero page is not counted).
+    /// Bytes of guest RAM resident in host memory, from `mincore` over each region.
+    ///
+    /// Not from `/proc/self/smaps`: the kernel merges adjacent anonymous mappings
+    /// with the same flags into one VMA, so with several VMs one VMA can hold the
+    /// RAM of two of them and its Rss belongs to neither. A read-only mapping of the
+    /// shared zero page counts as resident here (one page per such guest page).
     pub fn resident_bytes(&self) -> u64 {
-        let ranges: Vec<(u64, u64)> = self.host_ranges().iter().map(|&(_, h, l)| (h, h + l)).collect();
-        smaps_rss(|start, end| ranges.iter().any(|&(s, e)| start >= s && end <= e)).unwrap_or(0)
-    }
-}
-
-/// Sums the `Rss:` of the mappings of this process selected by `select(start, end)`.
-pub fn smaps_rss(select: impl Fn(u64, u64) -> bool) -> std::io::Result<u64> {
-    let file = std::fs::File::open("/proc/self/smaps")?;
-    let mut total = 0u64;
-    let mut selected = false;
-    for line in BufReader::new(file).lines() {
-        let line = line?;
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((s, e)) = range.split_once('-') {
-                if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
-                    selected = select(s, e);
-                    continue;
-                }
+        let mut total = 0;
+        for (_, host, len) in self.host_ranges() {
+            let mut vec = vec![0u8; (len / PAGE_SIZE) as usize];
+            // SAFETY: the range is one page-aligned mapping of guest RAM owned by
+            // `self`; `vec` has one byte per page of it.
+            if unsafe { libc::mincore(host as *mut libc::c_void, len as usize, vec.as_mut_ptr()) } != 0 {
+                log::warn!("mincore on guest RAM failed: {}", std::io::Error::last_os_error());
+                continue;
             }
+            total += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE_SIZE;
         }
-        if selected {
-            if let Some(kb) = line.strip_prefix("Rss:") {
-                total += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
-            }
-        }
+        total
     }
-    Ok(total)
 }
 
 /// Resident memory of the whole process in bytes (`VmRSS` of `/proc/self/status`).
@@ -292,5 +281,11 @@ mod tests {
         }
         let rss = ram.resident_bytes();
         assert!((4 << 20..(5 << 20)).contains(&rss), "rss {rss}");
+        // A second RAM mapped next to it (its VMA may merge with the first) has its
+        // own figure.
+        let other = GuestRam::new(64 << 20, HostPages::Small).unwrap();
+        other.mem().write_obj(1u8, GuestAddress(0)).unwrap();
+        assert_eq!(other.resident_bytes(), PAGE_SIZE);
+        assert_eq!(ram.resident_bytes(), rss);
     }
 }
