@@ -57,6 +57,16 @@ enum BenchCommand {
         #[arg(long, default_value = "1G", value_parser = config::parse_size)]
         inflate: u64,
     },
+    /// Host swap: evict a guest's data, read it back; file write and bare
+    /// userfaultfd fault as the limits.
+    Swap {
+        /// Guest data to evict.
+        #[arg(long, default_value = "1G", value_parser = config::parse_size)]
+        evict: u64,
+        /// Swap directory.
+        #[arg(long, default_value = vmm::reclaim::swap::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
     /// Boot time, memory population with 4 KiB pages and THP, VMM overhead.
     Boot {
         /// Repetitions per configuration (the table shows medians).
@@ -261,6 +271,9 @@ fn main() -> ExitCode {
         Command::Ctl(args) => ctl(args),
         Command::Bench(BenchCommand::Balloon { runs, mem, inflate }) => {
             vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) }).map(|()| 0)
+        }
+        Command::Bench(BenchCommand::Swap { evict, dir }) => {
+            vmm::bench::swap::run(&vmm::bench::swap::SwapBench { evict, dir }).map(|()| 0)
         }
         Command::Bench(BenchCommand::Boot { runs, mem, alloc }) => {
             vmm::bench::boot::run(&vmm::bench::boot::BootBench { runs: runs.max(1), mem, alloc }).map(|()| 0)

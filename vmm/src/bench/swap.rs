@@ -1,0 +1,189 @@
+//! `vmm bench swap`: evict about 1 GiB of a guest's data to its swap file, then let
+//! the guest read it back with `verify`, and put the figures next to the two limits
+//! the swapper works against, measured in the same run: plain `O_DIRECT` write
+//! throughput of the swap directory and the cost of a bare userfaultfd fault.
+//!
+//! The guest reads its pages in ascending order; what makes the read-back
+//! sequential or random for the swap file is the order the pages were evicted in:
+//! - **guest order**: every page evicted in ascending guest-physical order, so a
+//!   fault's neighbours sit in the adjacent slots and prefetch brings them along;
+//! - **random** (the swapper's default victim choice, as ESX): each batch holds
+//!   pages from all over guest RAM, so consecutive guest reads hit scattered slots.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::{print_table, wait};
+use crate::config::{format_size, VmConfig};
+use crate::host;
+use crate::reclaim::swap::{self as vm_swap, SwapOptions};
+use crate::vm::Vm;
+
+/// Parameters of the swap benchmark.
+pub struct SwapBench {
+    /// Guest data to evict (the guest allocates this much `unique`).
+    pub evict: u64,
+    /// Swap directory.
+    pub dir: PathBuf,
+}
+
+/// The two eviction orders, in table order.
+const ORDERS: [&str; 2] = ["guest order", "random"];
+
+struct Sample {
+    evicted_mib: f64,
+    evict_s: f64,
+    read_s: f64,
+    faults: u64,
+    prefetched: u64,
+    fault_p50_us: f64,
+    fault_p99_us: f64,
+    pause_p50_us: f64,
+}
+
+/// Runs the benchmark, prints the table and the JSON line.
+pub fn run(b: &SwapBench) -> Result<(), String> {
+    vm_swap::prepare_dir(&b.dir)?;
+    let file_write =
+        swapd::limits::file_write_mib_s(&b.dir, 512, swapd::Config::new(&b.dir).batch_pages * 4096)
+            .map_err(|e| format!("write test in {}: {e}", b.dir.display()))?;
+    let bare = swapd::limits::bare_fault(&b.dir, 16384)
+        .map_err(|e| format!("bare userfaultfd fault: {e}"))?;
+    let mut samples = Vec::new();
+    for (i, order) in ORDERS.iter().enumerate() {
+        let s = measure(b, i == 0)?;
+        log::info!(
+            "{order}: evicted {:.0} MiB in {:.2} s, read back in {:.2} s",
+            s.evicted_mib,
+            s.evict_s,
+            s.read_s
+        );
+        samples.push(s);
+    }
+    let mut rows = vec![vec![
+        "eviction order".to_string(),
+        "evicted MiB".into(),
+        "evict MiB/s".into(),
+        "read-back s".into(),
+        "faults".into(),
+        "prefetched".into(),
+        "fault p50 us".into(),
+        "fault p99 us".into(),
+        "guest us/page".into(),
+        "pause p50 us".into(),
+        "total s".into(),
+    ]];
+    for (order, s) in ORDERS.iter().zip(&samples) {
+        rows.push(vec![
+            order.to_string(),
+            format!("{:.0}", s.evicted_mib),
+            format!("{:.0}", s.evicted_mib / s.evict_s),
+            format!("{:.2}", s.read_s),
+            s.faults.to_string(),
+            s.prefetched.to_string(),
+            format!("{:.1}", s.fault_p50_us),
+            format!("{:.1}", s.fault_p99_us),
+            format!("{:.1}", s.read_s * 1e6 / (s.evicted_mib * 256.0)),
+            format!("{:.0}", s.pause_p50_us),
+            format!("{:.2}", s.evict_s + s.read_s),
+        ]);
+    }
+    println!(
+        "swap benchmark: {} of guest data, swap directory {}",
+        format_size(b.evict),
+        b.dir.display()
+    );
+    print_table(&rows);
+    println!(
+        "limits: plain O_DIRECT write {file_write:.0} MiB/s; bare userfaultfd fault {:.1} us \
+         (handler {:.1} us; kernel zero-page fault {:.2} us)",
+        bare.round_trip_us, bare.handler_us, bare.kernel_us
+    );
+    let (seq, rnd) = (&samples[0], &samples[1]);
+    let json = serde_json::json!({
+        "bench": "swap",
+        "evict_mib": b.evict >> 20,
+        "evict_mib_s": rnd.evicted_mib / rnd.evict_s,
+        "fault_p50_us": rnd.fault_p50_us,
+        "fault_p99_us": rnd.fault_p99_us,
+        "read_back_s": rnd.read_s,
+        "total_s": rnd.evict_s + rnd.read_s,
+        "faults": rnd.faults,
+        "seq_evict_mib_s": seq.evicted_mib / seq.evict_s,
+        "seq_fault_p50_us": seq.fault_p50_us,
+        "seq_fault_p99_us": seq.fault_p99_us,
+        "seq_read_back_s": seq.read_s,
+        "seq_faults": seq.faults,
+        "seq_prefetched": seq.prefetched,
+        "file_write_mib_s": file_write,
+        "uffd_fault_us": bare.round_trip_us,
+        "uffd_handler_us": bare.handler_us,
+        "kernel_fault_us": bare.kernel_us,
+        "evict_over_file_write": (rnd.evicted_mib / rnd.evict_s) / file_write,
+        "fault_p50_over_uffd": rnd.fault_p50_us / bare.round_trip_us,
+    });
+    println!("{json}");
+    Ok(())
+}
+
+/// One guest: allocate, evict (in guest order or at random), read back.
+fn measure(b: &SwapBench, guest_order: bool) -> Result<Sample, String> {
+    // Room for the data, the guest's bookkeeping and its kernel.
+    let mut cfg = VmConfig::new("swapbench", b.evict + (b.evict / 8).max(64 << 20));
+    cfg.workload = format!("alloc {} unique", b.evict);
+    let mut vms = host::create_all(&[cfg], Instant::now())?;
+    let mut vm = vms.pop().expect("one VM");
+    vm.start()?;
+    let result = evict_and_read(b, &vm, guest_order);
+    vm.stop("benchmark done");
+    let _ = vm.finish();
+    result
+}
+
+fn evict_and_read(b: &SwapBench, vm: &Vm, guest_order: bool) -> Result<Sample, String> {
+    wait(vm, Duration::from_secs(600), |vm| {
+        vm.progress().state == guest_abi::guest_state::SERVING
+    })?;
+    vm_swap::attach(vm.shared(), &SwapOptions::new(&b.dir))?;
+    let sw = vm.shared().swap.get().expect("attached");
+    let resident = vm.ram().resident_bytes() / guest_abi::PAGE_SIZE;
+    let t = Instant::now();
+    let reclaimed = if guest_order {
+        let gpas: Vec<u64> = vm
+            .ram()
+            .regions()
+            .iter()
+            .flat_map(|r| (r.base..r.base + r.size).step_by(guest_abi::PAGE_SIZE as usize))
+            .collect();
+        sw.swap_out_gpas(&gpas)
+    } else {
+        sw.swap_out(resident as usize)
+    }
+    .map_err(|e| format!("eviction: {e}"))?;
+    let evict_s = t.elapsed().as_secs_f64();
+    let evicted = sw.stats();
+    let t = Instant::now();
+    let out = vm.run_command("verify", Duration::from_secs(600))?;
+    let read_s = t.elapsed().as_secs_f64();
+    let bad = out.lines.iter().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v["op"] == "verify").then(|| v["bad"].as_u64().unwrap_or(u64::MAX))
+    });
+    if out.status != 0 || bad != Some(0) {
+        return Err(format!(
+            "the guest's verify failed after swapping: {:?}",
+            out.lines
+        ));
+    }
+    let s = sw.stats();
+    Ok(Sample {
+        evicted_mib: reclaimed as f64 / 256.0,
+        evict_s,
+        read_s,
+        faults: s.pages_in - evicted.pages_in,
+        prefetched: s.prefetched - evicted.prefetched,
+        fault_p50_us: s.fault_in.p50_us,
+        fault_p99_us: s.fault_in.p99_us,
+        pause_p50_us: s.pause.p50_us,
+    })
+}
