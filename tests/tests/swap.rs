@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use common::{guest, start, wait_serving};
 use serde_json::Value;
 use swapd::SwapStats;
+use vmm::api::server::handle;
+use vmm::api::Request;
 use vmm::reclaim::swap::{self, HostMemChoice, SwapOptions};
 use vmm::vm::{Ending, Vm};
 
@@ -233,9 +235,19 @@ fn zero_pages_are_discarded_without_being_written() {
         &dir.0,
     );
     let sw = vm.shared().swap.get().unwrap();
-    sw.swap_out((128 * MIB / PAGE) as usize)
-        .expect("evict everything");
-    let s = stats(&vm);
+    // Through the control API, as `vmm ctl swap out 128M --vm zero` does.
+    let vms = [vm.shared().clone()];
+    let resp = handle(
+        Request::SwapOut {
+            size: "128M".into(),
+            vm: "zero".into(),
+        },
+        &vms,
+    );
+    assert!(resp.ok, "{:?}", resp.error);
+    let reclaimed = resp.result.unwrap()["reclaimed_pages"].as_u64().unwrap();
+    let s = settled_stats(&vm);
+    assert_eq!(s.pages_out + s.zero_pages_elided, reclaimed);
     assert!(s.zero_pages_elided >= 32 * MIB / PAGE, "{s:?}");
     assert!(s.pages_out >= 4 * MIB / PAGE, "{s:?}");
     // The 32 MiB of zeros are not in the file: it holds the unique pages and the
@@ -256,6 +268,19 @@ fn zero_pages_are_discarded_without_being_written() {
         vm.ram().resident_bytes() >> 10
     );
     assert_verified(&command(&vm, "verify"));
+    let resp = handle(Request::SwapStats { vm: None }, &vms);
+    assert_eq!(
+        resp.result.unwrap()["vms"]["zero"]["zero_pages_elided"],
+        s.zero_pages_elided
+    );
+    let resp = handle(
+        Request::SwapOut {
+            size: "1M".into(),
+            vm: "nope".into(),
+        },
+        &vms,
+    );
+    assert!(!resp.ok && resp.error.unwrap().contains("no VM named"));
 }
 
 /// A balloon discard of a swapped-out page drops its slot: the page reads zeros
