@@ -449,3 +449,36 @@ fn a_host_memory_budget_drives_balloon_then_swap() {
         assert_verified(&command(vm, "verify"));
     }
 }
+
+/// A slot damaged on disk is never handed to the guest: the VM stops with a clear
+/// error at the first fault on it, and tearing it down does not hang on the vCPU
+/// left waiting for that fault.
+#[test]
+fn a_corrupt_slot_stops_the_vm_with_an_error() {
+    use std::os::unix::fs::FileExt;
+    let dir = TempDir::new("corrupt");
+    let vm = swapping_vm("corrupt", 64 * MIB, 1, "alloc 8M unique", &dir.0);
+    let sw = vm.shared().swap.get().unwrap();
+    sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
+    let pages = stats(&vm).slots_used;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(sw.file_path())
+        .unwrap();
+    let junk = vec![0xa5u8; (pages * PAGE) as usize];
+    file.write_all_at(&junk, PAGE).unwrap(); // slot i is at 4096 * (i + 1)
+    file.sync_all().unwrap();
+    drop(sw);
+    let err = vm
+        .run_command("verify", Duration::from_secs(60))
+        .expect_err("the guest cannot verify damaged pages");
+    assert!(err.contains("ended"), "{err}");
+    match vm.wait(Duration::from_secs(10)) {
+        Some(Ending::Error(e)) => assert!(e.contains("host swap"), "{e}"),
+        other => panic!("expected an error ending, got {other:?}"),
+    }
+    let report = vm.finish();
+    let s = report.swap.unwrap();
+    assert!(s.checksum_errors > 0, "{s:?}");
+    assert!(report.error.unwrap().contains("host swap"));
+}
