@@ -482,3 +482,27 @@ fn a_corrupt_slot_stops_the_vm_with_an_error() {
     assert!(s.checksum_errors > 0, "{s:?}");
     assert!(report.error.unwrap().contains("host swap"));
 }
+
+/// Idle-aware victims, fed KVM's dirty log, leave alone the pages the guest keeps
+/// writing and take the ones it freed: far fewer faults afterwards than random
+/// victims (`vmm bench swap` runs the same scenario, module doc of bench::swap).
+#[test]
+fn idle_victims_spare_the_pages_the_guest_keeps_writing() {
+    common::require_kvm();
+    let dir = TempDir::new("victims");
+    let random = vmm::bench::swap::victim_faults(&dir.0, swapd::VictimPolicy::Random).unwrap();
+    let idle = vmm::bench::swap::victim_faults(&dir.0, swapd::VictimPolicy::Idle).unwrap();
+    assert!(random.evicted_mib >= 127.0 && idle.evicted_mib >= 127.0);
+    // Random victims take about half of the 16 MiB hot set (128 of 256 MiB).
+    assert!(
+        random.read_back > 1000,
+        "random: {} pages read back",
+        random.read_back
+    );
+    assert!(
+        idle.read_back * 10 < random.read_back,
+        "idle {} against random {}",
+        idle.read_back,
+        random.read_back
+    );
+}

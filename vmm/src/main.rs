@@ -143,6 +143,19 @@ struct RunArgs {
     /// reclaimed above it whatever the host's state. Needs swapping on.
     #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
     limit: Option<u64>,
+    /// Which pages the swapper evicts: random (as ESX) or idle (not written for the
+    /// longest time, from KVM's dirty log; logging costs the guest a fault on its
+    /// first write to a page in each 100 ms period).
+    #[arg(long, value_name = "random|idle", default_value = "random", value_parser = parse_victims)]
+    swap_victims: swapd::VictimPolicy,
+}
+
+fn parse_victims(text: &str) -> Result<swapd::VictimPolicy, String> {
+    match text {
+        "random" => Ok(swapd::VictimPolicy::Random),
+        "idle" => Ok(swapd::VictimPolicy::Idle),
+        _ => Err(format!("{text:?}: expected random or idle")),
+    }
 }
 
 /// Parses `size=128M,deflate_on_oom=on,stats_interval=1s,free_page_reporting=off`.
@@ -365,6 +378,7 @@ fn swap_options(args: &RunArgs, configs: &[VmConfig]) -> Result<Option<SwapOptio
     if let Some(h) = &args.host_mem {
         opts.host_mem = h.clone();
     }
+    opts.victims = args.swap_victims;
     Ok(Some(opts))
 }
 

@@ -223,7 +223,7 @@ pub struct Vm {
     balloon_notify: Option<Vec<EventFd>>,
     workers: Vec<Worker>,
     last_progress: (u64, Instant),
-    _vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
 }
 
 /// Opens `/dev/kvm` with an error a user can act on.
@@ -327,7 +327,7 @@ impl Vm {
             pending_vcpus: vcpus,
             threads: Vec::new(),
             last_progress: (0, Instant::now()),
-            _vm_fd: vm_fd,
+            vm_fd: Arc::new(vm_fd),
         })
     }
 
@@ -368,6 +368,11 @@ impl Vm {
     /// Its console.
     pub fn console(&self) -> &Arc<Console> {
         &self.shared.console
+    }
+
+    /// The KVM VM handle (memory slot `i` is region `i` of [`GuestRam::host_ranges`]).
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
     }
 
     /// Its RAM.

@@ -9,14 +9,21 @@
 //!   fault's neighbours sit in the adjacent slots and prefetch brings them along;
 //! - **random** (the swapper's default victim choice, as ESX): each batch holds
 //!   pages from all over guest RAM, so consecutive guest reads hit scattered slots.
+//!
+//! A second, smaller run compares the victim choices by the faults the guest takes
+//! afterwards: the guest writes 256 MiB, frees all but 16 MiB (freed pages stay
+//! resident on the host, and are cold), keeps rewriting the 16 MiB it holds, and the
+//! host evicts 128 MiB; then the guest rewrites its 16 MiB again. Random victims
+//! hit the hot pages in proportion; idle-aware ones (KVM's dirty log, fed every
+//! 100 ms) should take the cold ones.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{print_table, wait};
 use crate::config::{format_size, VmConfig};
 use crate::host;
-use crate::reclaim::swap::{self as vm_swap, SwapOptions};
+use crate::reclaim::swap::{self as vm_swap, DirtyLog, SwapOptions};
 use crate::vm::Vm;
 
 /// Parameters of the swap benchmark.
@@ -99,6 +106,34 @@ pub fn run(b: &SwapBench) -> Result<(), String> {
          (handler {:.1} us; kernel zero-page fault {:.2} us)",
         bare.round_trip_us, bare.handler_us, bare.kernel_us
     );
+    let mut victims = Vec::new();
+    for policy in [swapd::VictimPolicy::Random, swapd::VictimPolicy::Idle] {
+        let v = victim_faults(&b.dir, policy)?;
+        log::info!(
+            "{policy:?} victims: {} pages read back in {} faults",
+            v.read_back,
+            v.faults
+        );
+        victims.push(v);
+    }
+    let mut rows = vec![vec![
+        "victims".to_string(),
+        "evicted MiB".into(),
+        "pages read back".into(),
+        "faults after".into(),
+        "prefetched after".into(),
+    ]];
+    for (name, v) in ["random", "idle (dirty log)"].iter().zip(&victims) {
+        rows.push(vec![
+            name.to_string(),
+            format!("{:.0}", v.evicted_mib),
+            v.read_back.to_string(),
+            v.faults.to_string(),
+            v.prefetched.to_string(),
+        ]);
+    }
+    println!("victim choice: 16 MiB hot, 240 MiB freed by the guest (cold), 128 MiB evicted");
+    print_table(&rows);
     let (seq, rnd) = (&samples[0], &samples[1]);
     let json = serde_json::json!({
         "bench": "swap",
@@ -121,6 +156,10 @@ pub fn run(b: &SwapBench) -> Result<(), String> {
         "kernel_fault_us": bare.kernel_us,
         "evict_over_file_write": (rnd.evicted_mib / rnd.evict_s) / file_write,
         "fault_p50_over_uffd": rnd.fault_p50_us / bare.round_trip_us,
+        "random_victim_faults": victims[0].faults,
+        "idle_victim_faults": victims[1].faults,
+        "random_victim_read_back": victims[0].read_back,
+        "idle_victim_read_back": victims[1].read_back,
     });
     println!("{json}");
     Ok(())
@@ -186,4 +225,82 @@ fn evict_and_read(b: &SwapBench, vm: &Vm, guest_order: bool) -> Result<Sample, S
         fault_p99_us: s.fault_in.p99_us,
         pause_p50_us: s.pause.p50_us,
     })
+}
+
+/// What one victim choice cost the guest afterwards.
+pub struct VictimSample {
+    /// Evicted (written or zero), MiB.
+    pub evicted_mib: f64,
+    /// Pages read back from the file while the guest rewrote and checked its 16 MiB.
+    pub read_back: u64,
+    /// Faults that read them (the rest came with prefetch).
+    pub faults: u64,
+    /// Pages brought by prefetch.
+    pub prefetched: u64,
+}
+
+/// The victim comparison's scenario (module doc) with swap files in `dir`.
+pub fn victim_faults(dir: &Path, policy: swapd::VictimPolicy) -> Result<VictimSample, String> {
+    let mut cfg = VmConfig::new("victims", 320 << 20);
+    cfg.workload = "alloc 256M unique; free 240M".into();
+    let mut vms = host::create_all(&[cfg], Instant::now())?;
+    let mut vm = vms.pop().expect("one VM");
+    vm.start()?;
+    let result = (|| {
+        wait(&vm, Duration::from_secs(600), |vm| {
+            vm.progress().state == guest_abi::guest_state::SERVING
+        })?;
+        let mut opts = SwapOptions::new(dir);
+        opts.victims = policy;
+        vm_swap::attach(vm.shared(), &opts)?;
+        let sw = vm.shared().swap.get().expect("attached");
+        let log = match policy {
+            swapd::VictimPolicy::Idle => Some(DirtyLog::enable(&vm)?),
+            swapd::VictimPolicy::Random => None,
+        };
+        // The guest keeps its 16 MiB hot while the host reads the dirty log.
+        std::thread::scope(|s| {
+            let guest = s.spawn(|| {
+                vm.run_command(
+                    "repeat 10 { touch 16M; idle 50ms }",
+                    Duration::from_secs(600),
+                )
+            });
+            while !guest.is_finished() {
+                if let Some(l) = &log {
+                    l.feed(&sw)?;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            guest.join().expect("command thread").map(|_| ())
+        })?;
+        if let Some(l) = &log {
+            l.feed(&sw)?;
+        }
+        // What the guest pays afterwards: pages read back from the file while it
+        // rewrites and checks its 16 MiB (hot pages that were evicted, and any of
+        // its kernel's).
+        let reclaimed = sw
+            .swap_out((128 << 20) / guest_abi::PAGE_SIZE as usize)
+            .map_err(|e| format!("eviction: {e}"))?;
+        let evicted = sw.stats();
+        let out = vm.run_command("touch 16M; verify", Duration::from_secs(600))?;
+        if out.status != 0 {
+            return Err(format!(
+                "the guest's check failed after swapping: {:?}",
+                out.lines
+            ));
+        }
+        let after = sw.stats();
+        Ok(VictimSample {
+            evicted_mib: reclaimed as f64 / 256.0,
+            read_back: (after.pages_in + after.prefetched)
+                - (evicted.pages_in + evicted.prefetched),
+            faults: after.pages_in - evicted.pages_in,
+            prefetched: after.prefetched - evicted.prefetched,
+        })
+    })();
+    vm.stop("benchmark done");
+    let _ = vm.finish();
+    result
 }

@@ -11,6 +11,7 @@
 //! | hard | balloon targets, and evicts pages with each VM's swapper |
 //! | low | evicts, and pauses the VMs above their target until the state improves |
 //!
+//! With idle-aware victims it first feeds each VM's KVM dirty log to its swapper.
 //! A VM above its configured limit is reclaimed whatever the state. Pauses are
 //! nesting [`PauseGuard`]s: the thread releases them when the state improves, when
 //! the VM ends, when eviction cannot help (its eviction is stopped by a write
@@ -26,7 +27,7 @@ use swapd::{
     Budget, Cgroup, Decision, HostMemSource, MemInfo, Policy, PolicyStats, SwapError, VmMemInfo,
 };
 
-use super::swap::{HostMemChoice, SwapOptions};
+use super::swap::{DirtyLog, HostMemChoice, SwapOptions};
 use crate::run_control::PauseGuard;
 use crate::vm::VmShared;
 
@@ -38,6 +39,8 @@ pub struct PolicyVm {
     pub vm: Arc<VmShared>,
     /// Its configured limit in bytes.
     pub limit: Option<u64>,
+    /// Its dirty log, fed to its swapper every tick (idle-aware victims).
+    pub dirty: Option<DirtyLog>,
 }
 
 /// The running policy thread; dropping it stops the thread and resumes every VM it
@@ -139,6 +142,14 @@ impl Loop {
             .collect();
         self.paused
             .retain(|name, _| live.iter().any(|&i| &self.vms[i].vm.name == name));
+        for &i in &live {
+            let p = &self.vms[i];
+            if let (Some(log), Some(sw)) = (&p.dirty, p.vm.swap.get()) {
+                if let Err(e) = log.feed(&sw) {
+                    log::warn!("{}: dirty log: {e}", p.vm.name);
+                }
+            }
+        }
         let infos: Vec<VmMemInfo> = live.iter().map(|&i| mem_info(&self.vms[i])).collect();
         self.resident.store(
             infos.iter().map(|v| v.resident_pages * PAGE).sum(),

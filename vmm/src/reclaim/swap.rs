@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+
 use swapd::{PolicyConfig, PolicyStats, SwapError, SwapStats, Swapper, VictimPolicy, VmControl};
 
 use super::policy::{PolicyThread, PolicyVm};
@@ -162,6 +165,55 @@ impl VmControl for VmHooks {
     }
 }
 
+/// KVM's dirty log of one VM's memory slots, for idle-aware victim choice: once
+/// per policy period the bitmaps (which `KVM_GET_DIRTY_LOG` clears) go to the
+/// swapper's `note_dirty`, which ages the pages not written since.
+///
+/// Logging makes the first write to each page in a period fault into KVM (a write
+/// protection fault, handled in the kernel), which is its cost to the guest.
+pub struct DirtyLog {
+    fd: Arc<VmFd>,
+    /// (KVM slot, guest-physical address, length) of each slot.
+    slots: Vec<(u32, u64, u64)>,
+}
+
+impl DirtyLog {
+    /// Turns dirty logging on for every memory slot of `vm`.
+    pub fn enable(vm: &Vm) -> Result<DirtyLog, String> {
+        let mut slots = Vec::new();
+        for (slot, (gpa, host, len)) in vm.ram().host_ranges().into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: gpa,
+                memory_size: len,
+                userspace_addr: host,
+            };
+            // SAFETY: the same slot, addresses and length as Vm::create registered
+            // (guest RAM that lives as long as the VM fd); only the flags change.
+            unsafe { vm.vm_fd().set_user_memory_region(region) }
+                .map_err(|e| format!("vm {}: dirty logging on slot {slot}: {e}", vm.name()))?;
+            slots.push((slot as u32, gpa, len));
+        }
+        Ok(DirtyLog {
+            fd: vm.vm_fd().clone(),
+            slots,
+        })
+    }
+
+    /// Reads (and clears) every slot's dirty bitmap into `sw`.
+    pub fn feed(&self, sw: &Swapper) -> Result<(), String> {
+        for &(slot, gpa, len) in &self.slots {
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot, len as usize)
+                .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
+            sw.note_dirty(&bitmap, gpa);
+        }
+        Ok(())
+    }
+}
+
 /// Creates the swap directory and removes the swap files of dead processes.
 pub fn prepare_dir(dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir)
@@ -223,13 +275,18 @@ pub fn start(vms: &[Vm], opts: &SwapOptions) -> Result<PolicyThread, String> {
     for vm in vms {
         attach(vm.shared(), opts)?;
     }
-    let members = vms
-        .iter()
-        .map(|vm| PolicyVm {
+    let mut members = Vec::new();
+    for vm in vms {
+        let dirty = match opts.victims {
+            VictimPolicy::Idle => Some(DirtyLog::enable(vm)?),
+            VictimPolicy::Random => None,
+        };
+        members.push(PolicyVm {
             vm: vm.shared().clone(),
             limit: vm.config().limit,
-        })
-        .collect();
+            dirty,
+        });
+    }
     PolicyThread::start(members, opts)
 }
 
