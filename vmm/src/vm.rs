@@ -156,6 +156,7 @@ impl VmShared {
             "guest": self.progress(),
             "balloon": balloon,
             "swap": self.swap.stats(),
+            "swap_policy": self.swap.policy_stats(),
         })
     }
 

@@ -100,13 +100,14 @@ fn swapping_runs_under_a_limit_and_cleans_up() {
     let dir = std::env::temp_dir().join(format!("vmm-cli-swap-{}", std::process::id()));
     let d = dir.to_str().unwrap();
     let out = vmm(&[
-        "--log-level", "warn", "run", "--mem", "128M", "--swap-dir", d, "--limit", "24M",
+        "--log-level", "warn", "run", "--mem", "128M", "--swap-dir", d, "--limit", "24M", "--swap-victims", "idle",
         "--workload", "alloc 48M unique; idle 1500ms; verify; exit 0",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let lines = stdout_json(&out);
     let vm = lines.iter().find(|l| l["summary"] == "vm").expect("vm summary");
     assert!(vm["swap"]["pages_out"].as_u64().unwrap() > 0, "a VM over its limit is swapped: {vm}");
+    assert!(vm["swap"]["prefetch_hits"].is_u64(), "{vm}");
     assert!(lines.iter().any(|l| l["op"] == "verify" && l["bad"] == 0));
     let host = lines.iter().find(|l| l["summary"] == "host").expect("host summary");
     assert!(host["swap_policy"]["ticks"].as_u64().unwrap() > 0, "{host}");
