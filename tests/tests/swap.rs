@@ -1,7 +1,8 @@
 //! The host swapper driven by the VMM, with real guests on /dev/kvm: eviction of a
 //! running guest's pages and their return on demand, the write race under several
-//! vCPUs, zero pages, balloon discards, a full disk, and the free-memory policy
-//! moving through its states under a host-memory budget.
+//! vCPUs, zero pages, balloon discards, a full disk, a damaged slot, the
+//! free-memory policy moving through its states under a host-memory budget, and
+//! idle-aware against random victims.
 
 mod common;
 
