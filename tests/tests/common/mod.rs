@@ -11,11 +11,7 @@ use vmm::vm::Vm;
 
 /// Panics loudly if this machine has no usable /dev/kvm: these tests never skip.
 pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         panic!("these tests boot real guests and need /dev/kvm (read-write): {e}");
     }
 }
@@ -42,33 +38,19 @@ impl Run {
 
     /// The step lines (with an "op") VM `vm` printed.
     pub fn steps(&self, vm: usize) -> Vec<Value> {
-        self.json(vm)
-            .into_iter()
-            .filter(|v| v.get("op").is_some())
-            .collect()
+        self.json(vm).into_iter().filter(|v| v.get("op").is_some()).collect()
     }
 
     /// The exit code of VM `vm`, panicking with its console if the VMM stopped it.
     pub fn exit_code(&self, vm: usize) -> u32 {
         let r = &self.report.vms[vm];
-        r.exit_code.unwrap_or_else(|| {
-            panic!(
-                "{} did not exit: {:?}\n{}",
-                r.vm,
-                r.error,
-                self.consoles[vm].join("\n")
-            )
-        })
+        r.exit_code.unwrap_or_else(|| panic!("{} did not exit: {:?}\n{}", r.vm, r.error, self.consoles[vm].join("\n")))
     }
 }
 
 /// Parses every line that is a JSON object.
 pub fn parse_lines(lines: &[String]) -> Vec<Value> {
-    lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(Value::is_object)
-        .collect()
+    lines.iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(Value::is_object).collect()
 }
 
 /// Runs `configs` to their end (2 minutes at most).
@@ -81,10 +63,7 @@ pub fn run(configs: &[VmConfig]) -> Run {
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     while vms.iter().any(|vm| vm.ending().is_none()) {
-        assert!(
-            Instant::now() < deadline,
-            "VMs did not finish within 2 minutes"
-        );
+        assert!(Instant::now() < deadline, "VMs did not finish within 2 minutes");
         for vm in &mut vms {
             vm.check_hang(Instant::now());
         }
@@ -94,11 +73,7 @@ pub fn run(configs: &[VmConfig]) -> Run {
     let report = host::finish_all(vms);
     for (c, vm) in consoles.iter().zip(&report.vms) {
         // Trailing partial lines are flushed at finish; nothing else is lost.
-        assert!(
-            !c.is_empty() || vm.exit_code.is_none(),
-            "{}: empty console",
-            vm.vm
-        );
+        assert!(!c.is_empty() || vm.exit_code.is_none(), "{}: empty console", vm.vm);
     }
     Run { report, consoles }
 }
@@ -121,17 +96,8 @@ pub fn start(config: VmConfig) -> Vm {
 pub fn wait_serving(vm: &Vm) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while vm.progress().state != guest_abi::guest_state::SERVING {
-        assert!(
-            vm.ending().is_none(),
-            "guest ended: {:?}\n{}",
-            vm.ending(),
-            vm.console().lines().join("\n")
-        );
-        assert!(
-            Instant::now() < deadline,
-            "guest never served commands:\n{}",
-            vm.console().lines().join("\n")
-        );
+        assert!(vm.ending().is_none(), "guest ended: {:?}\n{}", vm.ending(), vm.console().lines().join("\n"));
+        assert!(Instant::now() < deadline, "guest never served commands:\n{}", vm.console().lines().join("\n"));
         std::thread::sleep(Duration::from_millis(5));
     }
 }
