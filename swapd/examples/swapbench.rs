@@ -27,30 +27,15 @@ impl VmControl for NoVm {
     }
 }
 
-fn map(len: usize) -> usize {
-    // SAFETY: fresh anonymous mapping, checked.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    // SAFETY: advisory on our mapping.
-    unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-    p as usize
-}
-
 fn fill(base: usize, pages: usize) {
     for p in 0..pages {
         let w = (base + p * PAGE) as *mut u64;
         for i in 0..512 {
             // SAFETY: inside the mapping.
-            unsafe { w.add(i).write(((p as u64) << 20 | i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1) };
+            unsafe {
+                w.add(i)
+                    .write(((p as u64) << 20 | i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+            };
         }
     }
 }
@@ -59,43 +44,37 @@ fn check(base: usize, p: usize) {
     let w = (base + p * PAGE) as *const u64;
     // SAFETY: inside the mapping.
     let v = unsafe { std::ptr::read_volatile(w.add(5)) };
-    assert_eq!(v, ((p as u64) << 20 | 5).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1, "page {p}");
+    assert_eq!(
+        v,
+        ((p as u64) << 20 | 5).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+        "page {p}"
+    );
 }
 
-/// Plain O_DIRECT sequential write throughput of `dir` in 1 MiB writes.
-fn file_write_mib_s(dir: &std::path::Path, mib: usize) -> f64 {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let path = dir.join("swapbench.tmp");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .unwrap();
-    let buf = map(1 << 20);
-    fill(buf, 256);
-    // SAFETY: the 1 MiB mapping.
-    let b = unsafe { std::slice::from_raw_parts(buf as *const u8, 1 << 20) };
-    let t = Instant::now();
-    for i in 0..mib {
-        f.write_all_at(b, (i << 20) as u64).unwrap();
-    }
-    let s = t.elapsed().as_secs_f64();
-    drop(f);
-    let _ = std::fs::remove_file(&path);
-    mib as f64 / s
-}
-
-fn run(mib: usize, dir: &std::path::Path, policy: VictimPolicy, prefetch: usize) -> serde_json::Value {
+fn run(
+    mib: usize,
+    dir: &std::path::Path,
+    policy: VictimPolicy,
+    prefetch: usize,
+) -> serde_json::Value {
     let pages = mib * 256;
-    let base = map(pages * PAGE);
+    let mem = swapd::limits::AnonMap::new(pages * PAGE).unwrap();
+    let base = mem.addr();
     fill(base, pages);
     let mut cfg = Config::new(dir);
     cfg.victims = policy;
     cfg.prefetch_pages = prefetch;
-    let sw = Swapper::with_config("bench", vec![Region { gpa: 0, host_addr: base, len: pages * PAGE }], Arc::new(NoVm), cfg)
-        .unwrap();
+    let sw = Swapper::with_config(
+        "bench",
+        vec![Region {
+            gpa: 0,
+            host_addr: base,
+            len: pages * PAGE,
+        }],
+        Arc::new(NoVm),
+        cfg,
+    )
+    .unwrap();
     let t = Instant::now();
     let n = sw.swap_out(pages).unwrap();
     let evict_s = t.elapsed().as_secs_f64();
@@ -105,7 +84,9 @@ fn run(mib: usize, dir: &std::path::Path, policy: VictimPolicy, prefetch: usize)
     // Sequential read-back of the first half, random of the second half.
     let half = pages / 2;
     let t = Instant::now();
-    std::thread::spawn(move || (0..half).for_each(|p| check(base, p))).join().unwrap();
+    std::thread::spawn(move || (0..half).for_each(|p| check(base, p)))
+        .join()
+        .unwrap();
     let seq_s = t.elapsed().as_secs_f64();
     let seq = sw.stats();
     let mut order: Vec<usize> = (half..pages).collect();
@@ -117,13 +98,14 @@ fn run(mib: usize, dir: &std::path::Path, policy: VictimPolicy, prefetch: usize)
         order.swap(i, (r % (i as u64 + 1)) as usize);
     }
     let t = Instant::now();
-    std::thread::spawn(move || order.iter().for_each(|&p| check(base, p))).join().unwrap();
+    std::thread::spawn(move || order.iter().for_each(|&p| check(base, p)))
+        .join()
+        .unwrap();
     let rnd_s = t.elapsed().as_secs_f64();
     let all = sw.stats();
     let rnd_faults = all.pages_in - seq.pages_in;
     drop(sw);
-    // SAFETY: our mapping.
-    unsafe { libc::munmap(base as *mut _, pages * PAGE) };
+    drop(mem);
     serde_json::json!({
         "policy": format!("{policy:?}").to_lowercase(),
         "prefetch_pages": prefetch,
@@ -144,57 +126,38 @@ fn run(mib: usize, dir: &std::path::Path, policy: VictimPolicy, prefetch: usize)
     })
 }
 
-/// Handler-side and thread-side cost of a bare zero-page userfaultfd fault.
-fn bare_fault(dir: &std::path::Path) -> (f64, f64, f64) {
-    let pages = 16384;
-    let base = map(pages * PAGE);
-    let mut cfg = Config::new(dir);
-    cfg.register_eagerly = true;
-    cfg.zero_fill_pages = 1;
-    let sw = Swapper::with_config("bare", vec![Region { gpa: 0, host_addr: base, len: pages * PAGE }], Arc::new(NoVm), cfg)
-        .unwrap();
-    let t = Instant::now();
-    std::thread::spawn(move || {
-        for p in 0..pages {
-            // SAFETY: inside the mapping.
-            unsafe { std::ptr::read_volatile((base + p * PAGE) as *const u8) };
-        }
-    })
-    .join()
-    .unwrap();
-    let round_trip = t.elapsed().as_secs_f64() * 1e6 / pages as f64;
-    let s = sw.stats();
-    drop(sw);
-    // The same reads of fresh memory without userfaultfd (kernel zero-page faults).
-    let plain = map(pages * PAGE);
-    let t2 = Instant::now();
-    for p in 0..pages {
-        // SAFETY: inside the mapping.
-        unsafe { std::ptr::read_volatile((plain + p * PAGE) as *const u8) };
-    }
-    let kernel = t2.elapsed().as_secs_f64() * 1e6 / pages as f64;
-    // SAFETY: our mappings.
-    unsafe {
-        libc::munmap(base as *mut _, pages * PAGE);
-        libc::munmap(plain as *mut _, pages * PAGE);
-    }
-    (round_trip, s.zero_fill.p50_us, kernel)
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mib: usize = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(256);
-    let dir = std::path::PathBuf::from(args.get(2).cloned().unwrap_or_else(|| "/tmp/swapbench".into()));
+    let dir = std::path::PathBuf::from(
+        args.get(2)
+            .cloned()
+            .unwrap_or_else(|| "/tmp/swapbench".into()),
+    );
     std::fs::create_dir_all(&dir).unwrap();
-    let fw = file_write_mib_s(&dir, mib.min(512));
-    let (rt, handler, kernel) = bare_fault(&dir);
-    println!("swap directory {}: plain O_DIRECT write {fw:.0} MiB/s", dir.display());
+    let fw = swapd::limits::file_write_mib_s(&dir, mib.min(512), 1 << 20).unwrap();
+    let swapd::limits::BareFault {
+        round_trip_us: rt,
+        handler_us: handler,
+        kernel_us: kernel,
+    } = swapd::limits::bare_fault(&dir, 16384).unwrap();
+    println!(
+        "swap directory {}: plain O_DIRECT write {fw:.0} MiB/s",
+        dir.display()
+    );
     println!(
         "bare userfaultfd zero fault: {rt:.1} us round trip (handler {handler:.1} us); kernel zero fault {kernel:.2} us"
     );
-    println!("{:>7} {:>4} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}", "victims", "pf", "evict", "seq s", "seq flt", "seq p50", "seq p99", "rnd s", "rnd p99");
+    println!(
+        "{:>7} {:>4} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "victims", "pf", "evict", "seq s", "seq flt", "seq p50", "seq p99", "rnd s", "rnd p99"
+    );
     let mut rows = Vec::new();
-    for (policy, pf) in [(VictimPolicy::Idle, 16), (VictimPolicy::Idle, 1), (VictimPolicy::Random, 16)] {
+    for (policy, pf) in [
+        (VictimPolicy::Idle, 16),
+        (VictimPolicy::Idle, 1),
+        (VictimPolicy::Random, 16),
+    ] {
         let r = run(mib, &dir, policy, pf);
         println!(
             "{:>7} {:>4} {:>5.0} MiB/s {:>7.2} {:>9} {:>7.1}us {:>7.1}us {:>9.2} {:>7.1}us",

@@ -20,10 +20,12 @@
 //! | [`victim`] | random (ESX) and idle-aware (dirty log) victim choice |
 //! | [`policy`] | ESX free-memory states and the per-tick decision |
 //! | [`stats`] | counters, latency histograms, state history |
+//! | [`limits`] | what the host allows: plain write throughput, bare userfaultfd fault |
 
 pub mod evict;
 pub mod fault;
 pub mod file;
+pub mod limits;
 pub mod pagemap;
 pub mod policy;
 pub mod stats;

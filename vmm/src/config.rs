@@ -55,6 +55,9 @@ pub struct VmConfig {
     pub hang_timeout: Duration,
     /// The virtio balloon, if the VM has one.
     pub balloon: Option<BalloonConfig>,
+    /// Most guest RAM the VM may keep resident (bytes; ESX "limit"): above it the
+    /// free-memory policy reclaims from it whatever the host's state.
+    pub limit: Option<u64>,
 }
 
 impl VmConfig {
@@ -70,6 +73,7 @@ impl VmConfig {
             host_pages: HostPages::Small,
             hang_timeout: Duration::from_secs(30),
             balloon: Some(BalloonConfig::default()),
+            limit: None,
         }
     }
 
@@ -195,6 +199,8 @@ pub struct VmEntry {
     pub host_pages: Option<HostPages>,
     /// e.g. `"30s"`.
     pub hang_timeout: Option<String>,
+    /// Resident memory limit, e.g. `"192M"` (needs swapping on).
+    pub limit: Option<String>,
 }
 
 impl VmEntry {
@@ -209,6 +215,7 @@ impl VmEntry {
             console: self.console.or_else(|| defaults.console.clone()),
             host_pages: self.host_pages.or(defaults.host_pages),
             hang_timeout: self.hang_timeout.or_else(|| defaults.hang_timeout.clone()),
+            limit: self.limit.or_else(|| defaults.limit.clone()),
         }
     }
 
@@ -240,6 +247,9 @@ impl VmEntry {
         }
         if let Some(t) = &self.hang_timeout {
             base.hang_timeout = parse_duration(t)?;
+        }
+        if let Some(l) = &self.limit {
+            base.limit = Some(parse_size(l)?);
         }
         Ok(base)
     }
@@ -307,7 +317,7 @@ mod tests {
         let path = dir.join("vms.toml");
         std::fs::write(
             &path,
-            "[defaults]\nmem = \"128M\"\nworkload = \"exit 3\"\n[[vm]]\nname = \"a\"\n[[vm]]\nmem = \"64M\"\nconsole = \"b.log\"\n",
+            "[defaults]\nmem = \"128M\"\nworkload = \"exit 3\"\n[[vm]]\nname = \"a\"\nlimit = \"96M\"\n[[vm]]\nmem = \"64M\"\nconsole = \"b.log\"\n",
         )
         .unwrap();
         let vms = load_config_file(&path, &VmConfig::new("x", 256 << 20)).unwrap();
@@ -315,6 +325,7 @@ mod tests {
         assert_eq!((vms[0].name.as_str(), vms[0].mem), ("a", 128 << 20));
         assert_eq!((vms[1].name.as_str(), vms[1].mem), ("vm1", 64 << 20));
         assert_eq!(vms[1].workload, "exit 3");
+        assert_eq!((vms[0].limit, vms[1].limit), (Some(96 << 20), None));
         assert_eq!(vms[1].console, ConsoleTarget::File(dir.join("b.log")));
         std::fs::write(&path, "[[vm]]\nmemory = \"1G\"\n").unwrap();
         let err = load_config_file(&path, &VmConfig::new("x", 256 << 20)).unwrap_err();

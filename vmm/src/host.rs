@@ -16,6 +16,7 @@ use crate::api::server::Server;
 use crate::config::VmConfig;
 use crate::memory;
 use crate::reclaim::sharing::PageSharing;
+use crate::reclaim::swap::{self, SwapOptions};
 use crate::vm::{open_kvm, Vm, VmReport};
 
 /// How often the host checks its VMs.
@@ -37,6 +38,9 @@ pub struct HostReport {
     /// Page sharing counters just before the VMs were torn down, if it was on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tps: Option<tps::Stats>,
+    /// The free-memory policy's state and history, if swapping was on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap_policy: Option<swapd::PolicyStats>,
 }
 
 /// Options of a run.
@@ -50,6 +54,8 @@ pub struct RunOptions<'a> {
     pub api_socket: Option<PathBuf>,
     /// Page sharing over all the VMs, with this configuration (None: off).
     pub tps: Option<tps::Config>,
+    /// Host swapping and the free-memory policy.
+    pub swap: Option<SwapOptions>,
 }
 
 /// Creates, starts and runs the VMs to their end. `t0` is the reference time of the
@@ -57,6 +63,10 @@ pub struct RunOptions<'a> {
 pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostReport, String> {
     let mut vms = create_all(configs, t0)?;
     let sharing = opts.tps.map(|c| PageSharing::start(c, &vms)).transpose()?.map(Arc::new);
+    let policy = match &opts.swap {
+        Some(s) => Some(swap::start(&vms, s)?),
+        None => None,
+    };
     let _api = match &opts.api_socket {
         Some(path) => Some(Server::start(path, vms.iter().map(|vm| vm.shared().clone()).collect(), sharing.clone())?),
         None => None,
@@ -82,7 +92,8 @@ pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostRe
         }
         std::thread::sleep(TICK);
     }
-    Ok(finish_with_sharing(vms, sharing.as_deref()))
+    let swap_policy = policy.map(|p| p.stats());
+    Ok(HostReport { swap_policy, ..finish_with_sharing(vms, sharing.as_deref()) })
 }
 
 /// Creates every VM (none runs yet); the first error aborts all.
@@ -125,5 +136,6 @@ pub fn finish_with_sharing(vms: Vec<Vm>, sharing: Option<&PageSharing>) -> HostR
         guest_rss_mib: mib(guest),
         vmm_overhead_mib: mib(overhead),
         tps,
+        swap_policy: None,
     }
 }

@@ -13,6 +13,7 @@
 //! - [`vcpu`], [`run_control`]: vCPU threads, exits, pause/resume/stop;
 //! - [`vm`], [`control`]: one VM and its run-time command channel;
 //! - [`host`]: several VMs in one process;
+//! - [`reclaim`]: reclaim mechanisms driven while VMs run (host swapper);
 //! - [`api`]: the control socket (`vmm ctl`);
 //! - [`reclaim`]: page sharing over the VMs of the process;
 //! - [`config`]: what users ask for;

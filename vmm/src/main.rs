@@ -12,6 +12,7 @@ use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::host::{self, RunOptions};
 use vmm::memory::HostPages;
 use vmm::reclaim::sharing;
+use vmm::reclaim::swap::{HostMemChoice, SwapOptions};
 
 /// A userspace KVM hypervisor for measuring memory reclamation.
 #[derive(Parser)]
@@ -85,6 +86,16 @@ enum BenchCommand {
         /// Repetitions of each configuration (the table shows medians).
         #[arg(long, default_value_t = 1)]
         runs: usize,
+    },
+    /// Host swap: evict a guest's data, read it back; file write and bare
+    /// userfaultfd fault as the limits.
+    Swap {
+        /// Guest data to evict.
+        #[arg(long, default_value = "1G", value_parser = config::parse_size)]
+        evict: u64,
+        /// Swap directory.
+        #[arg(long, default_value = vmm::reclaim::swap::DEFAULT_DIR)]
+        dir: PathBuf,
     },
     /// Boot time, memory population with 4 KiB pages and THP, VMM overhead.
     Boot {
@@ -165,6 +176,35 @@ struct RunArgs {
     /// VMs, the default, or only within each VM).
     #[arg(long, value_name = "OPTIONS", default_value = "on", value_parser = parse_tps)]
     tps: tps::Config,
+    /// Turn on the host swapper (swap files in /var/tmp/vmm unless --swap-dir) and
+    /// the free-memory policy.
+    #[arg(long)]
+    swap: bool,
+    /// Directory of the swap files NAME.vswp (turns swapping on).
+    #[arg(long, value_name = "DIR")]
+    swap_dir: Option<PathBuf>,
+    /// Host memory the policy watches: host (/proc/meminfo, default), cgroup (this
+    /// process's memory cgroup), or a budget SIZE (free = SIZE minus resident guest
+    /// RAM of every VM). Needs swapping on.
+    #[arg(long, value_name = "SIZE|host|cgroup", value_parser = HostMemChoice::parse)]
+    host_mem: Option<HostMemChoice>,
+    /// Resident memory limit of every VM (ESX limit; a config file's `limit` wins):
+    /// reclaimed above it whatever the host's state. Needs swapping on.
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
+    limit: Option<u64>,
+    /// Which pages the swapper evicts: random (as ESX) or idle (not written for the
+    /// longest time, from KVM's dirty log; logging costs the guest a fault on its
+    /// first write to a page in each 100 ms period).
+    #[arg(long, value_name = "random|idle", default_value = "random", value_parser = parse_victims)]
+    swap_victims: swapd::VictimPolicy,
+}
+
+fn parse_victims(text: &str) -> Result<swapd::VictimPolicy, String> {
+    match text {
+        "random" => Ok(swapd::VictimPolicy::Random),
+        "idle" => Ok(swapd::VictimPolicy::Idle),
+        _ => Err(format!("{text:?}: expected random or idle")),
+    }
 }
 
 fn parse_tps(text: &str) -> Result<tps::Config, String> {
@@ -216,6 +256,9 @@ enum CtlCommand {
     /// Transparent page sharing: its counters, or new settings.
     #[command(subcommand)]
     Tps(TpsCtl),
+    /// The host swapper: force eviction, read its counters.
+    #[command(subcommand)]
+    Swap(SwapCtl),
     /// Run a workload program in a serving test guest and print its results.
     Command {
         /// The program, e.g. "alloc 64M unique; verify".
@@ -255,6 +298,24 @@ enum TpsCtl {
     Set {
         /// Options in --tps syntax.
         options: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SwapCtl {
+    /// Evict up to SIZE of a VM's memory to its swap file now (e.g. 64M).
+    Out {
+        /// How much.
+        size: String,
+        /// The VM.
+        #[arg(long)]
+        vm: String,
+    },
+    /// Swapper counters of the VMs and the free-memory policy's state and history.
+    Stats {
+        /// Only this VM (default: every VM).
+        #[arg(long)]
+        vm: Option<String>,
     },
 }
 
@@ -299,6 +360,9 @@ fn main() -> ExitCode {
             let (vms, size, limit) = if quick { (2, 64 << 20, limit.min(std::time::Duration::from_secs(60))) } else { (vms, size, limit) };
             vmm::bench::tps::run(&vmm::bench::tps::TpsBench { vms, size, tps, limit, ksm: !no_ksm, runs }).map(|()| 0)
         }
+        Command::Bench(BenchCommand::Swap { evict, dir }) => {
+            vmm::bench::swap::run(&vmm::bench::swap::SwapBench { evict, dir }).map(|()| 0)
+        }
         Command::Bench(BenchCommand::Boot { runs, mem, alloc }) => {
             vmm::bench::boot::run(&vmm::bench::boot::BootBench { runs: runs.max(1), mem, alloc }).map(|()| 0)
         }
@@ -316,6 +380,7 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
     let configs = vm_configs(&args)?;
     install_interrupt_handler();
     let api_socket = args.api_sock.clone().unwrap_or_else(|| vmm::api::default_socket(std::process::id()));
+    let swap = swap_options(&args, &configs)?;
     let report = host::run(
         &configs,
         t0,
@@ -324,6 +389,7 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
             interrupted: Some(&INTERRUPTED),
             api_socket: Some(api_socket),
             tps: Some(args.tps.clone()).filter(|c| c.enabled),
+            swap,
         },
     )?;
     Ok(print_report(&report))
@@ -363,6 +429,9 @@ fn print_report(report: &host::HostReport) -> u8 {
     if let Some(tps) = &report.tps {
         host["tps"] = sharing::stats_json(tps);
     }
+    if let Some(policy) = &report.swap_policy {
+        host["swap_policy"] = serde_json::json!(policy);
+    }
     println!("{host}");
     status
 }
@@ -375,6 +444,8 @@ fn ctl(args: CtlArgs) -> Result<u8, String> {
         CtlCommand::Vm(VmCtl::List) => Request::Vms,
         CtlCommand::Tps(TpsCtl::Stats) => Request::TpsStats,
         CtlCommand::Tps(TpsCtl::Set { options }) => Request::TpsSet { options },
+        CtlCommand::Swap(SwapCtl::Out { size, vm }) => Request::SwapOut { size, vm },
+        CtlCommand::Swap(SwapCtl::Stats { vm }) => Request::SwapStats { vm },
         CtlCommand::Command { workload, vm, timeout } => Request::Command { vm, workload, timeout_s: Some(timeout) },
     };
     let resp = vmm::api::client::send(&args.sock, &req)?;
@@ -387,6 +458,22 @@ fn ctl(args: CtlArgs) -> Result<u8, String> {
     }
 }
 
+/// Swapping options, if swapping is on.
+fn swap_options(args: &RunArgs, configs: &[VmConfig]) -> Result<Option<SwapOptions>, String> {
+    if !args.swap && args.swap_dir.is_none() {
+        if args.host_mem.is_some() || configs.iter().any(|c| c.limit.is_some()) {
+            return Err("--host-mem and memory limits need the host swapper: add --swap or --swap-dir DIR".into());
+        }
+        return Ok(None);
+    }
+    let mut opts = SwapOptions::new(args.swap_dir.clone().unwrap_or_else(|| vmm::reclaim::swap::DEFAULT_DIR.into()));
+    if let Some(h) = &args.host_mem {
+        opts.host_mem = h.clone();
+    }
+    opts.victims = args.swap_victims;
+    Ok(Some(opts))
+}
+
 /// The VMs this run asks for, validated.
 fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
     let mut base = VmConfig::new("vm0", args.mem);
@@ -396,6 +483,7 @@ fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
     base.console = ConsoleTarget::Stdout;
     base.host_pages = if args.thp { HostPages::Thp } else { HostPages::Small };
     base.hang_timeout = args.hang_timeout;
+    base.limit = args.limit;
     base.balloon = if args.no_balloon { None } else { Some(args.balloon.clone().unwrap_or_default()) };
     let mut configs = match &args.config {
         Some(path) => config::load_config_file(path, &base)?,

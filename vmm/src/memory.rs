@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::io::{BufRead, BufReader};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use guest_abi::{MemRegion, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -104,7 +104,13 @@ pub struct GuestRam {
     discarder: OnceLock<Arc<dyn Discarder>>,
     /// `PROT_NONE` pages just below each region (see [`guard_below`]).
     guards: Vec<usize>,
+    /// Told of every discard first (see [`DiscardHook`]).
+    discard_hooks: RwLock<Vec<DiscardHook>>,
 }
+
+/// Told `(gpa, len)` before [`GuestRam::discard`] drops a range (the swapper forgets
+/// its copies of those pages, so they are not faulted back from its file).
+pub type DiscardHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 impl GuestRam {
     /// Maps `bytes` of guest RAM (anonymous, private, not reserved).
@@ -134,7 +140,7 @@ impl GuestRam {
             })?);
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        Ok(GuestRam { mem, regions, host_pages, discarder: OnceLock::new(), guards })
+        Ok(GuestRam { mem, regions, host_pages, discarder: OnceLock::new(), guards, discard_hooks: RwLock::new(Vec::new()) })
     }
 
     /// The vm-memory view of guest RAM.
@@ -180,6 +186,11 @@ impl GuestRam {
         self.discarder.set(discarder).is_ok()
     }
 
+    /// Calls `hook` before every later [`GuestRam::discard`].
+    pub fn on_discard(&self, hook: DiscardHook) {
+        self.discard_hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+
     /// Frees the host memory behind `[gpa, gpa + len)` (page aligned, inside one
     /// region): the guest reads zeros there next time. Every path that frees guest
     /// pages (balloon inflation, free page reporting) comes here.
@@ -191,6 +202,9 @@ impl GuestRam {
             ));
         }
         let host = self.mem.get_host_address(GuestAddress(gpa)).map_err(std::io::Error::other)?;
+        for hook in self.discard_hooks.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            hook(gpa, len);
+        }
         if let Some(d) = self.discarder.get() {
             return d.discard(host as usize, len as usize);
         }
@@ -331,6 +345,17 @@ mod tests {
     }
 
     #[test]
+    fn discard_hooks_see_each_valid_range() {
+        let ram = GuestRam::new(32 << 20, HostPages::Small).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        ram.on_discard(Arc::new(move |gpa, len| s2.lock().unwrap().push((gpa, len))));
+        ram.discard(PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        assert!(ram.discard(1, PAGE_SIZE).is_err());
+        assert_eq!(*seen.lock().unwrap(), vec![(PAGE_SIZE, 2 * PAGE_SIZE)]);
+    }
+
+    #[test]
     fn resident_bytes_follow_touches() {
         let ram = GuestRam::new(64 << 20, HostPages::Small).unwrap();
         assert!(ram.resident_bytes() < (1 << 20));
@@ -339,6 +364,12 @@ mod tests {
         }
         let rss = ram.resident_bytes();
         assert!((4 << 20..(5 << 20)).contains(&rss), "rss {rss}");
+        // A second RAM mapped next to it (its VMA may merge with the first) has its
+        // own figure.
+        let other = GuestRam::new(64 << 20, HostPages::Small).unwrap();
+        other.mem().write_obj(1u8, GuestAddress(0)).unwrap();
+        assert_eq!(other.resident_bytes(), PAGE_SIZE);
+        assert_eq!(ram.resident_bytes(), rss);
     }
 
     #[test]

@@ -61,6 +61,8 @@ struct State {
     devices_busy: u32,
     /// Pauses not yet resumed: the VM runs again when this falls to zero.
     pausers: u32,
+    /// A reclaimer holds [`RunControl::reclaim_guard`].
+    reclaiming: bool,
 }
 
 /// Mode and wake-up state shared by a VM's vCPU threads and everyone steering them.
@@ -79,7 +81,7 @@ impl RunControl {
         });
         let slots = (0..vcpus).map(|_| Slot { thread: None, immediate_exit: 0 }).collect();
         RunControl {
-            state: Mutex::new(State { mode: Mode::Running, slots, alive: 0, parked: 0, wake_gen: 0, devices_busy: 0, pausers: 0 }),
+            state: Mutex::new(State { mode: Mode::Running, slots, alive: 0, parked: 0, wake_gen: 0, devices_busy: 0, pausers: 0, reclaiming: false }),
             changed: Condvar::new(),
         }
     }
@@ -183,6 +185,33 @@ impl RunControl {
         self.pause(timeout).map(|_| PauseGuard(self.clone()))
     }
 
+    /// Pauses the VM for a reclaimer that changes how guest memory is backed (page
+    /// sharing remapping pages, the swapper discarding them): like
+    /// [`RunControl::pause_guard`], and exclusive among reclaimers, so that one never
+    /// works on pages another is halfway through (a page evicted between page
+    /// sharing's compare and its remap, or remapped between the swapper's copy and
+    /// its discard). Plain pauses (the policy holding a VM, the API) do not exclude
+    /// reclaimers. None if the VM is stopping, or if another reclaimer or the VM
+    /// itself did not let go within `timeout`.
+    pub fn reclaim_guard(self: &Arc<Self>, timeout: Duration) -> Option<ReclaimGuard> {
+        let deadline = Instant::now() + timeout;
+        {
+            let s = self.state.lock().unwrap();
+            let (mut s, _) = self
+                .changed
+                .wait_timeout_while(s, timeout, |s| s.reclaiming && s.mode != Mode::Stopping)
+                .unwrap();
+            if s.reclaiming || s.mode == Mode::Stopping {
+                return None;
+            }
+            s.reclaiming = true;
+        }
+        // Dropping the guard unpaused gives the exclusion back.
+        let mut guard = ReclaimGuard { run: self.clone(), paused: false };
+        guard.paused = self.pause(deadline.saturating_duration_since(Instant::now())).is_some();
+        guard.paused.then_some(guard)
+    }
+
     /// No vCPU in the guest and no device thread at work.
     fn quiet(s: &State) -> bool {
         s.parked >= s.alive && s.devices_busy == 0
@@ -261,35 +290,129 @@ impl Drop for PauseGuard {
     }
 }
 
+/// A reclaimer's exclusive pause of a VM, ended when dropped (see
+/// [`RunControl::reclaim_guard`]).
+pub struct ReclaimGuard {
+    run: Arc<RunControl>,
+    /// False while only the exclusion is held (a pause that failed).
+    paused: bool,
+}
+
+impl Drop for ReclaimGuard {
+    fn drop(&mut self) {
+        if self.paused {
+            self.run.resume();
+        }
+        self.run.state.lock().unwrap().reclaiming = false;
+        self.run.changed.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
 
-    #[test]
-    fn pauses_nest_and_the_last_resume_lets_the_vm_run() {
-        // No vCPU registered: a pause settles at once.
-        let rc = Arc::new(RunControl::new(1));
-        let a = rc.pause_guard(Duration::from_secs(1)).expect("pause");
-        let b = rc.pause_guard(Duration::from_secs(1)).expect("nested pause");
-        drop(a);
-        assert_eq!(rc.mode(), Mode::Paused, "the other pauser still holds the VM");
-        drop(b);
-        assert_eq!(rc.mode(), Mode::Running);
-        rc.resume();
-        assert_eq!(rc.mode(), Mode::Running, "a stray resume changes nothing");
-        let c = rc.pause_guard(Duration::from_secs(1)).expect("pause again");
-        rc.stop();
-        drop(c);
-        assert_eq!(rc.mode(), Mode::Stopping);
-        assert!(rc.pause(Duration::from_secs(1)).is_none());
+    /// A fake vCPU thread: counts loop turns while it may run.
+    fn vcpu(run: Arc<RunControl>, turns: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let flag = Box::leak(Box::new(0u8));
+            run.register(0, flag);
+            while run.may_run(0) {
+                turns.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            run.unregister(0);
+        })
+    }
+
+    fn still(turns: &AtomicU64) -> bool {
+        let before = turns.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        turns.load(Ordering::SeqCst) == before
     }
 
     #[test]
-    fn a_pause_that_cannot_settle_gives_up_and_releases() {
-        let rc = Arc::new(RunControl::new(1));
-        assert!(rc.device_enter());
-        assert!(rc.pause_guard(Duration::from_millis(20)).is_none(), "a device thread is busy");
-        assert_eq!(rc.mode(), Mode::Running, "a failed pause leaves the VM running");
-        rc.device_exit();
+    fn pauses_nest_and_the_last_resume_lets_the_vm_run() {
+        let run = Arc::new(RunControl::new(1));
+        let turns = Arc::new(AtomicU64::new(0));
+        let t = vcpu(run.clone(), turns.clone());
+        let a = run.pause_guard(Duration::from_secs(5)).expect("first pause");
+        let b = run.pause_guard(Duration::from_secs(5)).expect("nested pause");
+        assert!(still(&turns));
+        drop(a);
+        assert_eq!(run.mode(), Mode::Paused, "one pauser cannot resume the VM under another");
+        assert!(still(&turns));
+        drop(b);
+        assert_eq!(run.mode(), Mode::Running);
+        let before = turns.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while turns.load(Ordering::SeqCst) == before {
+            assert!(Instant::now() < deadline, "the vCPU did not run again");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        run.stop();
+        t.join().unwrap();
+        assert!(run.pause(Duration::from_millis(10)).is_none(), "a stopping VM cannot be paused");
+    }
+
+    #[test]
+    fn concurrent_pausers_each_hold_the_vm() {
+        let run = Arc::new(RunControl::new(1));
+        let turns = Arc::new(AtomicU64::new(0));
+        let t = vcpu(run.clone(), turns.clone());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (run, turns) = (run.clone(), turns.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        let g = run.pause_guard(Duration::from_secs(5)).expect("pause");
+                        let seen = turns.load(Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_micros(300));
+                        assert_eq!(turns.load(Ordering::SeqCst), seen, "the vCPU ran during a pause");
+                        drop(g);
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        assert_eq!(run.mode(), Mode::Running);
+        run.stop();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_pause_that_does_not_settle_is_withdrawn() {
+        let run = Arc::new(RunControl::new(1));
+        assert!(run.device_enter());
+        assert!(run.pause(Duration::from_millis(20)).is_none(), "a busy device thread holds the pause off");
+        assert_eq!(run.mode(), Mode::Running);
+        run.device_exit();
+        assert!(run.pause(Duration::from_secs(1)).is_some());
+        run.resume();
+        assert_eq!(run.mode(), Mode::Running);
+    }
+
+    #[test]
+    fn reclaimers_exclude_each_other_but_not_plain_pauses() {
+        let run = Arc::new(RunControl::new(1));
+        let plain = run.pause_guard(Duration::from_secs(1)).expect("plain pause");
+        let a = run.reclaim_guard(Duration::from_secs(1)).expect("a reclaimer next to a plain pause");
+        assert!(run.reclaim_guard(Duration::from_millis(20)).is_none(), "a second reclaimer waits");
+        let waiter = {
+            let run = run.clone();
+            std::thread::spawn(move || run.reclaim_guard(Duration::from_secs(5)).is_some())
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        drop(a);
+        assert!(waiter.join().unwrap(), "the waiting reclaimer got its turn");
+        drop(plain);
+        assert_eq!(run.mode(), Mode::Running, "every pause was given back");
+        assert!(run.device_enter());
+        assert!(run.reclaim_guard(Duration::from_millis(20)).is_none(), "a busy device thread holds it off");
+        run.device_exit();
+        assert!(run.reclaim_guard(Duration::from_secs(1)).is_some(), "a failed attempt left nothing held");
     }
 }

@@ -30,6 +30,7 @@ use crate::devices::serial::{SerialPort, PORT_BASE, PORT_COUNT};
 use crate::kvm_stats;
 use crate::loader;
 use crate::memory::GuestRam;
+use crate::reclaim::swap::SwapSlot;
 use crate::run_control::{Mode, RunControl};
 use crate::vcpu;
 use crate::x86::{pvm, regs, Backend};
@@ -65,6 +66,8 @@ pub struct VmShared {
     pub ram: Arc<GuestRam>,
     /// The balloon device, if the VM has one.
     pub balloon: Option<Arc<Mutex<Balloon>>>,
+    /// The host swapper, once swapping is on.
+    pub swap: SwapSlot,
     ending: Mutex<Option<Ending>>,
     ended: Condvar,
     command_lock: Mutex<()>,
@@ -152,6 +155,8 @@ impl VmShared {
             "ballooned_mib": balloon.as_ref().map(|b| mib(b.ballooned_pages * guest_abi::PAGE_SIZE)),
             "guest": self.progress(),
             "balloon": balloon,
+            "swap": self.swap.stats(),
+            "swap_policy": self.swap.policy_stats(),
         })
     }
 
@@ -202,6 +207,9 @@ pub struct VmReport {
     /// The JSON step results the test guest printed (objects with an `op`).
     #[serde(skip)]
     pub steps: Vec<serde_json::Value>,
+    /// The host swapper's counters, if swapping was on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap: Option<swapd::SwapStats>,
 }
 
 /// A running (or finished) VM.
@@ -216,7 +224,7 @@ pub struct Vm {
     balloon_notify: Option<Vec<EventFd>>,
     workers: Vec<Worker>,
     last_progress: (u64, Instant),
-    _vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
 }
 
 /// Opens `/dev/kvm` with an error a user can act on.
@@ -296,6 +304,7 @@ impl Vm {
             balloon: balloon.as_ref().map(|(dev, _)| dev.clone()),
             console,
             ram,
+            swap: SwapSlot::default(),
             ending: Mutex::new(None),
             ended: Condvar::new(),
             command_lock: Mutex::new(()),
@@ -319,7 +328,7 @@ impl Vm {
             pending_vcpus: vcpus,
             threads: Vec::new(),
             last_progress: (0, Instant::now()),
-            _vm_fd: vm_fd,
+            vm_fd: Arc::new(vm_fd),
         })
     }
 
@@ -360,6 +369,11 @@ impl Vm {
     /// Its console.
     pub fn console(&self) -> &Arc<Console> {
         &self.shared.console
+    }
+
+    /// The KVM VM handle (memory slot `i` is region `i` of [`GuestRam::host_ranges`]).
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
     }
 
     /// Its RAM.
@@ -449,6 +463,9 @@ impl Vm {
             self.ending().expect("ending set by stop")
         });
         let end_time = Instant::now();
+        // The swap file goes once no vCPU can fault on it any more.
+        self.shared.run.wait_exited(Duration::from_secs(2));
+        let swap = self.shared.swap.close();
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 log::error!("{}: a vCPU thread panicked", self.config.name);
@@ -487,6 +504,7 @@ impl Vm {
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                 .filter(|v| v.get("op").is_some())
                 .collect(),
+            swap,
         }
     }
 }
@@ -556,7 +574,8 @@ fn attach_balloon(
     Ok((device, fds))
 }
 
-fn random_seed() -> u64 {
+/// 64 random bits (the time if the kernel has none to give).
+pub(crate) fn random_seed() -> u64 {
     let mut seed = 0u64;
     // SAFETY: getrandom writes at most 8 bytes into `seed`.
     let n = unsafe { libc::getrandom((&mut seed as *mut u64).cast(), 8, 0) };

@@ -118,3 +118,28 @@ fn the_demo_reclaims_with_each_technique_and_loses_nothing() {
     assert_eq!(vms.len(), 2);
     assert!(vms.iter().all(|v| v["exit_code"] == 0), "{vms:?}");
 }
+
+#[test]
+fn swapping_runs_under_a_limit_and_cleans_up() {
+    let dir = std::env::temp_dir().join(format!("vmm-cli-swap-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    let out = vmm(&[
+        "--log-level", "warn", "run", "--mem", "128M", "--swap-dir", d, "--limit", "24M", "--swap-victims", "idle",
+        "--workload", "alloc 48M unique; idle 1500ms; verify; exit 0",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = stdout_json(&out);
+    let vm = lines.iter().find(|l| l["summary"] == "vm").expect("vm summary");
+    assert!(vm["swap"]["pages_out"].as_u64().unwrap() > 0, "a VM over its limit is swapped: {vm}");
+    assert!(vm["swap"]["prefetch_hits"].is_u64(), "{vm}");
+    assert!(lines.iter().any(|l| l["op"] == "verify" && l["bad"] == 0));
+    let host = lines.iter().find(|l| l["summary"] == "host").expect("host summary");
+    assert!(host["swap_policy"]["ticks"].as_u64().unwrap() > 0, "{host}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "swap files left behind: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let out = vmm(&["run", "--host-mem", "1G"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--swap"), "{}", stderr(&out));
+}

@@ -4,7 +4,8 @@
 //! Requests: `{"cmd": "balloon_set", "size": "128M", "vm": "vm0"}`,
 //! `{"cmd": "balloon_stats"}`, `{"cmd": "vm_stats"}`, `{"cmd": "vms"}`,
 //! `{"cmd": "command", "vm": "vm0", "workload": "verify"}`, `{"cmd": "tps_stats"}`,
-//! `{"cmd": "tps_set", "options": "rate=50M/s,scope=vm"}`. Without `"vm"`, a
+//! `{"cmd": "tps_set", "options": "rate=50M/s,scope=vm"}`,
+//! `{"cmd": "swap_out", "size": "64M", "vm": "vm0"}`, `{"cmd": "swap_stats"}`. Without `"vm"`, a
 //! request applies to every VM. Responses: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`. A malformed request gets an error response;
 //! nothing a client sends can stop the VMM.
@@ -58,6 +59,19 @@ pub enum Request {
     TpsSet {
         /// The options.
         options: String,
+    },
+    /// Evict up to `size` of a VM's memory to its swap file now.
+    SwapOut {
+        /// How much (bytes with K/M/G suffix).
+        size: String,
+        /// VM name (required).
+        vm: String,
+    },
+    /// The host swapper's counters and the free-memory policy's state and history.
+    SwapStats {
+        /// VM name; every VM if absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vm: Option<String>,
     },
 }
 

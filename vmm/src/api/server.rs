@@ -217,5 +217,15 @@ fn run(req: Request, targets: &Targets) -> Result<Value, String> {
             let config = tps()?.set_options(&options)?;
             serde_json::to_value(config).map_err(|e| e.to_string())
         }
+        Request::SwapOut { size, vm } => {
+            let bytes = parse_size(&size)?;
+            crate::reclaim::swap::swap_out(select(vms, Some(&vm))?[0], bytes)
+        }
+        Request::SwapStats { vm } => {
+            let targets = select(vms, vm.as_deref())?;
+            let policy = targets.iter().find_map(|v| v.swap.policy_stats());
+            let per = per_vm(&targets, |v| Ok(json!(v.swap.stats())))?;
+            Ok(json!({ "policy": policy, "vms": per }))
+        }
     }
 }

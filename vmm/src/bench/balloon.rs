@@ -9,10 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{median, print_table};
+use super::{median, print_table, wait};
 use crate::config::{format_size, VmConfig};
 use crate::host;
-use crate::vm::Vm;
 
 /// Parameters of the balloon benchmark.
 pub struct BalloonBench {
@@ -157,18 +156,4 @@ fn measure(b: &BalloonBench, per_page: bool) -> Result<Sample, String> {
         discard_calls,
         discard_ms,
     })
-}
-
-fn wait(vm: &Vm, limit: Duration, mut done: impl FnMut(&Vm) -> bool) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    while !done(vm) {
-        if let Some(e) = vm.ending() {
-            return Err(format!("benchmark guest ended: {e:?}"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("benchmark step did not finish within {limit:?}"));
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    Ok(())
 }

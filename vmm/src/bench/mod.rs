@@ -8,6 +8,26 @@
 pub mod balloon;
 pub mod boot;
 pub mod tps;
+pub mod swap;
+
+use std::time::{Duration, Instant};
+
+use crate::vm::Vm;
+
+/// Polls `done` until it holds; fails if the guest ends or `limit` passes.
+pub fn wait(vm: &Vm, limit: Duration, mut done: impl FnMut(&Vm) -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    while !done(vm) {
+        if let Some(e) = vm.ending() {
+            return Err(format!("benchmark guest ended: {e:?}"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("benchmark step did not finish within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
 
 /// The median of `values` (NaN if empty).
 pub fn median(values: &mut [f64]) -> f64 {

@@ -3,9 +3,10 @@
 //! different VMs be merged.
 //!
 //! The scanner needs three things from the VMM ([`tps::VmControl`]), given here:
-//! - **pause**: the VM's [`RunControl`] pause, which parks every vCPU outside
-//!   `KVM_RUN` and waits for the device threads to leave guest memory; pauses nest,
-//!   so a merge batch and an API pause never resume each other's VM early;
+//! - **pause**: the VM's [`RunControl::reclaim_guard`], which parks every vCPU
+//!   outside `KVM_RUN`, waits for the device threads to leave guest memory, and
+//!   keeps the swapper's evictions of that VM out while a batch is merged; pauses
+//!   nest, so a merge batch and an API pause never resume each other's VM early;
 //! - **skip_page**: pages in the balloon (one bit each, read without a lock) and the
 //!   first megabyte (boot information, the control page that the VMM writes without
 //!   pausing the VM, PVM's VIF areas written by the host kernel, page tables);
@@ -30,7 +31,7 @@ use crate::config::{parse_duration, parse_size};
 use crate::devices::virtio::balloon::pages::BalloonedPages;
 use crate::memory::{Discarder, GuestRam};
 use crate::run_control::RunControl;
-use crate::vm::Vm;
+use crate::vm::{Vm, VmShared};
 
 /// How long a merge batch waits for a VM to settle before skipping it.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -38,6 +39,8 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the scanner knows of one VM; indexed by the VM's number in the process.
 struct Guest {
     name: String,
+    /// The VM (for its swapper); None in unit tests of bare RAM.
+    vm: Option<Arc<VmShared>>,
     run: Arc<RunControl>,
     ballooned: Option<Arc<BalloonedPages>>,
     /// Keeps the RAM mapped as long as the scanner may touch it.
@@ -51,7 +54,7 @@ struct Guests(Vec<Guest>);
 impl tps::VmControl for Guests {
     fn pause(&self, vm: u32) -> Option<Box<dyn std::any::Any>> {
         let guest = self.0.get(vm as usize)?;
-        match guest.run.pause_guard(PAUSE_TIMEOUT) {
+        match guest.run.reclaim_guard(PAUSE_TIMEOUT) {
             Some(g) => Some(Box::new(g)),
             None => {
                 log::debug!(
@@ -74,11 +77,14 @@ impl tps::VmControl for Guests {
                 .is_some_and(|b| b.contains(gpa / PAGE_SIZE))
     }
 
-    fn remapped(&self, _vm: u32, _host_addr: usize, _len: usize) {
-        // HOOK (swapper): the range is a new VMA, not registered with any
-        // userfaultfd. A swapper that watches this VM's RAM must register it again
-        // here (the VM is still paused when a merge calls this; not paused for
-        // `reset_range`). Nothing else needs to know.
+    fn remapped(&self, vm: u32, host_addr: usize, len: usize) {
+        // The range is a new VMA, registered with no userfaultfd: the VM's swapper
+        // (if any) registers it again.
+        if let Some(shared) = self.0.get(vm as usize).and_then(|g| g.vm.as_ref()) {
+            if let Err(e) = crate::reclaim::swap::remapped(shared, host_addr, len) {
+                log::warn!("tps: {e}");
+            }
+        }
     }
 }
 
@@ -111,6 +117,7 @@ impl PageSharing {
             vms.iter()
                 .map(|vm| Guest {
                     name: vm.name().to_string(),
+                    vm: Some(vm.shared().clone()),
                     run: vm.shared().run.clone(),
                     ballooned: vm.balloon().map(|b| b.lock().unwrap().ballooned().clone()),
                     _ram: vm.ram().clone(),
@@ -305,6 +312,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, ram)| Guest {
                     name: format!("vm{i}"),
+                    vm: None,
                     run: Arc::new(RunControl::new(1)),
                     ballooned: None,
                     _ram: ram.clone(),

@@ -1,0 +1,162 @@
+//! The two limits the swapper works against, measured on this host: how fast the
+//! swap directory takes plain large writes, and what a bare userfaultfd fault costs
+//! (the floor of every fault-in). Used by `vmm bench swap` and the `swapbench`
+//! example to put the swapper's figures next to them.
+
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::{Config, Region, Swapper, VmControl, PAGE_SIZE};
+
+/// Anonymous private memory (4 KiB pages, not reserved), unmapped on drop.
+pub struct AnonMap {
+    addr: usize,
+    len: usize,
+}
+
+impl AnonMap {
+    pub fn new(len: usize) -> io::Result<AnonMap> {
+        // SAFETY: a fresh anonymous mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: advice on the mapping just made.
+        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+        Ok(AnonMap {
+            addr: p as usize,
+            len,
+        })
+    }
+
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        // SAFETY: our mapping, no longer used.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Plain sequential `O_DIRECT` write throughput of `dir` (MiB/s), `mib` MiB in
+/// writes of `chunk` bytes (the swapper's batch size), to a temporary file.
+pub fn file_write_mib_s(dir: &Path, mib: usize, chunk: usize) -> io::Result<f64> {
+    let path = dir.join(".swapd-write-test.tmp");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)?;
+    let buf = AnonMap::new(chunk)?;
+    // SAFETY: the whole mapping, owned here.
+    let b = unsafe { std::slice::from_raw_parts_mut(buf.addr() as *mut u8, chunk) };
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (i as u8).wrapping_mul(151) | 1; // not zero: no file system shortcut
+    }
+    let total = (mib << 20) / chunk * chunk;
+    let t = Instant::now();
+    let mut result = Ok(());
+    for off in (0..total).step_by(chunk) {
+        if let Err(e) = f.write_all_at(b, off as u64) {
+            result = Err(e);
+            break;
+        }
+    }
+    let s = t.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    result.map(|()| total as f64 / (1 << 20) as f64 / s)
+}
+
+/// Cost of a bare userfaultfd fault.
+#[derive(Debug, Clone, Copy)]
+pub struct BareFault {
+    /// Per fault as the faulting thread sees it (fault, handler wake-up, zero-page
+    /// ioctl, return), microseconds.
+    pub round_trip_us: f64,
+    /// The handler's share (median), microseconds.
+    pub handler_us: f64,
+    /// The same first read of fresh memory without userfaultfd (kernel zero-page
+    /// fault), microseconds.
+    pub kernel_us: f64,
+}
+
+struct NoVm;
+
+impl VmControl for NoVm {
+    fn pause(&self) -> Option<Box<dyn std::any::Any>> {
+        Some(Box::new(()))
+    }
+    fn skip_page(&self, _gpa: u64) -> bool {
+        false
+    }
+    fn fatal(&self, error: String) {
+        log::error!("swapd: bare fault measurement: {error}");
+    }
+}
+
+/// Measures [`BareFault`] over `pages` first reads (a swapper's fault thread with
+/// a throw-away swap file in `dir`, resolving each with one zero page).
+pub fn bare_fault(dir: &Path, pages: usize) -> io::Result<BareFault> {
+    let mem = AnonMap::new(pages * PAGE_SIZE)?;
+    let mut cfg = Config::new(dir);
+    cfg.register_eagerly = true;
+    cfg.zero_fill_pages = 1;
+    let region = Region {
+        gpa: 0,
+        host_addr: mem.addr(),
+        len: mem.len(),
+    };
+    let sw = Swapper::with_config("swapd-bare-fault", vec![region], Arc::new(NoVm), cfg)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let base = mem.addr();
+    let t = Instant::now();
+    // Another thread faults: the fault thread must not wait on itself.
+    std::thread::spawn(move || {
+        for p in 0..pages {
+            // SAFETY: inside the mapping, which outlives the thread (joined below).
+            unsafe { std::ptr::read_volatile((base + p * PAGE_SIZE) as *const u8) };
+        }
+    })
+    .join()
+    .map_err(|_| io::Error::other("fault thread panicked"))?;
+    let round_trip_us = t.elapsed().as_secs_f64() * 1e6 / pages as f64;
+    let handler_us = sw.stats().zero_fill.p50_us;
+    drop(sw);
+    let plain = AnonMap::new(pages * PAGE_SIZE)?;
+    let t = Instant::now();
+    for p in 0..pages {
+        // SAFETY: inside the mapping.
+        unsafe { std::ptr::read_volatile((plain.addr() + p * PAGE_SIZE) as *const u8) };
+    }
+    let kernel_us = t.elapsed().as_secs_f64() * 1e6 / pages as f64;
+    Ok(BareFault {
+        round_trip_us,
+        handler_us,
+        kernel_us,
+    })
+}

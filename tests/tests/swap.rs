@@ -1,0 +1,509 @@
+//! The host swapper driven by the VMM, with real guests on /dev/kvm: eviction of a
+//! running guest's pages and their return on demand, the write race under several
+//! vCPUs, zero pages, balloon discards, a full disk, a damaged slot, the
+//! free-memory policy moving through its states under a host-memory budget, and
+//! idle-aware against random victims.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{guest, start, wait_serving};
+use serde_json::Value;
+use swapd::SwapStats;
+use vmm::api::server::{handle, Targets};
+use vmm::api::Request;
+use vmm::reclaim::swap::{self, HostMemChoice, SwapOptions};
+use vmm::vm::{Ending, Vm};
+
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+
+/// A fresh directory for swap files, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("vmm-swap-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A tmpfs mounted for one test; unmounted on drop, even when the test fails.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let st = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "vmm-swap-test",
+            ])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "mount -t tmpfs on {} failed (these tests run as root)",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Starts one VM running `boot` (which must leave it serving) with a swapper in `dir`.
+fn swapping_vm(name: &str, mem: u64, vcpus: u32, boot: &str, dir: &Path) -> Vm {
+    let mut c = guest(name, mem, boot);
+    c.vcpus = vcpus;
+    let vm = start(c);
+    swap::attach(vm.shared(), &SwapOptions::new(dir)).expect("attach a swapper");
+    wait_serving(&vm);
+    vm
+}
+
+/// Runs a command; returns its JSON lines, panicking with them if it failed.
+fn command(vm: &Vm, cmd: &str) -> Vec<Value> {
+    let out = vm
+        .run_command(cmd, Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let lines = common::parse_lines(&out.lines);
+    assert_eq!(out.status, 0, "{cmd} failed: {lines:?}");
+    lines
+}
+
+/// Ends the guest with `exit 0` (the command is never acknowledged).
+fn exit(vm: &Vm) {
+    let _ = vm.run_command("exit 0", Duration::from_secs(30));
+}
+
+/// The `verify` lines of a command's output, each asserted clean.
+fn assert_verified(lines: &[Value]) -> usize {
+    let verifies: Vec<&Value> = lines.iter().filter(|l| l["op"] == "verify").collect();
+    for v in &verifies {
+        assert_eq!(v["bad"], 0, "bad pages after swapping: {v}");
+        assert_eq!(v["result"], "ok", "{v}");
+    }
+    verifies.len()
+}
+
+fn stats(vm: &Vm) -> SwapStats {
+    vm.shared().swap.stats().expect("the VM has a swapper")
+}
+
+/// The counters with the VM paused, so that no fault is in flight while they are
+/// read (a serving guest keeps touching its own pages).
+fn settled_stats(vm: &Vm) -> SwapStats {
+    vm.pause().expect("pause");
+    let s = stats(vm);
+    vm.resume();
+    s
+}
+
+#[test]
+fn evicted_pages_of_a_running_guest_come_back_intact() {
+    let dir = TempDir::new("evict");
+    let vm = swapping_vm("evict", 256 * MIB, 1, "alloc 64M unique", &dir.0);
+    let file = dir.0.join("evict.vswp");
+    assert!(file.exists(), "the swap file is created with the swapper");
+    let rss_before = vm.ram().resident_bytes();
+    let sw = vm.shared().swap.get().unwrap();
+    let want = (64 * MIB / PAGE) as usize;
+    let reclaimed = sw.swap_out(want).expect("evict 64 MiB");
+    assert_eq!(reclaimed, want, "the guest holds more than 64 MiB resident");
+    let s = settled_stats(&vm);
+    assert_eq!(s.pages_out + s.zero_pages_elided, reclaimed as u64);
+    assert_eq!(s.slots_used + s.pages_in + s.prefetched, s.pages_out);
+    assert_eq!(s.bytes_written, s.pages_out * PAGE);
+    let rss_after = vm.ram().resident_bytes();
+    assert!(
+        rss_before - rss_after >= 60 * MIB,
+        "RSS {} -> {} MiB",
+        rss_before >> 20,
+        rss_after >> 20
+    );
+
+    assert_eq!(assert_verified(&command(&vm, "verify")), 1);
+    let s = settled_stats(&vm);
+    // Every page written is either back (faulted or prefetched) or still in the file.
+    // (A page found present while in the file drops its slot and counts as a fault
+    // error: it must not happen, and shows up here if it does.)
+    assert_eq!(
+        s.pages_in + s.prefetched + s.slots_used,
+        s.pages_out,
+        "in {} prefetched {} fault errors {} zero fills {} skipped {}/{}/{}/{}",
+        s.pages_in,
+        s.prefetched,
+        s.fault_errors,
+        s.zero_fills,
+        s.skipped_not_present,
+        s.skipped_vmm,
+        s.skipped_shared,
+        s.skipped_vma
+    );
+    assert!(
+        s.pages_in + s.prefetched >= 16384 * 9 / 10,
+        "verify read back most of the 64 MiB: {s:?}"
+    );
+    assert_eq!(s.bytes_read, (s.pages_in + s.prefetched) * PAGE);
+    assert_eq!(s.fault_in.count, s.pages_in);
+    assert!(s.fault_in.p50_us > 0.0 && s.fault_in.p99_us >= s.fault_in.p50_us);
+    assert_eq!(
+        (s.read_errors, s.checksum_errors, s.write_errors),
+        (0, 0, 0)
+    );
+
+    exit(&vm);
+    assert_eq!(vm.wait(Duration::from_secs(30)), Some(Ending::GuestExit(0)));
+    drop(sw);
+    let report = vm.finish();
+    let final_stats = report
+        .swap
+        .expect("the exit report carries the swap counters");
+    assert_eq!(final_stats.pages_out, s.pages_out);
+    assert!(!file.exists(), "the swap file is removed when the VM ends");
+}
+
+/// Two vCPUs rewrite and check their pages while the host evicts them again and
+/// again: a write landing between an eviction's copy and its discard would be lost
+/// and caught by `verify`.
+#[test]
+fn no_guest_write_is_lost_while_evicting() {
+    let dir = TempDir::new("race");
+    let vm = Arc::new(swapping_vm(
+        "race",
+        128 * MIB,
+        2,
+        "alloc 16M unique",
+        &dir.0,
+    ));
+    let sw = vm.shared().swap.get().unwrap();
+    let guest = {
+        let vm = vm.clone();
+        std::thread::spawn(move || command(&vm, "repeat 12 { touch 4M; verify }"))
+    };
+    let mut rounds = 0;
+    while !guest.is_finished() {
+        sw.swap_out(1024).expect("evict");
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lines = guest.join().expect("guest commands");
+    assert_eq!(assert_verified(&lines), 12);
+    let s = settled_stats(&vm);
+    assert!(
+        rounds >= 10,
+        "only {rounds} eviction rounds ran during the workload"
+    );
+    assert!(
+        s.pages_out > 4096 && s.pages_in > 1000,
+        "evictions raced with the guest: {s:?}"
+    );
+    assert_eq!(
+        s.pages_in + s.prefetched + s.slots_used,
+        s.pages_out,
+        "{s:?}"
+    );
+    assert_verified(&command(&vm, "verify"));
+}
+
+#[test]
+fn zero_pages_are_discarded_without_being_written() {
+    let dir = TempDir::new("zero");
+    let vm = swapping_vm(
+        "zero",
+        128 * MIB,
+        1,
+        "alloc 32M zero; alloc 4M unique",
+        &dir.0,
+    );
+    let sw = vm.shared().swap.get().unwrap();
+    // Through the control API, as `vmm ctl swap out 128M --vm zero` does.
+    let vms = Targets { vms: vec![vm.shared().clone()], tps: None };
+    let resp = handle(
+        Request::SwapOut {
+            size: "128M".into(),
+            vm: "zero".into(),
+        },
+        &vms,
+    );
+    assert!(resp.ok, "{:?}", resp.error);
+    let reclaimed = resp.result.unwrap()["reclaimed_pages"].as_u64().unwrap();
+    let s = settled_stats(&vm);
+    assert_eq!(s.pages_out + s.zero_pages_elided, reclaimed);
+    assert!(s.zero_pages_elided >= 32 * MIB / PAGE, "{s:?}");
+    assert!(s.pages_out >= 4 * MIB / PAGE, "{s:?}");
+    // The 32 MiB of zeros are not in the file: it holds the unique pages and the
+    // guest's own (kernel, page tables), a few MiB.
+    assert!(
+        s.pages_out < 12 * MIB / PAGE,
+        "zero pages were written: {s:?}"
+    );
+    assert_eq!(s.bytes_written, s.pages_out * PAGE);
+    assert!(
+        sw.file_allocated_bytes() <= (s.pages_out + 256) * PAGE,
+        "file uses {} bytes",
+        sw.file_allocated_bytes()
+    );
+    assert!(
+        vm.ram().resident_bytes() < 4 * MIB,
+        "RSS {} KiB",
+        vm.ram().resident_bytes() >> 10
+    );
+    assert_verified(&command(&vm, "verify"));
+    let resp = handle(Request::SwapStats { vm: None }, &vms);
+    assert_eq!(
+        resp.result.unwrap()["vms"]["zero"]["zero_pages_elided"],
+        s.zero_pages_elided
+    );
+    let resp = handle(
+        Request::SwapOut {
+            size: "1M".into(),
+            vm: "nope".into(),
+        },
+        &vms,
+    );
+    assert!(!resp.ok && resp.error.unwrap().contains("no VM named"));
+}
+
+/// A balloon discard of a swapped-out page drops its slot: the page reads zeros
+/// afterwards instead of coming back from the file.
+#[test]
+fn discarding_a_swapped_page_forgets_its_slot() {
+    let dir = TempDir::new("forget");
+    let vm = swapping_vm("forget", 64 * MIB, 1, "alloc 8M unique", &dir.0);
+    let sw = vm.shared().swap.get().unwrap();
+    sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
+    let ram = vm.ram();
+    let gpa = (0..ram.size() / PAGE)
+        .map(|p| p * PAGE)
+        .rev()
+        .find(|&g| sw.is_swapped(g))
+        .expect("a swapped page");
+    let used = stats(&vm).slots_used;
+    ram.discard(gpa, PAGE).unwrap();
+    assert!(!sw.is_swapped(gpa));
+    assert_eq!(stats(&vm).slots_used, used - 1);
+    let mut word = [0u8; 8];
+    vm_memory::Bytes::read_slice(ram.mem(), &mut word, vm_memory::GuestAddress(gpa)).unwrap();
+    assert_eq!(
+        word, [0; 8],
+        "a discarded page reads zeros, not its old content"
+    );
+}
+
+/// A swap directory on a 4 MiB tmpfs fills up: eviction stops with a write error
+/// counted, the batch that did not fit stays resident, the guest loses nothing.
+#[test]
+fn a_full_swap_disk_stops_eviction_and_the_guest_runs_on() {
+    let dir = TempDir::new("enospc");
+    let _mnt = Tmpfs::mount(&dir.0, "4m");
+    let vm = swapping_vm("enospc", 128 * MIB, 1, "alloc 32M unique", &dir.0);
+    let sw = vm.shared().swap.get().unwrap();
+    let err = sw
+        .swap_out((32 * MIB / PAGE) as usize)
+        .expect_err("4 MiB cannot hold 32 MiB");
+    assert!(err.to_string().contains("No space left"), "{err}");
+    let s = stats(&vm);
+    assert_eq!(s.write_errors, 1);
+    assert!(s.eviction_stopped.is_some());
+    assert!(s.pages_out > 0 && s.pages_out < 1024, "{s:?}");
+    // Stopped: later requests are refused until retried, the VM is not harmed.
+    assert!(sw.swap_out(16).is_err());
+    assert_verified(&command(&vm, "verify"));
+    assert!(vm.ending().is_none());
+    let s = settled_stats(&vm);
+    assert_eq!(s.pages_in + s.prefetched + s.slots_used, s.pages_out);
+    exit(&vm);
+    assert_eq!(vm.wait(Duration::from_secs(30)), Some(Ending::GuestExit(0)));
+    drop(sw);
+    vm.finish();
+}
+
+/// Two guests keep allocating past a host-memory budget: the policy goes from high
+/// through soft (balloon targets set) into hard (pages swapped), and both guests
+/// still verify every page.
+///
+/// What depends on the guest's balloon driver: only the last check (pages actually
+/// ballooned), done when the driver negotiated the device. Balloon targets are set
+/// whether or not a driver answers, and inflating frees only the guest's free
+/// pages, which these guests never touched, so swapping is still needed.
+#[test]
+fn a_host_memory_budget_drives_balloon_then_swap() {
+    let dir = TempDir::new("policy");
+    let configs: Vec<_> = ["p0", "p1"]
+        .iter()
+        .map(|n| guest(n, 512 * MIB, "alloc 8M unique"))
+        .collect();
+    common::require_kvm();
+    let mut vms = vmm::host::create_all(&configs, Instant::now()).expect("create VMs");
+    for vm in &mut vms {
+        vm.start().expect("start");
+    }
+    let mut opts = SwapOptions::new(&dir.0);
+    opts.host_mem = HostMemChoice::Budget(320 * MIB);
+    opts.tick = Duration::from_millis(50);
+    let policy = swap::start(&vms, &opts).expect("start swapping");
+    for vm in &vms {
+        wait_serving(vm);
+    }
+    let vms: Vec<Arc<Vm>> = vms.into_iter().map(Arc::new).collect();
+    // 2 x 180 MiB more, 1 MiB at a time: the budget's 2% bands (6.4 MiB) are wider
+    // than what both guests add in one policy tick.
+    let workers: Vec<_> = vms
+        .iter()
+        .map(|vm| {
+            let vm = vm.clone();
+            std::thread::spawn(move || {
+                command(&vm, "repeat 180 { alloc 1M unique; idle 20ms }; verify")
+            })
+        })
+        .collect();
+    let (mut first_target, mut first_swap) = (None, None);
+    while workers.iter().any(|w| !w.is_finished()) {
+        let now = Instant::now();
+        let target: u64 = vms
+            .iter()
+            .map(|vm| {
+                vm.balloon()
+                    .unwrap()
+                    .lock()
+                    .unwrap()
+                    .snapshot()
+                    .target_pages
+            })
+            .sum();
+        let out: u64 = vms.iter().map(|vm| stats(vm).pages_out).sum();
+        if target > 0 && first_target.is_none() {
+            first_target = Some(now);
+        }
+        if out > 0 && first_swap.is_none() {
+            first_swap = Some(now);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for w in workers {
+        assert_eq!(assert_verified(&w.join().expect("guest commands")), 1);
+    }
+    let p = policy.stats();
+    let to: Vec<&str> = p.history.iter().map(|c| c.to.name()).collect();
+    let soft = to
+        .iter()
+        .position(|&s| s == "soft")
+        .unwrap_or_else(|| panic!("never soft: {to:?}"));
+    // Guests that allocate faster than one tick's band can pass hard on the way to
+    // low; either is the swapping side.
+    let hard = to
+        .iter()
+        .position(|&s| s == "hard" || s == "low")
+        .unwrap_or_else(|| panic!("never hard: {to:?}"));
+    assert!(soft < hard, "soft comes before hard: {to:?}");
+    assert!(p.balloon_pages_asked > 0 && p.swap_pages_asked > 0, "{p:?}");
+    let (first_target, first_swap) = (
+        first_target.expect("no balloon target set"),
+        first_swap.expect("nothing swapped"),
+    );
+    assert!(
+        first_target <= first_swap,
+        "the balloon is asked before pages are swapped"
+    );
+    let out: u64 = vms.iter().map(|vm| stats(vm).pages_out).sum();
+    assert!(out > 0);
+    let ballooned: u64 = vms
+        .iter()
+        .map(|vm| {
+            vm.balloon()
+                .unwrap()
+                .lock()
+                .unwrap()
+                .snapshot()
+                .ballooned_pages
+        })
+        .sum();
+    if vms
+        .iter()
+        .any(|vm| vm.balloon().unwrap().lock().unwrap().snapshot().features != 0)
+    {
+        assert!(ballooned > 0, "a guest with a balloon driver gave pages");
+    }
+    drop(policy);
+    for vm in &vms {
+        assert!(vm.ending().is_none(), "{:?}", vm.ending());
+        assert_verified(&command(vm, "verify"));
+    }
+}
+
+/// A slot damaged on disk is never handed to the guest: the VM stops with a clear
+/// error at the first fault on it, and tearing it down does not hang on the vCPU
+/// left waiting for that fault.
+#[test]
+fn a_corrupt_slot_stops_the_vm_with_an_error() {
+    use std::os::unix::fs::FileExt;
+    let dir = TempDir::new("corrupt");
+    let vm = swapping_vm("corrupt", 64 * MIB, 1, "alloc 8M unique", &dir.0);
+    let sw = vm.shared().swap.get().unwrap();
+    sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
+    let pages = stats(&vm).slots_used;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(sw.file_path())
+        .unwrap();
+    let junk = vec![0xa5u8; (pages * PAGE) as usize];
+    file.write_all_at(&junk, PAGE).unwrap(); // slot i is at 4096 * (i + 1)
+    file.sync_all().unwrap();
+    drop(sw);
+    let err = vm
+        .run_command("verify", Duration::from_secs(60))
+        .expect_err("the guest cannot verify damaged pages");
+    assert!(err.contains("ended"), "{err}");
+    match vm.wait(Duration::from_secs(10)) {
+        Some(Ending::Error(e)) => assert!(e.contains("host swap"), "{e}"),
+        other => panic!("expected an error ending, got {other:?}"),
+    }
+    let report = vm.finish();
+    let s = report.swap.unwrap();
+    assert!(s.checksum_errors > 0, "{s:?}");
+    assert!(report.error.unwrap().contains("host swap"));
+}
+
+/// Idle-aware victims, fed KVM's dirty log, leave alone the pages the guest keeps
+/// writing and take the ones it freed: far fewer faults afterwards than random
+/// victims (`vmm bench swap` runs the same scenario, module doc of bench::swap).
+#[test]
+fn idle_victims_spare_the_pages_the_guest_keeps_writing() {
+    common::require_kvm();
+    let dir = TempDir::new("victims");
+    let random = vmm::bench::swap::victim_faults(&dir.0, swapd::VictimPolicy::Random).unwrap();
+    let idle = vmm::bench::swap::victim_faults(&dir.0, swapd::VictimPolicy::Idle).unwrap();
+    assert!(random.evicted_mib >= 127.0 && idle.evicted_mib >= 127.0);
+    // Random victims take about half of the 16 MiB hot set (128 of 256 MiB).
+    assert!(
+        random.read_back > 1000,
+        "random: {} pages read back",
+        random.read_back
+    );
+    assert!(
+        idle.read_back * 10 < random.read_back,
+        "idle {} against random {}",
+        idle.read_back,
+        random.read_back
+    );
+}
