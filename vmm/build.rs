@@ -33,9 +33,7 @@ fn main() {
 
     let target_dir = out_dir.join("guest-target");
     let mut cmd = Command::new(&cargo);
-    cmd.current_dir(&guest_dir)
-        .args(["build", "--release", "--target", GUEST_TARGET, "--target-dir"])
-        .arg(&target_dir);
+    cmd.current_dir(&guest_dir).args(["build", "--release", "--target", GUEST_TARGET, "--target-dir"]).arg(&target_dir);
     for var in [
         "RUSTFLAGS",
         "CARGO_ENCODED_RUSTFLAGS",
@@ -69,19 +67,14 @@ fn ensure_guest_target() {
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| PathBuf::from(s.trim()));
-    let installed = sysroot
-        .as_deref()
-        .map(|s| Path::new(s).join("lib/rustlib").join(GUEST_TARGET).exists())
-        .unwrap_or(false);
+    let installed =
+        sysroot.as_deref().map(|s| Path::new(s).join("lib/rustlib").join(GUEST_TARGET).exists()).unwrap_or(false);
     if installed {
         return;
     }
     println!("cargo:warning=installing the {GUEST_TARGET} target for the test guest (rustup target add)");
-    let ok = Command::new("rustup")
-        .args(["target", "add", GUEST_TARGET])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
+    let ok =
+        Command::new("rustup").args(["target", "add", GUEST_TARGET]).status().map(|s| s.success()).unwrap_or(false);
     if !ok {
         panic!("the test guest needs the {GUEST_TARGET} target: run `rustup target add {GUEST_TARGET}`");
     }

@@ -32,10 +32,7 @@ fn fill(base: usize, pages: usize) {
         let w = (base + p * PAGE) as *mut u64;
         for i in 0..512 {
             // SAFETY: inside the mapping.
-            unsafe {
-                w.add(i)
-                    .write(((p as u64) << 20 | i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-            };
+            unsafe { w.add(i).write(((p as u64) << 20 | i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1) };
         }
     }
 }
@@ -44,19 +41,10 @@ fn check(base: usize, p: usize) {
     let w = (base + p * PAGE) as *const u64;
     // SAFETY: inside the mapping.
     let v = unsafe { std::ptr::read_volatile(w.add(5)) };
-    assert_eq!(
-        v,
-        ((p as u64) << 20 | 5).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
-        "page {p}"
-    );
+    assert_eq!(v, ((p as u64) << 20 | 5).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1, "page {p}");
 }
 
-fn run(
-    mib: usize,
-    dir: &std::path::Path,
-    policy: VictimPolicy,
-    prefetch: usize,
-) -> serde_json::Value {
+fn run(mib: usize, dir: &std::path::Path, policy: VictimPolicy, prefetch: usize) -> serde_json::Value {
     let pages = mib * 256;
     let mem = swapd::limits::AnonMap::new(pages * PAGE).unwrap();
     let base = mem.addr();
@@ -64,17 +52,9 @@ fn run(
     let mut cfg = Config::new(dir);
     cfg.victims = policy;
     cfg.prefetch_pages = prefetch;
-    let sw = Swapper::with_config(
-        "bench",
-        vec![Region {
-            gpa: 0,
-            host_addr: base,
-            len: pages * PAGE,
-        }],
-        Arc::new(NoVm),
-        cfg,
-    )
-    .unwrap();
+    let sw =
+        Swapper::with_config("bench", vec![Region { gpa: 0, host_addr: base, len: pages * PAGE }], Arc::new(NoVm), cfg)
+            .unwrap();
     let t = Instant::now();
     let n = sw.swap_out(pages).unwrap();
     let evict_s = t.elapsed().as_secs_f64();
@@ -84,9 +64,7 @@ fn run(
     // Sequential read-back of the first half, random of the second half.
     let half = pages / 2;
     let t = Instant::now();
-    std::thread::spawn(move || (0..half).for_each(|p| check(base, p)))
-        .join()
-        .unwrap();
+    std::thread::spawn(move || (0..half).for_each(|p| check(base, p))).join().unwrap();
     let seq_s = t.elapsed().as_secs_f64();
     let seq = sw.stats();
     let mut order: Vec<usize> = (half..pages).collect();
@@ -98,9 +76,7 @@ fn run(
         order.swap(i, (r % (i as u64 + 1)) as usize);
     }
     let t = Instant::now();
-    std::thread::spawn(move || order.iter().for_each(|&p| check(base, p)))
-        .join()
-        .unwrap();
+    std::thread::spawn(move || order.iter().for_each(|&p| check(base, p))).join().unwrap();
     let rnd_s = t.elapsed().as_secs_f64();
     let all = sw.stats();
     let rnd_faults = all.pages_in - seq.pages_in;
@@ -129,22 +105,12 @@ fn run(
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mib: usize = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(256);
-    let dir = std::path::PathBuf::from(
-        args.get(2)
-            .cloned()
-            .unwrap_or_else(|| "/tmp/swapbench".into()),
-    );
+    let dir = std::path::PathBuf::from(args.get(2).cloned().unwrap_or_else(|| "/tmp/swapbench".into()));
     std::fs::create_dir_all(&dir).unwrap();
     let fw = swapd::limits::file_write_mib_s(&dir, mib.min(512), 1 << 20).unwrap();
-    let swapd::limits::BareFault {
-        round_trip_us: rt,
-        handler_us: handler,
-        kernel_us: kernel,
-    } = swapd::limits::bare_fault(&dir, 16384).unwrap();
-    println!(
-        "swap directory {}: plain O_DIRECT write {fw:.0} MiB/s",
-        dir.display()
-    );
+    let swapd::limits::BareFault { round_trip_us: rt, handler_us: handler, kernel_us: kernel } =
+        swapd::limits::bare_fault(&dir, 16384).unwrap();
+    println!("swap directory {}: plain O_DIRECT write {fw:.0} MiB/s", dir.display());
     println!(
         "bare userfaultfd zero fault: {rt:.1} us round trip (handler {handler:.1} us); kernel zero fault {kernel:.2} us"
     );
@@ -153,11 +119,7 @@ fn main() {
         "victims", "pf", "evict", "seq s", "seq flt", "seq p50", "seq p99", "rnd s", "rnd p99"
     );
     let mut rows = Vec::new();
-    for (policy, pf) in [
-        (VictimPolicy::Idle, 16),
-        (VictimPolicy::Idle, 1),
-        (VictimPolicy::Random, 16),
-    ] {
+    for (policy, pf) in [(VictimPolicy::Idle, 16), (VictimPolicy::Idle, 1), (VictimPolicy::Random, 16)] {
         let r = run(mib, &dir, policy, pf);
         println!(
             "{:>7} {:>4} {:>5.0} MiB/s {:>7.2} {:>9} {:>7.1}us {:>7.1}us {:>9.2} {:>7.1}us",

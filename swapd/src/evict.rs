@@ -64,7 +64,12 @@ enum BatchError {
 
 /// Evict up to `want` pages: victims from the policy, or from `explicit` (sorted
 /// page indices). Returns the pages reclaimed.
-pub(crate) fn swap_out(sh: &Shared, ev: &mut EvictState, want: usize, explicit: Option<&[u32]>) -> Result<usize, SwapError> {
+pub(crate) fn swap_out(
+    sh: &Shared,
+    ev: &mut EvictState,
+    want: usize,
+    explicit: Option<&[u32]>,
+) -> Result<usize, SwapError> {
     if want == 0 {
         return Ok(0);
     }
@@ -277,7 +282,12 @@ fn evict_batch(sh: &Shared, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize
             runs.iter().map(|&(s, l)| (sh.host_of_page(gone[s]), l * PAGE_SIZE)).collect();
         for ((s, l), r) in runs.into_iter().zip(sh.discarder.discard(&ranges)) {
             if let Err(e) = r {
-                log::error!("swapd: {}: madvise(DONTNEED) {:#x}+{:#x}: {e}", sh.name, sh.host_of_page(gone[s]), l * PAGE_SIZE);
+                log::error!(
+                    "swapd: {}: madvise(DONTNEED) {:#x}+{:#x}: {e}",
+                    sh.name,
+                    sh.host_of_page(gone[s]),
+                    l * PAGE_SIZE
+                );
                 // Not discarded: the pages are resident, drop their slots.
                 let mut t = sh.lock();
                 for &p in &gone[s..s + l] {

@@ -71,7 +71,9 @@ pub(crate) fn run(sh: Arc<Shared>, stop: EventFd) {
                 Ok(_) => {
                     for ev in &events {
                         match *ev {
-                            Event::PageFault { address, write, .. } => handle_fault(&sh, address, write, &mut buf, &zero),
+                            Event::PageFault { address, write, .. } => {
+                                handle_fault(&sh, address, write, &mut buf, &zero)
+                            }
                             other => log::debug!("swapd: {}: ignoring userfaultfd event {other:?}", sh.name),
                         }
                     }

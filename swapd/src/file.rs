@@ -243,12 +243,7 @@ pub fn clean_stale(dir: &Path) -> io::Result<Vec<PathBuf>> {
         }
         match read_header(&path) {
             Some(h) if !h.owner_alive() => {
-                log::info!(
-                    "swapd: removing stale swap file {} (vm {}, pid {} gone)",
-                    path.display(),
-                    h.name,
-                    h.pid
-                );
+                log::info!("swapd: removing stale swap file {} (vm {}, pid {} gone)", path.display(), h.name, h.pid);
                 match std::fs::remove_file(&path) {
                     Ok(()) => removed.push(path),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -323,7 +318,10 @@ impl SwapFile {
             let r = unsafe { libc::fallocate(sf.file.as_raw_fd(), 0, 0, size as i64) };
             if r < 0 {
                 let e = io::Error::last_os_error();
-                return Err(io::Error::new(e.kind(), format!("preallocate {} bytes for {}: {e}", size, sf.path.display())));
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("preallocate {} bytes for {}: {e}", size, sf.path.display()),
+                ));
             }
         } else {
             sf.file.set_len(size)?;
@@ -376,7 +374,8 @@ impl SwapFile {
         self.write_all_at(data, off)?;
         if !self.direct {
             let fd = self.file.as_raw_fd();
-            let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            let flags =
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
             // SAFETY: plain syscalls on our descriptor.
             if unsafe { libc::sync_file_range(fd, off as i64, data.len() as i64, flags) } < 0 {
                 return Err(io::Error::last_os_error());

@@ -35,10 +35,7 @@ impl AnonMap {
         }
         // SAFETY: advice on the mapping just made.
         unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-        Ok(AnonMap {
-            addr: p as usize,
-            len,
-        })
+        Ok(AnonMap { addr: p as usize, len })
     }
 
     pub fn addr(&self) -> usize {
@@ -65,12 +62,8 @@ impl Drop for AnonMap {
 /// writes of `chunk` bytes (the swapper's batch size), to a temporary file.
 pub fn file_write_mib_s(dir: &Path, mib: usize, chunk: usize) -> io::Result<f64> {
     let path = dir.join(".swapd-write-test.tmp");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)?;
+    let f =
+        std::fs::OpenOptions::new().create(true).truncate(true).write(true).custom_flags(libc::O_DIRECT).open(&path)?;
     let buf = AnonMap::new(chunk)?;
     // SAFETY: the whole mapping, owned here.
     let b = unsafe { std::slice::from_raw_parts_mut(buf.addr() as *mut u8, chunk) };
@@ -126,11 +119,7 @@ pub fn bare_fault(dir: &Path, pages: usize) -> io::Result<BareFault> {
     let mut cfg = Config::new(dir);
     cfg.register_eagerly = true;
     cfg.zero_fill_pages = 1;
-    let region = Region {
-        gpa: 0,
-        host_addr: mem.addr(),
-        len: mem.len(),
-    };
+    let region = Region { gpa: 0, host_addr: mem.addr(), len: mem.len() };
     let sw = Swapper::with_config("swapd-bare-fault", vec![region], Arc::new(NoVm), cfg)
         .map_err(|e| io::Error::other(e.to_string()))?;
     let base = mem.addr();
@@ -154,9 +143,5 @@ pub fn bare_fault(dir: &Path, pages: usize) -> io::Result<BareFault> {
         unsafe { std::ptr::read_volatile((plain.addr() + p * PAGE_SIZE) as *const u8) };
     }
     let kernel_us = t.elapsed().as_secs_f64() * 1e6 / pages as f64;
-    Ok(BareFault {
-        round_trip_us,
-        handler_us,
-        kernel_us,
-    })
+    Ok(BareFault { round_trip_us, handler_us, kernel_us })
 }

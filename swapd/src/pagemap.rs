@@ -127,7 +127,14 @@ impl Discarder {
                     chunk.iter().map(|&(a, l)| libc::iovec { iov_base: a as *mut _, iov_len: l }).collect();
                 // SAFETY: iov is valid for the call; the ranges may be discarded.
                 let r = unsafe {
-                    libc::syscall(libc::SYS_process_madvise, pidfd.as_raw_fd(), iov.as_ptr(), iov.len(), libc::MADV_DONTNEED, 0)
+                    libc::syscall(
+                        libc::SYS_process_madvise,
+                        pidfd.as_raw_fd(),
+                        iov.as_ptr(),
+                        iov.len(),
+                        libc::MADV_DONTNEED,
+                        0,
+                    )
                 };
                 if r >= 0 {
                     let mut bytes = r as usize;
@@ -243,8 +250,14 @@ a000-b000 rw-p 00000000 00:00 0 [heap]\n";
         let pages = 3000;
         // SAFETY: fresh mapping, unmapped at the end.
         let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), pages * PAGE_SIZE, libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         } as usize;
         for p in 0..pages {
             // SAFETY: inside the mapping.
@@ -252,7 +265,8 @@ a000-b000 rw-p 00000000 00:00 0 [heap]\n";
         }
         let d = Discarder::new();
         // Every other page: 1500 ranges (two process_madvise calls), and one bad range.
-        let mut ranges: Vec<(usize, usize)> = (0..pages).step_by(2).map(|p| (base + p * PAGE_SIZE, PAGE_SIZE)).collect();
+        let mut ranges: Vec<(usize, usize)> =
+            (0..pages).step_by(2).map(|p| (base + p * PAGE_SIZE, PAGE_SIZE)).collect();
         ranges.insert(700, (base + 1, PAGE_SIZE));
         let res = d.discard(&ranges);
         assert_eq!(res.len(), ranges.len());

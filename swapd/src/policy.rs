@@ -363,8 +363,11 @@ impl Policy {
         let goal_soft = (c.soft * total_pages as f64).ceil() as u64;
         let deficit = goal_high.saturating_sub(free_pages);
         let pending: u64 = vms.iter().zip(&target).map(|(v, t)| t.saturating_sub(v.balloon_pages)).sum();
-        let swap_avail: Vec<u64> =
-            vms.iter().zip(&swap).map(|(v, s)| v.resident_pages.saturating_sub(v.min_pages).saturating_sub(*s)).collect();
+        let swap_avail: Vec<u64> = vms
+            .iter()
+            .zip(&swap)
+            .map(|(v, s)| v.resident_pages.saturating_sub(v.min_pages).saturating_sub(*s))
+            .collect();
         let mut balloon_ask = 0u64;
         let mut deflate = 0u64;
         match new {
@@ -486,7 +489,8 @@ pub fn meminfo_field(text: &str, key: &str) -> Option<u64> {
 impl HostMemSource for MemInfo {
     fn sample(&mut self) -> io::Result<HostMem> {
         let text = std::fs::read_to_string(&self.path)?;
-        let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("{}: no MemTotal/MemAvailable", self.path.display()));
+        let bad =
+            || io::Error::new(io::ErrorKind::InvalidData, format!("{}: no MemTotal/MemAvailable", self.path.display()));
         Ok(HostMem {
             total_bytes: meminfo_field(&text, "MemTotal").ok_or_else(bad)?,
             free_bytes: meminfo_field(&text, "MemAvailable").ok_or_else(bad)?,
@@ -644,9 +648,10 @@ mod tests {
     fn thresholds_going_down() {
         use FreeState::*;
         let mut p = Policy::new(PolicyConfig::default());
-        assert_eq!(states(&mut p, &[10.0, 6.0, 4.5, 4.0, 3.99, 2.0, 1.99, 1.0, 0.99, 0.0]), [
-            High, High, High, High, Soft, Soft, Hard, Hard, Low, Low
-        ]);
+        assert_eq!(
+            states(&mut p, &[10.0, 6.0, 4.5, 4.0, 3.99, 2.0, 1.99, 1.0, 0.99, 0.0]),
+            [High, High, High, High, Soft, Soft, Hard, Hard, Low, Low]
+        );
     }
 
     #[test]
@@ -655,24 +660,20 @@ mod tests {
         let mut p = Policy::new(PolicyConfig::default());
         // Into low, then back up one band at a time: each state is left only at the
         // next threshold up.
-        assert_eq!(states(&mut p, &[0.5, 1.5, 1.99, 2.0, 3.9, 4.0, 5.9, 6.0]), [
-            Low, Low, Low, Hard, Hard, Soft, Soft, High
-        ]);
+        assert_eq!(
+            states(&mut p, &[0.5, 1.5, 1.99, 2.0, 3.9, 4.0, 5.9, 6.0]),
+            [Low, Low, Low, Hard, Hard, Soft, Soft, High]
+        );
         // Oscillating around a threshold does not flap.
         assert_eq!(states(&mut p, &[3.9, 4.1, 3.95, 4.2, 5.0]), [Soft, Soft, Soft, Soft, Soft]);
         // A big recovery jumps several states at once.
         assert_eq!(states(&mut p, &[0.5, 7.0]), [Low, High]);
         let s = p.stats();
         let path: Vec<(FreeState, FreeState)> = s.history.iter().map(|c| (c.from, c.to)).collect();
-        assert_eq!(path, [
-            (High, Low),
-            (Low, Hard),
-            (Hard, Soft),
-            (Soft, High),
-            (High, Soft),
-            (Soft, Low),
-            (Low, High)
-        ]);
+        assert_eq!(
+            path,
+            [(High, Low), (Low, Hard), (Hard, Soft), (Soft, High), (High, Soft), (Soft, Low), (Low, High)]
+        );
         assert!(s.history.windows(2).all(|w| w[0].at_ms <= w[1].at_ms && w[0].unix_ms <= w[1].unix_ms));
         assert_eq!(s.ticks, 15);
         assert_eq!(s.ticks_in_state.iter().sum::<u64>(), 15);

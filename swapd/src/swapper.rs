@@ -237,7 +237,12 @@ impl Swapper {
     }
 
     /// As [`Swapper::new`], with explicit tunables.
-    pub fn with_config(name: &str, regions: Vec<Region>, vm: Arc<dyn VmControl>, cfg: Config) -> Result<Swapper, SwapError> {
+    pub fn with_config(
+        name: &str,
+        regions: Vec<Region>,
+        vm: Arc<dyn VmControl>,
+        cfg: Config,
+    ) -> Result<Swapper, SwapError> {
         let mut infos = Vec::new();
         let mut pages: u64 = 0;
         for r in &regions {

@@ -200,10 +200,7 @@ impl Uffd {
         let r = unsafe { ioctl_with_mut_ref(self, UFFDIO_REGISTER(), &mut reg) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            return Err(io::Error::new(
-                e.kind(),
-                format!("UFFDIO_REGISTER [{start:#x}, +{len:#x}) mode {mode}: {e}"),
-            ));
+            return Err(io::Error::new(e.kind(), format!("UFFDIO_REGISTER [{start:#x}, +{len:#x}) mode {mode}: {e}")));
         }
         Ok(reg.ioctls)
     }

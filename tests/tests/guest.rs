@@ -188,7 +188,12 @@ fn pause_and_resume_keep_the_guest_intact() {
         }
     }
     assert!(pauses > 5, "only {pauses} pauses happened");
-    assert_eq!(vm.wait(Duration::from_secs(120)), Some(vmm::vm::Ending::GuestExit(0)), "{}", vm.console().lines().join("\n"));
+    assert_eq!(
+        vm.wait(Duration::from_secs(120)),
+        Some(vmm::vm::Ending::GuestExit(0)),
+        "{}",
+        vm.console().lines().join("\n")
+    );
     let verifies = common::parse_lines(&vm.console().lines()).into_iter().filter(|s| s["op"] == "verify").count();
     assert_eq!(verifies, 200);
 }

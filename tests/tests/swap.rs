@@ -45,21 +45,11 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Tmpfs {
         let st = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "vmm-swap-test",
-            ])
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "vmm-swap-test"])
             .arg(dir)
             .status()
             .expect("run mount");
-        assert!(
-            st.success(),
-            "mount -t tmpfs on {} failed (these tests run as root)",
-            dir.display()
-        );
+        assert!(st.success(), "mount -t tmpfs on {} failed (these tests run as root)", dir.display());
         Tmpfs(dir.to_path_buf())
     }
 }
@@ -82,9 +72,7 @@ fn swapping_vm(name: &str, mem: u64, vcpus: u32, boot: &str, dir: &Path) -> Vm {
 
 /// Runs a command; returns its JSON lines, panicking with them if it failed.
 fn command(vm: &Vm, cmd: &str) -> Vec<Value> {
-    let out = vm
-        .run_command(cmd, Duration::from_secs(300))
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = vm.run_command(cmd, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{cmd}: {e}"));
     let lines = common::parse_lines(&out.lines);
     assert_eq!(out.status, 0, "{cmd} failed: {lines:?}");
     lines
@@ -134,12 +122,7 @@ fn evicted_pages_of_a_running_guest_come_back_intact() {
     assert_eq!(s.slots_used + s.pages_in + s.prefetched, s.pages_out);
     assert_eq!(s.bytes_written, s.pages_out * PAGE);
     let rss_after = vm.ram().resident_bytes();
-    assert!(
-        rss_before - rss_after >= 60 * MIB,
-        "RSS {} -> {} MiB",
-        rss_before >> 20,
-        rss_after >> 20
-    );
+    assert!(rss_before - rss_after >= 60 * MIB, "RSS {} -> {} MiB", rss_before >> 20, rss_after >> 20);
 
     assert_eq!(assert_verified(&command(&vm, "verify")), 1);
     let s = settled_stats(&vm);
@@ -159,25 +142,17 @@ fn evicted_pages_of_a_running_guest_come_back_intact() {
         s.skipped_shared,
         s.skipped_vma
     );
-    assert!(
-        s.pages_in + s.prefetched >= 16384 * 9 / 10,
-        "verify read back most of the 64 MiB: {s:?}"
-    );
+    assert!(s.pages_in + s.prefetched >= 16384 * 9 / 10, "verify read back most of the 64 MiB: {s:?}");
     assert_eq!(s.bytes_read, (s.pages_in + s.prefetched) * PAGE);
     assert_eq!(s.fault_in.count, s.pages_in);
     assert!(s.fault_in.p50_us > 0.0 && s.fault_in.p99_us >= s.fault_in.p50_us);
-    assert_eq!(
-        (s.read_errors, s.checksum_errors, s.write_errors),
-        (0, 0, 0)
-    );
+    assert_eq!((s.read_errors, s.checksum_errors, s.write_errors), (0, 0, 0));
 
     exit(&vm);
     assert_eq!(vm.wait(Duration::from_secs(30)), Some(Ending::GuestExit(0)));
     drop(sw);
     let report = vm.finish();
-    let final_stats = report
-        .swap
-        .expect("the exit report carries the swap counters");
+    let final_stats = report.swap.expect("the exit report carries the swap counters");
     assert_eq!(final_stats.pages_out, s.pages_out);
     assert!(!file.exists(), "the swap file is removed when the VM ends");
 }
@@ -188,13 +163,7 @@ fn evicted_pages_of_a_running_guest_come_back_intact() {
 #[test]
 fn no_guest_write_is_lost_while_evicting() {
     let dir = TempDir::new("race");
-    let vm = Arc::new(swapping_vm(
-        "race",
-        128 * MIB,
-        2,
-        "alloc 16M unique",
-        &dir.0,
-    ));
+    let vm = Arc::new(swapping_vm("race", 128 * MIB, 2, "alloc 16M unique", &dir.0));
     let sw = vm.shared().swap.get().unwrap();
     let guest = {
         let vm = vm.clone();
@@ -209,42 +178,20 @@ fn no_guest_write_is_lost_while_evicting() {
     let lines = guest.join().expect("guest commands");
     assert_eq!(assert_verified(&lines), 12);
     let s = settled_stats(&vm);
-    assert!(
-        rounds >= 10,
-        "only {rounds} eviction rounds ran during the workload"
-    );
-    assert!(
-        s.pages_out > 4096 && s.pages_in > 1000,
-        "evictions raced with the guest: {s:?}"
-    );
-    assert_eq!(
-        s.pages_in + s.prefetched + s.slots_used,
-        s.pages_out,
-        "{s:?}"
-    );
+    assert!(rounds >= 10, "only {rounds} eviction rounds ran during the workload");
+    assert!(s.pages_out > 4096 && s.pages_in > 1000, "evictions raced with the guest: {s:?}");
+    assert_eq!(s.pages_in + s.prefetched + s.slots_used, s.pages_out, "{s:?}");
     assert_verified(&command(&vm, "verify"));
 }
 
 #[test]
 fn zero_pages_are_discarded_without_being_written() {
     let dir = TempDir::new("zero");
-    let vm = swapping_vm(
-        "zero",
-        128 * MIB,
-        1,
-        "alloc 32M zero; alloc 4M unique",
-        &dir.0,
-    );
+    let vm = swapping_vm("zero", 128 * MIB, 1, "alloc 32M zero; alloc 4M unique", &dir.0);
     let sw = vm.shared().swap.get().unwrap();
     // Through the control API, as `vmm ctl swap out 128M --vm zero` does.
     let vms = Targets { vms: vec![vm.shared().clone()], tps: None };
-    let resp = handle(
-        Request::SwapOut {
-            size: "128M".into(),
-            vm: "zero".into(),
-        },
-        &vms,
-    );
+    let resp = handle(Request::SwapOut { size: "128M".into(), vm: "zero".into() }, &vms);
     assert!(resp.ok, "{:?}", resp.error);
     let reclaimed = resp.result.unwrap()["reclaimed_pages"].as_u64().unwrap();
     let s = settled_stats(&vm);
@@ -253,34 +200,14 @@ fn zero_pages_are_discarded_without_being_written() {
     assert!(s.pages_out >= 4 * MIB / PAGE, "{s:?}");
     // The 32 MiB of zeros are not in the file: it holds the unique pages and the
     // guest's own (kernel, page tables), a few MiB.
-    assert!(
-        s.pages_out < 12 * MIB / PAGE,
-        "zero pages were written: {s:?}"
-    );
+    assert!(s.pages_out < 12 * MIB / PAGE, "zero pages were written: {s:?}");
     assert_eq!(s.bytes_written, s.pages_out * PAGE);
-    assert!(
-        sw.file_allocated_bytes() <= (s.pages_out + 256) * PAGE,
-        "file uses {} bytes",
-        sw.file_allocated_bytes()
-    );
-    assert!(
-        vm.ram().resident_bytes() < 4 * MIB,
-        "RSS {} KiB",
-        vm.ram().resident_bytes() >> 10
-    );
+    assert!(sw.file_allocated_bytes() <= (s.pages_out + 256) * PAGE, "file uses {} bytes", sw.file_allocated_bytes());
+    assert!(vm.ram().resident_bytes() < 4 * MIB, "RSS {} KiB", vm.ram().resident_bytes() >> 10);
     assert_verified(&command(&vm, "verify"));
     let resp = handle(Request::SwapStats { vm: None }, &vms);
-    assert_eq!(
-        resp.result.unwrap()["vms"]["zero"]["zero_pages_elided"],
-        s.zero_pages_elided
-    );
-    let resp = handle(
-        Request::SwapOut {
-            size: "1M".into(),
-            vm: "nope".into(),
-        },
-        &vms,
-    );
+    assert_eq!(resp.result.unwrap()["vms"]["zero"]["zero_pages_elided"], s.zero_pages_elided);
+    let resp = handle(Request::SwapOut { size: "1M".into(), vm: "nope".into() }, &vms);
     assert!(!resp.ok && resp.error.unwrap().contains("no VM named"));
 }
 
@@ -293,21 +220,14 @@ fn discarding_a_swapped_page_forgets_its_slot() {
     let sw = vm.shared().swap.get().unwrap();
     sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
     let ram = vm.ram();
-    let gpa = (0..ram.size() / PAGE)
-        .map(|p| p * PAGE)
-        .rev()
-        .find(|&g| sw.is_swapped(g))
-        .expect("a swapped page");
+    let gpa = (0..ram.size() / PAGE).map(|p| p * PAGE).rev().find(|&g| sw.is_swapped(g)).expect("a swapped page");
     let used = stats(&vm).slots_used;
     ram.discard(gpa, PAGE).unwrap();
     assert!(!sw.is_swapped(gpa));
     assert_eq!(stats(&vm).slots_used, used - 1);
     let mut word = [0u8; 8];
     vm_memory::Bytes::read_slice(ram.mem(), &mut word, vm_memory::GuestAddress(gpa)).unwrap();
-    assert_eq!(
-        word, [0; 8],
-        "a discarded page reads zeros, not its old content"
-    );
+    assert_eq!(word, [0; 8], "a discarded page reads zeros, not its old content");
 }
 
 /// A swap directory on a 4 MiB tmpfs fills up: eviction stops with a write error
@@ -318,9 +238,7 @@ fn a_full_swap_disk_stops_eviction_and_the_guest_runs_on() {
     let _mnt = Tmpfs::mount(&dir.0, "4m");
     let vm = swapping_vm("enospc", 128 * MIB, 1, "alloc 32M unique", &dir.0);
     let sw = vm.shared().swap.get().unwrap();
-    let err = sw
-        .swap_out((32 * MIB / PAGE) as usize)
-        .expect_err("4 MiB cannot hold 32 MiB");
+    let err = sw.swap_out((32 * MIB / PAGE) as usize).expect_err("4 MiB cannot hold 32 MiB");
     assert!(err.to_string().contains("No space left"), "{err}");
     let s = stats(&vm);
     assert_eq!(s.write_errors, 1);
@@ -349,10 +267,7 @@ fn a_full_swap_disk_stops_eviction_and_the_guest_runs_on() {
 #[test]
 fn a_host_memory_budget_drives_balloon_then_swap() {
     let dir = TempDir::new("policy");
-    let configs: Vec<_> = ["p0", "p1"]
-        .iter()
-        .map(|n| guest(n, 512 * MIB, "alloc 8M unique"))
-        .collect();
+    let configs: Vec<_> = ["p0", "p1"].iter().map(|n| guest(n, 512 * MIB, "alloc 8M unique")).collect();
     common::require_kvm();
     let mut vms = vmm::host::create_all(&configs, Instant::now()).expect("create VMs");
     for vm in &mut vms {
@@ -372,25 +287,13 @@ fn a_host_memory_budget_drives_balloon_then_swap() {
         .iter()
         .map(|vm| {
             let vm = vm.clone();
-            std::thread::spawn(move || {
-                command(&vm, "repeat 180 { alloc 1M unique; idle 20ms }; verify")
-            })
+            std::thread::spawn(move || command(&vm, "repeat 180 { alloc 1M unique; idle 20ms }; verify"))
         })
         .collect();
     let (mut first_target, mut first_swap) = (None, None);
     while workers.iter().any(|w| !w.is_finished()) {
         let now = Instant::now();
-        let target: u64 = vms
-            .iter()
-            .map(|vm| {
-                vm.balloon()
-                    .unwrap()
-                    .lock()
-                    .unwrap()
-                    .snapshot()
-                    .target_pages
-            })
-            .sum();
+        let target: u64 = vms.iter().map(|vm| vm.balloon().unwrap().lock().unwrap().snapshot().target_pages).sum();
         let out: u64 = vms.iter().map(|vm| stats(vm).pages_out).sum();
         if target > 0 && first_target.is_none() {
             first_target = Some(now);
@@ -405,43 +308,19 @@ fn a_host_memory_budget_drives_balloon_then_swap() {
     }
     let p = policy.stats();
     let to: Vec<&str> = p.history.iter().map(|c| c.to.name()).collect();
-    let soft = to
-        .iter()
-        .position(|&s| s == "soft")
-        .unwrap_or_else(|| panic!("never soft: {to:?}"));
+    let soft = to.iter().position(|&s| s == "soft").unwrap_or_else(|| panic!("never soft: {to:?}"));
     // Guests that allocate faster than one tick's band can pass hard on the way to
     // low; either is the swapping side.
-    let hard = to
-        .iter()
-        .position(|&s| s == "hard" || s == "low")
-        .unwrap_or_else(|| panic!("never hard: {to:?}"));
+    let hard = to.iter().position(|&s| s == "hard" || s == "low").unwrap_or_else(|| panic!("never hard: {to:?}"));
     assert!(soft < hard, "soft comes before hard: {to:?}");
     assert!(p.balloon_pages_asked > 0 && p.swap_pages_asked > 0, "{p:?}");
-    let (first_target, first_swap) = (
-        first_target.expect("no balloon target set"),
-        first_swap.expect("nothing swapped"),
-    );
-    assert!(
-        first_target <= first_swap,
-        "the balloon is asked before pages are swapped"
-    );
+    let (first_target, first_swap) =
+        (first_target.expect("no balloon target set"), first_swap.expect("nothing swapped"));
+    assert!(first_target <= first_swap, "the balloon is asked before pages are swapped");
     let out: u64 = vms.iter().map(|vm| stats(vm).pages_out).sum();
     assert!(out > 0);
-    let ballooned: u64 = vms
-        .iter()
-        .map(|vm| {
-            vm.balloon()
-                .unwrap()
-                .lock()
-                .unwrap()
-                .snapshot()
-                .ballooned_pages
-        })
-        .sum();
-    if vms
-        .iter()
-        .any(|vm| vm.balloon().unwrap().lock().unwrap().snapshot().features != 0)
-    {
+    let ballooned: u64 = vms.iter().map(|vm| vm.balloon().unwrap().lock().unwrap().snapshot().ballooned_pages).sum();
+    if vms.iter().any(|vm| vm.balloon().unwrap().lock().unwrap().snapshot().features != 0) {
         assert!(ballooned > 0, "a guest with a balloon driver gave pages");
     }
     drop(policy);
@@ -462,17 +341,12 @@ fn a_corrupt_slot_stops_the_vm_with_an_error() {
     let sw = vm.shared().swap.get().unwrap();
     sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
     let pages = stats(&vm).slots_used;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(sw.file_path())
-        .unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(sw.file_path()).unwrap();
     let junk = vec![0xa5u8; (pages * PAGE) as usize];
     file.write_all_at(&junk, PAGE).unwrap(); // slot i is at 4096 * (i + 1)
     file.sync_all().unwrap();
     drop(sw);
-    let err = vm
-        .run_command("verify", Duration::from_secs(60))
-        .expect_err("the guest cannot verify damaged pages");
+    let err = vm.run_command("verify", Duration::from_secs(60)).expect_err("the guest cannot verify damaged pages");
     assert!(err.contains("ended"), "{err}");
     match vm.wait(Duration::from_secs(10)) {
         Some(Ending::Error(e)) => assert!(e.contains("host swap"), "{e}"),
@@ -495,15 +369,6 @@ fn idle_victims_spare_the_pages_the_guest_keeps_writing() {
     let idle = vmm::bench::swap::victim_faults(&dir.0, swapd::VictimPolicy::Idle).unwrap();
     assert!(random.evicted_mib >= 127.0 && idle.evicted_mib >= 127.0);
     // Random victims take about half of the 16 MiB hot set (128 of 256 MiB).
-    assert!(
-        random.read_back > 1000,
-        "random: {} pages read back",
-        random.read_back
-    );
-    assert!(
-        idle.read_back * 10 < random.read_back,
-        "idle {} against random {}",
-        idle.read_back,
-        random.read_back
-    );
+    assert!(random.read_back > 1000, "random: {} pages read back", random.read_back);
+    assert!(idle.read_back * 10 < random.read_back, "idle {} against random {}", idle.read_back, random.read_back);
 }

@@ -31,11 +31,7 @@ impl Host {
         require_kvm();
         let mut vms = host::create_all(configs, Instant::now()).expect("create VMs");
         // 1 GiB/s: a pass over these VMs takes well under a second.
-        let off = tps::Config {
-            enabled: false,
-            pages_per_sec: 1 << 18,
-            ..tps::Config::default()
-        };
+        let off = tps::Config { enabled: false, pages_per_sec: 1 << 18, ..tps::Config::default() };
         let sharing = PageSharing::start(off, &vms).expect("start page sharing");
         for vm in &mut vms {
             vm.start().expect("start");
@@ -55,12 +51,7 @@ impl Host {
     fn converge(&self) -> tps::Stats {
         self.set(|c| c.enabled = true);
         let passes = self.sharing.stats().full_passes;
-        assert!(
-            self.sharing
-                .scanner()
-                .wait_passes(passes + 2, Duration::from_secs(120)),
-            "no full pass"
-        );
+        assert!(self.sharing.scanner().wait_passes(passes + 2, Duration::from_secs(120)), "no full pass");
         self.sharing.stats()
     }
 
@@ -70,9 +61,7 @@ impl Host {
     }
 
     fn run(&self, vm: usize, cmd: &str) -> Vec<serde_json::Value> {
-        let out = self.vms[vm]
-            .run_command(cmd, Duration::from_secs(120))
-            .expect("command");
+        let out = self.vms[vm].run_command(cmd, Duration::from_secs(120)).expect("command");
         assert_eq!(out.status, 0, "{cmd} failed in vm {vm}: {:?}", out.lines);
         common::parse_lines(&out.lines)
     }
@@ -80,10 +69,7 @@ impl Host {
     fn verify_all(&self) {
         for vm in 0..self.vms.len() {
             let lines = self.run(vm, "verify");
-            let v = lines
-                .iter()
-                .find(|l| l["op"] == "verify")
-                .expect("a verify line");
+            let v = lines.iter().find(|l| l["op"] == "verify").expect("a verify line");
             assert_eq!(v["bad"], 0, "vm {vm}: {v}");
         }
     }
@@ -100,26 +86,17 @@ impl Drop for Host {
 }
 
 fn assert_between(what: &str, value: f64, lo: f64, hi: f64) {
-    assert!(
-        (lo..=hi).contains(&value),
-        "{what}: {value:.1} MiB, expected {lo}..={hi}"
-    );
+    assert!((lo..=hi).contains(&value), "{what}: {value:.1} MiB, expected {lo}..={hi}");
 }
 
 #[test]
 fn two_vms_with_the_same_pages_keep_one_copy() {
-    let h = Host::start(&[
-        guest("a", 128 * MIB, "alloc 64M shared:7"),
-        guest("b", 128 * MIB, "alloc 64M shared:7"),
-    ]);
+    let h = Host::start(&[guest("a", 128 * MIB, "alloc 64M shared:7"), guest("b", 128 * MIB, "alloc 64M shared:7")]);
     let before = h.resident_mib();
     let s = h.converge();
     let fall = before - h.resident_mib();
     assert_between("resident memory saved", fall, 60.0, 72.0);
-    assert!(
-        s.pool_pages >= 64 * PAGES_PER_MIB && s.pool_mapped_pages >= 128 * PAGES_PER_MIB,
-        "{s:?}"
-    );
+    assert!(s.pool_pages >= 64 * PAGES_PER_MIB && s.pool_mapped_pages >= 128 * PAGES_PER_MIB, "{s:?}");
     assert!(s.bytes_saved as f64 / MIB as f64 >= 60.0, "{s:?}");
     h.verify_all();
 }
@@ -133,19 +110,13 @@ fn zero_and_duplicate_pages_of_one_vm_are_freed() {
     // 64 MiB of zero pages dropped; 64 MiB of one page onto 64 replicas (256 KiB).
     assert_between("resident memory saved", fall, 124.0, 132.0);
     assert!(s.zero_pages >= 64 * PAGES_PER_MIB, "{s:?}");
-    assert!(
-        s.pool_mapped_pages >= 64 * PAGES_PER_MIB && s.pool_pages < 256,
-        "{s:?}"
-    );
+    assert!(s.pool_mapped_pages >= 64 * PAGES_PER_MIB && s.pool_pages < 256, "{s:?}");
     h.verify_all();
 }
 
 #[test]
 fn rewriting_half_of_the_shared_pages_breaks_those_shares_only() {
-    let h = Host::start(&[
-        guest("a", 128 * MIB, "alloc 64M shared:7"),
-        guest("b", 128 * MIB, "alloc 64M shared:7"),
-    ]);
+    let h = Host::start(&[guest("a", 128 * MIB, "alloc 64M shared:7"), guest("b", 128 * MIB, "alloc 64M shared:7")]);
     let s0 = h.converge();
     let shared = h.resident_mib();
     h.run(0, "touch 32M");
@@ -153,14 +124,8 @@ fn rewriting_half_of_the_shared_pages_breaks_those_shares_only() {
     let rise = h.resident_mib() - shared;
     assert_between("resident memory added by the writes", rise, 30.0, 36.0);
     let broken = s1.broken_shares - s0.broken_shares;
-    assert!(
-        broken >= 32 * PAGES_PER_MIB,
-        "{broken} broken shares for 8192 pages written"
-    );
-    assert!(
-        broken <= 33 * PAGES_PER_MIB,
-        "{broken} broken shares for 8192 pages written"
-    );
+    assert!(broken >= 32 * PAGES_PER_MIB, "{broken} broken shares for 8192 pages written");
+    assert!(broken <= 33 * PAGES_PER_MIB, "{broken} broken shares for 8192 pages written");
     h.verify_all();
 }
 
@@ -192,11 +157,8 @@ fn no_write_is_lost_while_the_scanner_merges_under_the_guests() {
             s.spawn(move || {
                 for _ in 0..ROUNDS {
                     let lines = h.run(vm, round);
-                    let bad: u64 = lines
-                        .iter()
-                        .filter(|l| l["op"] == "verify")
-                        .map(|l| l["bad"].as_u64().unwrap())
-                        .sum();
+                    let bad: u64 =
+                        lines.iter().filter(|l| l["op"] == "verify").map(|l| l["bad"].as_u64().unwrap()).sum();
                     assert_eq!(bad, 0, "vm {vm} lost writes");
                 }
             });
@@ -206,20 +168,14 @@ fn no_write_is_lost_while_the_scanner_merges_under_the_guests() {
     h.verify_all();
     // The race was there to lose: merges and broken shares by the thousand, zero
     // pages dropped and written again.
-    assert!(
-        s.merges > 10_000 && s.broken_shares > 5_000 && s.zero_pages_freed > 5_000,
-        "{s:?}"
-    );
+    assert!(s.merges > 10_000 && s.broken_shares > 5_000 && s.zero_pages_freed > 5_000, "{s:?}");
     eprintln!("{}", vmm::reclaim::sharing::stats_json(&s));
 }
 
 /// Guest page `gpa` of `vm`, read from the host side.
 fn read_page(vm: &Vm, gpa: u64) -> Page {
     let mut bytes = [0u8; PAGE_SIZE as usize];
-    vm.ram()
-        .mem()
-        .read_slice(&mut bytes, GuestAddress(gpa))
-        .unwrap();
+    vm.ram().mem().read_slice(&mut bytes, GuestAddress(gpa)).unwrap();
     let mut page: Page = [0; 512];
     for (w, b) in page.iter_mut().zip(bytes.chunks_exact(8)) {
         *w = u64::from_le_bytes(b.try_into().unwrap());
@@ -229,13 +185,8 @@ fn read_page(vm: &Vm, gpa: u64) -> Page {
 
 /// The page frames of `vm` holding the page with `key`.
 fn frames_with(vm: &Vm, key: u64) -> Vec<u64> {
-    let pfns = vm
-        .ram()
-        .regions()
-        .iter()
-        .flat_map(|r| r.base / PAGE_SIZE..(r.base + r.size) / PAGE_SIZE);
-    pfns.filter(|&pfn| content::matches(&read_page(vm, pfn * PAGE_SIZE), key))
-        .collect()
+    let pfns = vm.ram().regions().iter().flat_map(|r| r.base / PAGE_SIZE..(r.base + r.size) / PAGE_SIZE);
+    pfns.filter(|&pfn| content::matches(&read_page(vm, pfn * PAGE_SIZE), key)).collect()
 }
 
 /// The guest-physical address of the `pages` pages of an allocation of
@@ -246,10 +197,7 @@ fn find_shared_pages(vm: &Vm, seed: u64, pages: u64) -> u64 {
     let start = first[0] * PAGE_SIZE;
     for i in 0..pages {
         let key = content::alloc_key(Kind::Shared(seed), i, 0);
-        assert!(
-            content::matches(&read_page(vm, start + i * PAGE_SIZE), key),
-            "page {i} not contiguous"
-        );
+        assert!(content::matches(&read_page(vm, start + i * PAGE_SIZE), key), "page {i} not contiguous");
     }
     start
 }
@@ -259,36 +207,20 @@ fn find_shared_pages(vm: &Vm, seed: u64, pages: u64) -> u64 {
 /// copies keep their content, and the pages come back usable.
 #[test]
 fn pages_freed_after_being_shared_read_zero() {
-    let h = Host::start(&[
-        guest("a", 128 * MIB, "alloc 16M shared:7"),
-        guest("b", 128 * MIB, "alloc 16M shared:7"),
-    ]);
+    let h = Host::start(&[guest("a", 128 * MIB, "alloc 16M shared:7"), guest("b", 128 * MIB, "alloc 16M shared:7")]);
     let s = h.converge();
     assert!(s.pool_mapped_pages >= 2 * 16 * PAGES_PER_MIB, "{s:?}");
     let pages = 16 * PAGES_PER_MIB;
     let gpa = find_shared_pages(&h.vms[0], 7, pages);
     h.run(0, "free 16M");
     let vm = &h.vms[0];
-    let ballooned = vm
-        .balloon()
-        .expect("a balloon")
-        .lock()
-        .unwrap()
-        .ballooned()
-        .clone();
+    let ballooned = vm.balloon().expect("a balloon").lock().unwrap().ballooned().clone();
     (gpa / PAGE_SIZE..(gpa / PAGE_SIZE + pages)).for_each(|pfn| assert!(ballooned.insert(pfn)));
     vm.ram().discard(gpa, pages * PAGE_SIZE).expect("discard");
     let mut back = vec![1u8; PAGE_SIZE as usize];
     for i in 0..pages {
-        vm.ram()
-            .mem()
-            .read_slice(&mut back, GuestAddress(gpa + i * PAGE_SIZE))
-            .unwrap();
-        assert!(
-            back.iter().all(|&b| b == 0),
-            "page {i} of a freed shared range reads {:#x}",
-            back[0]
-        );
+        vm.ram().mem().read_slice(&mut back, GuestAddress(gpa + i * PAGE_SIZE)).unwrap();
+        assert!(back.iter().all(|&b| b == 0), "page {i} of a freed shared range reads {:#x}", back[0]);
     }
     h.verify_all();
     // Deflate: the guest may use the pages again.
@@ -305,13 +237,7 @@ fn never_touched_and_ballooned_pages_are_left_alone() {
     let h = Host::start(&[guest("big", 1 << 30, "alloc 16M dup")]);
     let before = h.resident_mib();
     let vm = &h.vms[0];
-    let ballooned = vm
-        .balloon()
-        .expect("a balloon")
-        .lock()
-        .unwrap()
-        .ballooned()
-        .clone();
+    let ballooned = vm.balloon().expect("a balloon").lock().unwrap().ballooned().clone();
     // Put the first 4 MiB of the dup pages in the balloon, resident.
     let dup_pfns = frames_with(vm, content::DUP_KEY);
     assert_eq!(dup_pfns.len() as u64, 16 * PAGES_PER_MIB);
@@ -325,28 +251,17 @@ fn never_touched_and_ballooned_pages_are_left_alone() {
     // Out of the balloon, the held pages are merged too: about 4 MiB more saved.
     held.iter().for_each(|&pfn| assert!(ballooned.remove(pfn)));
     h.converge();
-    assert_between(
-        "saved once out of the balloon",
-        after - h.resident_mib(),
-        3.8,
-        4.2,
-    );
+    assert_between("saved once out of the balloon", after - h.resident_mib(), 3.8, 4.2);
     h.verify_all();
 }
 
 #[test]
 fn sharing_within_each_vm_only_keeps_vms_apart() {
-    let h = Host::start(&[
-        guest("a", 128 * MIB, "alloc 32M shared:7"),
-        guest("b", 128 * MIB, "alloc 32M shared:7"),
-    ]);
+    let h = Host::start(&[guest("a", 128 * MIB, "alloc 32M shared:7"), guest("b", 128 * MIB, "alloc 32M shared:7")]);
     h.set(|c| c.cross_vm = false);
     let before = h.resident_mib();
     let s = h.converge();
-    assert!(
-        before - h.resident_mib() < 2.0,
-        "pages of two VMs were merged with scope=vm: {s:?}"
-    );
+    assert!(before - h.resident_mib() < 2.0, "pages of two VMs were merged with scope=vm: {s:?}");
     h.verify_all();
 }
 
@@ -366,32 +281,20 @@ fn a_pause_holds_while_merge_batches_pause_and_resume_the_vm() {
     let vm = &h.vms[0];
     let (mut held, mut batches_while_held) = (0, 0);
     std::thread::scope(|s| {
-        let worker = s.spawn(|| {
-            h.run(
-                0,
-                "repeat 40 { alloc 8M dup; alloc 8M shared:5; touch 4M; verify; free 16M }",
-            )
-        });
+        let worker = s.spawn(|| h.run(0, "repeat 40 { alloc 8M dup; alloc 8M shared:5; touch 4M; verify; free 16M }"));
         while !worker.is_finished() {
             std::thread::sleep(Duration::from_millis(15));
             let Some(_) = vm.pause() else { continue };
             let (heartbeat, batches) = (vm.progress().heartbeat, h.sharing.stats().batches);
             std::thread::sleep(Duration::from_millis(30));
             batches_while_held += h.sharing.stats().batches - batches;
-            assert_eq!(
-                vm.progress().heartbeat,
-                heartbeat,
-                "the guest ran during a pause"
-            );
+            assert_eq!(vm.progress().heartbeat, heartbeat, "the guest ran during a pause");
             held += 1;
             vm.resume();
         }
         worker.join().unwrap();
     });
-    assert!(
-        held >= 5 && batches_while_held > 0,
-        "{held} pauses, {batches_while_held} merge batches during them"
-    );
+    assert!(held >= 5 && batches_while_held > 0, "{held} pauses, {batches_while_held} merge batches during them");
     h.verify_all();
 }
 
@@ -401,30 +304,16 @@ fn a_pause_holds_while_merge_batches_pause_and_resume_the_vm() {
 fn host_run_shares_and_reports_its_counters() {
     require_kvm();
     let workload = "alloc 16M shared:7; alloc 8M zero; idle 1500ms; verify; exit 0";
-    let configs = [
-        guest("a", 64 * MIB, workload),
-        guest("b", 64 * MIB, workload),
-    ];
+    let configs = [guest("a", 64 * MIB, workload), guest("b", 64 * MIB, workload)];
     let opts = host::RunOptions {
-        tps: Some(tps::Config {
-            pages_per_sec: 1 << 18,
-            ..tps::Config::default()
-        }),
+        tps: Some(tps::Config { pages_per_sec: 1 << 18, ..tps::Config::default() }),
         ..host::RunOptions::default()
     };
     let report = host::run(&configs, Instant::now(), opts).expect("run");
-    assert!(
-        report.vms.iter().all(|vm| vm.exit_code == Some(0)),
-        "{:?}",
-        report.vms
-    );
+    assert!(report.vms.iter().all(|vm| vm.exit_code == Some(0)), "{:?}", report.vms);
     let s = report.tps.expect("page sharing counters in the report");
     assert!(s.full_passes >= 1 && s.regions == 2, "{s:?}");
     // 16 MiB kept once instead of twice, 16 MiB of zero pages dropped.
     assert!(s.bytes_saved >= 30 * MIB, "{s:?}");
-    assert!(
-        report.guest_rss_mib < 24.0,
-        "guest memory {} MiB",
-        report.guest_rss_mib
-    );
+    assert!(report.guest_rss_mib < 24.0, "guest memory {} MiB", report.guest_rss_mib);
 }

@@ -55,18 +55,11 @@ fn per(n: u64, d: u64) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let num = |i: usize, default| {
-        args.get(i)
-            .map_or(default, |a| a.parse().expect("a number"))
-    };
+    let num = |i: usize, default| args.get(i).map_or(default, |a| a.parse().expect("a number"));
     let (vms, mib): (usize, usize) = (num(0, 4), num(1, 256));
     let sparse = args.get(2).is_some_and(|a| a == "sparse");
     let pages = mib * (1 << 20) / PAGE_SIZE;
-    let (zero, shared) = if sparse {
-        (pages / 4, pages / 4)
-    } else {
-        (pages / 4, pages / 2)
-    };
+    let (zero, shared) = if sparse { (pages / 4, pages / 4) } else { (pages / 4, pages / 2) };
     // What page `i` holds: 0 zero, 1 common, 2 the VM's own.
     let kind = |i: usize| match (sparse, i) {
         (true, i) => [0, 1, 2, 2][i % 4],
@@ -87,23 +80,12 @@ fn main() {
             }
         }
     }
-    println!(
-        "{vms} VMs x {mib} MiB written in {:.2} s",
-        t.elapsed().as_secs_f64()
-    );
+    println!("{vms} VMs x {mib} MiB written in {:.2} s", t.elapsed().as_secs_f64());
 
-    let config = Config {
-        pages_per_sec: 0,
-        ..Config::default()
-    };
+    let config = Config { pages_per_sec: 0, ..Config::default() };
     let scanner = Scanner::start(config, Arc::new(NoVcpus)).expect("scanner");
     for (vm, &m) in mems.iter().enumerate() {
-        let region = Region {
-            vm: vm as u32,
-            gpa: 0,
-            host_addr: m,
-            len: pages * PAGE_SIZE,
-        };
+        let region = Region { vm: vm as u32, gpa: 0, host_addr: m, len: pages * PAGE_SIZE };
         scanner.add_region(region).expect("region");
     }
     // Achievable: every zero page, and all but one copy of each shared page.
@@ -113,10 +95,7 @@ fn main() {
     while converged.is_none() {
         std::thread::sleep(Duration::from_millis(5));
         let st = scanner.stats();
-        assert!(
-            start.elapsed() < Duration::from_secs(600),
-            "no convergence: {st:?}"
-        );
+        assert!(start.elapsed() < Duration::from_secs(600), "no convergence: {st:?}");
         // Three passes without reaching it: the VMA limit held merges back.
         if st.bytes_saved * 100 >= achievable * 95 || st.full_passes >= 3 {
             converged = Some((start.elapsed(), st));
@@ -150,28 +129,14 @@ fn main() {
         per(at.pages_scanned * 1_000_000_000, at.cpu_ns)
     );
     println!("  pages hashed       {:>10}", at.pages_hashed);
-    println!(
-        "  merged             {:>10}   ({} onto the pool, {} zero)",
-        merged, at.merges, at.zero_pages_freed
-    );
-    println!(
-        "  CPU per page       {:>10.2} us",
-        per(at.cpu_ns, at.pages_scanned) / 1e3
-    );
-    println!(
-        "  batches            {:>10}   ({:.1} pages per batch)",
-        at.batches,
-        per(merged, at.batches)
-    );
+    println!("  merged             {:>10}   ({} onto the pool, {} zero)", merged, at.merges, at.zero_pages_freed);
+    println!("  CPU per page       {:>10.2} us", per(at.cpu_ns, at.pages_scanned) / 1e3);
+    println!("  batches            {:>10}   ({:.1} pages per batch)", at.batches, per(merged, at.batches));
     println!(
         "  apply time         {:>10.2} us per merged page (pauses, re-compare, mmap/madvise)",
         per(at.paused_us, merged)
     );
-    println!(
-        "  mmap/madvise calls {:>10}   ({:.1} pages per call)",
-        at.remap_calls,
-        per(merged, at.remap_calls)
-    );
+    println!("  mmap/madvise calls {:>10}   ({:.1} pages per call)", at.remap_calls, per(merged, at.remap_calls));
     println!(
         "after a full pass: saved {} MiB, pool {} pages, VMAs added {}, metadata {} KiB",
         full.bytes_saved >> 20,

@@ -137,14 +137,7 @@ mod tests {
         assert_eq!(b.content(idx).unwrap()[0], 7);
         assert_eq!(b.content(40).unwrap()[0], 1);
         assert_eq!(b.buf(copy)[0], 1);
-        let op = Op {
-            region: 0x10000,
-            region_id: 0,
-            page: 2,
-            vm: 0,
-            gpa: 0,
-            target: Target::Zero,
-        };
+        let op = Op { region: 0x10000, region_id: 0, page: 2, vm: 0, gpa: 0, target: Target::Zero };
         b.push(op);
         assert_eq!(b.planned(0x12000), Some(Target::Zero));
         assert!(!b.is_empty());

@@ -51,10 +51,7 @@ impl Config {
     /// Pages per second to visit with `total_pages` registered; None: unlimited.
     pub(crate) fn rate(&self, total_pages: usize) -> Option<f64> {
         let cap = (self.pages_per_sec > 0).then_some(self.pages_per_sec as f64);
-        let paced = self
-            .full_pass
-            .filter(|p| !p.is_zero())
-            .map(|p| (total_pages as f64 / p.as_secs_f64()).max(1.0));
+        let paced = self.full_pass.filter(|p| !p.is_zero()).map(|p| (total_pages as f64 / p.as_secs_f64()).max(1.0));
         match (cap, paced) {
             (Some(c), Some(p)) => Some(c.min(p)),
             (c, p) => c.or(p),
@@ -90,12 +87,6 @@ mod tests {
     #[test]
     fn serde_defaults_missing_fields() {
         let c: Config = serde_json::from_str(r#"{"cross_vm": false}"#).unwrap();
-        assert_eq!(
-            c,
-            Config {
-                cross_vm: false,
-                ..Config::default()
-            }
-        );
+        assert_eq!(c, Config { cross_vm: false, ..Config::default() });
     }
 }

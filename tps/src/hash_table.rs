@@ -30,9 +30,7 @@ const GEN_MASK: u64 = (1 << (63 - PAGE_BITS)) - 1;
 impl Entry {
     fn pack(self, generation: u64) -> u64 {
         match self {
-            Entry::Hint(addr) => {
-                (generation & GEN_MASK) << PAGE_BITS | (addr / crate::PAGE_SIZE) as u64
-            }
+            Entry::Hint(addr) => (generation & GEN_MASK) << PAGE_BITS | (addr / crate::PAGE_SIZE) as u64,
             Entry::Pool(idx) => POOL_TAG | idx as u64,
         }
     }
@@ -85,10 +83,7 @@ impl HashTable {
 
     /// Sets the entry of `key` (a hint: as seen in the current pass).
     pub(crate) fn set(&mut self, key: u64, entry: Entry) {
-        let old = self
-            .map
-            .insert(key, entry.pack(self.generation))
-            .map(Entry::unpack);
+        let old = self.map.insert(key, entry.pack(self.generation)).map(Entry::unpack);
         self.count(old, -1);
         self.count(Some(entry), 1);
     }
@@ -113,8 +108,7 @@ impl HashTable {
     pub(crate) fn end_pass(&mut self) {
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
-        self.map
-            .retain(|_, v| *v & POOL_TAG != 0 || age(*v, generation) <= 1);
+        self.map.retain(|_, v| *v & POOL_TAG != 0 || age(*v, generation) <= 1);
         self.hints = self.map.values().filter(|&&v| v & POOL_TAG == 0).count();
     }
 
@@ -183,10 +177,6 @@ mod tests {
             t.set(1, Entry::Hint(0x7fff_ffff_f000));
             t.end_pass();
         }
-        assert_eq!(
-            (t.get(1), t.hints()),
-            (Some(Entry::Hint(0x7fff_ffff_f000)), 1),
-            "generations wrap"
-        );
+        assert_eq!((t.get(1), t.hints()), (Some(Entry::Hint(0x7fff_ffff_f000)), 1), "generations wrap");
     }
 }

@@ -71,9 +71,7 @@ pub(crate) struct PageMap {
 
 impl PageMap {
     pub(crate) fn open() -> io::Result<Self> {
-        Ok(Self {
-            file: File::open("/proc/self/pagemap")?,
-        })
+        Ok(Self { file: File::open("/proc/self/pagemap")? })
     }
 
     /// Fills `out` with the entries of the `out.len()` pages starting at `addr`
@@ -148,10 +146,6 @@ mod tests {
             (m.addr as *mut u8).write_volatile(4);
             libc::close(fd);
         }
-        assert_eq!(
-            pm.one(m.addr).unwrap().backing(),
-            Backing::Anon,
-            "a write broke the share"
-        );
+        assert_eq!(pm.one(m.addr).unwrap().backing(), Backing::Anon, "a write broke the share");
     }
 }

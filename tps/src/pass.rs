@@ -66,15 +66,7 @@ impl Pass {
             offset = rng.next() % chunks;
         }
         let total_pages = regions.iter().map(|r| r.pages).sum();
-        Self {
-            regions,
-            ends,
-            chunks,
-            stride,
-            offset,
-            next: 0,
-            total_pages,
-        }
+        Self { regions, ends, chunks, stride, offset, next: 0, total_pages }
     }
 
     /// Pages the pass covers.
@@ -90,18 +82,13 @@ impl Pass {
         if self.done() {
             return None;
         }
-        let c = ((self.stride as u128 * self.next as u128 + self.offset as u128)
-            % self.chunks as u128) as u64;
+        let c = ((self.stride as u128 * self.next as u128 + self.offset as u128) % self.chunks as u128) as u64;
         self.next += 1;
         let ri = self.ends.partition_point(|&e| e <= c);
         let region = self.regions[ri];
         let before = if ri == 0 { 0 } else { self.ends[ri - 1] };
         let first = (c - before) as usize * CHUNK_PAGES;
-        Some(Chunk {
-            region,
-            first,
-            pages: (region.pages - first).min(CHUNK_PAGES),
-        })
+        Some(Chunk { region, first, pages: (region.pages - first).min(CHUNK_PAGES) })
     }
 }
 
@@ -137,27 +124,9 @@ mod tests {
     #[test]
     fn every_page_once_in_random_order() {
         let regions = vec![
-            PassRegion {
-                id: 0,
-                host_addr: 0x1000_0000,
-                vm: 0,
-                gpa: 0,
-                pages: 3 * CHUNK_PAGES,
-            },
-            PassRegion {
-                id: 1,
-                host_addr: 0x9000_0000,
-                vm: 1,
-                gpa: 0x1000,
-                pages: 1000,
-            },
-            PassRegion {
-                id: 2,
-                host_addr: 0x7000_0000,
-                vm: 1,
-                gpa: 0,
-                pages: 1,
-            },
+            PassRegion { id: 0, host_addr: 0x1000_0000, vm: 0, gpa: 0, pages: 3 * CHUNK_PAGES },
+            PassRegion { id: 1, host_addr: 0x9000_0000, vm: 1, gpa: 0x1000, pages: 1000 },
+            PassRegion { id: 2, host_addr: 0x7000_0000, vm: 1, gpa: 0, pages: 1 },
         ];
         let total: usize = regions.iter().map(|r| r.pages).sum();
         let mut rng = Rng::new(42);
@@ -185,13 +154,7 @@ mod tests {
     fn empty_and_single() {
         let mut rng = Rng::new(1);
         assert!(Pass::new(vec![], &mut rng).done());
-        let r = PassRegion {
-            id: 0,
-            host_addr: 0,
-            vm: 0,
-            gpa: 0,
-            pages: 5,
-        };
+        let r = PassRegion { id: 0, host_addr: 0, vm: 0, gpa: 0, pages: 5 };
         let mut p = Pass::new(vec![r], &mut rng);
         assert_eq!(p.next_chunk().map(|c| (c.first, c.pages)), Some((0, 5)));
         assert!(p.done());

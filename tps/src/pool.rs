@@ -53,13 +53,7 @@ impl Pool {
         }
         // SAFETY: `fd` was just created and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        Ok(Self {
-            file,
-            pages: Vec::new(),
-            free: BTreeSet::new(),
-            live: 0,
-            file_pages: 0,
-        })
+        Ok(Self { file, pages: Vec::new(), free: BTreeSet::new(), live: 0, file_pages: 0 })
     }
 
     pub(crate) fn fd(&self) -> RawFd {
@@ -94,11 +88,7 @@ impl Pool {
     ) -> io::Result<u32> {
         let idx = match want.filter(|&w| self.is_free(w)) {
             Some(w) => w,
-            None => self
-                .free
-                .first()
-                .copied()
-                .unwrap_or(self.pages.len() as u32),
+            None => self.free.first().copied().unwrap_or(self.pages.len() as u32),
         };
         if idx >= MAX_POOL_PAGES {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
@@ -108,20 +98,13 @@ impl Pool {
             self.file.set_len(pages as u64 * PAGE_SIZE as u64)?;
             self.file_pages = pages;
         }
-        self.file
-            .write_all_at(content, idx as u64 * PAGE_SIZE as u64)?;
+        self.file.write_all_at(content, idx as u64 * PAGE_SIZE as u64)?;
         if idx as usize == self.pages.len() {
             self.pages.push(PoolPage::default());
         } else {
             self.free.remove(&idx);
         }
-        self.pages[idx as usize] = PoolPage {
-            refs: 0,
-            key,
-            domain,
-            base: base.unwrap_or(idx),
-            live: true,
-        };
+        self.pages[idx as usize] = PoolPage { refs: 0, key, domain, base: base.unwrap_or(idx), live: true };
         self.live += 1;
         Ok(idx)
     }
@@ -155,18 +138,10 @@ impl Pool {
         let off = idx as i64 * PAGE_SIZE as i64;
         // SAFETY: plain syscall on our own fd.
         let r = unsafe {
-            libc::fallocate(
-                self.fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                PAGE_SIZE as i64,
-            )
+            libc::fallocate(self.fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, PAGE_SIZE as i64)
         };
         if r != 0 {
-            log::warn!(
-                "tps: freeing pool page {idx}: {}",
-                io::Error::last_os_error()
-            );
+            log::warn!("tps: freeing pool page {idx}: {}", io::Error::last_os_error());
         }
         key
     }
@@ -182,10 +157,7 @@ mod tests {
     use super::*;
 
     fn resident_bytes(pool: &Pool) -> u64 {
-        pool.file
-            .metadata()
-            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-            .unwrap()
+        pool.file.metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap()
     }
 
     #[test]
@@ -194,16 +166,8 @@ mod tests {
         let page = |b: u8| [b; PAGE_SIZE];
         assert_eq!(pool.alloc(None, &page(1), 11, 0, None).unwrap(), 0);
         assert_eq!(pool.alloc(Some(1), &page(2), 12, 0, None).unwrap(), 1);
-        assert_eq!(
-            pool.alloc(Some(0), &page(3), 13, 0, None).unwrap(),
-            2,
-            "0 is taken"
-        );
-        assert_eq!(
-            pool.alloc(Some(9), &page(4), 14, 0, Some(2)).unwrap(),
-            3,
-            "9 is past the end"
-        );
+        assert_eq!(pool.alloc(Some(0), &page(3), 13, 0, None).unwrap(), 2, "0 is taken");
+        assert_eq!(pool.alloc(Some(9), &page(4), 14, 0, Some(2)).unwrap(), 3, "9 is past the end");
         assert_eq!(pool.get(3).unwrap().base, 2);
         assert_eq!(pool.get(1).unwrap().base, 1);
         assert_eq!(pool.live_pages(), 4);
@@ -218,23 +182,15 @@ mod tests {
         assert_eq!(pool.drop_ref(1), Some(12), "last reference frees");
         assert!(pool.is_free(1) && pool.get(1).is_none());
         assert_eq!(pool.live_pages(), 3);
-        assert_eq!(
-            pool.alloc(None, &page(5), 15, 0, None).unwrap(),
-            1,
-            "lowest free page"
-        );
-        assert!(
-            pool.is_free(4) && !pool.is_free(5),
-            "only the next page past the end"
-        );
+        assert_eq!(pool.alloc(None, &page(5), 15, 0, None).unwrap(), 1, "lowest free page");
+        assert!(pool.is_free(4) && !pool.is_free(5), "only the next page past the end");
     }
 
     #[test]
     fn free_punches_a_hole() {
         let mut pool = Pool::new().unwrap();
         for i in 0..64 {
-            pool.alloc(None, &[i as u8 + 1; PAGE_SIZE], i, 0, None)
-                .unwrap();
+            pool.alloc(None, &[i as u8 + 1; PAGE_SIZE], i, 0, None).unwrap();
         }
         let before = resident_bytes(&pool);
         assert!(before >= 64 * PAGE_SIZE as u64);

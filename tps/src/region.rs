@@ -46,10 +46,7 @@ impl Slot {
         match v {
             ANON => Slot::Anon,
             ZERO => Slot::Zero,
-            v => Slot::Pool {
-                idx: v & !BROKEN,
-                broken: v & BROKEN != 0,
-            },
+            v => Slot::Pool { idx: v & !BROKEN, broken: v & BROKEN != 0 },
         }
     }
 
@@ -134,10 +131,7 @@ impl RegionState {
         let (old, new) = (self.key(page), vma_key(page, slot));
         let mut delta = 0isize;
         if old != new {
-            let neighbours = [
-                page.checked_sub(1),
-                Some(page + 1).filter(|&j| j < self.pages),
-            ];
+            let neighbours = [page.checked_sub(1), Some(page + 1).filter(|&j| j < self.pages)];
             for j in neighbours.into_iter().flatten() {
                 let k = self.key(j);
                 delta += (k != new) as isize - (k != old) as isize;
@@ -150,10 +144,7 @@ impl RegionState {
 
     /// Pages with their slots.
     pub(crate) fn slots(&self) -> impl Iterator<Item = (usize, Slot)> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (i, Slot::unpack(v)))
+        self.slots.iter().enumerate().map(|(i, &v)| (i, Slot::unpack(v)))
     }
 
     #[cfg(test)]
@@ -173,13 +164,7 @@ pub(crate) struct Regions {
 
 impl Regions {
     pub(crate) fn add(&mut self, r: &Region, advice: Advice) -> Result<u64, Error> {
-        let bad = |why| {
-            Err(Error::BadRange {
-                host_addr: r.host_addr,
-                len: r.len,
-                why,
-            })
-        };
+        let bad = |why| Err(Error::BadRange { host_addr: r.host_addr, len: r.len, why });
         if r.len == 0 || r.host_addr % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
             return bad("empty or not page aligned");
         }
@@ -233,12 +218,7 @@ impl Regions {
 
     /// Unregisters every region of `vm` and returns them.
     pub(crate) fn remove_vm(&mut self, vm: u32) -> Vec<RegionState> {
-        let keys: Vec<usize> = self
-            .map
-            .values()
-            .filter(|r| r.vm == vm)
-            .map(|r| r.host_addr)
-            .collect();
+        let keys: Vec<usize> = self.map.values().filter(|r| r.vm == vm).map(|r| r.host_addr).collect();
         let removed: Vec<RegionState> = keys.iter().filter_map(|k| self.map.remove(k)).collect();
         for r in &removed {
             self.vmas_added -= r.vmas - 1;
@@ -252,10 +232,7 @@ impl Regions {
 
     /// `start..end` of every region, in address order.
     pub(crate) fn ranges(&self) -> Vec<(usize, usize)> {
-        self.map
-            .values()
-            .map(|r| (r.host_addr, r.host_addr + r.pages * PAGE_SIZE))
-            .collect()
+        self.map.values().map(|r| (r.host_addr, r.host_addr + r.pages * PAGE_SIZE)).collect()
     }
 
     /// VMAs beyond one per region, as the model has them.
@@ -273,12 +250,7 @@ mod tests {
     use super::*;
 
     fn region(vm: u32, host_addr: usize, pages: usize) -> Region {
-        Region {
-            vm,
-            gpa: 0,
-            host_addr,
-            len: pages * PAGE_SIZE,
-        }
+        Region { vm, gpa: 0, host_addr, len: pages * PAGE_SIZE }
     }
 
     /// VMAs counted from scratch.
@@ -292,10 +264,7 @@ mod tests {
         let a = Advice::default();
         assert!(rs.add(&region(0, 0x10_0000, 16), a).is_ok());
         assert!(rs.add(&region(0, 0x10_8000, 16), a).is_err(), "overlap");
-        assert!(
-            rs.add(&region(0, 0x0f_8000, 9), a).is_err(),
-            "overlap from below"
-        );
+        assert!(rs.add(&region(0, 0x0f_8000, 9), a).is_err(), "overlap from below");
         assert!(rs.add(&region(0, 0x0f_8000, 8), a).is_ok(), "adjacent");
         assert!(rs.add(&region(1, 0x20_0010, 1), a).is_err(), "unaligned");
         assert!(rs.add(&region(1, 0x20_0000, 0), a).is_err(), "empty");
@@ -312,14 +281,8 @@ mod tests {
         for s in [
             Slot::Anon,
             Slot::Zero,
-            Slot::Pool {
-                idx: 0,
-                broken: false,
-            },
-            Slot::Pool {
-                idx: MAX_POOL_PAGES - 1,
-                broken: true,
-            },
+            Slot::Pool { idx: 0, broken: false },
+            Slot::Pool { idx: MAX_POOL_PAGES - 1, broken: true },
         ] {
             assert_eq!(Slot::unpack(s.pack()), s);
         }
@@ -328,9 +291,7 @@ mod tests {
     #[test]
     fn incremental_vma_model_matches_a_recount() {
         let mut rs = Regions::default();
-        let id = rs
-            .add(&region(0, 0x100_0000, 64), Advice::default())
-            .unwrap();
+        let id = rs.add(&region(0, 0x100_0000, 64), Advice::default()).unwrap();
         let host = 0x100_0000;
         let mut x = 0x1234_5678_9abc_def1u64;
         for _ in 0..5000 {
@@ -343,19 +304,13 @@ mod tests {
             let slot = match (x >> 16) % 4 {
                 0 => Slot::Anon,
                 1 => Slot::Zero,
-                _ => Slot::Pool {
-                    idx: ((x >> 20) % 70) as u32,
-                    broken: (x >> 30) % 2 == 0,
-                },
+                _ => Slot::Pool { idx: ((x >> 20) % 70) as u32, broken: (x >> 30) % 2 == 0 },
             };
             let r = rs.get(host, id).unwrap();
             let predicted = r.vmas() as isize + r.run_delta(page, n, slot);
             for i in 0..n {
                 let s = match slot {
-                    Slot::Pool { idx, broken } => Slot::Pool {
-                        idx: idx + i as u32,
-                        broken,
-                    },
+                    Slot::Pool { idx, broken } => Slot::Pool { idx: idx + i as u32, broken },
                     s => s,
                 };
                 rs.set_slot(host, page + i, s);

@@ -53,10 +53,7 @@ impl Advice {
                 inside = (start..end).contains(&addr);
             }
         }
-        Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "no mapping at this address",
-        ))
+        Err(io::Error::new(io::ErrorKind::NotFound, "no mapping at this address"))
     }
 
     fn apply(self, addr: usize, len: usize) {
@@ -76,20 +73,13 @@ impl Advice {
             // SAFETY: changes flags of our own mapping only.
             if unsafe { libc::madvise(addr as *mut _, len, a) } != 0 {
                 // The mapping works without it; it only may not merge with neighbours.
-                log::warn!(
-                    "tps: madvise({a}) on {addr:#x}+{len:#x}: {}",
-                    io::Error::last_os_error()
-                );
+                log::warn!("tps: madvise({a}) on {addr:#x}+{len:#x}: {}", io::Error::last_os_error());
             }
         }
     }
 
     fn map_flags(self) -> i32 {
-        let nr = if self.noreserve {
-            libc::MAP_NORESERVE
-        } else {
-            0
-        };
+        let nr = if self.noreserve { libc::MAP_NORESERVE } else { 0 };
         libc::MAP_PRIVATE | libc::MAP_FIXED | nr
     }
 }
@@ -98,10 +88,7 @@ impl Advice {
 fn vma_range(line: &str) -> Option<(usize, usize)> {
     let range = line.split_whitespace().next()?;
     let (s, e) = range.split_once('-')?;
-    Some((
-        usize::from_str_radix(s, 16).ok()?,
-        usize::from_str_radix(e, 16).ok()?,
-    ))
+    Some((usize::from_str_radix(s, 16).ok()?, usize::from_str_radix(e, 16).ok()?))
 }
 
 fn check_map(addr: usize, r: *mut libc::c_void) -> io::Result<()> {
@@ -114,26 +101,11 @@ fn check_map(addr: usize, r: *mut libc::c_void) -> io::Result<()> {
 }
 
 /// Maps `len` bytes of the pool file at `offset` copy-on-write over `addr`.
-pub(crate) fn map_pool(
-    addr: usize,
-    len: usize,
-    fd: i32,
-    offset: u64,
-    advice: Advice,
-) -> io::Result<()> {
+pub(crate) fn map_pool(addr: usize, len: usize, fd: i32, offset: u64, advice: Advice) -> io::Result<()> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     // SAFETY: `addr..addr+len` is registered guest RAM whose writers are paused and
     // whose content equals the pool's at `offset` (checked by the caller).
-    let r = unsafe {
-        libc::mmap(
-            addr as *mut _,
-            len,
-            prot,
-            advice.map_flags(),
-            fd,
-            offset as i64,
-        )
-    };
+    let r = unsafe { libc::mmap(addr as *mut _, len, prot, advice.map_flags(), fd, offset as i64) };
     check_map(addr, r)?;
     advice.apply(addr, len);
     Ok(())
@@ -174,20 +146,14 @@ pub(crate) fn count_vmas(ranges: &[(usize, usize)]) -> io::Result<(usize, usize)
     for (s, e) in maps.lines().filter_map(vma_range) {
         total += 1;
         let first = ranges.partition_point(|&(_, end)| end <= s);
-        inside += ranges[first..]
-            .iter()
-            .take_while(|&&(start, _)| start < e)
-            .count();
+        inside += ranges[first..].iter().take_while(|&&(start, _)| start < e).count();
     }
     Ok((total, inside))
 }
 
 /// The kernel's limit on VMAs per process.
 pub(crate) fn max_map_count() -> usize {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(65530)
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
 }
 
 #[cfg(test)]
@@ -199,15 +165,7 @@ mod tests {
     #[test]
     fn flags_are_parsed() {
         let a = Advice::from_vm_flags(" rd wr mr mw me ac nr nh dd ");
-        assert_eq!(
-            a,
-            Advice {
-                huge: Some(false),
-                dontfork: true,
-                dontdump: false,
-                noreserve: true
-            }
-        );
+        assert_eq!(a, Advice { huge: Some(false), dontfork: true, dontdump: false, noreserve: true });
         assert_eq!(Advice::from_vm_flags(" rd wr hg dc").huge, Some(true));
         assert_eq!(vma_range("7f00-7f80 rw-p 0 0:0 0"), Some((0x7f00, 0x7f80)));
         assert!(max_map_count() > 0);
@@ -246,18 +204,11 @@ mod tests {
         map_pool(page(2), 2 * PAGE_SIZE, fd, 0, advice).unwrap();
         assert_eq!(vmas_in(m.addr, 8 * PAGE_SIZE), 3);
         map_pool(page(4), PAGE_SIZE, fd, 2 * PAGE_SIZE as u64, advice).unwrap();
-        assert_eq!(
-            vmas_in(m.addr, 8 * PAGE_SIZE),
-            3,
-            "consecutive pool pages: one VMA"
-        );
+        assert_eq!(vmas_in(m.addr, 8 * PAGE_SIZE), 3, "consecutive pool pages: one VMA");
         map_pool(page(6), PAGE_SIZE, fd, 0, advice).unwrap();
         assert_eq!(vmas_in(m.addr, 8 * PAGE_SIZE), 5);
         let read = |i: usize| unsafe { (page(i) as *const u8).read_volatile() };
-        assert_eq!(
-            [read(1), read(2), read(3), read(4), read(6)],
-            [0x55, 1, 2, 3, 1]
-        );
+        assert_eq!([read(1), read(2), read(3), read(4), read(6)], [0x55, 1, 2, 3, 1]);
 
         unsafe { (page(3) as *mut u8).write_volatile(9) };
         assert_eq!(read(3), 9);
@@ -267,11 +218,7 @@ mod tests {
 
         map_anon(page(2), 3 * PAGE_SIZE, advice).unwrap();
         assert_eq!(read(3), 0);
-        assert_eq!(
-            vmas_in(m.addr, 8 * PAGE_SIZE),
-            3,
-            "anonymous again: merged with its neighbours"
-        );
+        assert_eq!(vmas_in(m.addr, 8 * PAGE_SIZE), 3, "anonymous again: merged with its neighbours");
         map_anon(page(6), PAGE_SIZE, advice).unwrap();
         assert_eq!(vmas_in(m.addr, 8 * PAGE_SIZE), 1);
 

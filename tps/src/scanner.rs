@@ -81,19 +81,12 @@ impl Scanner {
     /// Starts the scanner thread. Register memory with [`Scanner::add_region`].
     pub fn start(config: Config, ctl: Arc<dyn VmControl>) -> Result<Scanner, Error> {
         let state = State::new(&config)?;
-        let pagemap = PageMap::open().map_err(|source| Error::Io {
-            what: "opening /proc/self/pagemap",
-            source,
-        })?;
+        let pagemap = PageMap::open().map_err(|source| Error::Io { what: "opening /proc/self/pagemap", source })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             waiting: AtomicUsize::new(0),
             ctl,
-            control: Mutex::new(Control {
-                config: config.clone(),
-                generation: 0,
-                stop: false,
-            }),
+            control: Mutex::new(Control { config: config.clone(), generation: 0, stop: false }),
             wake: Condvar::new(),
             passes: Mutex::new(0),
             pass_done: Condvar::new(),
@@ -101,9 +94,7 @@ impl Scanner {
             cpu_ns: AtomicU64::new(0),
             started: Instant::now(),
         });
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let seed = now.as_nanos() as u64 ^ ((std::process::id() as u64) << 32);
         let worker = Worker {
             shared: shared.clone(),
@@ -122,14 +113,8 @@ impl Scanner {
         let thread = thread::Builder::new()
             .name("tps-scanner".into())
             .spawn(move || worker.run())
-            .map_err(|source| Error::Io {
-                what: "starting the scanner thread",
-                source,
-            })?;
-        Ok(Scanner {
-            shared,
-            thread: Mutex::new(Some(thread)),
-        })
+            .map_err(|source| Error::Io { what: "starting the scanner thread", source })?;
+        Ok(Scanner { shared, thread: Mutex::new(Some(thread)) })
     }
 
     /// Registers guest RAM: page-aligned anonymous private memory of `region.vm`,
@@ -153,10 +138,7 @@ impl Scanner {
     /// new mapping. Does not pause the VM: the caller knows nobody uses the range.
     pub fn reset_range(&self, host_addr: usize, len: usize) -> Result<(), Error> {
         let mut remapped = Vec::new();
-        let result = self
-            .shared
-            .lock_state()
-            .reset_range(host_addr, len, &mut remapped);
+        let result = self.shared.lock_state().reset_range(host_addr, len, &mut remapped);
         for (vm, addr, len) in remapped {
             self.shared.ctl.remapped(vm, addr, len);
         }
@@ -189,11 +171,8 @@ impl Scanner {
     /// of a pass are applied when it counts). False on timeout.
     pub fn wait_passes(&self, passes: u64, timeout: Duration) -> bool {
         let done = lock(&self.shared.passes);
-        let (done, _) = self
-            .shared
-            .pass_done
-            .wait_timeout_while(done, timeout, |d| *d < passes)
-            .unwrap_or_else(|e| e.into_inner());
+        let (done, _) =
+            self.shared.pass_done.wait_timeout_while(done, timeout, |d| *d < passes).unwrap_or_else(|e| e.into_inner());
         *done >= passes
     }
 
@@ -255,9 +234,7 @@ impl Worker {
                 self.last_tick = Instant::now();
                 continue;
             }
-            let rate = self
-                .config
-                .rate(self.pass.as_ref().map_or(0, |(p, _)| p.total_pages()));
+            let rate = self.config.rate(self.pass.as_ref().map_or(0, |(p, _)| p.total_pages()));
             let now = Instant::now();
             let dt = now.duration_since(self.last_tick).as_secs_f64();
             self.last_tick = now;
@@ -290,10 +267,7 @@ impl Worker {
                     thread::yield_now();
                 }
             }
-            if self
-                .batch_since
-                .is_some_and(|t| t.elapsed() >= MAX_BATCH_AGE)
-            {
+            if self.batch_since.is_some_and(|t| t.elapsed() >= MAX_BATCH_AGE) {
                 self.commit();
             }
             self.shared.cpu_ns.store(thread_cpu_ns(), Relaxed);
@@ -338,15 +312,10 @@ impl Worker {
         }
         // Only resident private pages can be merged: ask about those only.
         for i in 0..n {
-            self.skip[i] = self.infos[i].backing() == Backing::Anon
-                && self.shared.ctl.skip_page(chunk.region.vm, chunk.gpa(i));
+            self.skip[i] =
+                self.infos[i].backing() == Backing::Anon && self.shared.ctl.skip_page(chunk.region.vm, chunk.gpa(i));
         }
-        lock(&self.shared.state).plan_chunk(
-            chunk,
-            &self.infos[..n],
-            &self.skip[..n],
-            &mut self.batch,
-        );
+        lock(&self.shared.state).plan_chunk(chunk, &self.infos[..n], &self.skip[..n], &mut self.batch);
         if self.batch_since.is_none() && !self.batch.is_empty() {
             self.batch_since = Some(Instant::now());
         }
@@ -372,9 +341,7 @@ impl Worker {
         }
         // Paused, the VMM's device threads are parked: what is skipped holds still.
         let before = self.batch.ops.len();
-        self.batch
-            .ops
-            .retain(|op| !gone.contains(&op.vm) && !ctl.skip_page(op.vm, op.gpa));
+        self.batch.ops.retain(|op| !gone.contains(&op.vm) && !ctl.skip_page(op.vm, op.gpa));
         let dropped = (before - self.batch.ops.len()) as u64;
         let remapped = {
             let mut st = lock(&self.shared.state);
@@ -385,9 +352,7 @@ impl Worker {
             ctl.remapped(vm, addr, len);
         }
         drop(guards);
-        self.shared
-            .paused_ns
-            .fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+        self.shared.paused_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
         self.batch.clear();
     }
 }

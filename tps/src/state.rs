@@ -39,11 +39,8 @@ unsafe fn guest<'a>(addr: usize) -> &'a Page {
 
 /// All 4096 bytes zero; returns at the first non-zero 256-byte block.
 fn is_zero(p: &Page) -> bool {
-    p.chunks_exact(256).all(|block| {
-        block.chunks_exact(8).fold(0u64, |acc, w| {
-            acc | u64::from_ne_bytes(w.try_into().unwrap())
-        }) == 0
-    })
+    p.chunks_exact(256)
+        .all(|block| block.chunks_exact(8).fold(0u64, |acc, w| acc | u64::from_ne_bytes(w.try_into().unwrap())) == 0)
 }
 
 pub(crate) struct State {
@@ -66,10 +63,7 @@ impl State {
             table: HashTable::default(),
             pool: Pool::new().map_err(io("creating the pool memfd"))?,
             pagemap: PageMap::open().map_err(io("opening /proc/self/pagemap"))?,
-            vma: VmaBudget::new(
-                config.vma_limit(remap::max_map_count()),
-                &Regions::default(),
-            ),
+            vma: VmaBudget::new(config.vma_limit(remap::max_map_count()), &Regions::default()),
             cross_vm: config.cross_vm,
             run_replicas: config.run_replicas,
             stats: Stats::default(),
@@ -88,10 +82,8 @@ impl State {
     }
 
     pub(crate) fn add_region(&mut self, r: &Region) -> Result<(), Error> {
-        let advice = Advice::of(r.host_addr).map_err(|source| Error::Io {
-            what: "reading the mapping's flags in /proc/self/smaps",
-            source,
-        })?;
+        let advice = Advice::of(r.host_addr)
+            .map_err(|source| Error::Io { what: "reading the mapping's flags in /proc/self/smaps", source })?;
         self.regions.add(r, advice).map(|_| ())
     }
 
@@ -99,13 +91,7 @@ impl State {
     pub(crate) fn pass_regions(&self) -> Vec<PassRegion> {
         self.regions
             .iter()
-            .map(|r| PassRegion {
-                id: r.id,
-                host_addr: r.host_addr,
-                vm: r.vm,
-                gpa: r.gpa,
-                pages: r.pages,
-            })
+            .map(|r| PassRegion { id: r.id, host_addr: r.host_addr, vm: r.vm, gpa: r.gpa, pages: r.pages })
             .collect()
     }
 
@@ -164,43 +150,17 @@ impl State {
 
     /// Makes `addr..addr+len` plain anonymous memory again, not resident: what
     /// `MADV_DONTNEED` does to anonymous memory, also where pages are shared.
-    pub(crate) fn reset_range(
-        &mut self,
-        addr: usize,
-        len: usize,
-        remapped: &mut Vec<Remapped>,
-    ) -> Result<(), Error> {
+    pub(crate) fn reset_range(&mut self, addr: usize, len: usize, remapped: &mut Vec<Remapped>) -> Result<(), Error> {
         if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-            return Err(Error::BadRange {
-                host_addr: addr,
-                len,
-                why: "not page aligned",
-            });
+            return Err(Error::BadRange { host_addr: addr, len, why: "not page aligned" });
         }
-        let remap_err = |a, l| {
-            move |source| Error::Remap {
-                host_addr: a,
-                len: l,
-                source,
-            }
-        };
-        let end = addr.checked_add(len).ok_or(Error::BadRange {
-            host_addr: addr,
-            len,
-            why: "wraps around",
-        })?;
+        let remap_err = |a, l| move |source| Error::Remap { host_addr: a, len: l, source };
+        let end = addr.checked_add(len).ok_or(Error::BadRange { host_addr: addr, len, why: "wraps around" })?;
         let mut a = addr;
         while a < end {
             let Some(r) = self.regions.find(a) else {
                 // Not registered: plain anonymous memory as far as we know.
-                let stop = self
-                    .regions
-                    .iter()
-                    .map(|r| r.host_addr)
-                    .filter(|&s| s > a)
-                    .min()
-                    .unwrap_or(end)
-                    .min(end);
+                let stop = self.regions.iter().map(|r| r.host_addr).filter(|&s| s > a).min().unwrap_or(end).min(end);
                 remap::discard(a, stop - a).map_err(remap_err(a, stop - a))?;
                 a = stop;
                 continue;
@@ -243,9 +203,8 @@ impl State {
         s.vmas_added = self.vma.added(&self.regions) as u64;
         s.process_vmas = self.vma.process(&self.regions) as u64;
         s.vma_limit = self.vma.limit as u64;
-        s.metadata_bytes = (self.table.metadata_bytes()
-            + self.regions.metadata_bytes()
-            + self.pool.metadata_bytes()) as u64;
+        s.metadata_bytes =
+            (self.table.metadata_bytes() + self.regions.metadata_bytes() + self.pool.metadata_bytes()) as u64;
         s.compute_saved();
         s
     }

@@ -78,10 +78,7 @@ impl Stats {
 
 /// CPU time consumed by the calling thread.
 pub(crate) fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: writes into `ts` only.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -93,12 +90,7 @@ mod tests {
 
     #[test]
     fn saved_bytes_and_serde() {
-        let mut s = Stats {
-            zero_pages: 10,
-            pool_mapped_pages: 8,
-            pool_pages: 3,
-            ..Stats::default()
-        };
+        let mut s = Stats { zero_pages: 10, pool_mapped_pages: 8, pool_pages: 3, ..Stats::default() };
         s.compute_saved();
         assert_eq!(s.bytes_saved, 15 * PAGE_SIZE as u64);
         let json = serde_json::to_string(&s).unwrap();

@@ -21,14 +21,8 @@ pub(crate) fn anon(pages: usize) -> Mapping {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let addr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, -1, 0) };
     assert_ne!(addr, libc::MAP_FAILED);
-    assert_eq!(
-        unsafe { libc::madvise(addr, len, libc::MADV_NOHUGEPAGE) },
-        0
-    );
-    Mapping {
-        addr: addr as usize,
-        len,
-    }
+    assert_eq!(unsafe { libc::madvise(addr, len, libc::MADV_NOHUGEPAGE) }, 0);
+    Mapping { addr: addr as usize, len }
 }
 
 /// A memfd holding `content`.

@@ -28,15 +28,8 @@ pub(crate) struct VmaBudget {
 
 impl VmaBudget {
     pub(crate) fn new(limit: usize, regions: &Regions) -> Self {
-        let mut b = Self {
-            limit,
-            process: 0,
-            added: 0,
-            model: 0,
-            counted_at: Instant::now(),
-            recounted: false,
-            warned: false,
-        };
+        let mut b =
+            Self { limit, process: 0, added: 0, model: 0, counted_at: Instant::now(), recounted: false, warned: false };
         b.count(regions);
         b
     }
@@ -117,25 +110,13 @@ mod tests {
     fn counts_follow_the_model_and_the_limit_holds() {
         let m = anon(16);
         let mut regions = Regions::default();
-        let r = Region {
-            vm: 0,
-            gpa: 0,
-            host_addr: m.addr,
-            len: m.len,
-        };
+        let r = Region { vm: 0, gpa: 0, host_addr: m.addr, len: m.len };
         regions.add(&r, Advice::default()).unwrap();
         let mut b = VmaBudget::new(usize::MAX, &regions);
         assert_eq!(b.added(&regions), 0);
         let base = b.process(&regions);
         // The model says page 3 left the anonymous VMA: +2.
-        regions.set_slot(
-            m.addr,
-            3,
-            Slot::Pool {
-                idx: 0,
-                broken: false,
-            },
-        );
+        regions.set_slot(m.addr, 3, Slot::Pool { idx: 0, broken: false });
         assert_eq!((b.added(&regions), b.process(&regions)), (2, base + 2));
         // The kernel still has one VMA there: a count sets the truth again.
         b.end_pass(&regions);

@@ -121,10 +121,7 @@ impl Writer {
                 unsafe { (addr as *mut u64).write_volatile(pattern(e.base)) };
             }
             _ => {
-                e = Expect {
-                    base: self.rand() % 4,
-                    seq: None,
-                };
+                e = Expect { base: self.rand() % 4, seq: None };
                 write_all(addr, e);
             }
         }
@@ -167,22 +164,10 @@ impl Balloon {
             p.base = 1 + (self.rng >> 20) % 3;
             let gate = &ctl.gates[p.vm as usize];
             gate.enter();
-            write_all(
-                p.addr,
-                Expect {
-                    base: p.base,
-                    seq: None,
-                },
-            );
+            write_all(p.addr, Expect { base: p.base, seq: None });
             gate.leave();
         } else {
-            self.wrong += !holds(
-                p.addr,
-                Expect {
-                    base: p.base,
-                    seq: None,
-                },
-            ) as u64;
+            self.wrong += !holds(p.addr, Expect { base: p.base, seq: None }) as u64;
             ctl.ballooned.lock().unwrap().insert((p.vm, p.gpa));
             scanner.reset_range(p.addr, PAGE_SIZE).unwrap();
             self.wrong += !holds(p.addr, zero) as u64;
@@ -198,16 +183,8 @@ fn no_write_is_lost_while_pages_are_merged() {
     let no_pause = std::env::var_os("TPS_STRESS_NO_PAUSE").is_some();
     let gates: Vec<Arc<Gate>> = (0..VMS).map(|_| Arc::default()).collect();
     let ballooned = Mutex::default();
-    let ctl = Arc::new(Vcpus {
-        gates: gates.clone(),
-        no_pause,
-        ballooned,
-    });
-    let config = tps::Config {
-        pages_per_sec: 0,
-        max_batch: 256,
-        ..tps::Config::default()
-    };
+    let ctl = Arc::new(Vcpus { gates: gates.clone(), no_pause, ballooned });
+    let config = tps::Config { pages_per_sec: 0, max_batch: 256, ..tps::Config::default() };
     // Memory first: it must outlive the scanner (the VMM calls `remove_vm` first).
     let mems: Vec<GuestMem> = (0..VMS).map(|_| GuestMem::new(PAGES)).collect();
     let scanner = Arc::new(tps::Scanner::start(config, ctl.clone()).unwrap());
@@ -221,14 +198,7 @@ fn no_write_is_lost_while_pages_are_merged() {
             let addrs: Vec<usize> = (0..PAGES).filter(mine).map(|i| m.page(i)).collect();
             let expect = vec![Expect { base: 0, seq: None }; addrs.len()];
             let rng = 0x9e37_79b9 + (vm * 16 + w) as u64;
-            let mut writer = Writer {
-                addrs,
-                expect,
-                rng,
-                seq: 0,
-                lost: 0,
-                writes: 0,
-            };
+            let mut writer = Writer { addrs, expect, rng, seq: 0, lost: 0, writes: 0 };
             let (gate, stop) = (gates[vm].clone(), stop.clone());
             threads.push(thread::spawn(move || {
                 while !stop.load(Relaxed) {
@@ -245,23 +215,16 @@ fn no_write_is_lost_while_pages_are_merged() {
         .iter()
         .enumerate()
         .flat_map(|(vm, m)| {
-            (0..PAGES)
-                .filter(|&i| is_balloons(i))
-                .map(move |i| BalloonPage {
-                    vm: vm as u32,
-                    addr: m.page(i),
-                    gpa: m.gpa(i),
-                    inflated: false,
-                    base: 0,
-                })
+            (0..PAGES).filter(|&i| is_balloons(i)).map(move |i| BalloonPage {
+                vm: vm as u32,
+                addr: m.page(i),
+                gpa: m.gpa(i),
+                inflated: false,
+                base: 0,
+            })
         })
         .collect();
-    let mut balloon = Balloon {
-        pages,
-        rng: 0x5eed,
-        wrong: 0,
-        steps: 0,
-    };
+    let mut balloon = Balloon { pages, rng: 0x5eed, wrong: 0, steps: 0 };
     let balloon = {
         let (scanner, ctl, stop) = (scanner.clone(), ctl.clone(), stop.clone());
         thread::spawn(move || {
@@ -279,16 +242,11 @@ fn no_write_is_lost_while_pages_are_merged() {
     loop {
         thread::sleep(Duration::from_millis(100));
         let st = scanner.stats();
-        let enough = st.merges >= MIN_MERGES
-            && st.zero_pages_freed >= MIN_ZERO_FREES
-            && st.broken_shares >= MIN_BROKEN;
+        let enough = st.merges >= MIN_MERGES && st.zero_pages_freed >= MIN_ZERO_FREES && st.broken_shares >= MIN_BROKEN;
         if start.elapsed() >= MIN_RUN && enough {
             break;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "too little merging: {st:?}"
-        );
+        assert!(start.elapsed() < Duration::from_secs(300), "too little merging: {st:?}");
     }
     stop.store(true, Relaxed);
     let writers: Vec<Writer> = threads.into_iter().map(|t| t.join().unwrap()).collect();
@@ -300,12 +258,7 @@ fn no_write_is_lost_while_pages_are_merged() {
     let after = scanner.stats();
     let mut wrong = 0;
     for w in &writers {
-        wrong += w
-            .addrs
-            .iter()
-            .zip(&w.expect)
-            .filter(|&(&a, &e)| !holds(a, e))
-            .count();
+        wrong += w.addrs.iter().zip(&w.expect).filter(|&(&a, &e)| !holds(a, e)).count();
     }
     for p in &balloon.pages {
         let base = if p.inflated { 0 } else { p.base };

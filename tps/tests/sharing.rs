@@ -58,16 +58,8 @@ fn shares_across_vms_and_frees_zero_pages() {
     assert_eq!(st.pool_mapped_pages, 1024);
     assert_eq!(st.zero_pages, 512);
     assert_eq!(st.zero_pages_freed, 512);
-    assert_eq!(
-        st.bytes_saved,
-        1024 * P,
-        "one copy of the shared half, no zero page"
-    );
-    assert_eq!(
-        private_pages(&a) + private_pages(&b),
-        512,
-        "only unique pages stay private"
-    );
+    assert_eq!(st.bytes_saved, 1024 * P, "one copy of the shared half, no zero page");
+    assert_eq!(private_pages(&a) + private_pages(&b), 512, "only unique pages stay private");
     assert_eq!(st.guest_pages, 2048);
     assert!(st.full_passes >= 2 && st.pages_scanned >= 2048);
     assert_eq!((st.errors, st.hash_collisions, st.broken_shares), (0, 0, 0));
@@ -78,18 +70,9 @@ fn shares_across_vms_and_frees_zero_pages() {
     assert_eq!(vmas(&a) + vmas(&b), 2 + st.vmas_added as usize);
     assert!(st.vmas_added <= 4, "{st:?}");
     // Every new mapping was reported while its VM was paused.
-    let remapped: u64 = rec
-        .remapped
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| r.2 as u64)
-        .sum();
+    let remapped: u64 = rec.remapped.lock().unwrap().iter().map(|r| r.2 as u64).sum();
     assert_eq!(remapped, 1024 * P);
-    assert!(
-        rec.gate.pauses.load(std::sync::atomic::Ordering::Relaxed) >= st.batches,
-        "every batch paused its VMs"
-    );
+    assert!(rec.gate.pauses.load(std::sync::atomic::Ordering::Relaxed) >= st.batches, "every batch paused its VMs");
 
     verify_mixed(&a, 0);
     verify_mixed(&b, 1);
@@ -118,19 +101,12 @@ fn salting_shares_only_within_a_vm() {
         s.add_region(a.region(0)).unwrap();
         s.add_region(b.region(1)).unwrap();
         let st = passes(&s, 2);
-        assert_eq!(
-            (st.pool_pages, st.pool_mapped_pages),
-            (pool, 1024),
-            "cross_vm {cross_vm}"
-        );
+        assert_eq!((st.pool_pages, st.pool_mapped_pages), (pool, 1024), "cross_vm {cross_vm}");
         if !cross_vm {
             // No physical page is mapped in both VMs.
             let frames = |m: &GuestMem| -> std::collections::HashSet<u64> {
                 (0..512).for_each(|i| assert!(m.holds(i, shared_key(i % 256))));
-                pagemap(m.addr, 512)
-                    .iter()
-                    .map(|e| e & ((1 << 55) - 1))
-                    .collect()
+                pagemap(m.addr, 512).iter().map(|e| e & ((1 << 55) - 1)).collect()
             };
             let (fa, fb) = (frames(&a), frames(&b));
             if !fa.contains(&0) {
@@ -203,15 +179,9 @@ fn never_touched_and_skipped_pages_stay_as_they_are() {
     assert_eq!(resident_pages(&m), 20, "nothing faulted in");
     assert_eq!(private_pages(&m), 20, "the skipped pages");
     assert_eq!(st.pool_mapped_pages, 180);
-    assert!(
-        st.pages_hashed <= 200 * (st.full_passes + 1),
-        "only resident private pages are read"
-    );
+    assert!(st.pages_hashed <= 200 * (st.full_passes + 1), "only resident private pages are read");
     let entries = pagemap(m.addr, 2048);
-    assert!(
-        entries[200..].iter().all(|&e| e >> 63 == 0),
-        "never-touched pages stay absent"
-    );
+    assert!(entries[200..].iter().all(|&e| e >> 63 == 0), "never-touched pages stay absent");
     for i in 0..200 {
         assert!(m.holds(i, 1 + (i % 2) as u64));
     }
@@ -229,15 +199,8 @@ fn runs_of_identical_pages_use_replicas() {
     let st = passes(&s, 2);
     assert_eq!(st.pool_mapped_pages, 4096, "{st:?}");
     assert!(st.pool_pages <= 64, "{st:?}");
-    assert!(
-        st.vmas_added <= 2 * 4096 / 64 + 8,
-        "one VMA per 64 pages: {st:?}"
-    );
-    assert_eq!(
-        vmas(&m),
-        1 + st.vmas_added as usize,
-        "the model matches the kernel"
-    );
+    assert!(st.vmas_added <= 2 * 4096 / 64 + 8, "one VMA per 64 pages: {st:?}");
+    assert_eq!(vmas(&m), 1 + st.vmas_added as usize, "the model matches the kernel");
     assert!((0..4096).all(|i| m.holds(i, 0xd0d0)));
 }
 
@@ -256,15 +219,9 @@ fn reset_range_gives_zeroed_anonymous_memory() {
     // Pages 256..800 of VM 0: shared, zero and unique pages.
     rec.remapped.lock().unwrap().clear();
     s.reset_range(a.page(256), 544 * PAGE_SIZE).unwrap();
-    assert!(
-        pagemap(a.page(256), 544).iter().all(|&e| e >> 63 == 0),
-        "not resident"
-    );
+    assert!(pagemap(a.page(256), 544).iter().all(|&e| e >> 63 == 0), "not resident");
     assert!((256..800).all(|i| a.holds(i, 0)));
-    assert_eq!(
-        *rec.remapped.lock().unwrap(),
-        vec![(0, a.page(256), 544 * PAGE_SIZE)]
-    );
+    assert_eq!(*rec.remapped.lock().unwrap(), vec![(0, a.page(256), 544 * PAGE_SIZE)]);
     let st = s.stats();
     assert_eq!(st.pool_mapped_pages, 1024 - 256);
     assert_eq!(st.zero_pages, 512 - 256);
@@ -297,28 +254,12 @@ fn remove_vm_drops_its_references() {
     passes(&s, 2);
     s.remove_vm(1);
     let st = s.stats();
-    assert_eq!(
-        (
-            st.regions,
-            st.pool_pages,
-            st.pool_mapped_pages,
-            st.zero_pages
-        ),
-        (1, 512, 512, 256)
-    );
+    assert_eq!((st.regions, st.pool_pages, st.pool_mapped_pages, st.zero_pages), (1, 512, 512, 256));
     drop(b);
     verify_mixed(&a, 0);
     s.remove_vm(0);
     let st = s.stats();
-    assert_eq!(
-        (
-            st.regions,
-            st.pool_pages,
-            st.pool_mapped_pages,
-            st.zero_pages
-        ),
-        (0, 0, 0, 0)
-    );
+    assert_eq!((st.regions, st.pool_pages, st.pool_mapped_pages, st.zero_pages), (0, 0, 0, 0));
     assert_eq!((st.hints, st.vmas_added, st.bytes_saved), (0, 0, 0));
 }
 
@@ -345,11 +286,7 @@ fn disabled_scanner_does_nothing() {
     let st = s.stats();
     assert!(!st.enabled);
     assert_eq!((st.pages_scanned, st.full_passes), (0, 0));
-    s.set_config(tps::Config {
-        enabled: true,
-        pages_per_sec: 0,
-        ..s.config()
-    });
+    s.set_config(tps::Config { enabled: true, pages_per_sec: 0, ..s.config() });
     let st = passes(&s, 2);
     assert_eq!(st.zero_pages, 256);
 }

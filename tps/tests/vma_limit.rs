@@ -7,10 +7,7 @@ mod common;
 use common::*;
 
 fn process_vmas() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().count()
 }
 
 #[test]
@@ -29,16 +26,9 @@ fn merges_stop_at_the_vma_limit() {
     s.add_region(m.region(0)).unwrap();
     let st = passes(&s, 3);
     assert!(st.vma_limited_pages > 0, "{st:?}");
-    assert!(
-        st.pool_mapped_pages > 0 && st.pool_mapped_pages < 1024,
-        "{st:?}"
-    );
+    assert!(st.pool_mapped_pages > 0 && st.pool_mapped_pages < 1024, "{st:?}");
     assert_eq!(st.zero_pages, 1024, "dropping zero pages needs no VMA");
-    assert!(
-        process_vmas() <= limit,
-        "{} VMAs, limit {limit}: {st:?}",
-        process_vmas()
-    );
+    assert!(process_vmas() <= limit, "{} VMAs, limit {limit}: {st:?}", process_vmas());
     assert_eq!(vmas(&m), 1 + st.vmas_added as usize);
     assert_eq!(st.errors, 0);
     for i in 0..2048 {
@@ -47,10 +37,7 @@ fn merges_stop_at_the_vma_limit() {
 
     // Giving the range back to anonymous memory frees its VMAs; with replicas the
     // same content needs few.
-    s.set_config(tps::Config {
-        run_replicas: 64,
-        ..s.config()
-    });
+    s.set_config(tps::Config { run_replicas: 64, ..s.config() });
     s.reset_range(m.addr, m.len()).unwrap();
     assert_eq!(vmas(&m), 1);
     for i in 0..2048 {

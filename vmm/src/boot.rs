@@ -1,8 +1,10 @@
 //! Everything written into guest memory before the first instruction: GDT, page
 //! tables, kernel image, boot information and the control page.
 
-use guest_abi::{BootInfo, Backend as AbiBackend, BOOT_INFO_GPA, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, CMDLINE_MAX,
-    CONTROL_MAGIC, CONTROL_PAGE_GPA, MAX_MEM_REGIONS};
+use guest_abi::{
+    Backend as AbiBackend, BootInfo, BOOT_INFO_GPA, BOOT_INFO_MAGIC, BOOT_INFO_VERSION, CMDLINE_MAX, CONTROL_MAGIC,
+    CONTROL_PAGE_GPA, MAX_MEM_REGIONS,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::loader::{self, LoadedKernel};
@@ -67,9 +69,8 @@ pub fn prepare(ram: &GuestRam, image: &[u8], p: &BootParams) -> Result<BootLayou
     info.cmdline_len = p.workload.len() as u32;
     info.cmdline[..p.workload.len()].copy_from_slice(p.workload.as_bytes());
     // SAFETY: BootInfo is repr(C) plain old data; the slice covers exactly it.
-    let bytes = unsafe {
-        std::slice::from_raw_parts((&info as *const BootInfo).cast::<u8>(), std::mem::size_of::<BootInfo>())
-    };
+    let bytes =
+        unsafe { std::slice::from_raw_parts((&info as *const BootInfo).cast::<u8>(), std::mem::size_of::<BootInfo>()) };
     mem.write_slice(bytes, GuestAddress(BOOT_INFO_GPA)).map_err(|e| err("boot information", e))?;
     mem.write_obj(CONTROL_MAGIC, GuestAddress(CONTROL_PAGE_GPA)).map_err(|e| err("the control page", e))?;
     Ok(BootLayout { entry: kernel.entry, cr3 })

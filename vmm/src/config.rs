@@ -103,9 +103,7 @@ impl VmConfig {
 /// Checks a program of the test guest's workload language (the guest would refuse
 /// it at boot; better to say so before creating the VM).
 pub fn check_workload(text: &str) -> Result<(), String> {
-    guest_abi::workload::Program::parse(text)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    guest_abi::workload::Program::parse(text).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Parses `512M`, `2G`, `4096`, `64K` (binary units; `B`/`iB` suffixes accepted).
@@ -259,7 +257,8 @@ impl VmEntry {
 /// line's values) and named `vmN` unless it names itself.
 pub fn load_config_file(path: &Path, base: &VmConfig) -> Result<Vec<VmConfig>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-    let file: ConfigFile = toml::from_str(&text).map_err(|e| format!("bad config {}: {}", path.display(), e.message()))?;
+    let file: ConfigFile =
+        toml::from_str(&text).map_err(|e| format!("bad config {}: {}", path.display(), e.message()))?;
     if file.vm.is_empty() {
         return Err(format!("config {} lists no [[vm]]", path.display()));
     }
@@ -268,7 +267,8 @@ pub fn load_config_file(path: &Path, base: &VmConfig) -> Result<Vec<VmConfig>, S
     for (i, entry) in file.vm.into_iter().enumerate() {
         let mut vm = base.clone();
         vm.name = format!("vm{i}");
-        let vm = entry.or(&file.defaults).apply(vm, dir).map_err(|e| format!("config {}: vm {i}: {e}", path.display()))?;
+        let vm =
+            entry.or(&file.defaults).apply(vm, dir).map_err(|e| format!("config {}: vm {i}: {e}", path.display()))?;
         vms.push(vm);
     }
     check_unique_names(&vms)?;

@@ -49,7 +49,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// a guest drops a cache: free memory the host still backs, which only the guest
 /// can say is free (the balloon's job).
 fn boot_workload(mem: u64) -> String {
-    let part = mem / 16 >> 20; // 16 MiB of a 256 MiB guest
+    let part = (mem / 16) >> 20; // 16 MiB of a 256 MiB guest
     format!(
         "alloc {z}M zero; alloc {s}M shared:7; alloc {z}M dup; alloc {u}M unique; alloc {c}M unique; verify; free {c}M",
         z = part + part / 2,
@@ -73,7 +73,11 @@ pub fn run(opts: &DemoOptions, t0: Instant) -> Result<HostReport, String> {
         return Err("the demo needs at least one VM".into());
     }
     if opts.balloon >= opts.mem {
-        return Err(format!("balloon target {} MiB must be below guest RAM {} MiB", opts.balloon >> 20, opts.mem >> 20));
+        return Err(format!(
+            "balloon target {} MiB must be below guest RAM {} MiB",
+            opts.balloon >> 20,
+            opts.mem >> 20
+        ));
     }
     let configs: Vec<VmConfig> = (0..opts.vms)
         .map(|i| {

@@ -54,7 +54,8 @@ pub fn load(mem: &GuestMemoryMmap, image: &[u8], ram_end: u64) -> Result<LoadedK
         }
         end = end.max(seg_end);
     }
-    let result = Elf::load(mem, None, &mut Cursor::new(image), None).map_err(|e| format!("loading the ELF kernel: {e}"))?;
+    let result =
+        Elf::load(mem, None, &mut Cursor::new(image), None).map_err(|e| format!("loading the ELF kernel: {e}"))?;
     Ok(LoadedKernel { entry: result.kernel_load.0, end: end.next_multiple_of(PAGE_SIZE) })
 }
 

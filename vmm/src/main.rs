@@ -36,7 +36,7 @@ enum Command {
     /// line per VM and one for the process. The exit status is the guest's exit code
     /// (the first non-zero one with several VMs), 254 for a guest-internal failure,
     /// 255 if the VMM had to stop a guest.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// The reclamation demo: boots the built-in test guest in several VMs, fills
     /// their memory with every kind of page, then reclaims host memory with page
     /// sharing and the balloon, checks every guest page and reports what each
@@ -341,13 +341,9 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 fn main() -> ExitCode {
     let t0 = Instant::now();
     let cli = Cli::parse();
-    env_logger::Builder::new()
-        .filter_level(cli.log_level)
-        .parse_env("RUST_LOG")
-        .format_timestamp_millis()
-        .init();
+    env_logger::Builder::new().filter_level(cli.log_level).parse_env("RUST_LOG").format_timestamp_millis().init();
     let result = match cli.command {
-        Command::Run(args) => run(args, t0),
+        Command::Run(args) => run(*args, t0),
         Command::Demo(args) => {
             let opts = vmm::demo::DemoOptions { vms: args.vms, mem: args.mem, balloon: args.balloon };
             vmm::demo::run(&opts, t0).map(|report| print_report(&report))
@@ -357,7 +353,8 @@ fn main() -> ExitCode {
             vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) }).map(|()| 0)
         }
         Command::Bench(BenchCommand::Tps { vms, size, quick, tps, limit, no_ksm, runs }) => {
-            let (vms, size, limit) = if quick { (2, 64 << 20, limit.min(std::time::Duration::from_secs(60))) } else { (vms, size, limit) };
+            let (vms, size, limit) =
+                if quick { (2, 64 << 20, limit.min(std::time::Duration::from_secs(60))) } else { (vms, size, limit) };
             vmm::bench::tps::run(&vmm::bench::tps::TpsBench { vms, size, tps, limit, ksm: !no_ksm, runs }).map(|()| 0)
         }
         Command::Bench(BenchCommand::Swap { evict, dir }) => {

@@ -135,12 +135,20 @@ impl GuestRam {
                 log::warn!("madvise({advice}) on guest RAM failed: {}", std::io::Error::last_os_error());
             }
             guards.extend(guard_below(mmap.as_ptr() as usize));
-            mapped.push(GuestRegionMmap::new(mmap, GuestAddress(r.base)).ok_or_else(|| {
-                MemoryError::Mmap(format!("region at {:#x} overflows the address space", r.base))
-            })?);
+            mapped
+                .push(GuestRegionMmap::new(mmap, GuestAddress(r.base)).ok_or_else(|| {
+                    MemoryError::Mmap(format!("region at {:#x} overflows the address space", r.base))
+                })?);
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        Ok(GuestRam { mem, regions, host_pages, discarder: OnceLock::new(), guards, discard_hooks: RwLock::new(Vec::new()) })
+        Ok(GuestRam {
+            mem,
+            regions,
+            host_pages,
+            discarder: OnceLock::new(),
+            guards,
+            discard_hooks: RwLock::new(Vec::new()),
+        })
     }
 
     /// The vm-memory view of guest RAM.

@@ -81,7 +81,16 @@ impl RunControl {
         });
         let slots = (0..vcpus).map(|_| Slot { thread: None, immediate_exit: 0 }).collect();
         RunControl {
-            state: Mutex::new(State { mode: Mode::Running, slots, alive: 0, parked: 0, wake_gen: 0, devices_busy: 0, pausers: 0, reclaiming: false }),
+            state: Mutex::new(State {
+                mode: Mode::Running,
+                slots,
+                alive: 0,
+                parked: 0,
+                wake_gen: 0,
+                devices_busy: 0,
+                pausers: 0,
+                reclaiming: false,
+            }),
             changed: Condvar::new(),
         }
     }
@@ -91,7 +100,8 @@ impl RunControl {
     pub fn register(&self, cpu: u32, immediate_exit: *mut u8) {
         let mut s = self.state.lock().unwrap();
         // SAFETY: pthread_self has no preconditions.
-        s.slots[cpu as usize] = Slot { thread: Some(unsafe { libc::pthread_self() }), immediate_exit: immediate_exit as usize };
+        s.slots[cpu as usize] =
+            Slot { thread: Some(unsafe { libc::pthread_self() }), immediate_exit: immediate_exit as usize };
         s.alive += 1;
     }
 
@@ -128,10 +138,8 @@ impl RunControl {
     pub fn halt(&self, max: Duration) {
         let s = self.state.lock().unwrap();
         let gen = s.wake_gen;
-        let _unused = self
-            .changed
-            .wait_timeout_while(s, max, |s| s.wake_gen == gen && s.mode == Mode::Running)
-            .unwrap();
+        let _unused =
+            self.changed.wait_timeout_while(s, max, |s| s.wake_gen == gen && s.mode == Mode::Running).unwrap();
     }
 
     /// Wakes every halted vCPU (new work for the guest).
@@ -169,10 +177,8 @@ impl RunControl {
             s.mode = Mode::Paused;
             self.kick_all(&s);
         }
-        let (mut s, _) = self
-            .changed
-            .wait_timeout_while(s, timeout, |s| s.mode == Mode::Paused && !Self::quiet(s))
-            .unwrap();
+        let (mut s, _) =
+            self.changed.wait_timeout_while(s, timeout, |s| s.mode == Mode::Paused && !Self::quiet(s)).unwrap();
         if s.mode == Mode::Paused && Self::quiet(&s) {
             return Some(start.elapsed());
         }
@@ -197,10 +203,8 @@ impl RunControl {
         let deadline = Instant::now() + timeout;
         {
             let s = self.state.lock().unwrap();
-            let (mut s, _) = self
-                .changed
-                .wait_timeout_while(s, timeout, |s| s.reclaiming && s.mode != Mode::Stopping)
-                .unwrap();
+            let (mut s, _) =
+                self.changed.wait_timeout_while(s, timeout, |s| s.reclaiming && s.mode != Mode::Stopping).unwrap();
             if s.reclaiming || s.mode == Mode::Stopping {
                 return None;
             }

@@ -12,21 +12,21 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use guest_abi::{guest_state, BALLOON_MMIO_BASE, VIF_BASE_GPA};
-use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
-use vmm_sys_util::eventfd::EventFd;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use serde::Serialize;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootParams};
 use crate::config::{Kernel, VmConfig};
 use crate::console::Console;
 use crate::control::{self, GuestProgress};
 use crate::devices::bus::Bus;
+use crate::devices::serial::{SerialPort, PORT_BASE, PORT_COUNT};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::worker::Worker;
 use crate::devices::virtio::{GuestErrors, Interrupt};
-use crate::devices::serial::{SerialPort, PORT_BASE, PORT_COUNT};
 use crate::kvm_stats;
 use crate::loader;
 use crate::memory::GuestRam;
@@ -230,8 +230,13 @@ pub struct Vm {
 /// Opens `/dev/kvm` with an error a user can act on.
 pub fn open_kvm() -> Result<Kvm, String> {
     Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT => "/dev/kvm does not exist: this host has no KVM (load the kvm module, or enable nested virtualisation)".to_string(),
-        libc::EACCES | libc::EPERM => "no permission to open /dev/kvm: run as root or join the group that owns it (usually kvm)".to_string(),
+        libc::ENOENT => {
+            "/dev/kvm does not exist: this host has no KVM (load the kvm module, or enable nested virtualisation)"
+                .to_string()
+        }
+        libc::EACCES | libc::EPERM => {
+            "no permission to open /dev/kvm: run as root or join the group that owns it (usually kvm)".to_string()
+        }
         _ => format!("cannot open /dev/kvm: {e}"),
     })
 }
@@ -255,10 +260,12 @@ impl Vm {
             };
             // SAFETY: the host range is guest RAM mapped by `ram`, which lives in
             // VmShared as long as the VM fd (dropped after the vCPU threads end).
-            unsafe { vm_fd.set_user_memory_region(region) }.map_err(|e| ctx(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+            unsafe { vm_fd.set_user_memory_region(region) }
+                .map_err(|e| ctx(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
         }
 
-        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| ctx(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+        let cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| ctx(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for i in 0..config.vcpus {
             let vcpu = vm_fd.create_vcpu(i as u64).map_err(|e| ctx(format!("KVM_CREATE_VCPU {i}: {e}")))?;
@@ -282,7 +289,8 @@ impl Vm {
                 pvm::register_vif(vcpu, VIF_BASE_GPA + i as u64 * 4096).map_err(ctx)?;
             }
             let sregs = vcpu.get_sregs().map_err(|e| ctx(format!("KVM_GET_SREGS: {e}")))?;
-            vcpu.set_sregs(&regs::long_mode_sregs(sregs, layout.cr3)).map_err(|e| ctx(format!("KVM_SET_SREGS: {e}")))?;
+            vcpu.set_sregs(&regs::long_mode_sregs(sregs, layout.cr3))
+                .map_err(|e| ctx(format!("KVM_SET_SREGS: {e}")))?;
             vcpu.set_regs(&regs::entry_regs(layout.entry, guest_abi::BOOT_INFO_GPA, i as u32))
                 .map_err(|e| ctx(format!("KVM_SET_REGS: {e}")))?;
         }
@@ -336,8 +344,9 @@ impl Vm {
     pub fn start(&mut self) -> Result<(), String> {
         self.last_progress = (0, Instant::now());
         if let (Some(dev), Some(fds)) = (&self.shared.balloon, self.balloon_notify.take()) {
-            let worker = Worker::spawn(format!("{}-balloon", self.config.name), dev.clone(), fds, self.shared.run.clone())
-                .map_err(|e| format!("vm {}: cannot start the balloon thread: {e}", self.config.name))?;
+            let worker =
+                Worker::spawn(format!("{}-balloon", self.config.name), dev.clone(), fds, self.shared.run.clone())
+                    .map_err(|e| format!("vm {}: cannot start the balloon thread: {e}", self.config.name))?;
             self.workers.push(worker);
         }
         for (cpu, vcpu) in std::mem::take(&mut self.pending_vcpus).into_iter().enumerate() {
@@ -491,10 +500,7 @@ impl Vm {
             first_insn_ms: self.shared.first_insn.get().map(|&t| ms(t)),
             first_output_ms: self.shared.console.first_output().map(ms),
             guest_rss_mib: self.shared.ram.resident_bytes() as f64 / (1 << 20) as f64,
-            counters: kvm_stats::REPORTED
-                .iter()
-                .map(|&k| (k.to_string(), kvm.get(k).copied().unwrap_or(0)))
-                .collect(),
+            counters: kvm_stats::REPORTED.iter().map(|&k| (k.to_string(), kvm.get(k).copied().unwrap_or(0))).collect(),
             kvm,
             steps: self
                 .shared
@@ -560,7 +566,8 @@ fn attach_balloon(
         }
         fds.push(fd);
     }
-    let clones = fds.iter().map(|f| f.try_clone().map_err(|e| format!("eventfd: {e}"))).collect::<Result<Vec<_>, _>>()?;
+    let clones =
+        fds.iter().map(|f| f.try_clone().map_err(|e| format!("eventfd: {e}"))).collect::<Result<Vec<_>, _>>()?;
     let transport = MmioTransport::new(
         format!("{name}/balloon"),
         device.clone(),
@@ -580,7 +587,10 @@ pub(crate) fn random_seed() -> u64 {
     // SAFETY: getrandom writes at most 8 bytes into `seed`.
     let n = unsafe { libc::getrandom((&mut seed as *mut u64).cast(), 8, 0) };
     if n != 8 {
-        seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
     }
     seed
 }

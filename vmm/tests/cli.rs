@@ -124,8 +124,19 @@ fn swapping_runs_under_a_limit_and_cleans_up() {
     let dir = std::env::temp_dir().join(format!("vmm-cli-swap-{}", std::process::id()));
     let d = dir.to_str().unwrap();
     let out = vmm(&[
-        "--log-level", "warn", "run", "--mem", "128M", "--swap-dir", d, "--limit", "24M", "--swap-victims", "idle",
-        "--workload", "alloc 48M unique; idle 1500ms; verify; exit 0",
+        "--log-level",
+        "warn",
+        "run",
+        "--mem",
+        "128M",
+        "--swap-dir",
+        d,
+        "--limit",
+        "24M",
+        "--swap-victims",
+        "idle",
+        "--workload",
+        "alloc 48M unique; idle 1500ms; verify; exit 0",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let lines = stdout_json(&out);

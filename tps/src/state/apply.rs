@@ -17,11 +17,7 @@ impl State {
         let mut ok = self.verify(batch);
         // A new pool page must end up with its users, or it is not worth its VMAs.
         for &(idx, min) in &batch.new_pools {
-            let users = batch
-                .ops
-                .iter()
-                .zip(&ok)
-                .filter(|(op, &k)| k && op.target == Target::Pool(idx));
+            let users = batch.ops.iter().zip(&ok).filter(|(op, &k)| k && op.target == Target::Pool(idx));
             if users.count() < min {
                 for (op, k) in batch.ops.iter().zip(ok.iter_mut()) {
                     *k &= op.target != Target::Pool(idx);
@@ -36,10 +32,7 @@ impl State {
                 i += 1;
                 continue;
             }
-            let r = self
-                .regions
-                .get(ops[i].region, ops[i].region_id)
-                .expect("verified");
+            let r = self.regions.get(ops[i].region, ops[i].region_id).expect("verified");
             let in_pool_vma = r.slot(ops[i].page).in_pool_vma();
             let mut j = i + 1;
             while j < ops.len()
@@ -47,9 +40,7 @@ impl State {
                 && ops[j].region == ops[i].region
                 && ops[j].page == ops[j - 1].page + 1
                 && match (ops[j - 1].target, ops[j].target) {
-                    (Target::Zero, Target::Zero) => {
-                        r.slot(ops[j].page).in_pool_vma() == in_pool_vma
-                    }
+                    (Target::Zero, Target::Zero) => r.slot(ops[j].page).in_pool_vma() == in_pool_vma,
                     (Target::Pool(a), Target::Pool(b)) => b == a + 1,
                     _ => false,
                 }
@@ -78,10 +69,7 @@ impl State {
         let mut i = 0;
         while i < ops.len() {
             let start = ops[i].addr();
-            let j = i + ops[i..]
-                .iter()
-                .take_while(|op| op.addr() < start + 512 * PAGE_SIZE)
-                .count();
+            let j = i + ops[i..].iter().take_while(|op| op.addr() < start + 512 * PAGE_SIZE).count();
             let span = (ops[j - 1].addr() - start) / PAGE_SIZE + 1;
             match self.pagemap.read(start, &mut window[..span]) {
                 Ok(()) => {
@@ -98,10 +86,7 @@ impl State {
             let Some(r) = self.regions.get(op.region, op.region_id) else {
                 continue;
             };
-            let mergeable = matches!(
-                r.slot(op.page),
-                Slot::Anon | Slot::Pool { broken: true, .. }
-            );
+            let mergeable = matches!(r.slot(op.page), Slot::Anon | Slot::Pool { broken: true, .. });
             let resident = infos[k].backing() == Backing::Anon;
             ok[k] = mergeable
                 && resident
@@ -109,8 +94,7 @@ impl State {
                     // SAFETY: registered, resident, and its writers are paused.
                     Target::Zero => is_zero(unsafe { guest(op.addr()) }),
                     Target::Pool(p) => {
-                        self.pool.get(p).is_some()
-                            && batch.content(p) == Some(unsafe { guest(op.addr()) })
+                        self.pool.get(p).is_some() && batch.content(p) == Some(unsafe { guest(op.addr()) })
                     }
                 };
             if !ok[k] {
@@ -125,10 +109,7 @@ impl State {
         let first = run[0];
         let (addr, n) = (first.addr(), run.len());
         let len = n * PAGE_SIZE;
-        let r = self
-            .regions
-            .get(first.region, first.region_id)
-            .expect("verified");
+        let r = self.regions.get(first.region, first.region_id).expect("verified");
         let advice = r.advice;
         let in_pool_vma = r.slot(first.page).in_pool_vma();
         let slot = match first.target {
@@ -144,13 +125,7 @@ impl State {
             Target::Zero if !in_pool_vma => remap::discard(addr, len),
             // DONTNEED inside a pool mapping would bring the pool page back.
             Target::Zero => remap::map_anon(addr, len, advice),
-            Target::Pool(idx) => remap::map_pool(
-                addr,
-                len,
-                self.pool.fd(),
-                idx as u64 * PAGE_SIZE as u64,
-                advice,
-            ),
+            Target::Pool(idx) => remap::map_pool(addr, len, self.pool.fd(), idx as u64 * PAGE_SIZE as u64, advice),
         };
         self.stats.remap_calls += 1;
         if let Err(e) = result {
@@ -159,10 +134,7 @@ impl State {
         }
         for (i, op) in run.iter().enumerate() {
             let s = match slot {
-                Slot::Pool { idx, .. } => Slot::Pool {
-                    idx: idx + i as u32,
-                    broken: false,
-                },
+                Slot::Pool { idx, .. } => Slot::Pool { idx: idx + i as u32, broken: false },
                 s => s,
             };
             self.regions.set_slot(op.region, op.page, s);
@@ -202,9 +174,7 @@ impl State {
         for op in run {
             if let Some(content) = op_content(op, batch) {
                 // SAFETY: freshly mapped anonymous memory, writers paused.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(content.as_ptr(), op.addr() as *mut u8, PAGE_SIZE)
-                };
+                unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), op.addr() as *mut u8, PAGE_SIZE) };
             }
             self.regions.set_slot(op.region, op.page, Slot::Anon);
         }

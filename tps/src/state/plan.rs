@@ -12,13 +12,7 @@ use crate::Page;
 impl State {
     /// Plans the merges of one chunk. `infos` (pagemap) and `skip` (the VMM's
     /// `skip_page`) were read for its pages without the lock.
-    pub(crate) fn plan_chunk(
-        &mut self,
-        chunk: &Chunk,
-        infos: &[PageInfo],
-        skip: &[bool],
-        batch: &mut Batch,
-    ) {
+    pub(crate) fn plan_chunk(&mut self, chunk: &Chunk, infos: &[PageInfo], skip: &[bool], batch: &mut Batch) {
         let PassRegion { id, host_addr, .. } = chunk.region;
         if self.regions.get(host_addr, id).is_none() {
             return; // removed since the pass started
@@ -36,19 +30,13 @@ impl State {
             return;
         }
         let backing = info.backing();
-        match self
-            .regions
-            .get(host, chunk.region.id)
-            .expect("checked")
-            .slot(page)
-        {
+        match self.regions.get(host, chunk.region.id).expect("checked").slot(page) {
             Slot::Pool { idx, broken: false } => {
                 if backing != Backing::Anon {
                     return; // still shared (or not faulted in since)
                 }
                 self.stats.broken_shares += 1;
-                self.regions
-                    .set_slot(host, page, Slot::Pool { idx, broken: true });
+                self.regions.set_slot(host, page, Slot::Pool { idx, broken: true });
                 self.release(idx);
             }
             Slot::Zero => {
@@ -135,23 +123,14 @@ impl State {
             return;
         }
         // Continue a run of pool pages after either page's predecessor.
-        let want = self
-            .offset_before(op.addr(), batch)
-            .or_else(|| self.offset_before(h, batch))
-            .map(|q| q + 1);
+        let want = self.offset_before(op.addr(), batch).or_else(|| self.offset_before(h, batch)).map(|q| q + 1);
         let buf = batch.copy_in(g);
         match self.pool.alloc(want, batch.buf(buf), key, domain, None) {
             Ok(idx) => {
                 batch.bind_new(idx, buf, 2);
                 self.table.set(key, Entry::Pool(idx));
-                batch.push(Op {
-                    target: Target::Pool(idx),
-                    ..hop
-                });
-                batch.push(Op {
-                    target: Target::Pool(idx),
-                    ..op
-                });
+                batch.push(Op { target: Target::Pool(idx), ..hop });
+                batch.push(Op { target: Target::Pool(idx), ..op });
             }
             Err(e) => {
                 batch.drop_last_copy();
@@ -175,13 +154,8 @@ impl State {
             self.stats.hash_collisions += 1;
             return;
         }
-        let target = self
-            .run_target(op.addr(), key, domain, g, buf, batch)
-            .unwrap_or(p);
-        batch.push(Op {
-            target: Target::Pool(target),
-            ..op
-        });
+        let target = self.run_target(op.addr(), key, domain, g, buf, batch).unwrap_or(p);
+        batch.push(Op { target: Target::Pool(target), ..op });
     }
 
     /// The pool page after the one mapped at the page before `addr`, if it holds
@@ -217,10 +191,7 @@ impl State {
         if next - base >= self.run_replicas || !self.pool.is_free(next) {
             return None;
         }
-        match self
-            .pool
-            .alloc(Some(next), batch.buf(buf), key, domain, Some(base))
-        {
+        match self.pool.alloc(Some(next), batch.buf(buf), key, domain, Some(base)) {
             Ok(idx) => {
                 debug_assert_eq!(idx, next);
                 batch.bind_new(idx, buf, 1);

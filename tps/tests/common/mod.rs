@@ -32,25 +32,13 @@ impl GuestMem {
         unsafe {
             assert_eq!(libc::madvise(base as *mut _, len, libc::MADV_NOHUGEPAGE), 0);
             libc::mprotect(base as *mut _, PAGE_SIZE, libc::PROT_NONE);
-            libc::mprotect(
-                (base + len - PAGE_SIZE) as *mut _,
-                PAGE_SIZE,
-                libc::PROT_NONE,
-            );
+            libc::mprotect((base + len - PAGE_SIZE) as *mut _, PAGE_SIZE, libc::PROT_NONE);
         }
-        Self {
-            addr: base + PAGE_SIZE,
-            pages,
-        }
+        Self { addr: base + PAGE_SIZE, pages }
     }
 
     pub fn region(&self, vm: u32) -> Region {
-        Region {
-            vm,
-            gpa: 0x10_0000,
-            host_addr: self.addr,
-            len: self.pages * PAGE_SIZE,
-        }
+        Region { vm, gpa: 0x10_0000, host_addr: self.addr, len: self.pages * PAGE_SIZE }
     }
 
     pub fn page(&self, i: usize) -> usize {
@@ -77,12 +65,7 @@ impl GuestMem {
 
 impl Drop for GuestMem {
     fn drop(&mut self) {
-        unsafe {
-            libc::munmap(
-                (self.addr - PAGE_SIZE) as *mut _,
-                (self.pages + 2) * PAGE_SIZE,
-            )
-        };
+        unsafe { libc::munmap((self.addr - PAGE_SIZE) as *mut _, (self.pages + 2) * PAGE_SIZE) };
     }
 }
 
@@ -191,10 +174,7 @@ impl VmControl for Recorder {
 /// A scanner with no rate limit, and its recorder.
 pub fn fast_scanner(cfg: impl FnOnce(&mut tps::Config)) -> (Scanner, Arc<Recorder>) {
     let rec = Arc::new(Recorder::default());
-    let mut config = tps::Config {
-        pages_per_sec: 0,
-        ..tps::Config::default()
-    };
+    let mut config = tps::Config { pages_per_sec: 0, ..tps::Config::default() };
     cfg(&mut config);
     (Scanner::start(config, rec.clone()).unwrap(), rec)
 }
@@ -211,27 +191,18 @@ pub fn pagemap(addr: usize, pages: usize) -> Vec<u64> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open("/proc/self/pagemap").unwrap();
     let mut buf = vec![0u8; pages * 8];
-    f.read_exact_at(&mut buf, (addr / PAGE_SIZE * 8) as u64)
-        .unwrap();
-    buf.chunks_exact(8)
-        .map(|c| u64::from_ne_bytes(c.try_into().unwrap()))
-        .collect()
+    f.read_exact_at(&mut buf, (addr / PAGE_SIZE * 8) as u64).unwrap();
+    buf.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect()
 }
 
 /// Pages that hold private (anonymous, exclusive) memory: what sharing gives back.
 pub fn private_pages(m: &GuestMem) -> usize {
-    pagemap(m.addr, m.pages)
-        .iter()
-        .filter(|&&e| e >> 63 == 1 && e >> 61 & 1 == 0 && e >> 56 & 1 == 1)
-        .count()
+    pagemap(m.addr, m.pages).iter().filter(|&&e| e >> 63 == 1 && e >> 61 & 1 == 0 && e >> 56 & 1 == 1).count()
 }
 
 /// Resident pages of any kind.
 pub fn resident_pages(m: &GuestMem) -> usize {
-    pagemap(m.addr, m.pages)
-        .iter()
-        .filter(|&&e| e >> 63 == 1)
-        .count()
+    pagemap(m.addr, m.pages).iter().filter(|&&e| e >> 63 == 1).count()
 }
 
 /// VMAs overlapping the memory.
@@ -241,10 +212,7 @@ pub fn vmas(m: &GuestMem) -> usize {
     maps.lines()
         .filter_map(|l| {
             let (s, e) = l.split_whitespace().next()?.split_once('-')?;
-            Some((
-                usize::from_str_radix(s, 16).ok()?,
-                usize::from_str_radix(e, 16).ok()?,
-            ))
+            Some((usize::from_str_radix(s, 16).ok()?, usize::from_str_radix(e, 16).ok()?))
         })
         .filter(|&(s, e)| s < hi && e > lo)
         .count()

@@ -101,12 +101,21 @@ fn measure(b: &BootBench, pages: HostPages) -> Result<ModeResult, String> {
         cfg.workload = format!("alloc {} unique; exit 0", b.alloc);
         cfg.host_pages = pages;
         let t0 = Instant::now();
-        let report = host::run(&[cfg.clone()], t0, RunOptions { timeout: Some(Duration::from_secs(300)), ..Default::default() })?;
+        let report = host::run(
+            &[cfg.clone()],
+            t0,
+            RunOptions { timeout: Some(Duration::from_secs(300)), ..Default::default() },
+        )?;
         let vm = &report.vms[0];
         if vm.exit_code != Some(0) {
             return Err(format!("benchmark guest failed: {:?}", vm.error));
         }
-        let alloc_us = vm.steps.iter().find(|s| s["op"] == "alloc").and_then(|s| s["us"].as_f64()).ok_or("no alloc step in the guest's output")?;
+        let alloc_us = vm
+            .steps
+            .iter()
+            .find(|s| s["op"] == "alloc")
+            .and_then(|s| s["us"].as_f64())
+            .ok_or("no alloc step in the guest's output")?;
         cols[0].push(vm.first_insn_ms.unwrap_or(f64::NAN));
         cols[1].push(vm.first_output_ms.unwrap_or(f64::NAN));
         cols[2].push(alloc_us / 1e3);

@@ -7,8 +7,8 @@
 
 pub mod balloon;
 pub mod boot;
-pub mod tps;
 pub mod swap;
+pub mod tps;
 
 use std::time::{Duration, Instant};
 

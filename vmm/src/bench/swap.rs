@@ -52,20 +52,13 @@ struct Sample {
 /// Runs the benchmark, prints the table and the JSON line.
 pub fn run(b: &SwapBench) -> Result<(), String> {
     vm_swap::prepare_dir(&b.dir)?;
-    let file_write =
-        swapd::limits::file_write_mib_s(&b.dir, 512, swapd::Config::new(&b.dir).batch_pages * 4096)
-            .map_err(|e| format!("write test in {}: {e}", b.dir.display()))?;
-    let bare = swapd::limits::bare_fault(&b.dir, 16384)
-        .map_err(|e| format!("bare userfaultfd fault: {e}"))?;
+    let file_write = swapd::limits::file_write_mib_s(&b.dir, 512, swapd::Config::new(&b.dir).batch_pages * 4096)
+        .map_err(|e| format!("write test in {}: {e}", b.dir.display()))?;
+    let bare = swapd::limits::bare_fault(&b.dir, 16384).map_err(|e| format!("bare userfaultfd fault: {e}"))?;
     let mut samples = Vec::new();
     for (i, order) in ORDERS.iter().enumerate() {
         let s = measure(b, i == 0)?;
-        log::info!(
-            "{order}: evicted {:.0} MiB in {:.2} s, read back in {:.2} s",
-            s.evicted_mib,
-            s.evict_s,
-            s.read_s
-        );
+        log::info!("{order}: evicted {:.0} MiB in {:.2} s, read back in {:.2} s", s.evicted_mib, s.evict_s, s.read_s);
         samples.push(s);
     }
     let mut rows = vec![vec![
@@ -96,11 +89,7 @@ pub fn run(b: &SwapBench) -> Result<(), String> {
             format!("{:.2}", s.evict_s + s.read_s),
         ]);
     }
-    println!(
-        "swap benchmark: {} of guest data, swap directory {}",
-        format_size(b.evict),
-        b.dir.display()
-    );
+    println!("swap benchmark: {} of guest data, swap directory {}", format_size(b.evict), b.dir.display());
     print_table(&rows);
     println!(
         "limits: plain O_DIRECT write {file_write:.0} MiB/s; bare userfaultfd fault {:.1} us \
@@ -110,11 +99,7 @@ pub fn run(b: &SwapBench) -> Result<(), String> {
     let mut victims = Vec::new();
     for policy in [swapd::VictimPolicy::Random, swapd::VictimPolicy::Idle] {
         let v = victim_faults(&b.dir, policy)?;
-        log::info!(
-            "{policy:?} victims: {} pages read back in {} faults",
-            v.read_back,
-            v.faults
-        );
+        log::info!("{policy:?} victims: {} pages read back in {} faults", v.read_back, v.faults);
         victims.push(v);
     }
     let mut rows = vec![vec![
@@ -181,9 +166,7 @@ fn measure(b: &SwapBench, guest_order: bool) -> Result<Sample, String> {
 }
 
 fn evict_and_read(b: &SwapBench, vm: &Vm, guest_order: bool) -> Result<Sample, String> {
-    wait(vm, Duration::from_secs(600), |vm| {
-        vm.progress().state == guest_abi::guest_state::SERVING
-    })?;
+    wait(vm, Duration::from_secs(600), |vm| vm.progress().state == guest_abi::guest_state::SERVING)?;
     vm_swap::attach(vm.shared(), &SwapOptions::new(&b.dir))?;
     let sw = vm.shared().swap.get().expect("attached");
     let resident = vm.ram().resident_bytes() / guest_abi::PAGE_SIZE;
@@ -210,10 +193,7 @@ fn evict_and_read(b: &SwapBench, vm: &Vm, guest_order: bool) -> Result<Sample, S
         (v["op"] == "verify").then(|| v["bad"].as_u64().unwrap_or(u64::MAX))
     });
     if out.status != 0 || bad != Some(0) {
-        return Err(format!(
-            "the guest's verify failed after swapping: {:?}",
-            out.lines
-        ));
+        return Err(format!("the guest's verify failed after swapping: {:?}", out.lines));
     }
     let s = sw.stats();
     Ok(Sample {
@@ -251,9 +231,7 @@ pub fn victim_faults(dir: &Path, policy: swapd::VictimPolicy) -> Result<VictimSa
     let mut vm = vms.pop().expect("one VM");
     vm.start()?;
     let result = (|| {
-        wait(&vm, Duration::from_secs(600), |vm| {
-            vm.progress().state == guest_abi::guest_state::SERVING
-        })?;
+        wait(&vm, Duration::from_secs(600), |vm| vm.progress().state == guest_abi::guest_state::SERVING)?;
         let mut opts = SwapOptions::new(dir);
         opts.victims = policy;
         vm_swap::attach(vm.shared(), &opts)?;
@@ -264,12 +242,7 @@ pub fn victim_faults(dir: &Path, policy: swapd::VictimPolicy) -> Result<VictimSa
         };
         // The guest keeps its 16 MiB hot while the host reads the dirty log.
         std::thread::scope(|s| {
-            let guest = s.spawn(|| {
-                vm.run_command(
-                    "repeat 10 { touch 16M; idle 50ms }",
-                    Duration::from_secs(600),
-                )
-            });
+            let guest = s.spawn(|| vm.run_command("repeat 10 { touch 16M; idle 50ms }", Duration::from_secs(600)));
             while !guest.is_finished() {
                 if let Some(l) = &log {
                     l.feed(&sw)?;
@@ -284,22 +257,17 @@ pub fn victim_faults(dir: &Path, policy: swapd::VictimPolicy) -> Result<VictimSa
         // What the guest pays afterwards: pages read back from the file while it
         // rewrites and checks its 16 MiB (hot pages that were evicted, and any of
         // its kernel's).
-        let reclaimed = sw
-            .swap_out((128 << 20) / guest_abi::PAGE_SIZE as usize)
-            .map_err(|e| format!("eviction: {e}"))?;
+        let reclaimed =
+            sw.swap_out((128 << 20) / guest_abi::PAGE_SIZE as usize).map_err(|e| format!("eviction: {e}"))?;
         let evicted = sw.stats();
         let out = vm.run_command("touch 16M; verify", Duration::from_secs(600))?;
         if out.status != 0 {
-            return Err(format!(
-                "the guest's check failed after swapping: {:?}",
-                out.lines
-            ));
+            return Err(format!("the guest's check failed after swapping: {:?}", out.lines));
         }
         let after = sw.stats();
         Ok(VictimSample {
             evicted_mib: reclaimed as f64 / 256.0,
-            read_back: (after.pages_in + after.prefetched)
-                - (evicted.pages_in + evicted.prefetched),
+            read_back: (after.pages_in + after.prefetched) - (evicted.pages_in + evicted.prefetched),
             faults: after.pages_in - evicted.pages_in,
             prefetched: after.prefetched - evicted.prefetched,
         })

@@ -114,30 +114,19 @@ pub fn run(b: &TpsBench) -> Result<(), String> {
         Ok(Outcome::median(&runs))
     };
     let tps = repeat("tps", &|| measure_tps(b, achievable))?;
-    log::info!(
-        "tps: saved {:.0} MiB, converged in {:?} ms",
-        tps.saved_mib(),
-        tps.converge_ms
-    );
+    log::info!("tps: saved {:.0} MiB, converged in {:?} ms", tps.saved_mib(), tps.converge_ms);
     let (mut ksm, mut matched, mut matched_pages) = (None, None, 0);
     if b.ksm {
         let _restore = KsmSettings::save()?;
         let default = repeat("ksm default", &|| measure_ksm(b, achievable, 100))?;
-        log::info!(
-            "ksm (default): saved {:.0} MiB, converged in {:?} ms",
-            default.saved_mib(),
-            default.converge_ms
-        );
+        log::info!("ksm (default): saved {:.0} MiB, converged in {:?} ms", default.saved_mib(), default.converge_ms);
         // Same CPU per second as the scanner while it converged.
         let tps_cpu_share = tps.cpu_ms / tps.converge_ms.unwrap_or(tps.wall_ms);
         let ksm_cpu_per_page_ms = default.cpu_ms / default.pages_scanned.max(1) as f64;
         let pages_per_s = tps_cpu_share / ksm_cpu_per_page_ms * 1e3;
         matched_pages = ((pages_per_s * 0.020).round() as u64).max(1);
         let m = repeat("ksm matched", &|| measure_ksm(b, achievable, matched_pages))?;
-        log::info!(
-            "ksm (matched, {matched_pages} pages/20 ms): saved {:.0} MiB",
-            m.saved_mib()
-        );
+        log::info!("ksm (matched, {matched_pages} pages/20 ms): saved {:.0} MiB", m.saved_mib());
         ksm = Some(default);
         matched = Some(m);
     }
@@ -175,10 +164,7 @@ pub fn run(b: &TpsBench) -> Result<(), String> {
             format!("{:.0}", o.saved_mib()),
             ms(o.converge_ms),
             format!("{:.0}", o.cpu_ms),
-            format!(
-                "{:.1}",
-                100.0 * o.cpu_ms / o.converge_ms.unwrap_or(o.wall_ms)
-            ),
+            format!("{:.1}", 100.0 * o.cpu_ms / o.converge_ms.unwrap_or(o.wall_ms)),
             format!("{:.0}", o.pages_per_cpu_s()),
             format!("{:.0}", o.before_mib),
             format!("{:.0}", o.after_mib),
@@ -216,8 +202,7 @@ fn boot(b: &TpsBench) -> Result<Vec<Vm>, String> {
     let configs: Vec<VmConfig> = (0..b.vms)
         .map(|i| {
             let mut c = VmConfig::new(format!("tps{i}"), b.size + (32 << 20));
-            c.workload =
-                format!("alloc {q} zero; alloc {h} shared:{SHARED_SEED}; alloc {q} unique");
+            c.workload = format!("alloc {q} zero; alloc {h} shared:{SHARED_SEED}; alloc {q} unique");
             c.balloon = None;
             c.hang_timeout = Duration::from_secs(300);
             c
@@ -228,10 +213,7 @@ fn boot(b: &TpsBench) -> Result<Vec<Vm>, String> {
         vm.start()?;
     }
     let deadline = Instant::now() + Duration::from_secs(600);
-    while vms
-        .iter()
-        .any(|vm| vm.progress().state != guest_abi::guest_state::SERVING)
-    {
+    while vms.iter().any(|vm| vm.progress().state != guest_abi::guest_state::SERVING) {
         check(&vms, deadline)?;
         std::thread::sleep(POLL);
     }
@@ -265,13 +247,7 @@ fn shutdown(vms: Vec<Vm>, sharing: Option<&PageSharing>) {
 fn measure_tps(b: &TpsBench, achievable: f64) -> Result<Outcome, String> {
     let mut vms = boot(b)?;
     // Register the RAM with scanning off, so that "before" precedes every merge.
-    let sharing = PageSharing::start(
-        tps::Config {
-            enabled: false,
-            ..b.tps.clone()
-        },
-        &vms,
-    );
+    let sharing = PageSharing::start(tps::Config { enabled: false, ..b.tps.clone() }, &vms);
     let sharing = match sharing {
         Ok(s) => s,
         Err(e) => {
@@ -284,21 +260,10 @@ fn measure_tps(b: &TpsBench, achievable: f64) -> Result<Outcome, String> {
     result
 }
 
-fn converge_tps(
-    b: &TpsBench,
-    vms: &[Vm],
-    sharing: &PageSharing,
-    achievable: f64,
-) -> Result<Outcome, String> {
-    let mut o = Outcome {
-        before_mib: sharing.guest_memory_bytes(vms) as f64 / MIB,
-        ..Outcome::default()
-    };
+fn converge_tps(b: &TpsBench, vms: &[Vm], sharing: &PageSharing, achievable: f64) -> Result<Outcome, String> {
+    let mut o = Outcome { before_mib: sharing.guest_memory_bytes(vms) as f64 / MIB, ..Outcome::default() };
     let s0 = sharing.stats();
-    sharing.scanner().set_config(tps::Config {
-        enabled: true,
-        ..b.tps.clone()
-    });
+    sharing.scanner().set_config(tps::Config { enabled: true, ..b.tps.clone() });
     let t0 = Instant::now();
     let deadline = t0 + b.limit;
     loop {
@@ -331,43 +296,21 @@ fn measure_ksm(b: &TpsBench, achievable: f64, pages_to_scan: u64) -> Result<Outc
     result
 }
 
-fn converge_ksm(
-    b: &TpsBench,
-    vms: &[Vm],
-    achievable: f64,
-    pages_to_scan: u64,
-) -> Result<Outcome, String> {
+fn converge_ksm(b: &TpsBench, vms: &[Vm], achievable: f64, pages_to_scan: u64) -> Result<Outcome, String> {
     let resident = || vms.iter().map(|vm| vm.ram().resident_bytes()).sum::<u64>() as f64 / MIB;
-    let mut o = Outcome {
-        before_mib: resident(),
-        ..Outcome::default()
-    };
+    let mut o = Outcome { before_mib: resident(), ..Outcome::default() };
     ksm_write("pages_to_scan", &pages_to_scan.to_string())?;
     ksm_write("sleep_millisecs", "20")?;
     for vm in vms {
         for (_, host, len) in vm.ram().host_ranges() {
             // SAFETY: guest RAM owned by the VM; MADV_MERGEABLE changes no content.
-            if unsafe {
-                libc::madvise(
-                    host as *mut libc::c_void,
-                    len as usize,
-                    libc::MADV_MERGEABLE,
-                )
-            } != 0
-            {
-                return Err(format!(
-                    "madvise(MADV_MERGEABLE): {}",
-                    std::io::Error::last_os_error()
-                ));
+            if unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_MERGEABLE) } != 0 {
+                return Err(format!("madvise(MADV_MERGEABLE): {}", std::io::Error::last_os_error()));
             }
         }
     }
     let ksmd = ksmd_pid()?;
-    let (cpu0, scanned0, scans0) = (
-        ksmd_cpu_ms(ksmd)?,
-        ksm_read("pages_scanned")?,
-        ksm_read("full_scans")?,
-    );
+    let (cpu0, scanned0, scans0) = (ksmd_cpu_ms(ksmd)?, ksm_read("pages_scanned")?, ksm_read("full_scans")?);
     ksm_write("run", "1")?;
     let t0 = Instant::now();
     let deadline = t0 + b.limit;
@@ -375,9 +318,7 @@ fn converge_ksm(
         check(vms, deadline + Duration::from_secs(1))?;
         o.cpu_ms = ksmd_cpu_ms(ksmd)? - cpu0;
         o.pages_scanned = ksm_read("pages_scanned")? - scanned0;
-        let saved = (ksm_read("pages_sharing")? + ksm_read("ksm_zero_pages").unwrap_or(0)) as f64
-            * 4096.0
-            / MIB;
+        let saved = (ksm_read("pages_sharing")? + ksm_read("ksm_zero_pages").unwrap_or(0)) as f64 * 4096.0 / MIB;
         if saved >= 0.95 * achievable {
             o.converge_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
             break;
@@ -407,9 +348,8 @@ impl KsmSettings {
         let mut saved = Vec::new();
         for knob in ["run", "pages_to_scan", "sleep_millisecs"] {
             let path = format!("{KSM}/{knob}");
-            let v = fs::read_to_string(&path).map_err(|e| {
-                format!("{path}: {e} (is KSM built into this kernel? --no-ksm skips it)")
-            })?;
+            let v = fs::read_to_string(&path)
+                .map_err(|e| format!("{path}: {e} (is KSM built into this kernel? --no-ksm skips it)"))?;
             saved.push((knob, v.trim().to_string()));
         }
         Ok(KsmSettings(saved))
@@ -430,9 +370,7 @@ impl Drop for KsmSettings {
 fn ksm_read(knob: &str) -> Result<u64, String> {
     let path = format!("{KSM}/{knob}");
     let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    text.trim()
-        .parse()
-        .map_err(|_| format!("{path}: not a number: {text:?}"))
+    text.trim().parse().map_err(|_| format!("{path}: not a number: {text:?}"))
 }
 
 fn ksm_write(knob: &str, value: &str) -> Result<(), String> {
@@ -443,22 +381,16 @@ fn ksm_write(knob: &str, value: &str) -> Result<(), String> {
 fn ksmd_pid() -> Result<u32, String> {
     let dir = fs::read_dir("/proc").map_err(|e| format!("/proc: {e}"))?;
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ksmd")
-        })
+        .find(|pid| fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ksmd"))
         .ok_or_else(|| "no ksmd thread found".to_string())
 }
 
 /// utime + stime of ksmd, in ms.
 fn ksmd_cpu_ms(pid: u32) -> Result<f64, String> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
     // Fields after the command name (which ends with the last ')'): state is 3rd,
     // utime the 14th and stime the 15th field of the whole line.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or("bad /proc stat line")?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("bad /proc stat line")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f
         .get(11)
@@ -480,14 +412,8 @@ fn install_interrupt_handler() {
     }
     // SAFETY: the handler only touches an atomic and calls _exit.
     unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
+        libc::signal(libc::SIGINT, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
     }
 }
 

@@ -113,8 +113,14 @@ mod tests {
         let mut bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Reg(vec![0; 8]))), 0x100, 8).unwrap();
         bus.insert(Arc::new(Mutex::new(Reg(vec![0; 4]))), 0x108, 4).unwrap();
-        assert_eq!(bus.insert(Arc::new(Mutex::new(Reg(vec![]))), 0x104, 8), Err(BusError::Overlap { base: 0x104, len: 8 }));
-        assert_eq!(bus.insert(Arc::new(Mutex::new(Reg(vec![]))), 0xfc, 8), Err(BusError::Overlap { base: 0xfc, len: 8 }));
+        assert_eq!(
+            bus.insert(Arc::new(Mutex::new(Reg(vec![]))), 0x104, 8),
+            Err(BusError::Overlap { base: 0x104, len: 8 })
+        );
+        assert_eq!(
+            bus.insert(Arc::new(Mutex::new(Reg(vec![]))), 0xfc, 8),
+            Err(BusError::Overlap { base: 0xfc, len: 8 })
+        );
         assert!(bus.write(0x102, &[1, 2]));
         let mut out = [0u8; 4];
         assert!(bus.read(0x100, &mut out));

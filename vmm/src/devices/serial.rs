@@ -50,7 +50,6 @@ impl SerialPort {
     pub fn new(console: Arc<Console>) -> Self {
         SerialPort { uart: Serial::new(NoInterrupt, ConsoleWriter(console)) }
     }
-
 }
 
 impl BusDevice for SerialPort {

@@ -23,9 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use swapd::{
-    Budget, Cgroup, Decision, HostMemSource, MemInfo, Policy, PolicyStats, SwapError, VmMemInfo,
-};
+use swapd::{Budget, Cgroup, Decision, HostMemSource, MemInfo, Policy, PolicyStats, SwapError, VmMemInfo};
 
 use super::swap::{DirtyLog, HostMemChoice, SwapOptions};
 use crate::run_control::PauseGuard;
@@ -57,19 +55,13 @@ impl PolicyThread {
         let resident = Arc::new(AtomicU64::new(0));
         let source: Box<dyn HostMemSource> = match opts.host_mem {
             HostMemChoice::Host => Box::new(MemInfo::new()),
-            HostMemChoice::Cgroup => {
-                Box::new(Cgroup::current().map_err(|e| format!("--host-mem cgroup: {e}"))?)
-            }
+            HostMemChoice::Cgroup => Box::new(Cgroup::current().map_err(|e| format!("--host-mem cgroup: {e}"))?),
             HostMemChoice::Budget(bytes) => {
                 let r = resident.clone();
                 Box::new(Budget::new(bytes, move || r.load(Ordering::Relaxed)))
             }
         };
-        log::info!(
-            "free-memory policy: {} every {:?}",
-            source.describe(),
-            opts.tick
-        );
+        log::info!("free-memory policy: {} every {:?}", source.describe(), opts.tick);
         let stats = Arc::new(Mutex::new(PolicyStats::default()));
         for v in &vms {
             v.vm.swap.set_policy(stats.clone());
@@ -90,11 +82,7 @@ impl PolicyThread {
             .name("swap-policy".into())
             .spawn(move || state.run(&stop2))
             .map_err(|e| format!("cannot start the policy thread: {e}"))?;
-        Ok(PolicyThread {
-            stop,
-            stats,
-            thread: Some(thread),
-        })
+        Ok(PolicyThread { stop, stats, thread: Some(thread) })
     }
 
     /// The policy's counters and state history.
@@ -137,11 +125,8 @@ impl Loop {
     }
 
     fn tick_once(&mut self) {
-        let live: Vec<usize> = (0..self.vms.len())
-            .filter(|&i| self.vms[i].vm.ending().is_none())
-            .collect();
-        self.paused
-            .retain(|name, _| live.iter().any(|&i| &self.vms[i].vm.name == name));
+        let live: Vec<usize> = (0..self.vms.len()).filter(|&i| self.vms[i].vm.ending().is_none()).collect();
+        self.paused.retain(|name, _| live.iter().any(|&i| &self.vms[i].vm.name == name));
         for &i in &live {
             let p = &self.vms[i];
             if let (Some(log), Some(sw)) = (&p.dirty, p.vm.swap.get()) {
@@ -151,10 +136,7 @@ impl Loop {
             }
         }
         let infos: Vec<VmMemInfo> = live.iter().map(|&i| mem_info(&self.vms[i])).collect();
-        self.resident.store(
-            infos.iter().map(|v| v.resident_pages * PAGE).sum(),
-            Ordering::Relaxed,
-        );
+        self.resident.store(infos.iter().map(|v| v.resident_pages * PAGE).sum(), Ordering::Relaxed);
         let decision = match self.policy.tick_with(self.source.as_mut(), &infos) {
             Ok(d) => d,
             Err(e) => {
@@ -177,11 +159,7 @@ impl Loop {
         let Some(act) = d.vm(&vm.name) else { return };
         if act.balloon_delta_pages != 0 {
             if let Some(b) = &vm.balloon {
-                if let Err(e) = b
-                    .lock()
-                    .unwrap()
-                    .set_target(act.balloon_target_pages * PAGE)
-                {
+                if let Err(e) = b.lock().unwrap().set_target(act.balloon_target_pages * PAGE) {
                     log::warn!("{}: balloon target: {e}", vm.name);
                 }
                 vm.run.wake();
@@ -191,12 +169,7 @@ impl Loop {
         let mut stopped = false;
         if act.swap_pages > 0 {
             match sw.swap_out(act.swap_pages as usize) {
-                Ok(n) => log::debug!(
-                    "{}: swapped {n} of {} pages ({} state)",
-                    vm.name,
-                    act.swap_pages,
-                    d.state
-                ),
+                Ok(n) => log::debug!("{}: swapped {n} of {} pages ({} state)", vm.name, act.swap_pages, d.state),
                 Err(SwapError::Stopped { .. } | SwapError::Write { .. }) => stopped = true,
                 Err(SwapError::Ending { .. }) => {}
                 Err(e) => log::warn!("{}: eviction failed: {e}", vm.name),
@@ -207,23 +180,13 @@ impl Loop {
         match (pause, self.paused.contains_key(&vm.name)) {
             (true, false) => {
                 if let Some(g) = vm.run.pause_guard(Duration::from_secs(2)) {
-                    log::info!(
-                        "{}: paused ({} state, {:.2}% free, above its target)",
-                        vm.name,
-                        d.state,
-                        d.free_pct
-                    );
+                    log::info!("{}: paused ({} state, {:.2}% free, above its target)", vm.name, d.state, d.free_pct);
                     self.paused.insert(vm.name.clone(), g);
                 }
             }
             (false, true) => {
                 self.paused.remove(&vm.name);
-                log::info!(
-                    "{}: resumed ({} state, {:.2}% free)",
-                    vm.name,
-                    d.state,
-                    d.free_pct
-                );
+                log::info!("{}: resumed ({} state, {:.2}% free)", vm.name, d.state, d.free_pct);
             }
             _ => {}
         }
@@ -233,16 +196,9 @@ impl Loop {
 /// What the policy needs to know of one VM this tick.
 fn mem_info(p: &PolicyVm) -> VmMemInfo {
     let vm = &p.vm;
-    let mut info = VmMemInfo::new(
-        &vm.name,
-        vm.ram.size() / PAGE,
-        vm.ram.resident_bytes() / PAGE,
-    );
+    let mut info = VmMemInfo::new(&vm.name, vm.ram.size() / PAGE, vm.ram.resident_bytes() / PAGE);
     info.balloon = vm.balloon.is_some();
-    info.balloon_pages = vm
-        .balloon
-        .as_ref()
-        .map_or(0, |b| b.lock().unwrap().ballooned().count());
+    info.balloon_pages = vm.balloon.as_ref().map_or(0, |b| b.lock().unwrap().ballooned().count());
     info.limit_pages = p.limit.map(|l| l / PAGE);
     info
 }

@@ -57,10 +57,7 @@ impl tps::VmControl for Guests {
         match guest.run.reclaim_guard(PAUSE_TIMEOUT) {
             Some(g) => Some(Box::new(g)),
             None => {
-                log::debug!(
-                    "tps: {} did not pause (ending, or busy beyond {PAUSE_TIMEOUT:?})",
-                    guest.name
-                );
+                log::debug!("tps: {} did not pause (ending, or busy beyond {PAUSE_TIMEOUT:?})", guest.name);
                 None
             }
         }
@@ -70,11 +67,7 @@ impl tps::VmControl for Guests {
         let Some(guest) = self.0.get(vm as usize) else {
             return true;
         };
-        gpa < KERNEL_MIN_GPA
-            || guest
-                .ballooned
-                .as_ref()
-                .is_some_and(|b| b.contains(gpa / PAGE_SIZE))
+        gpa < KERNEL_MIN_GPA || guest.ballooned.as_ref().is_some_and(|b| b.contains(gpa / PAGE_SIZE))
     }
 
     fn remapped(&self, vm: u32, host_addr: usize, len: usize) {
@@ -93,13 +86,8 @@ struct ResetThroughScanner(Weak<tps::Scanner>);
 
 impl Discarder for ResetThroughScanner {
     fn discard(&self, host_addr: usize, len: usize) -> std::io::Result<()> {
-        let scanner = self
-            .0
-            .upgrade()
-            .ok_or_else(|| std::io::Error::other("page sharing has been shut down"))?;
-        scanner
-            .reset_range(host_addr, len)
-            .map_err(std::io::Error::other)
+        let scanner = self.0.upgrade().ok_or_else(|| std::io::Error::other("page sharing has been shut down"))?;
+        scanner.reset_range(host_addr, len).map_err(std::io::Error::other)
     }
 }
 
@@ -125,34 +113,17 @@ impl PageSharing {
                 })
                 .collect(),
         ));
-        let scanner =
-            Arc::new(tps::Scanner::start(config, guests.clone()).map_err(|e| e.to_string())?);
+        let scanner = Arc::new(tps::Scanner::start(config, guests.clone()).map_err(|e| e.to_string())?);
         for (i, vm) in vms.iter().enumerate() {
             for (gpa, host_addr, len) in vm.ram().host_ranges() {
-                let region = tps::Region {
-                    vm: i as u32,
-                    gpa,
-                    host_addr: host_addr as usize,
-                    len: len as usize,
-                };
-                scanner
-                    .add_region(region)
-                    .map_err(|e| format!("vm {}: {e}", vm.name()))?;
+                let region = tps::Region { vm: i as u32, gpa, host_addr: host_addr as usize, len: len as usize };
+                scanner.add_region(region).map_err(|e| format!("vm {}: {e}", vm.name()))?;
             }
-            if !vm
-                .ram()
-                .set_discarder(Arc::new(ResetThroughScanner(Arc::downgrade(&scanner))))
-            {
-                return Err(format!(
-                    "vm {}: its RAM is already covered by page sharing",
-                    vm.name()
-                ));
+            if !vm.ram().set_discarder(Arc::new(ResetThroughScanner(Arc::downgrade(&scanner)))) {
+                return Err(format!("vm {}: its RAM is already covered by page sharing", vm.name()));
             }
             if vm.ram().host_pages() == crate::memory::HostPages::Thp {
-                log::warn!(
-                    "vm {}: page sharing splits the transparent huge pages of its RAM",
-                    vm.name()
-                );
+                log::warn!("vm {}: page sharing splits the transparent huge pages of its RAM", vm.name());
             }
         }
         Ok(PageSharing { scanner, guests })
@@ -198,10 +169,7 @@ impl PageSharing {
 pub fn stats_json(s: &tps::Stats) -> serde_json::Value {
     let mut v = serde_json::to_value(s).expect("stats serialise");
     let obj = v.as_object_mut().expect("an object");
-    obj.insert(
-        "saved_mib".into(),
-        (s.bytes_saved as f64 / (1u64 << 20) as f64).into(),
-    );
+    obj.insert("saved_mib".into(), (s.bytes_saved as f64 / (1u64 << 20) as f64).into());
     obj.insert("cpu_ms".into(), (s.cpu_ns as f64 / 1e6).into());
     v
 }
@@ -212,11 +180,7 @@ pub fn stats_json(s: &tps::Stats) -> serde_json::Value {
 /// only within each VM), separated by commas. `off` turns scanning off.
 pub fn parse_options(text: &str, base: tps::Config) -> Result<tps::Config, String> {
     let mut c = base;
-    let items: Vec<&str> = text
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
+    let items: Vec<&str> = text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     if items.is_empty() {
         return Err("empty page sharing options (on, off, rate=, period=, scope=)".into());
     }
@@ -233,9 +197,7 @@ pub fn parse_options(text: &str, base: tps::Config) -> Result<tps::Config, Strin
             Some(("scope", "vm")) => c.cross_vm = false,
             Some(("scope", v)) => return Err(format!("scope={v}: expected global or vm")),
             _ => {
-                return Err(format!(
-                "unknown page sharing option {item:?} (on, off, rate=, period=, scope=global|vm)"
-            ))
+                return Err(format!("unknown page sharing option {item:?} (on, off, rate=, period=, scope=global|vm)"))
             }
         }
     }
@@ -252,7 +214,9 @@ fn parse_rate(v: &str) -> Result<u64, String> {
             }
             Ok(bytes / PAGE_SIZE)
         }
-        None => v.parse().map_err(|_| format!("rate={v}: expected pages per second (e.g. 25600) or a size per second (e.g. 100M/s)")),
+        None => v.parse().map_err(|_| {
+            format!("rate={v}: expected pages per second (e.g. 25600) or a size per second (e.g. 100M/s)")
+        }),
     }
 }
 
@@ -268,33 +232,11 @@ mod tests {
         assert!(parse_options("on", d.clone()).unwrap().enabled);
         assert!(!parse_options("off", d.clone()).unwrap().enabled);
         let c = parse_options("rate=100M/s,period=30s,scope=vm", d.clone()).unwrap();
-        assert_eq!(
-            (c.pages_per_sec, c.full_pass, c.cross_vm),
-            (25_600, Some(Duration::from_secs(30)), false)
-        );
-        assert_eq!(
-            parse_options("rate=5000", d.clone()).unwrap().pages_per_sec,
-            5000
-        );
-        assert_eq!(
-            parse_options("rate=0,period=0", d.clone())
-                .unwrap()
-                .full_pass,
-            None
-        );
-        assert_eq!(
-            parse_options("rate=1G/s", d.clone()).unwrap().pages_per_sec,
-            262_144
-        );
-        for bad in [
-            "",
-            "rate=fast",
-            "rate=100/s",
-            "scope=host",
-            "period=soon",
-            "speed=3",
-            "onn",
-        ] {
+        assert_eq!((c.pages_per_sec, c.full_pass, c.cross_vm), (25_600, Some(Duration::from_secs(30)), false));
+        assert_eq!(parse_options("rate=5000", d.clone()).unwrap().pages_per_sec, 5000);
+        assert_eq!(parse_options("rate=0,period=0", d.clone()).unwrap().full_pass, None);
+        assert_eq!(parse_options("rate=1G/s", d.clone()).unwrap().pages_per_sec, 262_144);
+        for bad in ["", "rate=fast", "rate=100/s", "scope=host", "period=soon", "speed=3", "onn"] {
             let e = parse_options(bad, d.clone()).unwrap_err();
             assert!(!e.contains('\n') && !e.is_empty(), "{bad}: {e}");
         }
@@ -304,9 +246,8 @@ mod tests {
     /// balloon does), where a bare `MADV_DONTNEED` would bring the pool back.
     #[test]
     fn discards_of_shared_pages_read_zero() {
-        let rams: Vec<Arc<GuestRam>> = (0..2)
-            .map(|_| Arc::new(GuestRam::new(32 << 20, HostPages::Small).unwrap()))
-            .collect();
+        let rams: Vec<Arc<GuestRam>> =
+            (0..2).map(|_| Arc::new(GuestRam::new(32 << 20, HostPages::Small).unwrap())).collect();
         let guests = Arc::new(Guests(
             rams.iter()
                 .enumerate()
@@ -320,54 +261,28 @@ mod tests {
                 })
                 .collect(),
         ));
-        let config = tps::Config {
-            pages_per_sec: 0,
-            ..tps::Config::default()
-        };
+        let config = tps::Config { pages_per_sec: 0, ..tps::Config::default() };
         let scanner = Arc::new(tps::Scanner::start(config, guests).unwrap());
         let page = [0x5au8; 4096];
         let pages = 256u64;
         for (i, ram) in rams.iter().enumerate() {
             for p in 0..pages {
-                ram.mem()
-                    .write_slice(&page, GuestAddress((1 << 20) + p * PAGE_SIZE))
-                    .unwrap();
+                ram.mem().write_slice(&page, GuestAddress((1 << 20) + p * PAGE_SIZE)).unwrap();
             }
             let (gpa, host, len) = ram.host_ranges()[0];
-            scanner
-                .add_region(tps::Region {
-                    vm: i as u32,
-                    gpa,
-                    host_addr: host as usize,
-                    len: len as usize,
-                })
-                .unwrap();
+            scanner.add_region(tps::Region { vm: i as u32, gpa, host_addr: host as usize, len: len as usize }).unwrap();
         }
         assert!(scanner.wait_passes(2, Duration::from_secs(30)));
-        assert!(
-            scanner.stats().pool_mapped_pages >= 2 * pages,
-            "{:?}",
-            scanner.stats()
-        );
+        assert!(scanner.stats().pool_mapped_pages >= 2 * pages, "{:?}", scanner.stats());
         // Without the scanner's reset the discarded page would read 0x5a again.
         let (target, other) = (&rams[0], &rams[1]);
         target.set_discarder(Arc::new(ResetThroughScanner(Arc::downgrade(&scanner))));
         target.discard(1 << 20, pages * PAGE_SIZE).unwrap();
         let mut back = [1u8; 4096];
         for p in 0..pages {
-            target
-                .mem()
-                .read_slice(&mut back, GuestAddress((1 << 20) + p * PAGE_SIZE))
-                .unwrap();
-            assert!(
-                back.iter().all(|&b| b == 0),
-                "page {p} reads {:#x} after discard",
-                back[0]
-            );
-            other
-                .mem()
-                .read_slice(&mut back, GuestAddress((1 << 20) + p * PAGE_SIZE))
-                .unwrap();
+            target.mem().read_slice(&mut back, GuestAddress((1 << 20) + p * PAGE_SIZE)).unwrap();
+            assert!(back.iter().all(|&b| b == 0), "page {p} reads {:#x} after discard", back[0]);
+            other.mem().read_slice(&mut back, GuestAddress((1 << 20) + p * PAGE_SIZE)).unwrap();
             assert_eq!(back, page, "the other VM keeps its content");
         }
     }

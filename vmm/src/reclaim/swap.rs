@@ -101,10 +101,7 @@ pub struct SwapSlot {
 impl SwapSlot {
     /// The swapper, if the VM has one.
     pub fn get(&self) -> Option<Arc<Swapper>> {
-        self.swapper
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.swapper.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Its counters.
@@ -114,11 +111,7 @@ impl SwapSlot {
 
     /// The process's free-memory policy counters, if a policy runs.
     pub fn policy_stats(&self) -> Option<PolicyStats> {
-        self.policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|p| p.lock().unwrap().clone())
+        self.policy.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|p| p.lock().unwrap().clone())
     }
 
     pub(crate) fn set_policy(&self, stats: Arc<Mutex<PolicyStats>>) {
@@ -128,11 +121,7 @@ impl SwapSlot {
     /// Drops the swapper (its file is removed once no request still holds it) and
     /// returns its final counters. Call when the VM's vCPUs are out for good.
     pub fn close(&self) -> Option<SwapStats> {
-        let sw = self
-            .swapper
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()?;
+        let sw = self.swapper.write().unwrap_or_else(|p| p.into_inner()).take()?;
         Some(sw.stats())
     }
 }
@@ -147,15 +136,11 @@ struct VmHooks {
 
 impl VmControl for VmHooks {
     fn pause(&self) -> Option<Box<dyn std::any::Any>> {
-        self.run
-            .reclaim_guard(PAUSE_TIMEOUT)
-            .map(|g| Box::new(g) as Box<dyn std::any::Any>)
+        self.run.reclaim_guard(PAUSE_TIMEOUT).map(|g| Box::new(g) as Box<dyn std::any::Any>)
     }
 
     fn skip_page(&self, gpa: u64) -> bool {
-        self.ballooned
-            .as_ref()
-            .is_some_and(|b| b.contains(gpa / guest_abi::PAGE_SIZE))
+        self.ballooned.as_ref().is_some_and(|b| b.contains(gpa / guest_abi::PAGE_SIZE))
     }
 
     fn fatal(&self, error: String) {
@@ -195,19 +180,13 @@ impl DirtyLog {
                 .map_err(|e| format!("vm {}: dirty logging on slot {slot}: {e}", vm.name()))?;
             slots.push((slot as u32, gpa, len));
         }
-        Ok(DirtyLog {
-            fd: vm.vm_fd().clone(),
-            slots,
-        })
+        Ok(DirtyLog { fd: vm.vm_fd().clone(), slots })
     }
 
     /// Reads (and clears) every slot's dirty bitmap into `sw`.
     pub fn feed(&self, sw: &Swapper) -> Result<(), String> {
         for &(slot, gpa, len) in &self.slots {
-            let bitmap = self
-                .fd
-                .get_dirty_log(slot, len as usize)
-                .map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
+            let bitmap = self.fd.get_dirty_log(slot, len as usize).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
             sw.note_dirty(&bitmap, gpa);
         }
         Ok(())
@@ -216,16 +195,10 @@ impl DirtyLog {
 
 /// Creates the swap directory and removes the swap files of dead processes.
 pub fn prepare_dir(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create swap directory {}: {e}", dir.display()))?;
-    let removed = swapd::clean_stale(dir)
-        .map_err(|e| format!("cleaning swap directory {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create swap directory {}: {e}", dir.display()))?;
+    let removed = swapd::clean_stale(dir).map_err(|e| format!("cleaning swap directory {}: {e}", dir.display()))?;
     if !removed.is_empty() {
-        log::info!(
-            "removed {} stale swap file(s) from {}",
-            removed.len(),
-            dir.display()
-        );
+        log::info!("removed {} stale swap file(s) from {}", removed.len(), dir.display());
     }
     Ok(())
 }
@@ -237,26 +210,18 @@ pub fn attach(vm: &Arc<VmShared>, opts: &SwapOptions) -> Result<(), String> {
         .ram
         .host_ranges()
         .into_iter()
-        .map(|(gpa, host, len)| swapd::Region {
-            gpa,
-            host_addr: host as usize,
-            len: len as usize,
-        })
+        .map(|(gpa, host, len)| swapd::Region { gpa, host_addr: host as usize, len: len as usize })
         .collect();
     let hooks = VmHooks {
         vm: Arc::downgrade(vm),
         run: vm.run.clone(),
-        ballooned: vm
-            .balloon
-            .as_ref()
-            .map(|b| b.lock().unwrap().ballooned().clone()),
+        ballooned: vm.balloon.as_ref().map(|b| b.lock().unwrap().ballooned().clone()),
     };
     let mut cfg = swapd::Config::new(&opts.dir);
     cfg.victims = opts.victims;
     cfg.seed = crate::vm::random_seed();
     let swapper = Arc::new(
-        Swapper::with_config(&vm.name, regions, Arc::new(hooks), cfg)
-            .map_err(|e| format!("vm {}: {e}", vm.name))?,
+        Swapper::with_config(&vm.name, regions, Arc::new(hooks), cfg).map_err(|e| format!("vm {}: {e}", vm.name))?,
     );
     let weak = Arc::downgrade(&swapper);
     vm.ram.on_discard(Arc::new(move |gpa, len| {
@@ -281,11 +246,7 @@ pub fn start(vms: &[Vm], opts: &SwapOptions) -> Result<PolicyThread, String> {
             VictimPolicy::Idle => Some(DirtyLog::enable(vm)?),
             VictimPolicy::Random => None,
         };
-        members.push(PolicyVm {
-            vm: vm.shared().clone(),
-            limit: vm.config().limit,
-            dirty,
-        });
+        members.push(PolicyVm { vm: vm.shared().clone(), limit: vm.config().limit, dirty });
     }
     PolicyThread::start(members, opts)
 }
@@ -296,19 +257,14 @@ pub fn start(vms: &[Vm], opts: &SwapOptions) -> Result<PolicyThread, String> {
 /// swapper.
 pub fn remapped(vm: &VmShared, host_addr: usize, len: usize) -> Result<(), String> {
     match vm.swap.get() {
-        Some(sw) => sw
-            .reregister(host_addr, len)
-            .map_err(|e| format!("vm {}: {e}", vm.name)),
+        Some(sw) => sw.reregister(host_addr, len).map_err(|e| format!("vm {}: {e}", vm.name)),
         None => Ok(()),
     }
 }
 
 /// Evicts up to `bytes` of `vm`'s memory now (`vmm ctl swap out`); returns what it did.
 pub fn swap_out(vm: &VmShared, bytes: u64) -> Result<serde_json::Value, String> {
-    let sw = vm
-        .swap
-        .get()
-        .ok_or_else(|| format!("vm {} has no swapper (run with --swap)", vm.name))?;
+    let sw = vm.swap.get().ok_or_else(|| format!("vm {} has no swapper (run with --swap)", vm.name))?;
     // An explicit request retries an eviction stopped by an earlier write error.
     sw.resume_eviction();
     let pages = bytes.div_ceil(guest_abi::PAGE_SIZE) as usize;
@@ -334,14 +290,8 @@ mod tests {
     #[test]
     fn host_mem_choices() {
         assert_eq!(HostMemChoice::parse("host").unwrap(), HostMemChoice::Host);
-        assert_eq!(
-            HostMemChoice::parse("cgroup").unwrap(),
-            HostMemChoice::Cgroup
-        );
-        assert_eq!(
-            HostMemChoice::parse("2G").unwrap(),
-            HostMemChoice::Budget(2 << 30)
-        );
+        assert_eq!(HostMemChoice::parse("cgroup").unwrap(), HostMemChoice::Cgroup);
+        assert_eq!(HostMemChoice::parse("2G").unwrap(), HostMemChoice::Budget(2 << 30));
         assert!(HostMemChoice::parse("0").is_err());
         assert!(HostMemChoice::parse("lots").unwrap_err().contains("cgroup"));
     }

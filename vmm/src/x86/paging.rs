@@ -37,7 +37,7 @@ pub fn build_identity_map(mem: &GuestMemoryMmap, ram_end: u64) -> Result<u64, vm
         mem.write_obj(pd | TABLE, GuestAddress(PDPT_GPA + gib * 8))?;
         let mut entries = [0u64; 512];
         for (i, e) in entries.iter_mut().enumerate() {
-            *e = (gib << 30) + ((i as u64) << 21) | TABLE | HUGE;
+            *e = ((gib << 30) + ((i as u64) << 21)) | TABLE | HUGE;
         }
         mem.write_slice(as_bytes(&entries), GuestAddress(pd))?;
     }
@@ -68,7 +68,7 @@ mod tests {
         assert_eq!(pdpte4, 0);
         // 3 GiB + 2 MiB maps to itself.
         let pde: u64 = mem.read_obj(GuestAddress(PD_GPA + 3 * 0x1000 + 8)).unwrap();
-        assert_eq!(pde, (3 << 30) + (2 << 20) | TABLE | HUGE);
+        assert_eq!(pde, ((3 << 30) + (2 << 20)) | TABLE | HUGE);
         assert!(tables_end() <= guest_abi::KERNEL_MIN_GPA);
     }
 }
