@@ -9,18 +9,22 @@
 //! 1. **page sharing** merges identical pages (cheap, invisible to the guest);
 //! 2. the **balloon** asks each guest for memory it does not need (here: memory the
 //!    guest wrote and freed, which the host cannot know is free);
-//! 3. finally every guest checks every page it holds (`verify`), and the demo ends
-//!    with the guests exiting normally.
+//! 3. the **host swapper** evicts part of what is left to each VM's `.vswp` file
+//!    (blind, as a host under hard memory pressure does);
+//! 4. finally every guest checks every page it holds (`verify`), faulting the
+//!    evicted ones back in, and the demo ends with the guests exiting normally.
 //!
 //! Each phase prints a line; at the end a table and one JSON line (`{"demo": ...}`)
 //! summarise the memory held for guest RAM after each phase.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::config::VmConfig;
 use crate::devices::virtio::balloon::BalloonConfig;
 use crate::host::{self, HostReport};
 use crate::reclaim::sharing::PageSharing;
+use crate::reclaim::swap::{self, SwapOptions};
 use crate::vm::Vm;
 
 /// What the demo boots.
@@ -32,11 +36,15 @@ pub struct DemoOptions {
     pub mem: u64,
     /// Balloon target of each VM in the balloon phase, bytes.
     pub balloon: u64,
+    /// Memory evicted from each VM in the swap phase, bytes.
+    pub swap: u64,
+    /// Directory of the swap files.
+    pub swap_dir: PathBuf,
 }
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        DemoOptions { vms: 2, mem: 256 << 20, balloon: 64 << 20 }
+        DemoOptions { vms: 2, mem: 256 << 20, balloon: 64 << 20, swap: 32 << 20, swap_dir: swap::DEFAULT_DIR.into() }
     }
 }
 
@@ -94,6 +102,10 @@ pub fn run(opts: &DemoOptions, t0: Instant) -> Result<HostReport, String> {
     }
     let mut vms = host::create_all(&configs, t0)?;
     let sharing = PageSharing::start(tps::Config { enabled: false, ..tps::Config::default() }, &vms)?;
+    swap::prepare_dir(&opts.swap_dir)?;
+    for vm in &vms {
+        swap::attach(vm.shared(), &SwapOptions::new(&opts.swap_dir))?;
+    }
     for vm in &mut vms {
         vm.start()?;
     }
@@ -153,6 +165,16 @@ fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<P
     }
     phase("balloon", format!("each guest gave {} MiB to its balloon", opts.balloon >> 20), &mut out);
 
+    let mut written = 0;
+    for vm in vms {
+        let r = swap::swap_out(vm.shared(), opts.swap)?;
+        if let Some(e) = r["error"].as_str() {
+            return Err(format!("vm {}: eviction stopped: {e}", vm.name()));
+        }
+        written += vm.shared().swap.stats().map_or(0, |s| s.pages_out);
+    }
+    phase("swap", format!("{written} pages written to the VMs' .vswp files in {}", opts.swap_dir.display()), &mut out);
+
     let mut bad = 0;
     for vm in vms {
         let res = vm.run_command("verify", PHASE_LIMIT)?;
@@ -169,7 +191,8 @@ fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<P
     if bad != 0 {
         return Err(format!("{bad} guest pages lost their contents"));
     }
-    phase("verify", "every guest page holds what its guest wrote".into(), &mut out);
+    let faulted: u64 = vms.iter().filter_map(|vm| vm.shared().swap.stats()).map(|s| s.pages_in + s.prefetched).sum();
+    phase("verify", format!("every guest page holds what its guest wrote; {faulted} pages read back"), &mut out);
 
     for vm in vms {
         vm.run_command("exit 0", PHASE_LIMIT).ok();

@@ -122,6 +122,12 @@ struct DemoArgs {
     /// Balloon target of each VM in the balloon phase.
     #[arg(long, default_value = "64M", value_parser = config::parse_size, value_name = "SIZE")]
     balloon: u64,
+    /// Memory evicted from each VM in the swap phase.
+    #[arg(long, default_value = "32M", value_parser = config::parse_size, value_name = "SIZE")]
+    swap: u64,
+    /// Directory of the swap files NAME.vswp (removed at the end).
+    #[arg(long, default_value = vmm::reclaim::swap::DEFAULT_DIR, value_name = "DIR")]
+    swap_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -345,7 +351,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args, t0),
         Command::Demo(args) => {
-            let opts = vmm::demo::DemoOptions { vms: args.vms, mem: args.mem, balloon: args.balloon };
+            let opts = vmm::demo::DemoOptions {
+                vms: args.vms,
+                mem: args.mem,
+                balloon: args.balloon,
+                swap: args.swap,
+                swap_dir: args.swap_dir,
+            };
             vmm::demo::run(&opts, t0).map(|report| print_report(&report))
         }
         Command::Ctl(args) => ctl(args),

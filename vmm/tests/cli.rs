@@ -97,7 +97,20 @@ fn config_files_define_vms() {
 
 #[test]
 fn the_demo_reclaims_with_each_technique_and_loses_nothing() {
-    let out = vmm(&["demo", "--mem", "128M", "--balloon", "32M", "--log-level", "warn"]);
+    let dir = std::env::temp_dir().join(format!("vmm-cli-demo-{}", std::process::id()));
+    let out = vmm(&[
+        "demo",
+        "--mem",
+        "128M",
+        "--balloon",
+        "32M",
+        "--swap",
+        "16M",
+        "--swap-dir",
+        dir.to_str().unwrap(),
+        "--log-level",
+        "warn",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines = stdout_json(&out);
     let demo = lines.iter().find(|l| l["demo"] == "reclaim").expect("the demo's JSON line");
@@ -109,14 +122,19 @@ fn the_demo_reclaims_with_each_technique_and_loses_nothing() {
     };
     // Two 128 MiB guests: 12+12 MiB of zero/identical pages each and 32 MiB shared
     // between them are what page sharing can take; 24 MiB each written and freed is
-    // what the balloon can.
-    let (filled, tps, balloon) = (held("boot+fill"), held("tps"), held("balloon"));
+    // what the balloon can; the swapper evicts 16 MiB of each.
+    let (filled, tps, balloon, swap) = (held("boot+fill"), held("tps"), held("balloon"), held("swap"));
     assert!(filled - tps > 60.0, "page sharing gave back {} MiB", filled - tps);
     assert!(tps - balloon > 20.0, "the balloon gave back {} MiB", tps - balloon);
+    assert!(balloon - swap > 20.0, "the swapper gave back {} MiB", balloon - swap);
     assert!(phases.iter().any(|p| p["phase"] == "verify"));
     let vms: Vec<_> = lines.iter().filter(|l| l["summary"] == "vm").collect();
     assert_eq!(vms.len(), 2);
     assert!(vms.iter().all(|v| v["exit_code"] == 0), "{vms:?}");
+    assert!(vms.iter().all(|v| v["swap"]["pages_in"].as_u64().unwrap() > 0), "verify faulted pages back: {vms:?}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(left.is_empty(), "swap files left behind: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
