@@ -37,10 +37,12 @@ enum Command {
     /// (the first non-zero one with several VMs), 254 for a guest-internal failure,
     /// 255 if the VMM had to stop a guest.
     Run(Box<RunArgs>),
-    /// The reclamation demo: boots the built-in test guest in several VMs, fills
-    /// their memory with every kind of page, then reclaims host memory with page
-    /// sharing and the balloon, checks every guest page and reports what each
-    /// technique gave back.
+    /// The reclamation demo: the test guest through page sharing, balloon and swap.
+    ///
+    /// Boots the built-in test guest in several VMs, fills their memory with every
+    /// kind of page, then gives host memory back with page sharing, the balloon and
+    /// the host swapper, checks every guest page, and reports what each phase gave
+    /// back (a table and a JSON line). See docs/cli.md.
     Demo(DemoArgs),
     /// Talk to a running `vmm run` through its control socket.
     Ctl(CtlArgs),
