@@ -21,7 +21,10 @@
 //! | [`policy`] | ESX free-memory states and the per-tick decision |
 //! | [`stats`] | counters, latency histograms, state history |
 //! | [`limits`] | what the host allows: plain write throughput, bare userfaultfd fault |
+//! | [`pagemap`] | `/proc/self/pagemap` and `/proc/self/maps` readers, batched discards |
+//! | [`anon`] | anonymous memory shaped like guest RAM (limits, tests) |
 
+pub mod anon;
 pub mod evict;
 pub mod fault;
 pub mod file;

@@ -1,7 +1,7 @@
 //! The two limits the swapper works against, measured on this host: how fast the
 //! swap directory takes plain large writes, and what a bare userfaultfd fault costs
-//! (the floor of every fault-in). Used by `vmm bench swap` and the `swapbench`
-//! example to put the swapper's figures next to them.
+//! (the floor of every fault-in). `vmm bench swap` puts the swapper's figures next
+//! to them.
 
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -9,54 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::anon::AnonMap;
 use crate::{Config, Region, Swapper, VmControl, PAGE_SIZE};
-
-/// Anonymous private memory (4 KiB pages, not reserved), unmapped on drop.
-pub struct AnonMap {
-    addr: usize,
-    len: usize,
-}
-
-impl AnonMap {
-    pub fn new(len: usize) -> io::Result<AnonMap> {
-        // SAFETY: a fresh anonymous mapping; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: advice on the mapping just made.
-        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-        Ok(AnonMap { addr: p as usize, len })
-    }
-
-    pub fn addr(&self) -> usize {
-        self.addr
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for AnonMap {
-    fn drop(&mut self) {
-        // SAFETY: our mapping, no longer used.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
 
 /// Plain sequential `O_DIRECT` write throughput of `dir` (MiB/s), `mib` MiB in
 /// writes of `chunk` bytes (the swapper's batch size), to a temporary file.

@@ -125,11 +125,6 @@ impl Histogram {
         }
         self.max_ns
     }
-
-    /// Mean in ns.
-    pub fn mean_ns(&self) -> u64 {
-        self.sum_ns.checked_div(self.count).unwrap_or(0)
-    }
 }
 
 /// The swapper's counters, updated by the fault thread and the evictor.

@@ -300,25 +300,10 @@ fn fill_result(r: i32, done: i64, len: u64, what: &str, at: u64) -> io::Result<F
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::anon::AnonMap;
     use std::sync::Arc;
 
     const PAGE: usize = 4096;
-
-    fn anon(len: usize) -> *mut u8 {
-        // SAFETY: fresh private anonymous mapping; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        p.cast()
-    }
 
     fn wait_event(u: &Uffd) -> Event {
         let mut ev = Vec::new();
@@ -335,7 +320,8 @@ mod tests {
     #[test]
     fn missing_fault_copy_zeropage_exists() {
         let u = Arc::new(Uffd::open(0).expect("userfaultfd (run as root)"));
-        let base = anon(4 * PAGE) as usize;
+        let mem = AnonMap::new(4 * PAGE).unwrap();
+        let base = mem.addr();
         let ioctls = u.register(base as u64, 4 * PAGE as u64, UFFDIO_REGISTER_MODE_MISSING).unwrap();
         assert!(ioctls & UFFDIO_BIT_COPY != 0 && ioctls & UFFDIO_BIT_ZEROPAGE != 0);
 
@@ -371,7 +357,5 @@ mod tests {
         // Page 0 is missing, page 1 present: one page filled, then the kernel stops.
         assert_eq!(u.zeropage(base as u64, 4 * PAGE as u64, false).unwrap(), Fill::Partial { bytes: PAGE as u64 });
         u.unregister(base as u64, 4 * PAGE as u64).unwrap();
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(base as *mut _, 4 * PAGE) };
     }
 }

@@ -15,7 +15,16 @@ fn gpa(p: usize) -> u64 {
     GPA + (p * PAGE) as u64
 }
 
-fn swapper(name: &str, dir: &std::path::Path, mem: &Mem, vm: &TestVm, f: impl FnOnce(&mut Config)) -> Swapper {
+/// A swapper named `name` over `mem`, with its own test VM and a fresh swap
+/// directory (removed by the test).
+fn swapper(name: &str, mem: &Mem, f: impl FnOnce(&mut Config)) -> (TestVm, std::path::PathBuf, Swapper) {
+    let vm = TestVm::new();
+    let dir = tmpdir(name);
+    let sw = swapper_in(name, &dir, mem, &vm, f);
+    (vm, dir, sw)
+}
+
+fn swapper_in(name: &str, dir: &std::path::Path, mem: &Mem, vm: &TestVm, f: impl FnOnce(&mut Config)) -> Swapper {
     let mut cfg = Config::new(dir);
     f(&mut cfg);
     Swapper::with_config(name, vec![mem.region(GPA)], Arc::new(vm.clone()), cfg).expect("swapper (needs root)")
@@ -34,9 +43,7 @@ fn evict_everything_and_fault_it_back() {
         mem.write(p, 7, 0); // resident, all zero
     }
     let zeros = (0..n).filter(|&p| is_zero(p)).count();
-    let vm = TestVm::new();
-    let dir = tmpdir("all");
-    let sw = swapper("all", &dir, &mem, &vm, |_| {});
+    let (vm, dir, sw) = swapper("all", &mem, |_| {});
     let path = sw.file_path().to_path_buf();
     assert!(path.exists());
 
@@ -155,7 +162,7 @@ fn stress(broken_pause: bool) -> Result<(), String> {
     let vm = TestVm::new();
     vm.0.broken_pause.store(broken_pause, SeqCst);
     let dir = tmpdir(if broken_pause { "race-broken" } else { "race" });
-    let sw = swapper("race", &dir, &mem, &vm, |c| c.batch_pages = 128);
+    let sw = swapper_in("race", &dir, &mem, &vm, |c| c.batch_pages = 128);
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
@@ -262,9 +269,7 @@ fn zero_pages_are_not_written() {
         mem.write(p, p % 512, 0);
     }
     assert!((0..n).all(|p| mem.present(p)));
-    let vm = TestVm::new();
-    let dir = tmpdir("zero");
-    let sw = swapper("zero", &dir, &mem, &vm, |_| {});
+    let (_vm, dir, sw) = swapper("zero", &mem, |_| {});
     let before = sw.file_allocated_bytes();
     assert_eq!(sw.swap_out(n).unwrap(), n);
     let s = sw.stats();
@@ -287,9 +292,7 @@ fn zero_pages_are_not_written() {
 fn corrupt_slot_is_fatal_and_never_handed_out() {
     let mem = Arc::new(Mem::new(1 << 20));
     fill_unique(&mem, 0..mem.pages());
-    let vm = TestVm::new();
-    let dir = tmpdir("corrupt");
-    let sw = swapper("corrupt", &dir, &mem, &vm, |_| {});
+    let (vm, dir, sw) = swapper("corrupt", &mem, |_| {});
     // Pages 0..4 evicted in one batch: slots 0..4 of the fresh file.
     assert_eq!(sw.swap_out_gpas(&[gpa(0), gpa(1), gpa(2), gpa(3)]).unwrap(), 4);
     {
@@ -360,7 +363,7 @@ fn enospc_stops_eviction_and_loses_nothing() {
     let vm = TestVm::new();
     let dir = tmpdir("enospc");
     let mnt = Tmpfs::mount(&dir, "64k");
-    let sw = swapper("enospc", &dir, &mem, &vm, |c| c.batch_pages = 4);
+    let sw = swapper_in("enospc", &dir, &mem, &vm, |c| c.batch_pages = 4);
     let err = sw.swap_out(n).unwrap_err();
     let reclaimed = match &err {
         SwapError::Write { reclaimed, error } => {
@@ -399,9 +402,7 @@ fn enospc_stops_eviction_and_loses_nothing() {
 fn prefetch_brings_batch_neighbours() {
     let mem = Arc::new(Mem::new(1 << 20));
     fill_unique(&mem, 0..mem.pages());
-    let vm = TestVm::new();
-    let dir = tmpdir("prefetch");
-    let sw = swapper("prefetch", &dir, &mem, &vm, |_| {});
+    let (_vm, dir, sw) = swapper("prefetch", &mem, |_| {});
     let gpas: Vec<u64> = (0..64).map(gpa).collect();
     assert_eq!(sw.swap_out_gpas(&gpas).unwrap(), 64);
     let m = mem.clone();
@@ -432,10 +433,8 @@ fn skip_forget_and_swap_in_all() {
     let mem = Mem::new(2 << 20);
     let n = mem.pages();
     fill_unique(&mem, 0..n);
-    let vm = TestVm::new();
+    let (vm, dir, sw) = swapper("skip", &mem, |_| {});
     vm.0.skip.lock().unwrap().extend((0..10).map(gpa));
-    let dir = tmpdir("skip");
-    let sw = swapper("skip", &dir, &mem, &vm, |_| {});
     assert_eq!(sw.swap_out(n).unwrap(), n - 10);
     assert_eq!(sw.stats().skipped_vmm, 10);
     assert!((0..10).all(|p| mem.present(p)) && (10..n).all(|p| !mem.present(p)));
@@ -468,9 +467,7 @@ fn remapped_pages_are_safe() {
     let mem = Mem::new(1 << 20);
     let n = mem.pages();
     fill_unique(&mem, 0..n);
-    let vm = TestVm::new();
-    let dir = tmpdir("remap");
-    let sw = swapper("remap", &dir, &mem, &vm, |_| {});
+    let (_vm, dir, sw) = swapper("remap", &mem, |_| {});
     assert_eq!(sw.swap_out(0).unwrap(), 0);
     // Register now (first eviction), then remap like page sharing would.
     assert_eq!(sw.swap_out_gpas(&[gpa(50)]).unwrap(), 1);
@@ -532,9 +529,7 @@ fn remapped_pages_are_safe() {
 fn first_touch_goes_through_the_handler() {
     let mem = Arc::new(Mem::new(4 << 20));
     let n = mem.pages();
-    let vm = TestVm::new();
-    let dir = tmpdir("touch");
-    let sw = swapper("touch", &dir, &mem, &vm, |c| c.register_eagerly = true);
+    let (_vm, dir, sw) = swapper("touch", &mem, |c| c.register_eagerly = true);
     let m = mem.clone();
     std::thread::spawn(move || {
         for p in 0..n {
@@ -565,7 +560,7 @@ fn idle_victims_fault_less_than_random() {
         let hot: Vec<usize> = (0..n).filter(|&p| mix(p as u64 * 7919) % 5 == 0).collect();
         let vm = TestVm::new();
         let dir = tmpdir(&format!("victims-{policy:?}"));
-        let sw = swapper("victims", &dir, &mem, &vm, |c| {
+        let sw = swapper_in("victims", &dir, &mem, &vm, |c| {
             c.victims = policy;
             c.prefetch_pages = 1;
         });
@@ -610,13 +605,13 @@ fn one_file_per_vm_name() {
     let mem = Mem::new(1 << 20);
     let vm = TestVm::new();
     let dir = tmpdir("names");
-    let a = swapper("same", &dir, &mem, &vm, |_| {});
+    let a = swapper_in("same", &dir, &mem, &vm, |_| {});
     let mem2 = Mem::new(1 << 20);
     let e = Swapper::with_config("same", vec![mem2.region(GPA)], Arc::new(vm.clone()), Config::new(&dir));
     assert!(e.is_err());
     drop(a);
     assert!(swapd::clean_stale(&dir).unwrap().is_empty());
-    let b = swapper("same", &dir, &mem2, &vm, |_| {});
+    let b = swapper_in("same", &dir, &mem2, &vm, |_| {});
     drop(b);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -627,9 +622,7 @@ fn one_file_per_vm_name() {
 fn unreadable_slot_is_fatal() {
     let mem = Arc::new(Mem::new(1 << 20));
     fill_unique(&mem, 0..mem.pages());
-    let vm = TestVm::new();
-    let dir = tmpdir("unreadable");
-    let sw = swapper("unreadable", &dir, &mem, &vm, |_| {});
+    let (vm, dir, sw) = swapper("unreadable", &mem, |_| {});
     assert_eq!(sw.swap_out_gpas(&[gpa(0), gpa(1)]).unwrap(), 2);
     std::fs::OpenOptions::new().write(true).open(sw.file_path()).unwrap().set_len(4096).unwrap();
     let m = mem.clone();

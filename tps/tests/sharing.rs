@@ -3,10 +3,11 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tps::PAGE_SIZE;
+use tps::{Scanner, PAGE_SIZE};
 
 const P: u64 = PAGE_SIZE as u64;
 
@@ -19,30 +20,36 @@ fn unique_key(vm: u32, i: usize) -> u64 {
 }
 
 /// Per VM: 512 pages common to all VMs, 256 zero pages, 256 pages of its own.
+fn mixed_key(vm: u32, i: usize) -> u64 {
+    match i {
+        0..512 => shared_key(i),
+        512..768 => 0,
+        _ => unique_key(vm, i),
+    }
+}
+
 fn mixed(vm: u32) -> GuestMem {
     let m = GuestMem::new(1024);
     for i in 0..1024 {
-        m.write(
-            i,
-            match i {
-                0..512 => shared_key(i),
-                512..768 => 0,
-                _ => unique_key(vm, i),
-            },
-        );
+        m.write(i, mixed_key(vm, i));
     }
     m
 }
 
 fn verify_mixed(m: &GuestMem, vm: u32) {
     for i in 0..1024 {
-        let key = match i {
-            0..512 => shared_key(i),
-            512..768 => 0,
-            _ => unique_key(vm, i),
-        };
-        assert!(m.holds(i, key), "vm {vm} page {i} changed");
+        assert!(m.holds(i, mixed_key(vm, i)), "vm {vm} page {i} changed");
     }
+}
+
+/// Two mixed VMs under a fast scanner, after two passes.
+fn two_mixed_vms() -> (GuestMem, GuestMem, Scanner, Arc<Recorder>) {
+    let (a, b) = (mixed(0), mixed(1));
+    let (s, rec) = fast_scanner(|_| {});
+    s.add_region(a.region(0)).unwrap();
+    s.add_region(b.region(1)).unwrap();
+    passes(&s, 2);
+    (a, b, s, rec)
 }
 
 #[test]
@@ -118,11 +125,8 @@ fn salting_shares_only_within_a_vm() {
 
 #[test]
 fn broken_shares_are_counted_and_pool_pages_freed() {
-    let (a, b) = (mixed(0), mixed(1));
-    let (s, rec) = fast_scanner(|_| {});
-    s.add_region(a.region(0)).unwrap();
-    s.add_region(b.region(1)).unwrap();
-    let before = passes(&s, 2);
+    let (a, b, s, rec) = two_mixed_vms();
+    let before = s.stats();
     assert_eq!(before.pool_pages, 512);
 
     // The guest of VM 1 rewrites half of its shared pages.
@@ -206,11 +210,7 @@ fn runs_of_identical_pages_use_replicas() {
 
 #[test]
 fn reset_range_gives_zeroed_anonymous_memory() {
-    let (a, b) = (mixed(0), mixed(1));
-    let (s, rec) = fast_scanner(|_| {});
-    s.add_region(a.region(0)).unwrap();
-    s.add_region(b.region(1)).unwrap();
-    passes(&s, 2);
+    let (a, b, s, rec) = two_mixed_vms();
 
     // The trap: DONTNEED on a shared page brings back the pool's content, not zeros.
     unsafe { libc::madvise(b.page(5) as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
@@ -247,11 +247,7 @@ fn reset_range_gives_zeroed_anonymous_memory() {
 
 #[test]
 fn remove_vm_drops_its_references() {
-    let (a, b) = (mixed(0), mixed(1));
-    let (s, _rec) = fast_scanner(|_| {});
-    s.add_region(a.region(0)).unwrap();
-    s.add_region(b.region(1)).unwrap();
-    passes(&s, 2);
+    let (a, b, s, _rec) = two_mixed_vms();
     s.remove_vm(1);
     let st = s.stats();
     assert_eq!((st.regions, st.pool_pages, st.pool_mapped_pages, st.zero_pages), (1, 512, 512, 256));

@@ -20,6 +20,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::bench::{print_table, verify, wait, wait_serving};
 use crate::config::VmConfig;
 use crate::devices::virtio::balloon::BalloonConfig;
 use crate::host::{self, HostReport};
@@ -133,7 +134,7 @@ fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<P
     };
 
     for vm in vms {
-        wait_until(vm, "to fill its memory", || vm.progress().state == guest_abi::guest_state::SERVING)?;
+        wait_serving(vm, PHASE_LIMIT)?;
     }
     phase("boot+fill", format!("{} VMs x {} MiB: {}", vms.len(), opts.mem >> 20, boot_workload(opts.mem)), &mut out);
 
@@ -161,7 +162,7 @@ fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<P
     let want = opts.balloon / guest_abi::PAGE_SIZE;
     for vm in vms {
         let dev = vm.balloon().expect("checked above");
-        wait_until(vm, "to inflate its balloon", || dev.lock().unwrap().snapshot().actual_pages >= want)?;
+        wait(vm, "to inflate its balloon", PHASE_LIMIT, || dev.lock().unwrap().snapshot().actual_pages >= want)?;
     }
     phase("balloon", format!("each guest gave {} MiB to its balloon", opts.balloon >> 20), &mut out);
 
@@ -175,21 +176,8 @@ fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<P
     }
     phase("swap", format!("{written} pages written to the VMs' .vswp files in {}", opts.swap_dir.display()), &mut out);
 
-    let mut bad = 0;
     for vm in vms {
-        let res = vm.run_command("verify", PHASE_LIMIT)?;
-        if res.status != 0 {
-            return Err(format!("vm {}: verify failed: {:?}", vm.name(), res.lines));
-        }
-        bad += res
-            .lines
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["bad"].as_u64())
-            .sum::<u64>();
-    }
-    if bad != 0 {
-        return Err(format!("{bad} guest pages lost their contents"));
+        verify(vm, PHASE_LIMIT)?;
     }
     let faulted: u64 = vms.iter().filter_map(|vm| vm.shared().swap.stats()).map(|s| s.pages_in + s.prefetched).sum();
     phase("verify", format!("every guest page holds what its guest wrote; {faulted} pages read back"), &mut out);
@@ -199,21 +187,6 @@ fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<P
         vm.wait(Duration::from_secs(10));
     }
     Ok(out)
-}
-
-/// Waits up to [`PHASE_LIMIT`] for `done`, failing early if the VM ends.
-fn wait_until(vm: &Vm, what: &str, done: impl Fn() -> bool) -> Result<(), String> {
-    let deadline = Instant::now() + PHASE_LIMIT;
-    while !done() {
-        if let Some(e) = vm.ending() {
-            return Err(format!("vm {} ended while waiting for it {what}: {e:?}", vm.name()));
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("vm {} took longer than {}s {what}", vm.name(), PHASE_LIMIT.as_secs()));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -231,7 +204,7 @@ fn print_summary(opts: &DemoOptions, phases: &[Phase]) {
             format!("{:.0}", p.ms),
         ]);
     }
-    crate::bench::print_table(&rows);
+    print_table(&rows);
     let json = serde_json::json!({
         "demo": "reclaim",
         "vms": opts.vms,

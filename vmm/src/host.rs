@@ -58,6 +58,26 @@ pub struct RunOptions<'a> {
     pub swap: Option<SwapOptions>,
 }
 
+/// Set by SIGINT or SIGTERM once [`install_interrupt_handler`] has run.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The first SIGINT or SIGTERM sets [`INTERRUPTED`], so that the caller stops its
+/// VMs and still reports (and restores what it changed); a second one exits at once.
+pub fn install_interrupt_handler() -> &'static AtomicBool {
+    extern "C" fn on_interrupt(_: libc::c_int) {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) };
+        }
+    }
+    // SAFETY: the handler only touches an atomic and calls _exit.
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
+    }
+    &INTERRUPTED
+}
+
 /// Creates, starts and runs the VMs to their end. `t0` is the reference time of the
 /// boot figures.
 pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostReport, String> {

@@ -2,22 +2,25 @@
 //!
 //! It boots the project's own test guest (or another 64-bit ELF kernel) natively on
 //! hosts with hardware virtualisation and on PVM hosts without it, runs several VMs
-//! in one process, and (in later layers) reclaims their memory with a balloon,
-//! transparent page sharing and a host swapper.
+//! in one process, and reclaims their memory with a virtio balloon, transparent page
+//! sharing and a host swapper driven by a free-memory policy.
 //!
 //! Layers, bottom up:
-//! - [`memory`]: guest RAM (anonymous, private, 4 KiB host pages by default);
+//! - [`memory`]: guest RAM (anonymous, private, 4 KiB host pages by default), its
+//!   residency, and the discard route every reclaimer frees guest pages through;
 //! - [`x86`], [`loader`], [`boot`]: long mode, page tables, PVM specifics, kernel
 //!   image and boot information;
-//! - [`devices`], [`console`]: port I/O devices (16550 console, system ports);
-//! - [`vcpu`], [`run_control`]: vCPU threads, exits, pause/resume/stop;
+//! - [`devices`], [`console`]: port I/O devices (16550 console, system ports) and
+//!   the virtio-mmio balloon with its worker thread;
+//! - [`vcpu`], [`run_control`], [`kvm_stats`]: vCPU threads, exits, nesting
+//!   pause/resume, stop; KVM's binary statistics;
 //! - [`vm`], [`control`]: one VM and its run-time command channel;
 //! - [`host`]: several VMs in one process;
-//! - [`reclaim`]: reclaim mechanisms driven while VMs run (host swapper);
+//! - [`reclaim`]: page sharing over the VMs of the process, a host swapper per VM,
+//!   and the free-memory policy thread that drives balloons and swappers;
 //! - [`api`]: the control socket (`vmm ctl`);
-//! - [`reclaim`]: page sharing over the VMs of the process;
 //! - [`config`]: what users ask for;
-//! - [`bench`]: the benchmarks behind `vmm bench`.
+//! - [`demo`], [`bench`](mod@bench): `vmm demo` and the benchmarks behind `vmm bench`.
 //!
 //! See `docs/architecture.md` for threads and the life of a guest page.
 

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
@@ -344,8 +343,6 @@ const EXIT_VMM_STOPPED: u8 = 255;
 /// Exit status for a guest-internal failure code (>= 256: panic, bad boot info...).
 const EXIT_GUEST_FAILURE: u8 = 254;
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
 fn main() -> ExitCode {
     let t0 = Instant::now();
     let cli = Cli::parse();
@@ -389,7 +386,7 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
     let configs = vm_configs(&args)?;
-    install_interrupt_handler();
+    let interrupted = host::install_interrupt_handler();
     let api_socket = args.api_sock.clone().unwrap_or_else(|| vmm::api::default_socket(std::process::id()));
     let swap = swap_options(&args, &configs)?;
     let report = host::run(
@@ -397,7 +394,7 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
         t0,
         RunOptions {
             timeout: args.timeout,
-            interrupted: Some(&INTERRUPTED),
+            interrupted: Some(interrupted),
             api_socket: Some(api_socket),
             tps: Some(args.tps.clone()).filter(|c| c.enabled),
             swap,
@@ -515,19 +512,4 @@ fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
         c.validate()?;
     }
     Ok(configs)
-}
-
-fn install_interrupt_handler() {
-    extern "C" fn on_interrupt(_: libc::c_int) {
-        if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            // Second Ctrl-C: leave now.
-            // SAFETY: _exit is async-signal-safe.
-            unsafe { libc::_exit(130) };
-        }
-    }
-    // SAFETY: the handler only touches an atomic and calls _exit.
-    unsafe {
-        libc::signal(libc::SIGINT, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
-    }
 }

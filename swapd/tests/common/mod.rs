@@ -1,6 +1,5 @@
 //! Test harness: guest-like anonymous memory, a VmControl whose pause really parks
 //! "vCPU" writer threads, and page patterns.
-#![allow(dead_code)]
 
 use std::any::Any;
 use std::collections::HashSet;
@@ -8,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 
+use swapd::anon::AnonMap;
+use swapd::pagemap::{Pagemap, PM_PRESENT};
 use swapd::{Region, VmControl};
 
 pub const PAGE: usize = 4096;
@@ -16,25 +17,13 @@ pub const PAGE: usize = 4096;
 pub struct Mem {
     pub base: usize,
     pub len: usize,
+    _map: AnonMap,
 }
 
 impl Mem {
     pub fn new(len: usize) -> Mem {
-        // SAFETY: fresh anonymous mapping, checked.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: advisory on our mapping.
-        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
-        Mem { base: p as usize, len }
+        let map = AnonMap::new(len).expect("mmap");
+        Mem { base: map.addr(), len, _map: map }
     }
 
     pub fn pages(&self) -> usize {
@@ -59,20 +48,11 @@ impl Mem {
         unsafe { std::ptr::write_volatile(self.word(page, w), v) }
     }
 
-    /// Whether a page is resident (pagemap present bit, and not the zero page).
+    /// Whether a page is resident (pagemap present bit).
     pub fn present(&self, page: usize) -> bool {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::File::open("/proc/self/pagemap").unwrap();
-        let mut b = [0u8; 8];
-        f.read_at(&mut b, ((self.base / PAGE + page) * 8) as u64).unwrap();
-        u64::from_ne_bytes(b) & (1 << 63) != 0
-    }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: our mapping.
-        unsafe { libc::munmap(self.base as *mut _, self.len) };
+        let mut e = [0u64];
+        Pagemap::open().unwrap().read(self.base + page * PAGE, &mut e).unwrap();
+        e[0] & PM_PRESENT != 0
     }
 }
 

@@ -9,9 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{median, print_table, wait};
+use super::{median, print_table, wait, wait_serving, with_vm};
 use crate::config::{format_size, VmConfig};
-use crate::host;
+use crate::vm::Vm;
 
 /// Parameters of the balloon benchmark.
 pub struct BalloonBench {
@@ -112,10 +112,11 @@ fn measure(b: &BalloonBench, per_page: bool) -> Result<Sample, String> {
     balloon.free_page_reporting = false; // measure the balloon alone
     balloon.per_page_discard = per_page;
     cfg.balloon = Some(balloon);
-    let mut vms = host::create_all(&[cfg], Instant::now())?;
-    let mut vm = vms.pop().expect("one VM");
-    vm.start()?;
-    wait(&vm, Duration::from_secs(60), |vm| vm.progress().state == guest_abi::guest_state::SERVING)?;
+    with_vm(cfg, |vm| inflate_and_deflate(b, vm))
+}
+
+fn inflate_and_deflate(b: &BalloonBench, vm: &Vm) -> Result<Sample, String> {
+    wait_serving(vm, Duration::from_secs(60))?;
     // Touch every free frame of the guest, then give them back to its allocator:
     // all of its memory is resident on the host and free in the guest.
     let touch = vm.progress().free_pages * guest_abi::PAGE_SIZE;
@@ -130,7 +131,7 @@ fn measure(b: &BalloonBench, per_page: bool) -> Result<Sample, String> {
     let t = Instant::now();
     dev.lock().unwrap().set_target(b.inflate)?;
     vm.shared().run.wake();
-    wait(&vm, Duration::from_secs(300), |_| {
+    wait(vm, "to inflate its balloon", Duration::from_secs(300), || {
         let s = dev.lock().unwrap().snapshot();
         s.ballooned_pages >= target && s.actual_pages >= target
     })?;
@@ -141,13 +142,11 @@ fn measure(b: &BalloonBench, per_page: bool) -> Result<Sample, String> {
     let t = Instant::now();
     dev.lock().unwrap().set_target(0)?;
     vm.shared().run.wake();
-    wait(&vm, Duration::from_secs(300), |_| {
+    wait(vm, "to deflate its balloon", Duration::from_secs(300), || {
         let s = dev.lock().unwrap().snapshot();
         s.ballooned_pages == 0 && s.actual_pages == 0
     })?;
     let deflate_ms = t.elapsed().as_secs_f64() * 1e3;
-    vm.stop("benchmark done");
-    let _ = vm.finish();
     Ok(Sample {
         inflate_ms,
         deflate_ms,

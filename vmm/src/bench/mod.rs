@@ -4,6 +4,9 @@
 //!
 //! These hosts are noisy: every figure is a median over runs, and comparisons are
 //! ratios taken within one run.
+//!
+//! The helpers below (one VM's life, waiting on a guest, `verify`, medians, the
+//! table) also serve `vmm demo`.
 
 pub mod balloon;
 pub mod boot;
@@ -12,21 +15,57 @@ pub mod tps;
 
 use std::time::{Duration, Instant};
 
+use crate::config::VmConfig;
+use crate::host;
 use crate::vm::Vm;
 
-/// Polls `done` until it holds; fails if the guest ends or `limit` passes.
-pub fn wait(vm: &Vm, limit: Duration, mut done: impl FnMut(&Vm) -> bool) -> Result<(), String> {
+/// Boots one VM of `config`, hands it to `f`, and stops it afterwards whatever `f`
+/// returned.
+pub fn with_vm<T>(config: VmConfig, f: impl FnOnce(&Vm) -> Result<T, String>) -> Result<T, String> {
+    let mut vms = host::create_all(&[config], Instant::now())?;
+    let mut vm = vms.pop().expect("one VM");
+    vm.start()?;
+    let result = f(&vm);
+    vm.stop("benchmark done");
+    let _ = vm.finish();
+    result
+}
+
+/// Polls `done` until it holds; fails if the VM ends first or `limit` passes.
+/// `what` says what is awaited ("to fill its memory").
+pub fn wait(vm: &Vm, what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Result<(), String> {
     let deadline = Instant::now() + limit;
-    while !done(vm) {
+    while !done() {
         if let Some(e) = vm.ending() {
-            return Err(format!("benchmark guest ended: {e:?}"));
+            return Err(format!("vm {} ended while waiting for it {what}: {e:?}", vm.name()));
         }
         if Instant::now() > deadline {
-            return Err(format!("benchmark step did not finish within {limit:?}"));
+            return Err(format!("vm {} took longer than {limit:?} {what}", vm.name()));
         }
         std::thread::sleep(Duration::from_micros(200));
     }
     Ok(())
+}
+
+/// Waits until the test guest has run its boot workload and serves commands.
+pub fn wait_serving(vm: &Vm, limit: Duration) -> Result<(), String> {
+    wait(vm, "to run its workload", limit, || vm.progress().state == guest_abi::guest_state::SERVING)
+}
+
+/// Has the test guest check every page it holds (`verify`); fails unless it reports
+/// no bad page.
+pub fn verify(vm: &Vm, limit: Duration) -> Result<(), String> {
+    let out = vm.run_command("verify", limit)?;
+    let bad = out
+        .lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["op"] == "verify")
+        .map(|v| v["bad"].as_u64().unwrap_or(u64::MAX));
+    match (out.status, bad) {
+        (0, Some(0)) => Ok(()),
+        _ => Err(format!("vm {}: verify failed: {:?}", vm.name(), out.lines)),
+    }
 }
 
 /// The median of `values` (NaN if empty).

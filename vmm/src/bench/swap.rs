@@ -20,10 +20,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{print_table, wait};
+use super::{print_table, verify, wait_serving, with_vm};
 use crate::config::{format_size, VmConfig};
 use crate::devices::virtio::balloon::BalloonConfig;
-use crate::host;
 use crate::reclaim::swap::{self as vm_swap, DirtyLog, SwapOptions};
 use crate::vm::Vm;
 
@@ -156,17 +155,11 @@ fn measure(b: &SwapBench, guest_order: bool) -> Result<Sample, String> {
     // Room for the data, the guest's bookkeeping and its kernel.
     let mut cfg = VmConfig::new("swapbench", b.evict + (b.evict / 8).max(64 << 20));
     cfg.workload = format!("alloc {} unique", b.evict);
-    let mut vms = host::create_all(&[cfg], Instant::now())?;
-    let mut vm = vms.pop().expect("one VM");
-    vm.start()?;
-    let result = evict_and_read(b, &vm, guest_order);
-    vm.stop("benchmark done");
-    let _ = vm.finish();
-    result
+    with_vm(cfg, |vm| evict_and_read(b, vm, guest_order))
 }
 
 fn evict_and_read(b: &SwapBench, vm: &Vm, guest_order: bool) -> Result<Sample, String> {
-    wait(vm, Duration::from_secs(600), |vm| vm.progress().state == guest_abi::guest_state::SERVING)?;
+    wait_serving(vm, Duration::from_secs(600))?;
     vm_swap::attach(vm.shared(), &SwapOptions::new(&b.dir))?;
     let sw = vm.shared().swap.get().expect("attached");
     let resident = vm.ram().resident_bytes() / guest_abi::PAGE_SIZE;
@@ -186,15 +179,8 @@ fn evict_and_read(b: &SwapBench, vm: &Vm, guest_order: bool) -> Result<Sample, S
     let evict_s = t.elapsed().as_secs_f64();
     let evicted = sw.stats();
     let t = Instant::now();
-    let out = vm.run_command("verify", Duration::from_secs(600))?;
+    verify(vm, Duration::from_secs(600)).map_err(|e| format!("after swapping: {e}"))?;
     let read_s = t.elapsed().as_secs_f64();
-    let bad = out.lines.iter().find_map(|l| {
-        let v: serde_json::Value = serde_json::from_str(l).ok()?;
-        (v["op"] == "verify").then(|| v["bad"].as_u64().unwrap_or(u64::MAX))
-    });
-    if out.status != 0 || bad != Some(0) {
-        return Err(format!("the guest's verify failed after swapping: {:?}", out.lines));
-    }
     let s = sw.stats();
     Ok(Sample {
         evicted_mib: reclaimed as f64 / 256.0,
@@ -227,17 +213,14 @@ pub fn victim_faults(dir: &Path, policy: swapd::VictimPolicy) -> Result<VictimSa
     // The freed 240 MiB must stay resident (a guest that does not report its free
     // memory): that is what idle victims should find.
     cfg.balloon = Some(BalloonConfig { free_page_reporting: false, ..BalloonConfig::default() });
-    let mut vms = host::create_all(&[cfg], Instant::now())?;
-    let mut vm = vms.pop().expect("one VM");
-    vm.start()?;
-    let result = (|| {
-        wait(&vm, Duration::from_secs(600), |vm| vm.progress().state == guest_abi::guest_state::SERVING)?;
+    with_vm(cfg, |vm| {
+        wait_serving(vm, Duration::from_secs(600))?;
         let mut opts = SwapOptions::new(dir);
         opts.victims = policy;
         vm_swap::attach(vm.shared(), &opts)?;
         let sw = vm.shared().swap.get().expect("attached");
         let log = match policy {
-            swapd::VictimPolicy::Idle => Some(DirtyLog::enable(&vm)?),
+            swapd::VictimPolicy::Idle => Some(DirtyLog::enable(vm)?),
             swapd::VictimPolicy::Random => None,
         };
         // The guest keeps its 16 MiB hot while the host reads the dirty log.
@@ -271,8 +254,5 @@ pub fn victim_faults(dir: &Path, policy: swapd::VictimPolicy) -> Result<VictimSa
             faults: after.pages_in - evicted.pages_in,
             prefetched: after.prefetched - evicted.prefetched,
         })
-    })();
-    vm.stop("benchmark done");
-    let _ = vm.finish();
-    result
+    })
 }

@@ -17,7 +17,7 @@
 //! KSM's settings are saved before and restored after (also on errors and Ctrl-C).
 
 use std::fs;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{median, print_table};
@@ -46,8 +46,6 @@ const KSM: &str = "/sys/kernel/mm/ksm";
 const SHARED_SEED: u64 = 42;
 const POLL: Duration = Duration::from_millis(20);
 const MIB: f64 = (1 << 20) as f64;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// What one configuration achieved.
 #[derive(Default)]
@@ -96,7 +94,7 @@ pub fn run(b: &TpsBench) -> Result<(), String> {
     if b.size < (4 << 20) || b.size % (4 << 20) != 0 {
         return Err("--size must be a multiple of 4M".into());
     }
-    install_interrupt_handler();
+    host::install_interrupt_handler();
     let quarter = b.size / 4;
     let achievable = (b.vms as u64 * quarter + (b.vms as u64 - 1) * 2 * quarter) as f64 / MIB;
     let repeat = |what: &str, f: &dyn Fn() -> Result<Outcome, String>| -> Result<Outcome, String> {
@@ -222,7 +220,7 @@ fn boot(b: &TpsBench) -> Result<Vec<Vm>, String> {
 
 /// Fails if a guest ended, the deadline passed or the user interrupted.
 fn check(vms: &[Vm], deadline: Instant) -> Result<(), String> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
+    if host::INTERRUPTED.load(Ordering::Relaxed) {
         return Err("interrupted".into());
     }
     if let Some(e) = vms.iter().find_map(|vm| vm.ending()) {
@@ -401,20 +399,6 @@ fn ksmd_cpu_ms(pid: u32) -> Result<f64, String> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(ticks as f64 * 1e3 / hz)
-}
-
-fn install_interrupt_handler() {
-    extern "C" fn on_interrupt(_: libc::c_int) {
-        if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            // SAFETY: _exit is async-signal-safe.
-            unsafe { libc::_exit(130) };
-        }
-    }
-    // SAFETY: the handler only touches an atomic and calls _exit.
-    unsafe {
-        libc::signal(libc::SIGINT, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t);
-    }
 }
 
 #[cfg(test)]
