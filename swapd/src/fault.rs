@@ -140,7 +140,14 @@ fn zero_fill(sh: &Shared, t: &MutexGuard<'_, Table>, page: u32, write: bool, zer
     let first = if write {
         sh.uffd.copy(host, &zero[..PAGE_SIZE], false)
     } else {
-        sh.uffd.zeropage(host, n as u64 * PAGE_SIZE as u64, false)
+        // The kernel fills a range only inside one mapping, and maps the zero page
+        // only in anonymous ones: page sharing maps pool pages (a file) over guest
+        // RAM, so the range may run into another mapping or the page may lie in one,
+        // which fails the whole call. Then a copy fills the faulting page alone;
+        // without it the vCPU would fault on that page forever.
+        sh.uffd
+            .zeropage(host, n as u64 * PAGE_SIZE as u64, false)
+            .or_else(|_| sh.uffd.copy(host, &zero[..PAGE_SIZE], false))
     };
     match first {
         Ok(Fill::Done) | Ok(Fill::Partial { .. }) => {}
