@@ -17,7 +17,9 @@
 //!   nothing but this thread changes the batch's pages, so the content written to
 //!   the file is the content discarded.
 //!
-//! One batch, under the pause:
+//! Candidates are read in `/proc/self/pagemap` first, without pausing, and a batch
+//! is gathered from those resident and private only: a pause is spent on pages
+//! worth evicting. One batch, under the pause:
 //! 1. read `/proc/self/maps`: only pages in private anonymous mappings may be
 //!    discarded (a page remapped by page sharing would revert to the pool's content
 //!    instead of faulting);
@@ -30,7 +32,7 @@
 //! 5. allocate slots (as few runs as possible) and write the buffer with one large
 //!    write per run; on an error (ENOSPC, EIO) free the slots, resume, stop
 //!    eviction: nothing was discarded, nothing is lost;
-//! 6. make sure the anonymous mappings of the batch are registered with the
+//! 6. make sure the anonymous mappings holding the batch are registered with the
 //!    userfaultfd (a no-op unless the VMM replaced a mapping), then publish
 //!    page -> slot in the table, *then* `MADV_DONTNEED` the pages (coalesced into
 //!    ranges): from the moment a page is missing, a fault on it finds its slot;

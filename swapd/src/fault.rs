@@ -17,8 +17,9 @@
 //! - the page has no slot (first touch, zero page elided by eviction, ballooned):
 //!   map the zero page with `UFFDIO_ZEROPAGE`, over the following missing pages
 //!   without slot too (up to `zero_fill_pages`, so that a guest touching fresh
-//!   memory does not pay one round trip per page); a write fault gets a real zeroed
-//!   page for the faulting page (`UFFDIO_COPY`) so the write does not fault twice.
+//!   memory does not pay one round trip per page; if that fails, the faulting page
+//!   alone is filled with a copy); a write fault gets a real zeroed page for the
+//!   faulting page (`UFFDIO_COPY`) so the write does not fault twice.
 //!
 //! This thread never calls `madvise` on guest RAM and never waits for a pause, so
 //! it cannot deadlock with the evictor: the evictor never holds the table lock
