@@ -134,7 +134,13 @@ fn zero_fill(sh: &Shared, t: &MutexGuard<'_, Table>, page: u32, write: bool, zer
     let r = sh.region_of_page(page);
     let end = r.first_page + r.pages();
     let mut n = 1u32;
-    while (n as usize) < sh.cfg.zero_fill_pages && page + n < end && t.map[(page + n) as usize] == NO_SLOT {
+    // Ahead of the fault, not into pages the VMM vetoes: a ballooned page must stay
+    // without memory behind it (the balloon counts any it finds as touched).
+    while (n as usize) < sh.cfg.zero_fill_pages
+        && page + n < end
+        && t.map[(page + n) as usize] == NO_SLOT
+        && !sh.vm.skip_page(sh.gpa_of_page(page + n))
+    {
         n += 1;
     }
     let host = sh.host_of_page(page) as u64;
