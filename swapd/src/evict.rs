@@ -17,7 +17,9 @@
 //!   nothing but this thread changes the batch's pages, so the content written to
 //!   the file is the content discarded.
 //!
-//! One batch, under the pause:
+//! Candidates are read in `/proc/self/pagemap` first, without pausing, and a batch
+//! is gathered from those resident and private only: a pause is spent on pages
+//! worth evicting. One batch, under the pause:
 //! 1. read `/proc/self/maps`: only pages in private anonymous mappings may be
 //!    discarded (a page remapped by page sharing would revert to the pool's content
 //!    instead of faulting);
@@ -30,7 +32,7 @@
 //! 5. allocate slots (as few runs as possible) and write the buffer with one large
 //!    write per run; on an error (ENOSPC, EIO) free the slots, resume, stop
 //!    eviction: nothing was discarded, nothing is lost;
-//! 6. make sure the anonymous mappings of the batch are registered with the
+//! 6. make sure the anonymous mappings holding the batch are registered with the
 //!    userfaultfd (a no-op unless the VMM replaced a mapping), then publish
 //!    page -> slot in the table, *then* `MADV_DONTNEED` the pages (coalesced into
 //!    ranges): from the moment a page is missing, a fault on it finds its slot;
@@ -91,28 +93,42 @@ pub(crate) fn swap_out(
     if explicit.is_none() {
         sh.victims.begin();
     }
-    let result = loop {
+    let result = 'request: loop {
         if done >= want {
             break Ok(());
         }
         let max = batch.min(want - done);
-        let mut cands: Vec<u32> = {
-            let t = sh.lock();
-            match explicit {
-                Some(list) => {
-                    let mut c = Vec::with_capacity(max);
-                    while c.len() < max && pos < list.len() {
-                        let p = list[pos];
-                        pos += 1;
-                        if t.map[p as usize] == NO_SLOT {
-                            c.push(p);
+        // Gather a batch of pages worth a pause: a request that finds little (a VM
+        // mostly not resident, or shared) would otherwise pause the VM once per
+        // batch of absent pages, back to back, and starve the guest. The batch
+        // checks each page again under the pause.
+        let mut cands: Vec<u32> = Vec::with_capacity(max);
+        let mut walked_all = false;
+        while cands.len() < max && !walked_all {
+            let more: Vec<u32> = {
+                let t = sh.lock();
+                let left = max - cands.len();
+                match explicit {
+                    Some(list) => {
+                        let mut c = Vec::with_capacity(left);
+                        while c.len() < left && pos < list.len() {
+                            let p = list[pos];
+                            pos += 1;
+                            if t.map[p as usize] == NO_SLOT {
+                                c.push(p);
+                            }
                         }
+                        c
                     }
-                    c
+                    None => sh.victims.next(left, |p| t.map[p as usize] == NO_SLOT),
                 }
-                None => sh.victims.next(max, |p| t.map[p as usize] == NO_SLOT),
+            };
+            walked_all = more.is_empty();
+            match evictable(sh, more) {
+                Ok(found) => cands.extend(found),
+                Err(e) => break 'request Err(e),
             }
-        };
+        }
         if cands.is_empty() {
             break Ok(());
         }
@@ -138,6 +154,34 @@ pub(crate) fn swap_out(
     };
     sh.counters.evict_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
     result.map(|()| done)
+}
+
+/// The pages of `cands` that `/proc/self/pagemap` shows resident and private (what
+/// the batch would evict now); the others are counted as skipped.
+fn evictable(sh: &Shared, mut cands: Vec<u32>) -> Result<Vec<u32>, SwapError> {
+    cands.sort_unstable();
+    cands.dedup();
+    let mut entries = vec![0u64; cands.len()];
+    for (s, l) in runs(sh, &cands) {
+        sh.pagemap
+            .read(sh.host_of_page(cands[s]), &mut entries[s..s + l])
+            .map_err(|e| SwapError::io("/proc/self/pagemap", e))?;
+    }
+    let c = &sh.counters;
+    let mut entry = entries.into_iter();
+    cands.retain(|_| {
+        let e = entry.next().unwrap();
+        if e & PM_PRESENT == 0 || (sh.zero_pfn != 0 && e & PM_PFN == sh.zero_pfn) {
+            c.skipped_not_present.fetch_add(1, Relaxed);
+            false
+        } else if e & PM_FILE != 0 || e & PM_EXCLUSIVE == 0 {
+            c.skipped_shared.fetch_add(1, Relaxed);
+            false
+        } else {
+            true
+        }
+    });
+    Ok(cands)
 }
 
 fn is_zero(p: &[u8]) -> bool {
@@ -242,16 +286,26 @@ fn evict_batch(sh: &Shared, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize
         }
         c.bytes_written.fetch_add((copied.len() * PAGE_SIZE) as u64, Relaxed);
 
-        // Register before discarding (a no-op for ranges already ours).
-        for &(a, b) in &anon {
-            for r in &sh.regions {
-                let s = a.max(r.host).max(lo);
-                let e = b.min(r.host + r.len).min(hi);
-                if s < e {
-                    sh.uffd
-                        .register(s as u64, (e - s) as u64, UFFDIO_REGISTER_MODE_MISSING)
-                        .map_err(|e| BatchError::Other(SwapError::io("register before discard", e)))?;
-                }
+        let mut gone: Vec<u32> = copied.iter().chain(zero.iter()).copied().collect();
+        gone.sort_unstable();
+        let runs = runs(sh, &gone);
+
+        // Register before discarding (a no-op for ranges already ours): the
+        // anonymous ranges holding a page of the batch, and only those. Page sharing
+        // splits guest RAM into thousands of mappings; registering all of them in
+        // `lo..hi` made every batch of random victims cost thousands of ioctls with
+        // the VM paused, and kept the guests paused nearly all the time.
+        let mut last = None;
+        for &(s, _) in &runs {
+            let p = gone[s];
+            let (host, r) = (sh.host_of_page(p), sh.region_of_page(p));
+            let (a, b) = anon[anon.partition_point(|a| a.1 <= host)];
+            let (s, e) = (a.max(r.host), b.min(r.host + r.len));
+            if last != Some((s, e)) {
+                sh.uffd
+                    .register(s as u64, (e - s) as u64, UFFDIO_REGISTER_MODE_MISSING)
+                    .map_err(|e| BatchError::Other(SwapError::io("register before discard", e)))?;
+                last = Some((s, e));
             }
         }
 
@@ -273,11 +327,8 @@ fn evict_batch(sh: &Shared, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize
                 }
             }
         }
-        let mut gone: Vec<u32> = copied.iter().chain(zero.iter()).copied().collect();
-        gone.sort_unstable();
         let mut freed = 0usize;
         let mut kept_copied = 0usize;
-        let runs = runs(sh, &gone);
         let ranges: Vec<(usize, usize)> =
             runs.iter().map(|&(s, l)| (sh.host_of_page(gone[s]), l * PAGE_SIZE)).collect();
         for ((s, l), r) in runs.into_iter().zip(sh.discarder.discard(&ranges)) {

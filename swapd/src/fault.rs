@@ -17,8 +17,9 @@
 //! - the page has no slot (first touch, zero page elided by eviction, ballooned):
 //!   map the zero page with `UFFDIO_ZEROPAGE`, over the following missing pages
 //!   without slot too (up to `zero_fill_pages`, so that a guest touching fresh
-//!   memory does not pay one round trip per page); a write fault gets a real zeroed
-//!   page for the faulting page (`UFFDIO_COPY`) so the write does not fault twice.
+//!   memory does not pay one round trip per page; if that fails, the faulting page
+//!   alone is filled with a copy); a write fault gets a real zeroed page for the
+//!   faulting page (`UFFDIO_COPY`) so the write does not fault twice.
 //!
 //! This thread never calls `madvise` on guest RAM and never waits for a pause, so
 //! it cannot deadlock with the evictor: the evictor never holds the table lock
@@ -133,14 +134,27 @@ fn zero_fill(sh: &Shared, t: &MutexGuard<'_, Table>, page: u32, write: bool, zer
     let r = sh.region_of_page(page);
     let end = r.first_page + r.pages();
     let mut n = 1u32;
-    while (n as usize) < sh.cfg.zero_fill_pages && page + n < end && t.map[(page + n) as usize] == NO_SLOT {
+    // Ahead of the fault, not into pages the VMM vetoes: a ballooned page must stay
+    // without memory behind it (the balloon counts any it finds as touched).
+    while (n as usize) < sh.cfg.zero_fill_pages
+        && page + n < end
+        && t.map[(page + n) as usize] == NO_SLOT
+        && !sh.vm.skip_page(sh.gpa_of_page(page + n))
+    {
         n += 1;
     }
     let host = sh.host_of_page(page) as u64;
     let first = if write {
         sh.uffd.copy(host, &zero[..PAGE_SIZE], false)
     } else {
-        sh.uffd.zeropage(host, n as u64 * PAGE_SIZE as u64, false)
+        // The kernel fills a range only inside one mapping, and maps the zero page
+        // only in anonymous ones: page sharing maps pool pages (a file) over guest
+        // RAM, so the range may run into another mapping or the page may lie in one,
+        // which fails the whole call. Then a copy fills the faulting page alone;
+        // without it the vCPU would fault on that page forever.
+        sh.uffd
+            .zeropage(host, n as u64 * PAGE_SIZE as u64, false)
+            .or_else(|_| sh.uffd.copy(host, &zero[..PAGE_SIZE], false))
     };
     match first {
         Ok(Fill::Done) | Ok(Fill::Partial { .. }) => {}

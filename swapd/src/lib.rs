@@ -63,6 +63,8 @@ pub trait VmControl: Send + Sync + 'static {
     /// if the VM is ending.
     fn pause(&self) -> Option<Box<dyn Any>>;
     /// Pages eviction must skip (ballooned, or shared by page sharing): true to skip.
+    /// The zero fill ahead of a fault leaves them alone too. Called with the
+    /// swapper's table lock held: it must be cheap and must not call the swapper.
     fn skip_page(&self, gpa: u64) -> bool;
     /// A slot could not be read or failed its checksum: the VMM must stop the VM
     /// with this error (never hand the guest wrong data).

@@ -5,7 +5,10 @@
 //!   nest, so eviction batches, the policy's low-state pause and other reclaim code
 //!   never resume the VM under each other.
 //! - **Skip**: ballooned pages (one bit test in the balloon's ballooned set): their
-//!   host memory is already gone and the guest promised not to use them.
+//!   host memory is already gone and the guest promised not to use them; and the
+//!   low megabyte, as page sharing does: it holds the control page, which the VMM
+//!   writes without pausing the VM (a command posted between an eviction's copy and
+//!   its discard would be lost), and PVM's VIF areas, which the host kernel writes.
 //! - **Fatal**: a slot that cannot be read or fails its checksum ends the VM with
 //!   [`Ending::Error`]: the guest never receives wrong data.
 //! - **Balloon discards** go through [`GuestRam::discard`](crate::memory::GuestRam::discard),
@@ -140,7 +143,8 @@ impl VmControl for VmHooks {
     }
 
     fn skip_page(&self, gpa: u64) -> bool {
-        self.ballooned.as_ref().is_some_and(|b| b.contains(gpa / guest_abi::PAGE_SIZE))
+        gpa < guest_abi::KERNEL_MIN_GPA
+            || self.ballooned.as_ref().is_some_and(|b| b.contains(gpa / guest_abi::PAGE_SIZE))
     }
 
     fn fatal(&self, error: String) {
