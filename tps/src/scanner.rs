@@ -105,6 +105,7 @@ impl Scanner {
             rng: Rng::new(seed),
             infos: vec![PageInfo::default(); CHUNK_PAGES],
             skip: vec![false; CHUNK_PAGES],
+            seen_resets: 0,
             tokens: 0.0,
             last_tick: Instant::now(),
             generation: 0,
@@ -205,6 +206,8 @@ struct Worker {
     rng: Rng,
     infos: Vec<PageInfo>,
     skip: Vec<bool>,
+    /// `State::resets` when this thread last held the state lock.
+    seen_resets: u64,
     tokens: f64,
     last_tick: Instant,
     generation: u64,
@@ -315,7 +318,9 @@ impl Worker {
             self.skip[i] =
                 self.infos[i].backing() == Backing::Anon && self.shared.ctl.skip_page(chunk.region.vm, chunk.gpa(i));
         }
-        lock(&self.shared.state).plan_chunk(chunk, &self.infos[..n], &self.skip[..n], &mut self.batch);
+        let mut st = lock(&self.shared.state);
+        st.plan_chunk(chunk, &mut self.infos[..n], &self.skip[..n], &mut self.seen_resets, &mut self.batch);
+        drop(st);
         if self.batch_since.is_none() && !self.batch.is_empty() {
             self.batch_since = Some(Instant::now());
         }

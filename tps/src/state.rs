@@ -51,6 +51,9 @@ pub(crate) struct State {
     vma: VmaBudget,
     cross_vm: bool,
     run_replicas: u32,
+    /// Calls of `reset_range` so far: a pagemap read without the lock is stale
+    /// if this changed since (see `plan_chunk`).
+    resets: u64,
     /// Counters kept here; the derived ones are filled by `snapshot`.
     pub(crate) stats: Stats,
 }
@@ -66,6 +69,7 @@ impl State {
             vma: VmaBudget::new(config.vma_limit(remap::max_map_count()), &Regions::default()),
             cross_vm: config.cross_vm,
             run_replicas: config.run_replicas,
+            resets: 0,
             stats: Stats::default(),
         })
     }
@@ -154,6 +158,9 @@ impl State {
         if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::BadRange { host_addr: addr, len, why: "not page aligned" });
         }
+        // Counted before anything is dropped: even a reset that fails half way may
+        // have dropped pages that a scan read as resident.
+        self.resets += 1;
         let remap_err = |a, l| move |source| Error::Remap { host_addr: a, len: l, source };
         let end = addr.checked_add(len).ok_or(Error::BadRange { host_addr: addr, len, why: "wraps around" })?;
         let mut a = addr;
