@@ -39,7 +39,9 @@ pub(crate) struct Pool {
     pages: Vec<PoolPage>,
     /// Freed indices below `pages.len()`.
     free: BTreeSet<u32>,
-    live: usize,
+    /// Live pages with references: those written for a batch not yet applied have
+    /// none.
+    mapped: usize,
     file_pages: u32,
 }
 
@@ -53,16 +55,17 @@ impl Pool {
         }
         // SAFETY: `fd` was just created and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        Ok(Self { file, pages: Vec::new(), free: BTreeSet::new(), live: 0, file_pages: 0 })
+        Ok(Self { file, pages: Vec::new(), free: BTreeSet::new(), mapped: 0, file_pages: 0 })
     }
 
     pub(crate) fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
 
-    /// Pool pages in use.
-    pub(crate) fn live_pages(&self) -> usize {
-        self.live
+    /// Pool pages that guest pages map: not those written for a batch that is not
+    /// applied yet (a snapshot taken then would count pages that may never be used).
+    pub(crate) fn mapped_pages(&self) -> usize {
+        self.mapped
     }
 
     /// The page at `idx` if it is in use.
@@ -105,7 +108,6 @@ impl Pool {
             self.free.remove(&idx);
         }
         self.pages[idx as usize] = PoolPage { refs: 0, key, domain, base: base.unwrap_or(idx), live: true };
-        self.live += 1;
         Ok(idx)
     }
 
@@ -115,26 +117,30 @@ impl Pool {
     }
 
     pub(crate) fn add_ref(&mut self, idx: u32) {
-        self.pages[idx as usize].refs += 1;
+        let p = &mut self.pages[idx as usize];
+        self.mapped += (p.refs == 0) as usize;
+        p.refs += 1;
     }
 
     /// Drops one reference; frees the page when it was the last one and returns the
     /// freed page's key (for the caller to drop it from the hash table).
     pub(crate) fn drop_ref(&mut self, idx: u32) -> Option<u64> {
-        let p = &mut self.pages[idx as usize];
-        p.refs = p.refs.saturating_sub(1);
-        (p.refs == 0).then(|| self.free(idx))
+        if self.pages[idx as usize].refs <= 1 {
+            return Some(self.free(idx));
+        }
+        self.pages[idx as usize].refs -= 1;
+        None
     }
 
     /// Frees a page (whatever its references) and returns its key.
     pub(crate) fn free(&mut self, idx: u32) -> u64 {
-        let key = self.pages[idx as usize].key;
-        if !self.pages[idx as usize].live {
+        let PoolPage { key, refs, live, .. } = self.pages[idx as usize];
+        if !live {
             return key;
         }
+        self.mapped -= (refs > 0) as usize;
         self.pages[idx as usize] = PoolPage::default();
         self.free.insert(idx);
-        self.live -= 1;
         let off = idx as i64 * PAGE_SIZE as i64;
         // SAFETY: plain syscall on our own fd.
         let r = unsafe {
@@ -156,6 +162,10 @@ impl Pool {
 mod tests {
     use super::*;
 
+    fn live(pool: &Pool) -> usize {
+        pool.pages.iter().filter(|p| p.live).count()
+    }
+
     fn resident_bytes(pool: &Pool) -> u64 {
         pool.file.metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap()
     }
@@ -170,18 +180,23 @@ mod tests {
         assert_eq!(pool.alloc(Some(9), &page(4), 14, 0, Some(2)).unwrap(), 3, "9 is past the end");
         assert_eq!(pool.get(3).unwrap().base, 2);
         assert_eq!(pool.get(1).unwrap().base, 1);
-        assert_eq!(pool.live_pages(), 4);
+        assert_eq!((live(&pool), pool.mapped_pages()), (4, 0), "written, mapped by none yet");
         let mut buf = [0; PAGE_SIZE];
         pool.read(1, &mut buf).unwrap();
         assert_eq!(buf, page(2));
 
         pool.add_ref(1);
         pool.add_ref(1);
+        pool.add_ref(2);
+        assert_eq!(pool.mapped_pages(), 2);
         assert_eq!(pool.drop_ref(1), None);
+        assert_eq!(pool.mapped_pages(), 2);
         assert!(!pool.is_free(1));
         assert_eq!(pool.drop_ref(1), Some(12), "last reference frees");
         assert!(pool.is_free(1) && pool.get(1).is_none());
-        assert_eq!(pool.live_pages(), 3);
+        assert_eq!((live(&pool), pool.mapped_pages()), (3, 1));
+        pool.free(2);
+        assert_eq!((live(&pool), pool.mapped_pages()), (2, 0), "freed with its references");
         assert_eq!(pool.alloc(None, &page(5), 15, 0, None).unwrap(), 1, "lowest free page");
         assert!(pool.is_free(4) && !pool.is_free(5), "only the next page past the end");
     }

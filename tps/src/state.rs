@@ -205,7 +205,7 @@ impl State {
         let mut s = self.stats.clone();
         s.regions = self.regions.iter().count() as u64;
         s.guest_pages = self.regions.iter().map(|r| r.pages as u64).sum();
-        s.pool_pages = self.pool.live_pages() as u64;
+        s.pool_pages = self.pool.mapped_pages() as u64;
         s.hints = self.table.hints() as u64;
         s.vmas_added = self.vma.added(&self.regions) as u64;
         s.process_vmas = self.vma.process(&self.regions) as u64;

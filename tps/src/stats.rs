@@ -27,7 +27,8 @@ pub struct Stats {
     pub zero_pages_freed: u64,
     /// Pages dropped as zero and still not written as of their last visit (now).
     pub zero_pages: u64,
-    /// Pool pages in use (now).
+    /// Pool pages that guest pages map (now); pages written for a batch not yet
+    /// applied are not counted.
     pub pool_pages: u64,
     /// Guest pages mapping the pool, shares not known broken (now).
     pub pool_mapped_pages: u64,
