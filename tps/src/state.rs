@@ -101,7 +101,7 @@ impl State {
 
     pub(crate) fn end_pass(&mut self, started: Instant, uptime_ms: u64) {
         self.stats.full_passes += 1;
-        self.stats.last_pass_ms = started.elapsed().as_millis() as u64;
+        self.stats.last_pass_us = started.elapsed().as_micros() as u64;
         self.stats.last_pass_end_ms = uptime_ms;
         self.vma.end_pass(&self.regions);
         self.table.end_pass();
