@@ -31,6 +31,9 @@ impl State {
         if self.regions.get(host_addr, id).is_none() {
             return; // removed since the pass started
         }
+        if batch.is_empty() {
+            self.pool.batch_done(); // no op names a pool page freed since
+        }
         if std::mem::replace(seen_resets, self.resets) != self.resets {
             if let Err(e) = self.pagemap.read(chunk.addr(0), infos) {
                 return self.count_error("reading /proc/self/pagemap", e);
