@@ -160,9 +160,14 @@ impl Scanner {
         lock(&self.shared.control).config.clone()
     }
 
-    /// Changes the configuration; the thread picks it up at once.
+    /// Changes the configuration. What shapes merges (`cross_vm`, `run_replicas`,
+    /// the VMA limit) holds for every page planned after this returns; the thread
+    /// picks up the rest (rate, batch size, on/off) at once.
     pub fn set_config(&self, config: Config) {
         let mut c = lock(&self.shared.control);
+        // Under the state lock, which planning holds: no chunk planned from now on
+        // sees the old values (the thread may be half way through a burst).
+        self.shared.lock_state().configure(&config);
         c.config = config;
         c.generation += 1;
         self.shared.wake.notify_all();
@@ -227,7 +232,6 @@ impl Worker {
                 changed
             };
             if let Some(config) = changed {
-                lock(&self.shared.state).configure(&config);
                 self.config = config;
             }
             if !self.config.enabled || !self.ensure_pass() {

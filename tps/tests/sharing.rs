@@ -292,6 +292,20 @@ fn disabled_scanner_does_nothing() {
     assert_eq!(st.zero_pages, 256);
 }
 
+/// What shapes merges holds as soon as `set_config` returns, even while the thread
+/// is busy: a burst planned on with the old values after the caller went on to change
+/// the memory (`vma_limit.rs` does) would merge it the old way.
+#[test]
+fn config_changes_apply_at_once() {
+    let m = mixed(0);
+    let (s, _rec) = fast_scanner(|c| c.max_vmas = Some(1000));
+    s.add_region(m.region(0)).unwrap();
+    for limit in 1001..1101 {
+        s.set_config(tps::Config { max_vmas: Some(limit), ..s.config() });
+        assert_eq!(s.stats().vma_limit, limit as u64);
+    }
+}
+
 #[test]
 fn bad_regions_are_refused() {
     let m = GuestMem::new(8);
