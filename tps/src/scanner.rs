@@ -211,7 +211,7 @@ struct Worker {
     rng: Rng,
     infos: Vec<PageInfo>,
     skip: Vec<bool>,
-    /// `State::resets` when this thread last held the state lock.
+    /// `State::resets` as of the last `plan_chunk`.
     seen_resets: u64,
     tokens: f64,
     last_tick: Instant,
@@ -322,9 +322,8 @@ impl Worker {
             self.skip[i] =
                 self.infos[i].backing() == Backing::Anon && self.shared.ctl.skip_page(chunk.region.vm, chunk.gpa(i));
         }
-        let mut st = lock(&self.shared.state);
-        st.plan_chunk(chunk, &mut self.infos[..n], &self.skip[..n], &mut self.seen_resets, &mut self.batch);
-        drop(st);
+        let (infos, skip) = (&mut self.infos[..n], &self.skip[..n]);
+        lock(&self.shared.state).plan_chunk(chunk, infos, skip, &mut self.seen_resets, &mut self.batch);
         if self.batch_since.is_none() && !self.batch.is_empty() {
             self.batch_since = Some(Instant::now());
         }
