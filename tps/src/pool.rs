@@ -32,14 +32,24 @@ pub(crate) struct PoolPage {
     /// First page of its replica block (itself unless it is a replica, see `state.rs`).
     pub(crate) base: u32,
     live: bool,
+    /// Freed, but not reusable until the pending batch is applied.
+    released: bool,
 }
 
 pub(crate) struct Pool {
     file: File,
     pages: Vec<PoolPage>,
-    /// Freed indices below `pages.len()`.
+    /// Freed indices below `pages.len()`, reusable.
     free: BTreeSet<u32>,
-    live: usize,
+    /// Indices freed since the last batch was applied. That batch may still name
+    /// them (ops planned before a `reset_range`, a `remove_vm` or a broken share
+    /// freed the page): were one reused for a new page in the same batch, those ops
+    /// would pass the commit's checks against the new page, mapping guest pages
+    /// one by one onto a page planned for others (a VMA each), not as planned.
+    released: Vec<u32>,
+    /// Live pages with references: those written for a batch not yet applied have
+    /// none.
+    mapped: usize,
     file_pages: u32,
 }
 
@@ -53,16 +63,17 @@ impl Pool {
         }
         // SAFETY: `fd` was just created and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        Ok(Self { file, pages: Vec::new(), free: BTreeSet::new(), live: 0, file_pages: 0 })
+        Ok(Self { file, pages: Vec::new(), free: BTreeSet::new(), released: Vec::new(), mapped: 0, file_pages: 0 })
     }
 
     pub(crate) fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
 
-    /// Pool pages in use.
-    pub(crate) fn live_pages(&self) -> usize {
-        self.live
+    /// Pool pages that guest pages map: not those written for a batch that is not
+    /// applied yet (a snapshot taken then would count pages that may never be used).
+    pub(crate) fn mapped_pages(&self) -> usize {
+        self.mapped
     }
 
     /// The page at `idx` if it is in use.
@@ -72,7 +83,8 @@ impl Pool {
 
     /// Whether `alloc(Some(idx), ..)` would give `idx`.
     pub(crate) fn is_free(&self, idx: u32) -> bool {
-        idx < MAX_POOL_PAGES && idx as usize <= self.pages.len() && self.get(idx).is_none()
+        let unused = |p: &PoolPage| !p.live && !p.released;
+        idx < MAX_POOL_PAGES && idx as usize <= self.pages.len() && self.pages.get(idx as usize).is_none_or(unused)
     }
 
     /// Writes `content` into a free pool page and returns its index: `want` if it is
@@ -104,8 +116,8 @@ impl Pool {
         } else {
             self.free.remove(&idx);
         }
-        self.pages[idx as usize] = PoolPage { refs: 0, key, domain, base: base.unwrap_or(idx), live: true };
-        self.live += 1;
+        self.pages[idx as usize] =
+            PoolPage { refs: 0, key, domain, base: base.unwrap_or(idx), live: true, released: false };
         Ok(idx)
     }
 
@@ -115,26 +127,30 @@ impl Pool {
     }
 
     pub(crate) fn add_ref(&mut self, idx: u32) {
-        self.pages[idx as usize].refs += 1;
+        let p = &mut self.pages[idx as usize];
+        self.mapped += (p.refs == 0) as usize;
+        p.refs += 1;
     }
 
     /// Drops one reference; frees the page when it was the last one and returns the
     /// freed page's key (for the caller to drop it from the hash table).
     pub(crate) fn drop_ref(&mut self, idx: u32) -> Option<u64> {
-        let p = &mut self.pages[idx as usize];
-        p.refs = p.refs.saturating_sub(1);
-        (p.refs == 0).then(|| self.free(idx))
+        if self.pages[idx as usize].refs <= 1 {
+            return Some(self.free(idx));
+        }
+        self.pages[idx as usize].refs -= 1;
+        None
     }
 
     /// Frees a page (whatever its references) and returns its key.
     pub(crate) fn free(&mut self, idx: u32) -> u64 {
-        let key = self.pages[idx as usize].key;
-        if !self.pages[idx as usize].live {
+        let PoolPage { key, refs, live, .. } = self.pages[idx as usize];
+        if !live {
             return key;
         }
-        self.pages[idx as usize] = PoolPage::default();
-        self.free.insert(idx);
-        self.live -= 1;
+        self.mapped -= (refs > 0) as usize;
+        self.pages[idx as usize] = PoolPage { released: true, ..PoolPage::default() };
+        self.released.push(idx);
         let off = idx as i64 * PAGE_SIZE as i64;
         // SAFETY: plain syscall on our own fd.
         let r = unsafe {
@@ -146,15 +162,28 @@ impl Pool {
         key
     }
 
+    /// The pending batch was applied (or dropped): the pages freed since may be
+    /// reused.
+    pub(crate) fn batch_done(&mut self) {
+        for idx in self.released.drain(..) {
+            self.pages[idx as usize].released = false;
+            self.free.insert(idx);
+        }
+    }
+
     /// Bytes of bookkeeping.
     pub(crate) fn metadata_bytes(&self) -> usize {
-        self.pages.capacity() * std::mem::size_of::<PoolPage>() + self.free.len() * 8
+        self.pages.capacity() * std::mem::size_of::<PoolPage>() + (self.free.len() + self.released.capacity()) * 8
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn live(pool: &Pool) -> usize {
+        pool.pages.iter().filter(|p| p.live).count()
+    }
 
     fn resident_bytes(pool: &Pool) -> u64 {
         pool.file.metadata().map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap()
@@ -170,20 +199,30 @@ mod tests {
         assert_eq!(pool.alloc(Some(9), &page(4), 14, 0, Some(2)).unwrap(), 3, "9 is past the end");
         assert_eq!(pool.get(3).unwrap().base, 2);
         assert_eq!(pool.get(1).unwrap().base, 1);
-        assert_eq!(pool.live_pages(), 4);
+        assert_eq!((live(&pool), pool.mapped_pages()), (4, 0), "written, mapped by none yet");
         let mut buf = [0; PAGE_SIZE];
         pool.read(1, &mut buf).unwrap();
         assert_eq!(buf, page(2));
 
         pool.add_ref(1);
         pool.add_ref(1);
+        pool.add_ref(2);
+        assert_eq!(pool.mapped_pages(), 2);
         assert_eq!(pool.drop_ref(1), None);
+        assert_eq!(pool.mapped_pages(), 2);
         assert!(!pool.is_free(1));
         assert_eq!(pool.drop_ref(1), Some(12), "last reference frees");
-        assert!(pool.is_free(1) && pool.get(1).is_none());
-        assert_eq!(pool.live_pages(), 3);
+        assert!(pool.get(1).is_none());
+        assert!(!pool.is_free(1), "not reusable before the batch is done");
+        assert_eq!(pool.alloc(Some(1), &page(6), 16, 0, None).unwrap(), 4, "nor the lowest free");
+        pool.batch_done();
+        assert!(pool.is_free(1));
+        assert_eq!((live(&pool), pool.mapped_pages()), (4, 1));
+        pool.free(2);
+        pool.batch_done();
+        assert_eq!((live(&pool), pool.mapped_pages()), (3, 0), "freed with its references");
         assert_eq!(pool.alloc(None, &page(5), 15, 0, None).unwrap(), 1, "lowest free page");
-        assert!(pool.is_free(4) && !pool.is_free(5), "only the next page past the end");
+        assert!(pool.is_free(5) && !pool.is_free(6), "only the next page past the end");
     }
 
     #[test]

@@ -105,6 +105,7 @@ impl Scanner {
             rng: Rng::new(seed),
             infos: vec![PageInfo::default(); CHUNK_PAGES],
             skip: vec![false; CHUNK_PAGES],
+            seen_resets: 0,
             tokens: 0.0,
             last_tick: Instant::now(),
             generation: 0,
@@ -159,9 +160,14 @@ impl Scanner {
         lock(&self.shared.control).config.clone()
     }
 
-    /// Changes the configuration; the thread picks it up at once.
+    /// Changes the configuration. What shapes merges (`cross_vm`, `run_replicas`,
+    /// the VMA limit) holds for every page planned after this returns; the thread
+    /// picks up the rest (rate, batch size, on/off) at once.
     pub fn set_config(&self, config: Config) {
         let mut c = lock(&self.shared.control);
+        // Under the state lock, which planning holds: no chunk planned from now on
+        // sees the old values (the thread may be half way through a burst).
+        self.shared.lock_state().configure(&config);
         c.config = config;
         c.generation += 1;
         self.shared.wake.notify_all();
@@ -205,6 +211,8 @@ struct Worker {
     rng: Rng,
     infos: Vec<PageInfo>,
     skip: Vec<bool>,
+    /// `State::resets` as of the last `plan_chunk`.
+    seen_resets: u64,
     tokens: f64,
     last_tick: Instant,
     generation: u64,
@@ -224,7 +232,6 @@ impl Worker {
                 changed
             };
             if let Some(config) = changed {
-                lock(&self.shared.state).configure(&config);
                 self.config = config;
             }
             if !self.config.enabled || !self.ensure_pass() {
@@ -315,7 +322,8 @@ impl Worker {
             self.skip[i] =
                 self.infos[i].backing() == Backing::Anon && self.shared.ctl.skip_page(chunk.region.vm, chunk.gpa(i));
         }
-        lock(&self.shared.state).plan_chunk(chunk, &self.infos[..n], &self.skip[..n], &mut self.batch);
+        let (infos, skip) = (&mut self.infos[..n], &self.skip[..n]);
+        lock(&self.shared.state).plan_chunk(chunk, infos, skip, &mut self.seen_resets, &mut self.batch);
         if self.batch_since.is_none() && !self.batch.is_empty() {
             self.batch_since = Some(Instant::now());
         }

@@ -51,6 +51,9 @@ pub(crate) struct State {
     vma: VmaBudget,
     cross_vm: bool,
     run_replicas: u32,
+    /// Calls of `reset_range` so far: a pagemap read without the lock is stale
+    /// if this changed since (see `plan_chunk`).
+    resets: u64,
     /// Counters kept here; the derived ones are filled by `snapshot`.
     pub(crate) stats: Stats,
 }
@@ -66,6 +69,7 @@ impl State {
             vma: VmaBudget::new(config.vma_limit(remap::max_map_count()), &Regions::default()),
             cross_vm: config.cross_vm,
             run_replicas: config.run_replicas,
+            resets: 0,
             stats: Stats::default(),
         })
     }
@@ -97,7 +101,7 @@ impl State {
 
     pub(crate) fn end_pass(&mut self, started: Instant, uptime_ms: u64) {
         self.stats.full_passes += 1;
-        self.stats.last_pass_ms = started.elapsed().as_millis() as u64;
+        self.stats.last_pass_us = started.elapsed().as_micros() as u64;
         self.stats.last_pass_end_ms = uptime_ms;
         self.vma.end_pass(&self.regions);
         self.table.end_pass();
@@ -154,6 +158,9 @@ impl State {
         if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::BadRange { host_addr: addr, len, why: "not page aligned" });
         }
+        // Counted before anything is dropped: even a reset that fails half way may
+        // have dropped pages that a scan read as resident.
+        self.resets += 1;
         let remap_err = |a, l| move |source| Error::Remap { host_addr: a, len: l, source };
         let end = addr.checked_add(len).ok_or(Error::BadRange { host_addr: addr, len, why: "wraps around" })?;
         let mut a = addr;
@@ -198,7 +205,7 @@ impl State {
         let mut s = self.stats.clone();
         s.regions = self.regions.iter().count() as u64;
         s.guest_pages = self.regions.iter().map(|r| r.pages as u64).sum();
-        s.pool_pages = self.pool.live_pages() as u64;
+        s.pool_pages = self.pool.mapped_pages() as u64;
         s.hints = self.table.hints() as u64;
         s.vmas_added = self.vma.added(&self.regions) as u64;
         s.process_vmas = self.vma.process(&self.regions) as u64;

@@ -19,15 +19,17 @@ pub struct Stats {
     pub pages_scanned: u64,
     /// Pages read (resident, private, not skipped): zero-checked, hashed if not zero.
     pub pages_hashed: u64,
-    /// Full passes over all registered RAM, and the last one's duration and end.
+    /// Full passes over all registered RAM, the last one's duration (microseconds:
+    /// a small pass can take less than a millisecond) and its end (ms since start).
     pub full_passes: u64,
-    pub last_pass_ms: u64,
+    pub last_pass_us: u64,
     pub last_pass_end_ms: u64,
     /// Zero pages dropped (`MADV_DONTNEED`).
     pub zero_pages_freed: u64,
     /// Pages dropped as zero and still not written as of their last visit (now).
     pub zero_pages: u64,
-    /// Pool pages in use (now).
+    /// Pool pages that guest pages map (now); pages written for a batch not yet
+    /// applied are not counted.
     pub pool_pages: u64,
     /// Guest pages mapping the pool, shares not known broken (now).
     pub pool_mapped_pages: u64,

@@ -56,6 +56,7 @@ impl State {
                 self.table.remove_pool(key, idx);
             }
         }
+        self.pool.batch_done();
         self.stats.batches += 1;
         remapped
     }
@@ -187,5 +188,62 @@ fn op_content<'a>(op: &Op, batch: &'a Batch) -> Option<&'a Page> {
     match op.target {
         Target::Zero => None,
         Target::Pool(p) => batch.content(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::pagemap::PageMap;
+    use crate::pass::Chunk;
+    use crate::testutil::anon;
+    use crate::Region;
+
+    /// Ops planned onto a pool page that is freed before the batch is applied (here
+    /// by a `reset_range`) must not land on a new page that reuses its index.
+    #[test]
+    fn a_pool_page_freed_during_a_batch_is_not_reused_by_it() {
+        let m = anon(8);
+        let fill = |i: usize| unsafe { std::ptr::write_bytes((m.addr + i * PAGE_SIZE) as *mut u8, 7, PAGE_SIZE) };
+        // No replicas: page 2 joins the pool page itself.
+        let mut st = State::new(&Config { run_replicas: 0, ..Config::default() }).unwrap();
+        st.add_region(&Region { vm: 0, gpa: 0, host_addr: m.addr, len: m.len }).unwrap();
+        let region = st.pass_regions()[0];
+        let pagemap = PageMap::open().unwrap();
+        let mut seen = 0;
+        let mut plan = |st: &mut State, first, pages, batch: &mut Batch| {
+            let mut infos = vec![PageInfo::default(); pages];
+            pagemap.read(m.addr + first * PAGE_SIZE, &mut infos).unwrap();
+            st.plan_chunk(&Chunk { region, first, pages }, &mut infos, &vec![false; pages], &mut seen, batch);
+        };
+        let mut batch = Batch::default();
+        (0..3).for_each(fill);
+        plan(&mut st, 0, 2, &mut batch);
+        assert_eq!(batch.new_pools.len(), 1);
+        let old = batch.new_pools[0].0;
+        st.apply(&mut batch);
+        batch.clear();
+        assert_eq!(st.stats.pool_mapped_pages, 2);
+
+        // Page 2 is planned onto the pool page; pages 0 and 1 are reset: the pool
+        // page is freed while the batch is pending.
+        plan(&mut st, 2, 1, &mut batch);
+        assert_eq!(batch.ops[0].target, Target::Pool(old));
+        st.reset_range(m.addr, 2 * PAGE_SIZE, &mut Vec::new()).unwrap();
+        assert!(st.pool.get(old).is_none());
+        // The same batch goes on and needs a new pool page for the same content.
+        (5..7).for_each(fill);
+        plan(&mut st, 5, 2, &mut batch);
+        let new = batch.new_pools[0].0;
+        assert_ne!(new, old, "a freed index is reused in the batch that names it");
+        st.apply(&mut batch);
+        assert_eq!(st.stats.race_aborts, 1, "page 2's op: its pool page is gone");
+        let mut infos = vec![PageInfo::default(); 7];
+        pagemap.read(m.addr, &mut infos).unwrap();
+        assert_eq!(infos[2].backing(), Backing::Anon, "page 2 left private");
+        assert!(infos[5..7].iter().all(|i| i.backing() != Backing::Anon), "pages 5, 6 shared");
+        assert_eq!((st.stats.pool_mapped_pages, st.pool.mapped_pages()), (2, 1));
+        assert!(st.pool.is_free(old), "reusable once the batch is applied");
     }
 }

@@ -11,11 +11,33 @@ use crate::Page;
 
 impl State {
     /// Plans the merges of one chunk. `infos` (pagemap) and `skip` (the VMM's
-    /// `skip_page`) were read for its pages without the lock.
-    pub(crate) fn plan_chunk(&mut self, chunk: &Chunk, infos: &[PageInfo], skip: &[bool], batch: &mut Batch) {
+    /// `skip_page`) were read for its pages without the lock, after the caller last
+    /// held it, when `resets` was `seen_resets` (updated here).
+    ///
+    /// A page is read only if `infos` says it is resident: reading a page that a
+    /// `reset_range` has dropped since would fault it in (the zero page, or a
+    /// userfaultfd fault with the lock held). So if a reset ran since, `infos` is
+    /// read again, under the lock. (`skip` may then miss a page that became
+    /// resident: the commit asks `skip_page` again for every page.)
+    pub(crate) fn plan_chunk(
+        &mut self,
+        chunk: &Chunk,
+        infos: &mut [PageInfo],
+        skip: &[bool],
+        seen_resets: &mut u64,
+        batch: &mut Batch,
+    ) {
         let PassRegion { id, host_addr, .. } = chunk.region;
         if self.regions.get(host_addr, id).is_none() {
             return; // removed since the pass started
+        }
+        if batch.is_empty() {
+            self.pool.batch_done(); // no op names a pool page freed since
+        }
+        if std::mem::replace(seen_resets, self.resets) != self.resets {
+            if let Err(e) = self.pagemap.read(chunk.addr(0), infos) {
+                return self.count_error("reading /proc/self/pagemap", e);
+            }
         }
         for i in 0..chunk.pages {
             self.visit(chunk, i, infos[i], skip[i], batch);
@@ -202,5 +224,43 @@ impl State {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::pagemap::PageMap;
+    use crate::pass::Chunk;
+    use crate::testutil::anon;
+    use crate::{Region, PAGE_SIZE};
+
+    /// A chunk's pagemap is read without the lock; a `reset_range` between that
+    /// read and the plan must not make the plan read (and so fault in) the pages
+    /// it dropped.
+    #[test]
+    fn a_reset_after_the_pagemap_read_is_seen() {
+        let m = anon(8);
+        for i in 0..8 {
+            // SAFETY: our own mapping; pages 0..4 zero, 4..8 unique.
+            unsafe { std::ptr::write_bytes((m.addr + i * PAGE_SIZE) as *mut u8, (i / 4 * (i + 1)) as u8, PAGE_SIZE) };
+        }
+        let mut st = State::new(&Config::default()).unwrap();
+        st.add_region(&Region { vm: 0, gpa: 0, host_addr: m.addr, len: m.len }).unwrap();
+        let chunk = Chunk { region: st.pass_regions()[0], first: 0, pages: 8 };
+        let pagemap = PageMap::open().unwrap();
+        let mut infos = vec![PageInfo::default(); 8];
+        pagemap.read(m.addr, &mut infos).unwrap();
+        assert!(infos.iter().all(|i| i.backing() == Backing::Anon));
+        let mut seen = st.resets;
+
+        st.reset_range(m.addr, m.len, &mut Vec::new()).unwrap();
+        let mut batch = Batch::default();
+        st.plan_chunk(&chunk, &mut infos, &[false; 8], &mut seen, &mut batch);
+        pagemap.read(m.addr, &mut infos).unwrap();
+        assert!(infos.iter().all(|i| !i.present()), "a dropped page was read: {infos:?}");
+        assert!(batch.is_empty() && st.stats.pages_hashed == 0);
+        assert_eq!(seen, st.resets);
     }
 }

@@ -272,7 +272,10 @@ mod tests {
             let (gpa, host, len) = ram.host_ranges()[0];
             scanner.add_region(tps::Region { vm: i as u32, gpa, host_addr: host as usize, len: len as usize }).unwrap();
         }
-        assert!(scanner.wait_passes(2, Duration::from_secs(30)));
+        // Two passes from now: the first may have started before VM 1 was added,
+        // and passes over VM 0 alone may have ended while VM 1 was being written.
+        let done = scanner.stats().full_passes;
+        assert!(scanner.wait_passes(done + 2, Duration::from_secs(120)), "no progress");
         assert!(scanner.stats().pool_mapped_pages >= 2 * pages, "{:?}", scanner.stats());
         // Without the scanner's reset the discarded page would read 0x5a again.
         let (target, other) = (&rams[0], &rams[1]);
