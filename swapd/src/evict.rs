@@ -85,7 +85,6 @@ pub(crate) fn swap_out(
             *stopped = None;
         }
     }
-    sh.ensure_registered()?;
     let t0 = Instant::now();
     let batch = sh.cfg.batch_pages;
     let mut done = 0usize;
@@ -209,6 +208,9 @@ fn evict_batch(sh: &Shared, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize
     let guard = sh.vm.pause().ok_or(BatchError::Ending)?;
     let tp = Instant::now();
     let res = (|| {
+        // Paused: page sharing remaps nothing while the mappings are read and
+        // registered (its pool mappings must stay unregistered).
+        sh.ensure_registered().map_err(BatchError::Other)?;
         let lo = cands.iter().map(|&p| sh.host_of_page(p)).min().unwrap();
         let hi = cands.iter().map(|&p| sh.host_of_page(p)).max().unwrap() + PAGE_SIZE;
         let anon = anon_ranges(lo, hi).map_err(|e| BatchError::Other(SwapError::io("/proc/self/maps", e)))?;

@@ -147,11 +147,12 @@ fn zero_fill(sh: &Shared, t: &MutexGuard<'_, Table>, page: u32, write: bool, zer
     let first = if write {
         sh.uffd.copy(host, &zero[..PAGE_SIZE], false)
     } else {
-        // The kernel fills a range only inside one mapping, and maps the zero page
-        // only in anonymous ones: page sharing maps pool pages (a file) over guest
-        // RAM, so the range may run into another mapping or the page may lie in one,
+        // The kernel fills a range only inside one mapping: page sharing maps pool
+        // pages (a file) over guest RAM, so the range may run into another mapping,
         // which fails the whole call. Then a copy fills the faulting page alone;
-        // without it the vCPU would fault on that page forever.
+        // without it the vCPU would fault on that page forever. (Pool mappings are
+        // never registered: there the kernel would fill pages whose content is the
+        // file's, see `Shared::register_anon`.)
         sh.uffd
             .zeropage(host, n as u64 * PAGE_SIZE as u64, false)
             .or_else(|_| sh.uffd.copy(host, &zero[..PAGE_SIZE], false))
@@ -161,6 +162,13 @@ fn zero_fill(sh: &Shared, t: &MutexGuard<'_, Table>, page: u32, write: bool, zer
         Ok(Fill::Exists) => {
             // Already resolved (a second fault queued for the same page): wake.
             let _ = sh.uffd.wake(host, PAGE_SIZE as u64);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // No longer registered: the VMM remapped the page from page sharing's
+            // pool since the fault was queued (a stale event). Its content is the
+            // pool's; the retried access finds it.
+            let _ = sh.uffd.wake(host, PAGE_SIZE as u64);
+            return;
         }
         Err(e) => {
             sh.counters.fault_errors.fetch_add(1, Relaxed);

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::evict::EvictState;
 use crate::file::{FileOptions, Slots, SwapFile, NO_SLOT, PAGE_SIZE};
-use crate::pagemap::{Discarder, Pagemap};
+use crate::pagemap::{anon_ranges, Discarder, Pagemap};
 use crate::stats::{Counters, SwapStats};
 use crate::uffd::{Uffd, UFFDIO_REGISTER_MODE_MISSING};
 use crate::victim::{VictimPolicy, Victims};
@@ -212,11 +212,23 @@ impl Shared {
             return Ok(());
         }
         for r in &self.regions {
-            self.uffd
-                .register(r.host as u64, r.len as u64, UFFDIO_REGISTER_MODE_MISSING)
+            self.register_anon(r.host, r.host + r.len)
                 .map_err(|e| SwapError::io(format!("register guest RAM of {}", self.name), e))?;
         }
         self.registered.store(true, Relaxed);
+        Ok(())
+    }
+
+    /// Register the private anonymous mappings of `lo..hi`, and only those. A page
+    /// of a private file mapping (page sharing's pool) without a page table entry
+    /// holds the file's content, yet `UFFDIO_ZEROPAGE`/`UFFDIO_COPY` fill it like a
+    /// missing one: left unregistered, such a mapping makes every fill of ours fail
+    /// (`ENOENT`) instead of wiping shared pages. The swapper never evicts from it.
+    pub fn register_anon(&self, lo: usize, hi: usize) -> io::Result<()> {
+        for (s, e) in anon_ranges(lo, hi)? {
+            let (s, e) = (s.max(lo), e.min(hi));
+            self.uffd.register(s as u64, (e - s) as u64, UFFDIO_REGISTER_MODE_MISSING)?;
+        }
         Ok(())
     }
 }
@@ -400,10 +412,7 @@ impl Swapper {
         if !sh.registered.load(Relaxed) {
             return Ok(()); // registered as a whole at the first eviction
         }
-        sh.uffd
-            .register(host_addr as u64, len as u64, UFFDIO_REGISTER_MODE_MISSING)
-            .map(|_| ())
-            .map_err(|e| SwapError::io("reregister", e))
+        sh.register_anon(host_addr, host_addr + len).map_err(|e| SwapError::io("reregister", e))
     }
 
     /// Choose victims with another policy from now on.

@@ -522,6 +522,50 @@ fn remapped_pages_are_safe() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The zero fill ahead of a fault must never reach pages mapped from a pool file:
+/// in a private file mapping the kernel maps the zero page over any page without a
+/// page table entry, although the file holds its content (a page shared by page
+/// sharing that the guest has not touched since the remap). Here a fault in such a
+/// mapping (its pool page punched) must not wipe the 16 pool pages that follow.
+#[test]
+fn zero_fill_never_reaches_pool_pages() {
+    const RUN: usize = 17;
+    let mem = Arc::new(Mem::new(1 << 20));
+    fill_unique(&mem, 0..mem.pages());
+    let (_vm, dir, sw) = swapper("zfpool", &mem, |c| c.register_eagerly = true);
+    // SAFETY: a memfd "pool" of RUN pages holding pages 10.. of the memory, mapped
+    // privately over them, as page sharing remaps a run of shared pages.
+    unsafe {
+        let fd = libc::memfd_create(c"pool".as_ptr(), 0);
+        assert!(fd >= 0);
+        assert_eq!(libc::ftruncate(fd, (RUN * PAGE) as i64), 0);
+        let len = RUN * PAGE;
+        let pool = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+        assert_ne!(pool, libc::MAP_FAILED);
+        std::ptr::copy_nonoverlapping(mem.word(10, 0) as *const u8, pool as *mut u8, len);
+        libc::munmap(pool, len);
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let r = libc::mmap(mem.word(10, 0) as *mut _, len, prot, libc::MAP_PRIVATE | libc::MAP_FIXED, fd, 0);
+        assert_ne!(r, libc::MAP_FAILED);
+        // What the VMM's `remapped` hook does after each remap.
+        sw.reregister(mem.word(10, 0) as usize, len).unwrap();
+        // The first pool page goes away while page 10 still maps it.
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(libc::fallocate(fd, punch, 0, PAGE as i64), 0);
+        libc::close(fd);
+    }
+    // A write to page 10 from another thread (it may block in the handler): the
+    // handler copies a zeroed page there and used to fill the pages after it.
+    let m = mem.clone();
+    std::thread::spawn(move || m.write(10, 0, 1)).join().unwrap();
+    assert_eq!(mem.read(10, 1), 0, "the punched page reads zeros");
+    for p in 11..10 + RUN {
+        check_unique(&mem, p).unwrap_or_else(|e| panic!("pool page {p}: {e}"));
+    }
+    drop(sw);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Once registered, every first touch of guest memory is a userfaultfd fault: a
 /// write gets a zeroed page and the following pages the zero page (one fault per
 /// 16 pages with the default window).
