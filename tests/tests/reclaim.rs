@@ -14,11 +14,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{guest, require_kvm, wait_serving};
+use common::{change_sharing, converge, guest, require_kvm, wait_serving, TempDir};
 use guest_abi::PAGE_SIZE;
 use serde_json::Value;
 use swapd::SwapStats;
@@ -34,24 +33,6 @@ use vmm::vm::Vm;
 
 const MIB: u64 = 1 << 20;
 const PAGES_PER_MIB: u64 = MIB / PAGE_SIZE;
-
-/// A fresh directory for swap files, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("vmm-reclaim-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Serving VMs under one page-sharing scanner (created off), each with a swapper.
 struct Host {
@@ -78,17 +59,11 @@ impl Host {
     }
 
     fn set_sharing(&self, change: impl FnOnce(&mut tps::Config)) {
-        let mut c = self.sharing.scanner().config();
-        change(&mut c);
-        self.sharing.scanner().set_config(c);
+        change_sharing(&self.sharing, change);
     }
 
-    /// Turns scanning on and waits for two full passes.
     fn converge(&self) -> tps::Stats {
-        self.set_sharing(|c| c.enabled = true);
-        let passes = self.sharing.stats().full_passes;
-        assert!(self.sharing.scanner().wait_passes(passes + 2, Duration::from_secs(120)), "no full pass");
-        self.sharing.stats()
+        converge(&self.sharing)
     }
 
     fn swapper(&self, vm: usize) -> std::sync::Arc<swapd::Swapper> {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{guest, start, wait_serving};
+use common::{guest, start, wait_serving, TempDir};
 use serde_json::Value;
 use swapd::SwapStats;
 use vmm::api::server::{handle, Targets};
@@ -20,24 +20,6 @@ use vmm::vm::{Ending, Vm};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-
-/// A fresh directory for swap files, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("vmm-swap-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A tmpfs mounted for one test; unmounted on drop, even when the test fails.
 struct Tmpfs(PathBuf);

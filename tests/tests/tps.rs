@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{guest, require_kvm, wait_serving};
+use common::{change_sharing, converge, guest, require_kvm, wait_serving};
 use guest_abi::content::{self, Page};
 use guest_abi::workload::Kind;
 use guest_abi::PAGE_SIZE;
@@ -41,18 +41,11 @@ impl Host {
     }
 
     fn set(&self, change: impl FnOnce(&mut tps::Config)) {
-        let mut c = self.sharing.scanner().config();
-        change(&mut c);
-        self.sharing.scanner().set_config(c);
+        change_sharing(&self.sharing, change);
     }
 
-    /// Turns scanning on and waits for two full passes: every page seen after the
-    /// last guest write, every merge applied.
     fn converge(&self) -> tps::Stats {
-        self.set(|c| c.enabled = true);
-        let passes = self.sharing.stats().full_passes;
-        assert!(self.sharing.scanner().wait_passes(passes + 2, Duration::from_secs(120)), "no full pass");
-        self.sharing.stats()
+        converge(&self.sharing)
     }
 
     /// Host memory holding the guests' RAM: private pages plus the pool.

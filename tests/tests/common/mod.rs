@@ -2,11 +2,13 @@
 //! guest's JSON lines.
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmm::config::VmConfig;
 use vmm::host::{self, HostReport};
+use vmm::reclaim::sharing::PageSharing;
 use vmm::vm::Vm;
 
 /// Panics loudly if this machine has no usable /dev/kvm: these tests never skip.
@@ -135,4 +137,39 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
     path
+}
+
+/// A fresh directory (for swap files), removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `$TMPDIR/vmm-test-PID-NAME`, emptied.
+    pub fn new(name: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Changes the running scanner's configuration.
+pub fn change_sharing(sharing: &PageSharing, change: impl FnOnce(&mut tps::Config)) {
+    let mut c = sharing.scanner().config();
+    change(&mut c);
+    sharing.scanner().set_config(c);
+}
+
+/// Turns scanning on and waits for two full passes: every page seen after the last
+/// guest write, every merge applied.
+pub fn converge(sharing: &PageSharing) -> tps::Stats {
+    change_sharing(sharing, |c| c.enabled = true);
+    let passes = sharing.stats().full_passes;
+    assert!(sharing.scanner().wait_passes(passes + 2, Duration::from_secs(120)), "no full pass");
+    sharing.stats()
 }
