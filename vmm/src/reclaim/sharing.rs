@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use guest_abi::{KERNEL_MIN_GPA, PAGE_SIZE};
+use guest_abi::PAGE_SIZE;
 
 use crate::config::{parse_duration, parse_size};
 use crate::devices::virtio::balloon::pages::BalloonedPages;
@@ -67,7 +67,7 @@ impl tps::VmControl for Guests {
         let Some(guest) = self.0.get(vm as usize) else {
             return true;
         };
-        gpa < KERNEL_MIN_GPA || guest.ballooned.as_ref().is_some_and(|b| b.contains(gpa / PAGE_SIZE))
+        super::off_limits(guest.ballooned.as_deref(), gpa)
     }
 
     fn remapped(&self, vm: u32, host_addr: usize, len: usize) {

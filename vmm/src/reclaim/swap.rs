@@ -143,8 +143,7 @@ impl VmControl for VmHooks {
     }
 
     fn skip_page(&self, gpa: u64) -> bool {
-        gpa < guest_abi::KERNEL_MIN_GPA
-            || self.ballooned.as_ref().is_some_and(|b| b.contains(gpa / guest_abi::PAGE_SIZE))
+        super::off_limits(self.ballooned.as_deref(), gpa)
     }
 
     fn fatal(&self, error: String) {
