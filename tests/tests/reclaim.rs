@@ -17,7 +17,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{change_sharing, converge, guest, require_kvm, wait_serving, TempDir};
+use common::{change_sharing, converge, guest, require_kvm, two_vcpu_guests, wait_serving, TempDir};
 use guest_abi::PAGE_SIZE;
 use serde_json::Value;
 use swapd::SwapStats;
@@ -165,14 +165,7 @@ impl Drop for StopOnDrop<'_> {
 #[test]
 fn every_reclaimer_at_once_loses_no_write() {
     const RUN: Duration = Duration::from_secs(25);
-    let configs: Vec<VmConfig> = ["s0", "s1"]
-        .iter()
-        .map(|n| {
-            let mut c = guest(n, 256 * MIB, "alloc 16M shared:3");
-            c.vcpus = 2;
-            c
-        })
-        .collect();
+    let configs = two_vcpu_guests(&["s0", "s1"], 256 * MIB, "alloc 16M shared:3");
     let h = Host::start("stress", &configs);
     h.set_sharing(|c| {
         c.enabled = true;

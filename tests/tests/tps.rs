@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{change_sharing, converge, guest, require_kvm, wait_serving};
+use common::{change_sharing, converge, guest, require_kvm, two_vcpu_guests, wait_serving};
 use guest_abi::content::{self, Page};
 use guest_abi::workload::Kind;
 use guest_abi::PAGE_SIZE;
@@ -128,14 +128,7 @@ fn rewriting_half_of_the_shared_pages_breaks_those_shares_only() {
 /// lost a write would show as a bad page.
 #[test]
 fn no_write_is_lost_while_the_scanner_merges_under_the_guests() {
-    let configs: Vec<_> = ["a", "b"]
-        .iter()
-        .map(|n| {
-            let mut c = guest(n, 128 * MIB, "alloc 8M shared:3");
-            c.vcpus = 2;
-            c
-        })
-        .collect();
+    let configs = two_vcpu_guests(&["a", "b"], 128 * MIB, "alloc 8M shared:3");
     let h = Host::start(&configs);
     h.set(|c| {
         c.enabled = true;

@@ -139,6 +139,19 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     path
 }
 
+/// Configs of the built-in guest named `names`, each with `mem` and 2 vCPUs (two
+/// writers per VM, as the race stress tests need), booting with `workload`.
+pub fn two_vcpu_guests(names: &[&str], mem: u64, workload: &str) -> Vec<VmConfig> {
+    names
+        .iter()
+        .map(|n| {
+            let mut c = guest(n, mem, workload);
+            c.vcpus = 2;
+            c
+        })
+        .collect()
+}
+
 /// A fresh directory (for swap files), removed on drop.
 pub struct TempDir(pub PathBuf);
 
