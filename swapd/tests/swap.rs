@@ -136,7 +136,7 @@ fn no_write_is_lost_while_evicting() {
 /// Negative control (run with `--ignored`): with a pause that does not park the
 /// writers, the same stress test does see lost writes.
 #[test]
-#[ignore]
+#[ignore = "negative control: proves the stress test detects a broken pause (run with --run-ignored)"]
 fn stress_test_catches_a_broken_pause() {
     let e = stress(true).unwrap_err();
     eprintln!("detected as expected: {e}");
