@@ -299,11 +299,12 @@ fn fill_result(r: i32, done: i64, len: u64, what: &str, at: u64) -> io::Result<F
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::anon::AnonMap;
     use std::sync::Arc;
 
-    const PAGE: usize = 4096;
+    use pagestate::anon::AnonMap;
+    use pagestate::PAGE_SIZE as PAGE;
+
+    use super::*;
 
     fn wait_event(u: &Uffd) -> Event {
         let mut ev = Vec::new();

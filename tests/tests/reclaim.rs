@@ -73,10 +73,8 @@ impl Host {
     /// Swap counters with the VM paused (no fault in flight).
     fn swap_stats(&self, vm: usize) -> SwapStats {
         let vm = &self.vms[vm];
-        vm.pause().expect("pause");
-        let s = vm.shared().swap.stats().unwrap();
-        vm.resume();
-        s
+        let _pause = vm.pause().expect("pause");
+        vm.shared().swap.stats().unwrap()
     }
 }
 

@@ -68,6 +68,9 @@ struct State {
     pausers: u32,
     /// A reclaimer holds [`RunControl::reclaim_guard`].
     reclaiming: bool,
+    /// Pauses obtained so far, and how long the vCPUs took to leave the guest.
+    pauses: u64,
+    pause_wait_ns: u64,
 }
 
 /// Mode and wake-up state shared by a VM's vCPU threads and everyone steering them.
@@ -95,6 +98,8 @@ impl RunControl {
                 devices_busy: 0,
                 pausers: 0,
                 reclaiming: false,
+                pauses: 0,
+                pause_wait_ns: 0,
             }),
             changed: Condvar::new(),
         }
@@ -185,7 +190,10 @@ impl RunControl {
         let (mut s, _) =
             self.changed.wait_timeout_while(s, timeout, |s| s.mode == Mode::Paused && !Self::quiet(s)).unwrap();
         if s.mode == Mode::Paused && Self::quiet(&s) {
-            return Ok(start.elapsed());
+            let waited = start.elapsed();
+            s.pauses += 1;
+            s.pause_wait_ns += waited.as_nanos() as u64;
+            return Ok(waited);
         }
         let stopping = s.mode == Mode::Stopping;
         self.release(&mut s);
@@ -264,6 +272,13 @@ impl RunControl {
             s.mode = Mode::Running;
             self.changed.notify_all();
         }
+    }
+
+    /// Pauses obtained so far (every kind), and the total time the vCPUs and device
+    /// threads took to let go.
+    pub fn pause_stats(&self) -> (u64, Duration) {
+        let s = self.state.lock().unwrap();
+        (s.pauses, Duration::from_nanos(s.pause_wait_ns))
     }
 
     /// Waits until every vCPU thread has left its loop.
