@@ -28,7 +28,7 @@ pub struct Config {
     /// ordinary kernel faults).
     pub register_eagerly: bool,
     /// After a write error stopped eviction, how long until a later request tries
-    /// again ([`Swapper::resume_eviction`] retries at once).
+    /// again ([`Swapper::resume_eviction`](crate::Swapper::resume_eviction) retries at once).
     pub retry_after: Duration,
 }
 

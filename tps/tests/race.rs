@@ -47,19 +47,24 @@ fn pattern(base: u64) -> u64 {
     base * 0x0101_0101_0101_0101
 }
 
+/// Word `i` of the page at `addr` (a page of the test's guest memory).
+fn word(addr: usize, i: usize) -> *mut u64 {
+    (addr as *mut u64).wrapping_add(i)
+}
+
 fn holds(addr: usize, e: Expect) -> bool {
-    let p = addr as *const u64;
-    let w0 = unsafe { p.read_volatile() };
-    w0 == e.seq.unwrap_or(pattern(e.base))
-        && (1..PAGE_SIZE / 8).all(|i| unsafe { p.add(i).read_volatile() } == pattern(e.base))
+    // SAFETY: words of a page of the test's guest memory.
+    let read = |i: usize| unsafe { word(addr, i).read_volatile() };
+    read(0) == e.seq.unwrap_or(pattern(e.base)) && (1..PAGE_SIZE / 8).all(|i| read(i) == pattern(e.base))
 }
 
 fn write_all(addr: usize, e: Expect) {
-    let p = addr as *mut u64;
     for i in 1..PAGE_SIZE / 8 {
-        unsafe { p.add(i).write_volatile(pattern(e.base)) };
+        // SAFETY: a word of a page of the test's guest memory.
+        unsafe { word(addr, i).write_volatile(pattern(e.base)) };
     }
-    unsafe { p.write_volatile(e.seq.unwrap_or(pattern(e.base))) };
+    // SAFETY: as above.
+    unsafe { word(addr, 0).write_volatile(e.seq.unwrap_or(pattern(e.base))) };
 }
 
 struct Writer {

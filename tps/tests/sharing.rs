@@ -215,6 +215,7 @@ fn reset_range_gives_zeroed_anonymous_memory() {
     let (a, b, s, rec) = two_mixed_vms();
 
     // The trap: DONTNEED on a shared page brings back the pool's content, not zeros.
+    // SAFETY: drops a page of the test's guest memory, which is the point.
     unsafe { libc::madvise(b.page(5) as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
     assert!(b.holds(5, shared_key(5)));
 

@@ -213,6 +213,7 @@ mod tests {
     #[test]
     fn a_pool_page_freed_during_a_batch_is_not_reused_by_it() {
         let m = AnonMap::pages(8);
+        // SAFETY: fills page `i` of the test mapping.
         let fill = |i: usize| unsafe { std::ptr::write_bytes((m.addr() + i * PAGE_SIZE) as *mut u8, 7, PAGE_SIZE) };
         // No replicas: page 2 joins the pool page itself.
         let mut st = State::new(&Config { run_replicas: 0, ..Config::default() }).unwrap();

@@ -27,9 +27,11 @@ impl GuestMem {
         let len = (pages + 2) * PAGE_SIZE;
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a fresh anonymous mapping; the result is checked.
         let base = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, -1, 0) };
         assert_ne!(base, libc::MAP_FAILED);
         let base = base as usize;
+        // SAFETY: advice and protections on the mapping just made.
         unsafe {
             assert_eq!(libc::madvise(base as *mut _, len, libc::MADV_NOHUGEPAGE), 0);
             libc::mprotect(base as *mut _, PAGE_SIZE, libc::PROT_NONE);
@@ -85,12 +87,14 @@ pub fn word(key: u64, i: usize) -> u64 {
 pub fn fill(addr: usize, key: u64) {
     let p = addr as *mut u64;
     for i in 0..PAGE_SIZE / 8 {
+        // SAFETY: `addr` is a page of test memory.
         unsafe { p.add(i).write_volatile(word(key, i)) };
     }
 }
 
 pub fn holds(addr: usize, key: u64) -> bool {
     let p = addr as *const u64;
+    // SAFETY: `addr` is a page of test memory.
     (0..PAGE_SIZE / 8).all(|i| unsafe { p.add(i).read_volatile() } == word(key, i))
 }
 
@@ -115,8 +119,11 @@ impl SwapHooks for RemapLog {
 pub struct Recorder {
     /// New mappings announced: (VM, address, length).
     pub remapped: Mutex<Vec<(VmId, usize, usize)>>,
-    vms: Mutex<Vec<(Arc<MemoryVm>, Arc<dyn SwapHooks>)>>,
+    vms: Mutex<Vec<Registered>>,
 }
+
+/// A VM of the test and the hooks recording its remaps (kept alive with it).
+type Registered = (Arc<MemoryVm>, Arc<dyn SwapHooks>);
 
 impl Recorder {
     /// A VM over `m`, not yet given to a scanner; VMs are numbered in creation order,

@@ -19,7 +19,7 @@
 //!
 //! # Invariants every reclaimer keeps
 //! - **A page's backing changes only with its VM paused** by a
-//!   [`ReclaimGuard`](pause::ReclaimGuard) (exclusive among reclaimers), except where
+//!   [`ReclaimGuard`] (exclusive among reclaimers), except where
 //!   nobody can be using the page (a discard of pages the guest gave away, a fault on a
 //!   missing page, which blocks every accessor until it is filled).
 //! - **Guest memory is never borrowed as a Rust reference**: vCPUs and device threads

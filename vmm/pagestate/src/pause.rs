@@ -118,8 +118,8 @@ impl RunControl {
     pub unsafe fn register_vcpu(self: &Arc<Self>, cpu: u32, immediate_exit: *mut u8) -> VcpuSlot {
         let mut s = self.state.lock().unwrap();
         // SAFETY: pthread_self has no preconditions.
-        s.slots[cpu as usize] =
-            Slot { thread: Some(unsafe { libc::pthread_self() }), immediate_exit: immediate_exit as usize };
+        let thread = unsafe { libc::pthread_self() };
+        s.slots[cpu as usize] = Slot { thread: Some(thread), immediate_exit: immediate_exit as usize };
         s.alive += 1;
         VcpuSlot { run: self.clone(), cpu }
     }
