@@ -7,9 +7,9 @@
 //!
 //! The crate does not depend on the VMM: the VMM hands each [`Swapper`] the guest
 //! RAM regions and an implementation of [`VmControl`] (pause every writer, say which
-//! pages to skip, stop the VM on a fatal error), and drives it with the decisions of
-//! [`policy::Policy`]. See `docs/swap.md` for the file format, the states, the
-//! write race and the costs.
+//! pages to skip, stop the VM on a fatal error), and asks it to evict (the VMM's
+//! free-memory policy, the `policy` crate, decides how much). See `docs/swap.md`
+//! for the file format, the write race and the costs.
 //!
 //! | module | what |
 //! |---|---|
@@ -18,8 +18,7 @@
 //! | [`fault`] | the fault-handler thread: slot read + verify + UFFDIO_COPY, prefetch, zero fill |
 //! | [`evict`] | eviction batches under a VM pause |
 //! | [`victim`] | random (ESX) and idle-aware (dirty log) victim choice |
-//! | [`policy`] | ESX free-memory states and the per-tick decision |
-//! | [`stats`] | counters, latency histograms, state history |
+//! | [`stats`] | counters, latency histograms |
 //! | [`limits`] | what the host allows: plain write throughput, bare userfaultfd fault |
 //! | [`pagemap`] | `/proc/self/pagemap` and `/proc/self/maps` readers, batched discards |
 //! | [`anon`] | anonymous memory shaped like guest RAM (limits, tests) |
@@ -30,7 +29,6 @@ pub mod fault;
 pub mod file;
 pub mod limits;
 pub mod pagemap;
-pub mod policy;
 pub mod stats;
 pub mod swapper;
 pub mod uffd;
@@ -39,11 +37,7 @@ pub mod victim;
 use std::any::Any;
 
 pub use file::{clean_stale, FileOptions, PAGE_SIZE};
-pub use policy::{
-    parse_size, Budget, Cgroup, Decision, FreeState, HostMem, HostMemSource, MemInfo, Policy, PolicyConfig, VmAction,
-    VmMemInfo,
-};
-pub use stats::{Histogram, PolicyStats, SwapStats};
+pub use stats::{Histogram, SwapStats};
 pub use swapper::{Config, SwapError, Swapper};
 pub use victim::VictimPolicy;
 

@@ -156,7 +156,6 @@ impl VmShared {
             "guest": self.progress(),
             "balloon": balloon,
             "swap": self.swap.stats(),
-            "swap_policy": self.swap.policy_stats(),
         })
     }
 
