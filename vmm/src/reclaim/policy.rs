@@ -166,9 +166,10 @@ impl PolicyThread {
         };
         let mut members = Vec::with_capacity(vms.len());
         for vm in vms {
-            let dirty = match opts.feed_dirty_log && vm.shared().swap.get().is_some() {
-                true => Some(DirtyLog::enable(vm).map_err(PolicyError::DirtyLog)?),
-                false => None,
+            let dirty = if opts.feed_dirty_log && vm.shared().swap.get().is_some() {
+                Some(DirtyLog::enable(vm).map_err(PolicyError::DirtyLog)?)
+            } else {
+                None
             };
             members.push(PolicyVm { vm: vm.shared().clone(), limit: vm.config().limit, dirty });
         }
@@ -264,8 +265,8 @@ impl Loop {
         for p in &live {
             if let Some(plan) = decision.vm(&p.vm.name) {
                 set_balloon(&p.vm, plan);
-                let evicting = evict(&p.vm, plan, &decision);
-                hold_pause(&mut self.paused, &p.vm, plan.pause && evicting, &decision);
+                let pause = evict(&p.vm, plan, &decision);
+                hold_pause(&mut self.paused, &p.vm, pause, &decision);
             }
         }
     }
@@ -300,8 +301,8 @@ fn set_balloon(vm: &VmShared, plan: &VmPlan) {
     }
 }
 
-/// Evicts what the plan asks for; returns whether eviction can run (pausing the
-/// VM helps only then).
+/// Evicts what the plan asks for; returns whether the plan's pause may be held:
+/// pausing helps only while eviction can run.
 fn evict(vm: &VmShared, plan: &VmPlan, d: &Decision) -> bool {
     let Some(sw) = vm.swap.get() else { return false };
     if plan.swap_pages > 0 {
@@ -312,7 +313,7 @@ fn evict(vm: &VmShared, plan: &VmPlan, d: &Decision) -> bool {
             Err(e) => log::warn!("{}: eviction failed: {e}", vm.name),
         }
     }
-    sw.stats().eviction_stopped.is_none()
+    plan.pause && sw.stats().eviction_stopped.is_none()
 }
 
 /// What the policy needs to know of one VM this tick: read from the VM and its
