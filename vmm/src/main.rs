@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use vmm::api::Request;
 use vmm::config::{self, ConsoleTarget, Kernel, VmConfig};
@@ -194,7 +195,7 @@ struct RunArgs {
     /// The free-memory policy (docs/policy.md): on or off. Default: on with
     /// swapping, off without. With the balloon alone it balloons; with swapping it
     /// also swaps and pauses.
-    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, value_name = "on|off", value_parser = PossibleValuesParser::new(["on", "off"]).map(|v| v == "on"))]
     policy: Option<bool>,
     /// Host memory the policy watches: host (/proc/meminfo, default), cgroup (this
     /// process's memory cgroup), or a budget SIZE (free = SIZE minus resident guest
