@@ -30,7 +30,6 @@ mod evict;
 mod fault;
 pub mod file;
 pub mod limits;
-pub mod policy;
 mod state;
 pub mod stats;
 mod swapper;
@@ -40,10 +39,6 @@ pub mod victim;
 pub use config::Config;
 pub use error::SwapError;
 pub use file::{clean_stale, FileOptions};
-pub use policy::{
-    parse_size, Budget, Cgroup, Decision, FreeState, HostMem, HostMemSource, MemInfo, Policy, PolicyConfig, VmAction,
-    VmMemInfo,
-};
-pub use stats::{Histogram, PolicyStats, SwapStats};
+pub use stats::{Histogram, SwapStats};
 pub use swapper::Swapper;
 pub use victim::VictimPolicy;

@@ -25,7 +25,7 @@ fn snapshot(vm: &Vm) -> BalloonSnapshot {
 /// Sends `req` to the control API's handler for `vm`; returns its result.
 fn api(vm: &Vm, req: Request) -> Value {
     let what = format!("{req:?}");
-    let resp = server::handle(req, &server::Targets { vms: vec![vm.shared().clone()], tps: None });
+    let resp = server::handle(req, &server::Targets { vms: vec![vm.shared().clone()], tps: None, policy: None });
     assert!(resp.ok, "{what}: {:?}", resp.error);
     resp.result.expect("a result")
 }

@@ -15,7 +15,8 @@ use serde_json::Value;
 use swapd::SwapStats;
 use vmm::api::server::{handle, Targets};
 use vmm::api::Request;
-use vmm::reclaim::swap::{self, HostMemChoice, SwapOptions};
+use vmm::reclaim::policy::{HostMemChoice, PolicyOptions, PolicyThread};
+use vmm::reclaim::swap::{self, SwapOptions};
 use vmm::vm::{Ending, Vm};
 
 const MIB: u64 = 1 << 20;
@@ -170,7 +171,7 @@ fn zero_pages_are_discarded_without_being_written() {
     let vm = swapping_vm("zero", 128 * MIB, 1, "alloc 32M zero; alloc 4M unique", &dir.0);
     let sw = vm.shared().swap.get().unwrap();
     // Through the control API, as `vmm ctl swap out 128M --vm zero` does.
-    let vms = Targets { vms: vec![vm.shared().clone()], tps: None };
+    let vms = Targets { vms: vec![vm.shared().clone()], tps: None, policy: None };
     let resp = handle(Request::SwapOut { size: "128M".into(), vm: "zero".into() }, &vms);
     assert!(resp.ok, "{:?}", resp.error);
     let reclaimed = resp.result.unwrap()["reclaimed_pages"].as_u64().unwrap();
@@ -256,10 +257,13 @@ fn a_host_memory_budget_drives_balloon_then_swap() {
     for vm in &mut vms {
         vm.start().expect("start");
     }
-    let mut opts = SwapOptions::new(&dir.0);
-    opts.host_mem = HostMemChoice::Budget(320 * MIB);
-    opts.tick = Duration::from_millis(50);
-    let policy = swap::start(&vms, &opts).expect("start swapping");
+    swap::start(&vms, &SwapOptions::new(&dir.0)).expect("start swapping");
+    let opts = PolicyOptions {
+        host_mem: HostMemChoice::Budget(320 * MIB),
+        tick: Duration::from_millis(50),
+        ..PolicyOptions::default()
+    };
+    let policy = PolicyThread::start(&vms, &opts).expect("start the policy");
     for vm in &vms {
         wait_serving(vm);
     }

@@ -3,7 +3,7 @@
 //! It boots the project's own test guest (or another 64-bit ELF kernel) natively on
 //! hosts with hardware virtualisation and on PVM hosts without it, runs several VMs
 //! in one process, and reclaims their memory with a virtio balloon, transparent page
-//! sharing and a host swapper driven by a free-memory policy.
+//! sharing and a host swapper, steered by a free-memory policy.
 //!
 //! Layers, bottom up:
 //! - [`memory`]: guest RAM (anonymous, private, 4 KiB host pages by default), its

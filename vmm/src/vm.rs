@@ -157,7 +157,6 @@ impl VmShared {
             "guest": self.progress(),
             "balloon": balloon,
             "swap": self.swap.stats(),
-            "swap_policy": self.swap.policy_stats(),
         })
     }
 

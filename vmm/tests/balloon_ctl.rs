@@ -1,6 +1,8 @@
 //! The balloon through the real binaries: `vmm run` with a control socket, and
-//! `vmm ctl balloon set|stats` and `vmm ctl vm stats` talking to it. The guest's
-//! statistics make the round trip guest -> device -> API -> `vmm ctl`.
+//! `vmm ctl balloon set|auto|stats`, `vmm ctl vm stats` and `vmm ctl policy stats`
+//! talking to it. The guest's statistics make the round trip guest -> device ->
+//! API -> `vmm ctl`; a target set with `vmm ctl` holds against the free-memory
+//! policy until handed back.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -102,6 +104,8 @@ fn bad_balloon_requests_get_one_line_errors() {
         (&["balloon", "set", "lots"], "bad size"),
         (&["balloon", "set", "4097"], "4 KiB"),
         (&["balloon", "stats", "--vm", "nope"], "no VM named"),
+        (&["balloon", "auto", "--vm", "nope"], "no VM named"),
+        (&["policy", "stats"], "--policy on"),
     ];
     for (args, expect) in cases {
         let out = ctl(&r.sock, args);
@@ -114,4 +118,33 @@ fn bad_balloon_requests_get_one_line_errors() {
     let out = vmm().args(["run", "--mem", "64M", "--balloon", "size=128M", "--workload", "exit 0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("exceeds the VM's memory"));
+}
+
+#[test]
+fn a_target_set_with_vmm_ctl_holds_against_the_policy_until_handed_back() {
+    // A 4 GiB budget for one 128 MiB guest: plenty free, so the policy deflates
+    // every balloon it owns.
+    let r = start(
+        "pin",
+        &["--mem", "128M", "--policy", "on", "--host-mem", "4G", "--workload", "alloc 32M unique; free 32M"],
+    );
+    let set = ctl_ok(&r.sock, &["balloon", "set", "32M"]);
+    assert_eq!(set["vm0"]["target_mode"], "pinned");
+    wait(&r, "inflate 32M", |v| v["vm0"]["ballooned_mib"] == 32.0);
+    let ticks = |r: &Running| ctl_ok(&r.sock, &["policy", "stats"])["ticks"].as_u64().unwrap();
+    let t0 = ticks(&r);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ticks(&r) < t0 + 10 {
+        assert!(Instant::now() < deadline, "the policy does not tick");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let b = &ctl_ok(&r.sock, &["balloon", "stats"])["vm0"];
+    assert_eq!((b["target_pages"].as_u64(), b["target_mode"].as_str()), (Some(32 * MIB / 4096), Some("pinned")), "{b}");
+    assert_eq!(ctl_ok(&r.sock, &["policy", "stats"])["state"], "high");
+
+    let auto = ctl_ok(&r.sock, &["balloon", "auto"]);
+    assert_eq!(auto["vm0"]["target_mode"], "auto");
+    wait(&r, "the policy to deflate the balloon", |v| {
+        v["vm0"]["balloon"]["target_pages"] == 0 && v["vm0"]["ballooned_mib"] == 0.0
+    });
 }

@@ -15,6 +15,11 @@ fn stdout_json(out: &Output) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The first summary line of `kind` (`vm` or `host`) among `lines`.
+fn summary<'a>(lines: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    lines.iter().find(|l| l["summary"] == kind).unwrap_or_else(|| panic!("no {kind} summary line"))
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -24,7 +29,7 @@ fn default_run_boots_the_builtin_guest() {
     let out = vmm(&["--log-level", "warn", "run"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let lines = stdout_json(&out);
-    let vm = lines.iter().find(|l| l["summary"] == "vm").expect("vm summary");
+    let vm = summary(&lines, "vm");
     assert_eq!(vm["exit_code"], 0);
     for key in ["exits", "insn_emulation", "first_output_ms", "first_insn_ms", "wall_ms"] {
         assert!(vm.get(key).is_some_and(|v| !v.is_null()), "summary lacks {key}: {vm}");
@@ -158,17 +163,45 @@ fn swapping_runs_under_a_limit_and_cleans_up() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let lines = stdout_json(&out);
-    let vm = lines.iter().find(|l| l["summary"] == "vm").expect("vm summary");
+    let vm = summary(&lines, "vm");
     assert!(vm["swap"]["pages_out"].as_u64().unwrap() > 0, "a VM over its limit is swapped: {vm}");
     assert!(vm["swap"]["prefetch_hits"].is_u64(), "{vm}");
     assert!(lines.iter().any(|l| l["op"] == "verify" && l["bad"] == 0));
-    let host = lines.iter().find(|l| l["summary"] == "host").expect("host summary");
-    assert!(host["swap_policy"]["ticks"].as_u64().unwrap() > 0, "{host}");
+    let host = summary(&lines, "host");
+    assert!(host["policy"]["ticks"].as_u64().unwrap() > 0, "{host}");
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert!(left.is_empty(), "swap files left behind: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 
+    // The policy's settings without the policy: one line saying how to turn it on.
     let out = vmm(&["run", "--host-mem", "1G"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("--swap"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--host-mem needs the free-memory policy: add --policy on"), "{}", stderr(&out));
+    let out = vmm(&["run", "--swap-dir", d, "--policy", "off", "--limit", "24M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("drop --policy off"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_policy_runs_on_the_balloon_alone() {
+    let out = vmm(&[
+        "--log-level",
+        "warn",
+        "run",
+        "--mem",
+        "128M",
+        "--policy",
+        "on",
+        "--host-mem",
+        "1G",
+        "--workload",
+        "alloc 16M unique; idle 300ms; exit 0",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = stdout_json(&out);
+    let vm = summary(&lines, "vm");
+    assert!(vm.get("swap").is_none(), "no swapper without --swap: {vm}");
+    let host = summary(&lines, "host");
+    assert!(host["policy"]["ticks"].as_u64().unwrap() > 0, "{host}");
+    assert_eq!(host["policy"]["state"], "high", "{host}");
 }

@@ -2,10 +2,12 @@
 //! per line, one JSON response per line.
 //!
 //! Requests: `{"cmd": "balloon_set", "size": "128M", "vm": "vm0"}`,
+//! `{"cmd": "balloon_auto", "vm": "vm0"}`,
 //! `{"cmd": "balloon_stats"}`, `{"cmd": "vm_stats"}`, `{"cmd": "vms"}`,
 //! `{"cmd": "command", "vm": "vm0", "workload": "verify"}`, `{"cmd": "tps_stats"}`,
 //! `{"cmd": "tps_set", "options": "rate=50M/s,scope=vm"}`,
-//! `{"cmd": "swap_out", "size": "64M", "vm": "vm0"}`, `{"cmd": "swap_stats"}`. Without `"vm"`, a
+//! `{"cmd": "swap_out", "size": "64M", "vm": "vm0"}`, `{"cmd": "swap_stats"}`,
+//! `{"cmd": "policy_stats"}`. Without `"vm"`, a
 //! request applies to every VM. Responses: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`. A malformed request gets an error response;
 //! nothing a client sends can stop the VMM.
@@ -23,10 +25,18 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     /// List the VMs.
     Vms,
-    /// Set the balloon target (`size`: bytes with K/M/G suffix).
+    /// Set the balloon target (`size`: bytes with K/M/G suffix) and pin it: the
+    /// free-memory policy leaves it alone until `balloon_auto`.
     BalloonSet {
         /// Target size.
         size: String,
+        /// VM name; every VM if absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vm: Option<String>,
+    },
+    /// Hand the balloon target back to the free-memory policy (undoes the pin of
+    /// `balloon_set`; the target stays where it is until the policy moves it).
+    BalloonAuto {
         /// VM name; every VM if absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         vm: Option<String>,
@@ -67,12 +77,14 @@ pub enum Request {
         /// VM name (required).
         vm: String,
     },
-    /// The host swapper's counters and the free-memory policy's state and history.
+    /// The host swapper's counters.
     SwapStats {
         /// VM name; every VM if absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         vm: Option<String>,
     },
+    /// The free-memory policy's state, history and totals.
+    PolicyStats,
 }
 
 /// A response.

@@ -16,7 +16,8 @@ use super::{Request, Response};
 use crate::config::parse_size;
 use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
-use crate::devices::virtio::balloon::Balloon;
+use crate::devices::virtio::balloon::{Balloon, TargetMode};
+use crate::reclaim::policy::PolicyCounters;
 use crate::reclaim::sharing::{self, PageSharing};
 use crate::vm::VmShared;
 
@@ -33,9 +34,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `path` (mode 0600) for requests about `vms` and their page sharing.
-    /// A stale socket left by a dead process is replaced; a live one is an error.
-    pub fn start(path: &Path, vms: Vec<Arc<VmShared>>, tps: Option<Arc<PageSharing>>) -> Result<Server, String> {
+    /// Listens on `path` (mode 0600) for requests about `vms`, their page sharing
+    /// and their free-memory policy. A stale socket left by a dead process is
+    /// replaced; a live one is an error.
+    pub fn start(
+        path: &Path,
+        vms: Vec<Arc<VmShared>>,
+        tps: Option<Arc<PageSharing>>,
+        policy: Option<PolicyCounters>,
+    ) -> Result<Server, String> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(format!("{} is in use by another vmm", path.display()));
@@ -48,7 +55,7 @@ impl Server {
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let vms = Arc::new(Targets { vms, tps });
+        let vms = Arc::new(Targets { vms, tps, policy });
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || accept_loop(listener, vms, stop2))
@@ -79,6 +86,8 @@ pub struct Targets {
     pub vms: Vec<Arc<VmShared>>,
     /// Page sharing, if on.
     pub tps: Option<Arc<PageSharing>>,
+    /// The free-memory policy's counters, if it runs.
+    pub policy: Option<PolicyCounters>,
 }
 
 fn accept_loop(listener: UnixListener, vms: Arc<Targets>, stop: Arc<AtomicBool>) {
@@ -191,7 +200,19 @@ fn run(req: Request, targets: &Targets) -> Result<Value, String> {
                 let dev = v.balloon.as_ref().expect("checked above");
                 dev.lock().unwrap().set_target(bytes)?;
                 v.run.wake();
-                Ok(json!({ "target_bytes": bytes }))
+                Ok(json!({ "target_bytes": bytes, "target_mode": TargetMode::Pinned }))
+            })
+        }
+        Request::BalloonAuto { vm } => {
+            let targets = select(vms, vm.as_deref())?;
+            if let Some(v) = targets.iter().find(|v| v.balloon.is_none()) {
+                return Err(format!("vm {} has no balloon device", v.name));
+            }
+            per_vm(&targets, |v| {
+                let mut dev = v.balloon.as_ref().expect("checked above").lock().unwrap();
+                dev.release_target();
+                let s = dev.snapshot();
+                Ok(json!({ "target_bytes": s.target_pages * guest_abi::PAGE_SIZE, "target_mode": s.target_mode }))
             })
         }
         Request::BalloonStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| {
@@ -221,10 +242,13 @@ fn run(req: Request, targets: &Targets) -> Result<Value, String> {
             crate::reclaim::swap::swap_out(select(vms, Some(&vm))?[0], bytes)
         }
         Request::SwapStats { vm } => {
-            let targets = select(vms, vm.as_deref())?;
-            let policy = targets.iter().find_map(|v| v.swap.policy_stats());
-            let per = per_vm(&targets, |v| Ok(json!(v.swap.stats())))?;
-            Ok(json!({ "policy": policy, "vms": per }))
+            let per = per_vm(&select(vms, vm.as_deref())?, |v| Ok(json!(v.swap.stats())))?;
+            Ok(json!({ "vms": per }))
+        }
+        Request::PolicyStats => {
+            let policy =
+                targets.policy.as_ref().ok_or("the free-memory policy is off (start vmm run with --policy on)")?;
+            Ok(json!(policy.get()))
         }
     }
 }

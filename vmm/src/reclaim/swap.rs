@@ -13,56 +13,22 @@
 //! when a run starts. See `docs/swap.md`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
 
-use swapd::{PolicyConfig, PolicyStats, SwapError, SwapStats, Swapper, VictimPolicy};
+use swapd::{SwapError, SwapStats, Swapper, VictimPolicy};
 
 use super::guest::ReclaimView;
-use super::policy::{PolicyThread, PolicyVm};
 use crate::memory::slots::MemorySlots;
 use crate::vm::{Vm, VmShared};
 
 /// Default swap directory.
 pub const DEFAULT_DIR: &str = "/var/tmp/vmm";
 
-/// Where the policy learns how much host memory is free.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HostMemChoice {
-    /// The real host: `/proc/meminfo` (default).
-    Host,
-    /// The memory cgroup this process runs in.
-    Cgroup,
-    /// A budget in bytes: free = budget - guest RAM resident for every VM.
-    Budget(u64),
-}
-
-impl HostMemChoice {
-    /// Parses `host`, `cgroup` or a size (`2G`).
-    pub fn parse(text: &str) -> Result<HostMemChoice, String> {
-        match text {
-            "host" => Ok(HostMemChoice::Host),
-            "cgroup" => Ok(HostMemChoice::Cgroup),
-            size => match crate::config::parse_size(size) {
-                Ok(0) => Err("--host-mem must be more than 0".into()),
-                Ok(b) => Ok(HostMemChoice::Budget(b)),
-                Err(e) => Err(format!("--host-mem: {e} (or host, cgroup)")),
-            },
-        }
-    }
-}
-
 /// Swapping options of a run (`vmm run --swap ...`).
 #[derive(Clone, Debug)]
 pub struct SwapOptions {
     /// Directory of the swap files.
     pub dir: PathBuf,
-    /// Host memory source of the policy.
-    pub host_mem: HostMemChoice,
-    /// Policy period.
-    pub tick: Duration,
-    /// Thresholds and amounts of the policy.
-    pub policy: PolicyConfig,
     /// Victim choice of every swapper.
     pub victims: VictimPolicy,
 }
@@ -70,13 +36,7 @@ pub struct SwapOptions {
 impl SwapOptions {
     /// Defaults with swap files in `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> SwapOptions {
-        SwapOptions {
-            dir: dir.into(),
-            host_mem: HostMemChoice::Host,
-            tick: Duration::from_millis(100),
-            policy: PolicyConfig::default(),
-            victims: VictimPolicy::Random,
-        }
+        SwapOptions { dir: dir.into(), victims: VictimPolicy::Random }
     }
 }
 
@@ -84,7 +44,6 @@ impl SwapOptions {
 #[derive(Default)]
 pub struct SwapSlot {
     swapper: RwLock<Option<Arc<Swapper>>>,
-    policy: RwLock<Option<Arc<Mutex<PolicyStats>>>>,
 }
 
 impl SwapSlot {
@@ -96,15 +55,6 @@ impl SwapSlot {
     /// Its counters.
     pub fn stats(&self) -> Option<SwapStats> {
         self.get().map(|s| s.stats())
-    }
-
-    /// The process's free-memory policy counters, if a policy runs.
-    pub fn policy_stats(&self) -> Option<PolicyStats> {
-        self.policy.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|p| p.lock().unwrap().clone())
-    }
-
-    pub(crate) fn set_policy(&self, stats: Arc<Mutex<PolicyStats>>) {
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(stats);
     }
 
     /// Drops the swapper (its file is removed once no request still holds it) and
@@ -160,22 +110,12 @@ pub fn attach(vm: &Arc<VmShared>, opts: &SwapOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// Turns swapping on for a run: prepares the directory, attaches a swapper to
-/// every VM (before any starts) and starts the free-memory policy over them.
-pub fn start(vms: &[Vm], opts: &SwapOptions) -> Result<PolicyThread, String> {
+/// Turns swapping on for a run: prepares the directory and attaches a swapper to
+/// every VM (before any starts). The free-memory policy, which decides what to
+/// evict, starts separately ([`super::policy::PolicyThread`]).
+pub fn start(vms: &[Vm], opts: &SwapOptions) -> Result<(), String> {
     prepare_dir(&opts.dir)?;
-    for vm in vms {
-        attach(vm.shared(), opts)?;
-    }
-    let mut members = Vec::new();
-    for vm in vms {
-        let dirty = match opts.victims {
-            VictimPolicy::Idle => Some(DirtyLog::enable(vm)?),
-            VictimPolicy::Random => None,
-        };
-        members.push(PolicyVm { vm: vm.shared().clone(), limit: vm.config().limit, dirty });
-    }
-    PolicyThread::start(members, opts)
+    vms.iter().try_for_each(|vm| attach(vm.shared(), opts))
 }
 
 /// Evicts up to `bytes` of `vm`'s memory now (`vmm ctl swap out`); returns what it did.
@@ -197,18 +137,4 @@ pub fn swap_out(vm: &VmShared, bytes: u64) -> Result<serde_json::Value, String> 
         "error": error,
         "swapped_pages": stats.slots_used,
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_mem_choices() {
-        assert_eq!(HostMemChoice::parse("host").unwrap(), HostMemChoice::Host);
-        assert_eq!(HostMemChoice::parse("cgroup").unwrap(), HostMemChoice::Cgroup);
-        assert_eq!(HostMemChoice::parse("2G").unwrap(), HostMemChoice::Budget(2 << 30));
-        assert!(HostMemChoice::parse("0").is_err());
-        assert!(HostMemChoice::parse("lots").unwrap_err().contains("cgroup"));
-    }
 }

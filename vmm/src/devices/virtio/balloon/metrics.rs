@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use super::device::TargetMode;
+
 /// Monotonic counters of one balloon device.
 #[derive(Default)]
 pub struct BalloonMetrics {
@@ -69,6 +71,8 @@ pub fn stat_name(tag: u16) -> Option<&'static str> {
 pub struct BalloonSnapshot {
     /// Requested balloon size, pages.
     pub target_pages: u64,
+    /// Whether the user pinned that target or the free-memory policy may move it.
+    pub target_mode: TargetMode,
     /// Size the driver reports (`actual`), pages.
     pub actual_pages: u64,
     /// Pages the host holds as ballooned.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{features, Balloon, BalloonConfig};
+use super::{features, Balloon, BalloonConfig, TargetMode};
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::{
     MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
@@ -352,4 +352,27 @@ fn targets_beyond_memory_are_refused() {
     let mut b = [0u8; 4];
     h.dev.lock().unwrap().read_config(0, &mut b);
     assert_eq!(u32::from_le_bytes(b), 4096);
+}
+
+#[test]
+fn a_user_target_pins_the_balloon_until_released() {
+    let h = Harness::new(BalloonConfig::default());
+    let target = |h: &Harness| {
+        let s = h.dev.lock().unwrap().snapshot();
+        (s.target_pages, s.target_mode)
+    };
+    // From boot the policy may move it; past the VM's memory is capped.
+    assert!(h.dev.lock().unwrap().set_auto_target(100));
+    assert_eq!(target(&h), (100, TargetMode::Auto));
+    assert!(h.dev.lock().unwrap().set_auto_target(u64::MAX));
+    assert_eq!(target(&h).0, 32 * MIB / guest_abi::PAGE_SIZE);
+    // The user's target pins it: the policy's is refused.
+    h.dev.lock().unwrap().set_target(MIB).unwrap();
+    assert!(!h.dev.lock().unwrap().set_auto_target(100));
+    assert_eq!(target(&h), (256, TargetMode::Pinned));
+    // Handed back: the policy moves it from where it is.
+    h.dev.lock().unwrap().release_target();
+    assert_eq!(target(&h), (256, TargetMode::Auto));
+    assert!(h.dev.lock().unwrap().set_auto_target(0));
+    assert_eq!(target(&h), (0, TargetMode::Auto));
 }
