@@ -21,19 +21,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{change_sharing, converge, guest, require_kvm, two_vcpu_guests, wait_serving, TempDir};
+use guest_abi::workload::Op;
 use guest_abi::PAGE_SIZE;
-use serde_json::Value;
 use swapd::SwapStats;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm::api::server::{handle, Targets};
-use vmm::api::Request;
+use vmm::api::{Reply, Request};
 use vmm::config::VmConfig;
+use vmm::console::GuestStep;
 use vmm::devices::virtio::balloon::metrics::BalloonSnapshot;
 use vmm::devices::virtio::balloon::pages::resident_pages;
 use vmm::devices::virtio::balloon::{BalloonConfig, TargetMode};
 use vmm::host;
 use vmm::reclaim::policy::{HostMemChoice, PolicyOptions, PolicyThread};
-use vmm::reclaim::sharing::PageSharing;
+use vmm::reclaim::sharing::{PageSharing, TpsStats};
 use vmm::reclaim::swap::{self, SwapOptions};
 use vmm::vm::Vm;
 
@@ -94,20 +95,19 @@ impl Drop for Host {
     }
 }
 
-/// Runs `cmd`; returns its JSON lines, panicking with them if it failed.
-fn command(vm: &Vm, cmd: &str) -> Vec<Value> {
+/// Runs `cmd`; returns its step results, panicking with its lines if it failed.
+fn command(vm: &Vm, cmd: &str) -> Vec<GuestStep> {
     let out = vm.run_command(cmd, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{}: {cmd}: {e}", vm.name()));
-    let lines = common::parse_lines(&out.lines);
-    assert_eq!(out.status, 0, "{}: {cmd} failed: {lines:?}", vm.name());
-    lines
+    assert_eq!(out.status, 0, "{}: {cmd} failed: {:?}", vm.name(), out.lines);
+    out.steps()
 }
 
 /// Runs `verify`, asserting no bad page; returns the pages checked.
 fn verify(vm: &Vm) -> u64 {
     let lines = command(vm, "verify");
-    let v = lines.iter().find(|l| l["op"] == "verify").expect("a verify line");
-    assert_eq!(v["bad"], 0, "{}: {v}", vm.name());
-    v["pages"].as_u64().unwrap()
+    let v = lines.iter().find(|s| s.op == Op::Verify).expect("a verify line");
+    assert_eq!(v.bad, Some(0), "{}: {v:?}", vm.name());
+    v.pages.unwrap()
 }
 
 fn balloon(vm: &Vm) -> BalloonSnapshot {
@@ -190,11 +190,8 @@ fn every_reclaimer_at_once_loses_no_write() {
                     let _stop = StopOnDrop(stop);
                     let mut rounds = 0u32;
                     while t0.elapsed() < RUN {
-                        let bad: u64 = command(vm, round)
-                            .iter()
-                            .filter(|l| l["op"] == "verify")
-                            .map(|l| l["bad"].as_u64().unwrap())
-                            .sum();
+                        let bad: u64 =
+                            command(vm, round).iter().filter(|s| s.op == Op::Verify).map(|s| s.bad.unwrap()).sum();
                         assert_eq!(bad, 0, "{} lost writes", vm.name());
                         rounds += 1;
                     }
@@ -247,7 +244,7 @@ fn every_reclaimer_at_once_loses_no_write() {
         "ran {:.1}s: rounds {rounds:?}, eviction calls {evictions:?}, balloon flips {balloon_flips}",
         ran.as_secs_f64()
     );
-    eprintln!("tps: {}", vmm::reclaim::sharing::stats_json(&t));
+    eprintln!("tps: {}", serde_json::to_string(&TpsStats::from(t.clone())).unwrap());
     assert!(t.merges > 0 && t.broken_shares > 0 && t.zero_pages_freed > 0, "page sharing acted: {t:?}");
     assert_eq!(t.errors, 0, "{t:?}");
     for i in 0..h.vms.len() {
@@ -505,8 +502,10 @@ fn an_api_target_pins_the_balloon_until_handed_back() {
         assert!(resp.ok, "{req:?}: {:?}", resp.error);
         resp.result.unwrap()
     };
-    let set = call(Request::BalloonSet { size: "32M".into(), vm: None });
-    assert_eq!(set["pin"]["target_mode"], "pinned");
+    let Reply::BalloonSet(set) = call(Request::BalloonSet { size: "32M".into(), vm: None }) else {
+        panic!("a balloon_set reply")
+    };
+    assert_eq!(set["pin"].target_mode, TargetMode::Pinned);
     let pinned = 32 * PAGES_PER_MIB;
     wait_for(&vms, "the pinned target to be reached", Duration::from_secs(60), || {
         balloon(&vms[0]).ballooned_pages == pinned
@@ -515,13 +514,15 @@ fn an_api_target_pins_the_balloon_until_handed_back() {
     wait_for(&vms, "ten policy ticks", Duration::from_secs(60), || policy.stats().ticks >= ticks + 10);
     let b = balloon(&vms[0]);
     assert_eq!((b.target_pages, b.ballooned_pages, b.target_mode), (pinned, pinned, TargetMode::Pinned));
-    let p = call(Request::PolicyStats);
-    assert_eq!(p["state"], "high", "{p}");
-    assert_eq!(p["balloon_pages_asked"], 0, "{p}");
+    let Reply::PolicyStats(p) = call(Request::PolicyStats) else { panic!("a policy_stats reply") };
+    assert_eq!(p.state, policy::FreeState::High, "{p:?}");
+    assert_eq!(p.balloon_pages_asked, 0, "{p:?}");
 
-    let auto = call(Request::BalloonAuto { vm: Some("pin".into()) });
-    assert_eq!(auto["pin"]["target_mode"], "auto");
-    assert_eq!(auto["pin"]["target_bytes"], 32 * MIB, "handing back leaves the target where it is");
+    let Reply::BalloonAuto(auto) = call(Request::BalloonAuto { vm: Some("pin".into()) }) else {
+        panic!("a balloon_auto reply")
+    };
+    assert_eq!(auto["pin"].target_mode, TargetMode::Auto);
+    assert_eq!(auto["pin"].target_bytes, 32 * MIB, "handing back leaves the target where it is");
     wait_for(&vms, "the policy to deflate the balloon", Duration::from_secs(60), || {
         let b = balloon(&vms[0]);
         b.target_pages == 0 && b.ballooned_pages == 0

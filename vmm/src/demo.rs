@@ -170,7 +170,7 @@ fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<P
     let mut written = 0;
     for vm in vms {
         let r = swap::swap_out(vm.shared(), opts.swap)?;
-        if let Some(e) = r["error"].as_str() {
+        if let Some(e) = r.error {
             return Err(format!("vm {}: eviction stopped: {e}", vm.name()));
         }
         written += vm.shared().swap.stats().map_or(0, |s| s.pages_out);

@@ -460,7 +460,7 @@ fn print_report(report: &host::HostReport) -> u8 {
         "vmm_overhead_mib": report.vmm_overhead_mib,
     });
     if let Some(tps) = &report.tps {
-        host["tps"] = sharing::stats_json(tps);
+        host["tps"] = serde_json::json!(sharing::TpsStats::from(tps.clone()));
     }
     if let Some(policy) = &report.policy {
         host["policy"] = serde_json::json!(policy);

@@ -14,15 +14,17 @@ use std::time::{Duration, Instant};
 use guest_abi::{guest_state, BALLOON_MMIO_BASE, VIF_BASE_GPA};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use swapd::SwapStats;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootParams};
 use crate::config::{Kernel, VmConfig};
-use crate::console::Console;
+use crate::console::{self, Console, GuestStep};
 use crate::control::{self, GuestProgress};
 use crate::devices::bus::Bus;
 use crate::devices::serial::{SerialPort, PORT_BASE, PORT_COUNT};
+use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::worker::Worker;
@@ -49,6 +51,60 @@ pub enum Ending {
     Error(String),
     /// Stopped from outside (interrupt, time limit, shutdown of the host process).
     Stopped(String),
+}
+
+/// What a VM is doing, as the control API reports it (`vm_stats`). Serialized as
+/// `"running"`, `"paused"`, `"stopping"`, or, once it ended, `{"exited": CODE}`,
+/// `{"failed": "why"}`, `{"stopped": "why"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Its vCPUs run guest code.
+    Running,
+    /// Its vCPUs are held out of the guest (page sharing, the swapper, a pause).
+    Paused,
+    /// It is being stopped; its ending is not recorded yet.
+    Stopping,
+    /// The guest ended with this exit code.
+    Exited(u32),
+    /// The VMM stopped it because something went wrong (triple fault, KVM error,
+    /// hang, a damaged swap slot).
+    Failed(String),
+    /// Stopped from outside (interrupt, time limit, end of the host process).
+    Stopped(String),
+}
+
+impl VmState {
+    /// The state of a VM whose vCPUs are in `mode`, and which ended as `ending`.
+    fn new(mode: Mode, ending: Option<Ending>) -> VmState {
+        match (ending, mode) {
+            (Some(Ending::GuestExit(code)), _) => VmState::Exited(code),
+            (Some(Ending::Error(e)), _) => VmState::Failed(e),
+            (Some(Ending::Stopped(why)), _) => VmState::Stopped(why),
+            (None, Mode::Running) => VmState::Running,
+            (None, Mode::Paused) => VmState::Paused,
+            (None, Mode::Stopping) => VmState::Stopping,
+        }
+    }
+}
+
+/// A VM's memory figures and counters (the control API's `vm_stats`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmStats {
+    /// What it is doing.
+    pub state: VmState,
+    /// Guest RAM, MiB.
+    pub mem_mib: f64,
+    /// Guest RAM resident in host memory, MiB (proportional: `Pss`).
+    pub guest_rss_mib: f64,
+    /// Guest RAM in the balloon, MiB (none without a balloon device).
+    pub ballooned_mib: Option<f64>,
+    /// What the guest publishes on its control page.
+    pub guest: GuestProgress,
+    /// The balloon's counters (none without a balloon device).
+    pub balloon: Option<BalloonSnapshot>,
+    /// The host swapper's counters, if the VM has one.
+    pub swap: Option<SwapStats>,
 }
 
 /// The state of a VM that its vCPU threads share.
@@ -140,24 +196,18 @@ impl VmShared {
     }
 
     /// Memory figures and counters, for the control API.
-    pub fn stats(&self) -> serde_json::Value {
+    pub fn stats(&self) -> VmStats {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        let state = match self.ending() {
-            Some(Ending::GuestExit(c)) => format!("exited({c})"),
-            Some(Ending::Error(e)) => format!("failed: {e}"),
-            Some(Ending::Stopped(w)) => format!("stopped: {w}"),
-            None => format!("{:?}", self.run.mode()).to_lowercase(),
-        };
         let balloon = self.balloon.as_ref().map(|b| b.lock().unwrap().snapshot());
-        serde_json::json!({
-            "state": state,
-            "mem_mib": mib(self.ram.size()),
-            "guest_rss_mib": mib(self.ram.resident_bytes()),
-            "ballooned_mib": balloon.as_ref().map(|b| mib(b.ballooned_pages * guest_abi::PAGE_SIZE)),
-            "guest": self.progress(),
-            "balloon": balloon,
-            "swap": self.swap.stats(),
-        })
+        VmStats {
+            state: VmState::new(self.run.mode(), self.ending()),
+            mem_mib: mib(self.ram.size()),
+            guest_rss_mib: mib(self.ram.resident_bytes()),
+            ballooned_mib: balloon.as_ref().map(|b| mib(b.ballooned_pages * guest_abi::PAGE_SIZE)),
+            guest: self.progress(),
+            balloon,
+            swap: self.swap.stats(),
+        }
     }
 
     /// The guest reached its first instruction.
@@ -204,12 +254,12 @@ pub struct VmReport {
     /// Every KVM vCPU counter, summed over vCPUs.
     #[serde(skip)]
     pub kvm: BTreeMap<String, u64>,
-    /// The JSON step results the test guest printed (objects with an `op`).
+    /// The step results the test guest printed.
     #[serde(skip)]
-    pub steps: Vec<serde_json::Value>,
+    pub steps: Vec<GuestStep>,
     /// The host swapper's counters, if swapping was on.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub swap: Option<swapd::SwapStats>,
+    pub swap: Option<SwapStats>,
 }
 
 /// A running (or finished) VM.
@@ -488,14 +538,7 @@ impl Vm {
             guest_rss_mib: self.shared.ram.resident_bytes() as f64 / (1 << 20) as f64,
             counters: kvm_stats::REPORTED.iter().map(|&k| (k.to_string(), kvm.get(k).copied().unwrap_or(0))).collect(),
             kvm,
-            steps: self
-                .shared
-                .console
-                .lines()
-                .iter()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|v| v.get("op").is_some())
-                .collect(),
+            steps: console::steps(&self.shared.console.lines()),
             swap,
         }
     }
@@ -519,6 +562,13 @@ pub struct CommandOutput {
     pub status: u32,
     /// The console lines printed while it ran.
     pub lines: Vec<String>,
+}
+
+impl CommandOutput {
+    /// The step results among its lines.
+    pub fn steps(&self) -> Vec<GuestStep> {
+        console::steps(&self.lines)
+    }
 }
 
 /// Creates the balloon behind a virtio-mmio window at [`BALLOON_MMIO_BASE`], with

@@ -3,16 +3,27 @@
 
 use std::process::{Command, Output};
 
+use guest_abi::workload::Op;
+use vmm::console::GuestStep;
+
 fn vmm(args: &[&str]) -> Output {
     assert!(std::path::Path::new("/dev/kvm").exists(), "these tests boot real guests and need /dev/kvm");
     Command::new(env!("CARGO_BIN_EXE_vmm")).args(args).output().expect("run vmm")
 }
 
+/// The JSON lines on stdout (console lines without their `[NAME] ` label).
+fn stdout_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim_start_matches(|c| c != '{').to_string()).collect()
+}
+
+/// The summaries and other JSON objects on stdout.
 fn stdout_json(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim_start_matches(|c| c != '{')).ok())
-        .collect()
+    stdout_lines(out).iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).collect()
+}
+
+/// The guests' step results on stdout.
+fn stdout_steps(out: &Output) -> Vec<GuestStep> {
+    vmm::console::steps(&stdout_lines(out))
 }
 
 /// The first summary line of `kind` (`vm` or `host`) among `lines`.
@@ -35,7 +46,7 @@ fn default_run_boots_the_builtin_guest() {
         assert!(vm.get(key).is_some_and(|v| !v.is_null()), "summary lacks {key}: {vm}");
     }
     assert!(lines.iter().any(|l| l["summary"] == "host"));
-    assert!(lines.iter().any(|l| l["op"] == "verify" && l["bad"] == 0));
+    assert!(stdout_steps(&out).iter().any(|s| s.op == Op::Verify && s.bad == Some(0)));
 }
 
 #[test]
@@ -166,7 +177,7 @@ fn swapping_runs_under_a_limit_and_cleans_up() {
     let vm = summary(&lines, "vm");
     assert!(vm["swap"]["pages_out"].as_u64().unwrap() > 0, "a VM over its limit is swapped: {vm}");
     assert!(vm["swap"]["prefetch_hits"].is_u64(), "{vm}");
-    assert!(lines.iter().any(|l| l["op"] == "verify" && l["bad"] == 0));
+    assert!(stdout_steps(&out).iter().any(|s| s.op == Op::Verify && s.bad == Some(0)));
     let host = summary(&lines, "host");
     assert!(host["policy"]["ticks"].as_u64().unwrap() > 0, "{host}");
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();

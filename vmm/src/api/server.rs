@@ -1,6 +1,7 @@
 //! Serves the control API inside `vmm run`: an accept thread, a thread per
 //! connection (a `command` request may wait on the guest for a long time).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -10,15 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-
-use super::{Request, Response};
+use super::{BalloonTarget, CommandResult, ConsoleLine, Reply, Request, Response, SwapStatsResult};
 use crate::config::parse_size;
 use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, TargetMode};
 use crate::reclaim::policy::PolicyCounters;
-use crate::reclaim::sharing::{self, PageSharing};
+use crate::reclaim::sharing::PageSharing;
 use crate::vm::VmShared;
 
 /// Longest request line accepted.
@@ -153,12 +152,11 @@ fn select<'a>(vms: &'a [Arc<VmShared>], name: Option<&str>) -> Result<Vec<&'a Ar
     }
 }
 
-fn per_vm(vms: &[&Arc<VmShared>], f: impl Fn(&VmShared) -> Result<Value, String>) -> Result<Value, String> {
-    let mut out = serde_json::Map::new();
-    for vm in vms {
-        out.insert(vm.name.clone(), f(vm)?);
-    }
-    Ok(Value::Object(out))
+fn per_vm<T>(
+    vms: &[&Arc<VmShared>],
+    f: impl Fn(&VmShared) -> Result<T, String>,
+) -> Result<BTreeMap<String, T>, String> {
+    vms.iter().map(|vm| Ok((vm.name.clone(), f(vm)?))).collect()
 }
 
 /// Asks the guest for fresh statistics and waits up to [`FRESH_STATS_WAIT`] for
@@ -181,11 +179,11 @@ fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
     }
 }
 
-fn run(req: Request, targets: &Targets) -> Result<Value, String> {
+fn run(req: Request, targets: &Targets) -> Result<Reply, String> {
     let vms = &targets.vms[..];
     let tps = || targets.tps.as_ref().ok_or("page sharing is off (start vmm run with --tps on)");
     match req {
-        Request::Vms => Ok(json!(vms.iter().map(|v| &v.name).collect::<Vec<_>>())),
+        Request::Vms => Ok(Reply::Vms(vms.iter().map(|v| v.name.clone()).collect())),
         Request::BalloonSet { size, vm } => {
             let bytes = parse_size(&size)?;
             let targets = select(vms, vm.as_deref())?;
@@ -200,55 +198,51 @@ fn run(req: Request, targets: &Targets) -> Result<Value, String> {
                 let dev = v.balloon.as_ref().expect("checked above");
                 dev.lock().unwrap().set_target(bytes)?;
                 v.run.wake();
-                Ok(json!({ "target_bytes": bytes, "target_mode": TargetMode::Pinned }))
+                Ok(BalloonTarget { target_bytes: bytes, target_mode: TargetMode::Pinned })
             })
+            .map(Reply::BalloonSet)
         }
         Request::BalloonAuto { vm } => {
             let targets = select(vms, vm.as_deref())?;
             if let Some(v) = targets.iter().find(|v| v.balloon.is_none()) {
                 return Err(format!("vm {} has no balloon device", v.name));
             }
-            per_vm(&targets, |v| {
+            let set = per_vm(&targets, |v| {
                 let mut dev = v.balloon.as_ref().expect("checked above").lock().unwrap();
                 dev.release_target();
                 let s = dev.snapshot();
-                Ok(json!({ "target_bytes": s.target_pages * guest_abi::PAGE_SIZE, "target_mode": s.target_mode }))
-            })
+                Ok(BalloonTarget { target_bytes: s.target_pages * guest_abi::PAGE_SIZE, target_mode: s.target_mode })
+            })?;
+            Ok(Reply::BalloonAuto(set))
         }
         Request::BalloonStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| {
             let dev = v.balloon.as_ref().ok_or_else(|| format!("vm {} has no balloon device", v.name))?;
-            serde_json::to_value(fresh_balloon_stats(v, dev)).map_err(|e| e.to_string())
-        }),
-        Request::VmStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.stats())),
+            Ok(fresh_balloon_stats(v, dev))
+        })
+        .map(Reply::BalloonStats),
+        Request::VmStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.stats())).map(Reply::VmStats),
         Request::Command { vm, workload, timeout_s } => {
             let target = select(vms, Some(&vm))?[0];
             let timeout =
                 Duration::try_from_secs_f64(timeout_s.unwrap_or(60.0)).map_err(|e| format!("bad timeout: {e}"))?;
             let out = target.run_command(&workload, timeout)?;
-            let lines: Vec<Value> = out
-                .lines
-                .iter()
-                .map(|l| serde_json::from_str(l).unwrap_or_else(|_| Value::String(l.clone())))
-                .collect();
-            Ok(json!({ "status": out.status, "lines": lines }))
+            let lines = out.lines.iter().map(|l| ConsoleLine::parse(l)).collect();
+            Ok(Reply::Command(CommandResult { status: out.status, lines }))
         }
-        Request::TpsStats => Ok(sharing::stats_json(&tps()?.stats())),
-        Request::TpsSet { options } => {
-            let config = tps()?.set_options(&options)?;
-            serde_json::to_value(config).map_err(|e| e.to_string())
-        }
+        Request::TpsStats => Ok(Reply::TpsStats(tps()?.stats().into())),
+        Request::TpsSet { options } => Ok(Reply::TpsSet(tps()?.set_options(&options)?)),
         Request::SwapOut { size, vm } => {
             let bytes = parse_size(&size)?;
-            crate::reclaim::swap::swap_out(select(vms, Some(&vm))?[0], bytes)
+            crate::reclaim::swap::swap_out(select(vms, Some(&vm))?[0], bytes).map(Reply::SwapOut)
         }
         Request::SwapStats { vm } => {
-            let per = per_vm(&select(vms, vm.as_deref())?, |v| Ok(json!(v.swap.stats())))?;
-            Ok(json!({ "vms": per }))
+            let vms = per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.swap.stats()))?;
+            Ok(Reply::SwapStats(SwapStatsResult { vms }))
         }
         Request::PolicyStats => {
             let policy =
                 targets.policy.as_ref().ok_or("the free-memory policy is off (start vmm run with --policy on)")?;
-            Ok(json!(policy.get()))
+            Ok(Reply::PolicyStats(policy.get()))
         }
     }
 }

@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use guest_abi::workload::Op;
 use serde::Serialize;
 
 use super::{median, print_table};
@@ -113,9 +114,9 @@ fn measure(b: &BootBench, pages: HostPages) -> Result<ModeResult, String> {
         let alloc_us = vm
             .steps
             .iter()
-            .find(|s| s["op"] == "alloc")
-            .and_then(|s| s["us"].as_f64())
-            .ok_or("no alloc step in the guest's output")?;
+            .find(|s| s.op == Op::Alloc)
+            .and_then(|s| s.us)
+            .ok_or("no alloc step in the guest's output")? as f64;
         cols[0].push(vm.first_insn_ms.unwrap_or(f64::NAN));
         cols[1].push(vm.first_output_ms.unwrap_or(f64::NAN));
         cols[2].push(alloc_us / 1e3);

@@ -13,6 +13,7 @@
 //! two from holding each other alive.
 
 use guest_abi::PAGE_SIZE;
+use serde::{Deserialize, Serialize};
 
 use super::guest::ReclaimView;
 use crate::config::{parse_duration, parse_size};
@@ -74,13 +75,25 @@ impl PageSharing {
     }
 }
 
-/// The counters as JSON, with the two figures people look for first.
-pub fn stats_json(s: &tps::Stats) -> serde_json::Value {
-    let mut v = serde_json::to_value(s).expect("stats serialise");
-    let obj = v.as_object_mut().expect("an object");
-    obj.insert("saved_mib".into(), (s.bytes_saved as f64 / (1u64 << 20) as f64).into());
-    obj.insert("cpu_ms".into(), (s.cpu_ns as f64 / 1e6).into());
-    v
+/// The scanner's counters as reported (the control API's `tps_stats`, the summary
+/// of `vmm run`), with the two figures people look for first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TpsStats {
+    /// The counters.
+    #[serde(flatten)]
+    pub counters: tps::Stats,
+    /// `bytes_saved` in MiB.
+    pub saved_mib: f64,
+    /// `cpu_ns` in milliseconds.
+    pub cpu_ms: f64,
+}
+
+impl From<tps::Stats> for TpsStats {
+    fn from(counters: tps::Stats) -> TpsStats {
+        let saved_mib = counters.bytes_saved as f64 / (1u64 << 20) as f64;
+        let cpu_ms = counters.cpu_ns as f64 / 1e6;
+        TpsStats { counters, saved_mib, cpu_ms }
+    }
 }
 
 /// Parses `--tps` options on top of `base`: `on`, `off`, `rate=PAGES_PER_S` or

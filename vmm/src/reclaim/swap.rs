@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use serde::{Deserialize, Serialize};
 use swapd::{SwapError, SwapStats, Swapper, VictimPolicy};
 
 use super::guest::ReclaimView;
@@ -118,8 +119,22 @@ pub fn start(vms: &[Vm], opts: &SwapOptions) -> Result<(), String> {
     vms.iter().try_for_each(|vm| attach(vm.shared(), opts))
 }
 
+/// What an eviction asked for through the control API (`swap_out`) did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapOutResult {
+    /// Pages asked for.
+    pub asked_pages: u64,
+    /// Pages taken out of guest memory (written to the swap file, or zero pages
+    /// dropped).
+    pub reclaimed_pages: u64,
+    /// Why eviction stopped early, if it did.
+    pub error: Option<String>,
+    /// Pages of the VM in its swap file now.
+    pub swapped_pages: u64,
+}
+
 /// Evicts up to `bytes` of `vm`'s memory now (`vmm ctl swap out`); returns what it did.
-pub fn swap_out(vm: &VmShared, bytes: u64) -> Result<serde_json::Value, String> {
+pub fn swap_out(vm: &VmShared, bytes: u64) -> Result<SwapOutResult, String> {
     let sw = vm.swap.get().ok_or_else(|| format!("vm {} has no swapper (run with --swap)", vm.name))?;
     // An explicit request retries an eviction stopped by an earlier write error.
     sw.resume_eviction();
@@ -130,11 +145,10 @@ pub fn swap_out(vm: &VmShared, bytes: u64) -> Result<serde_json::Value, String> 
         Err(e @ (SwapError::Stopped { .. } | SwapError::PauseTimedOut { .. })) => (0, Some(e.to_string())),
         Err(e) => return Err(format!("vm {}: {e}", vm.name)),
     };
-    let stats = sw.stats();
-    Ok(serde_json::json!({
-        "asked_pages": pages,
-        "reclaimed_pages": reclaimed,
-        "error": error,
-        "swapped_pages": stats.slots_used,
-    }))
+    Ok(SwapOutResult {
+        asked_pages: pages as u64,
+        reclaimed_pages: reclaimed as u64,
+        error,
+        swapped_pages: sw.stats().slots_used,
+    })
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::device::TargetMode;
 
@@ -67,7 +67,7 @@ pub fn stat_name(tag: u16) -> Option<&'static str> {
 }
 
 /// A consistent view for reports.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct BalloonSnapshot {
     /// Requested balloon size, pages.
     pub target_pages: u64,
