@@ -9,7 +9,9 @@
 //! - [`memory`]: guest RAM (anonymous, private, 4 KiB host pages by default), its
 //!   residency, and the discard route every reclaimer frees guest pages through;
 //! - [`x86`], [`loader`], [`boot`]: long mode, page tables, PVM specifics, kernel
-//!   image and boot information;
+//!   image and boot information; [`linux`]: the Linux boot protocol (bzImage,
+//!   vmlinux, zero page, ACPI, in-kernel irqchip), also used by the test guest
+//!   packaged as a bzImage;
 //! - [`devices`], [`console`]: port I/O devices (16550 console, system ports) and
 //!   the virtio-mmio balloon with its worker thread;
 //! - [`vcpu`], [`run_control`], [`kvm_stats`]: vCPU threads, exits, nesting
@@ -34,6 +36,7 @@ pub mod demo;
 pub mod devices;
 pub mod host;
 pub mod kvm_stats;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod reclaim;

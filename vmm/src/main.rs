@@ -143,13 +143,23 @@ struct RunArgs {
     #[arg(long, default_value_t = 1, value_name = "N", conflicts_with = "config")]
     vms: u32,
     /// TOML file listing VMs ([[vm]] with name, mem, vcpus, workload, kernel,
-    /// console, host_pages, hang_timeout; [defaults] for all). Command-line values
+    /// cmdline, initrd, console, host_pages, hang_timeout; [defaults] for all). Command-line values
     /// are the defaults of the file.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// An x86-64 ELF kernel to boot instead of the built-in test guest.
+    /// A kernel to boot instead of the built-in test guest: an x86-64 ELF of the
+    /// VMM's protocol, a Linux bzImage or vmlinux (hosts with VMX/SVM only; see
+    /// docs/linux.md), or builtin:bzimage (the test guest through the Linux boot
+    /// protocol).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Kernel command line for a bzImage or vmlinux (default for Linux: "console=ttyS0
+    /// reboot=k pci=off i8042.noaux i8042.nomux i8042.dumbkbd").
+    #[arg(long, value_name = "TEXT")]
+    cmdline: Option<String>,
+    /// Initrd (initramfs) for a bzImage or vmlinux.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
     /// The test guest's boot workload.
     #[arg(long, value_name = "PROGRAM", default_value = config::DEFAULT_WORKLOAD)]
     workload: String,
@@ -487,7 +497,9 @@ fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
     let mut base = VmConfig::new("vm0", args.mem);
     base.vcpus = args.vcpus;
     base.workload = args.workload.clone();
-    base.kernel = args.kernel.clone().map_or(Kernel::Builtin, Kernel::Path);
+    base.kernel = args.kernel.clone().map_or(Kernel::Builtin, Kernel::from_arg);
+    base.cmdline = args.cmdline.clone();
+    base.initrd = args.initrd.clone();
     base.console = ConsoleTarget::Stdout;
     base.host_pages = if args.thp { HostPages::Thp } else { HostPages::Small };
     base.hang_timeout = args.hang_timeout;

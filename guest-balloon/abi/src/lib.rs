@@ -24,6 +24,7 @@
 #![no_std]
 
 pub mod content;
+pub mod linux;
 pub mod workload;
 
 /// GPA of the GDT the VMM installs.

@@ -1,13 +1,16 @@
 //! COM1: a 16550 UART (vm-superio) whose output goes to the VM's [`Console`].
 //!
-//! There is no interrupt controller: the guest polls the line status register (the
-//! transmitter is always empty) and writes whole lines with `rep outsb`, which KVM
-//! hands over in one exit.
+//! The test guest has no interrupt controller: it polls the line status register
+//! (the transmitter is always empty) and writes whole lines with `rep outsb`, which
+//! KVM hands over in one exit. A Linux guest has KVM's in-kernel irqchip, and its
+//! 8250 driver waits for the transmitter-empty interrupt: there the UART's interrupt
+//! line is an irqfd on GSI 4.
 
 use std::io;
 use std::sync::Arc;
 
 use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::Console;
 use crate::devices::bus::BusDevice;
@@ -17,13 +20,21 @@ pub const PORT_BASE: u16 = guest_abi::SERIAL_PORT;
 /// Number of I/O ports of a 16550.
 pub const PORT_COUNT: u16 = 8;
 
-/// Interrupt line of a VM without interrupt controller: raising it does nothing.
-pub struct NoInterrupt;
+/// The UART's interrupt line.
+pub enum IrqLine {
+    /// A VM without interrupt controller: raising it does nothing.
+    None,
+    /// An irqfd: raising it signals the eventfd (an edge on the UART's GSI).
+    Irqfd(EventFd),
+}
 
-impl Trigger for NoInterrupt {
+impl Trigger for IrqLine {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        Ok(())
+        match self {
+            IrqLine::None => Ok(()),
+            IrqLine::Irqfd(fd) => fd.write(1),
+        }
     }
 }
 
@@ -42,13 +53,13 @@ impl io::Write for ConsoleWriter {
 
 /// The UART with its console.
 pub struct SerialPort {
-    uart: Serial<NoInterrupt, vm_superio::serial::NoEvents, ConsoleWriter>,
+    uart: Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleWriter>,
 }
 
 impl SerialPort {
-    /// A UART printing to `console`.
-    pub fn new(console: Arc<Console>) -> Self {
-        SerialPort { uart: Serial::new(NoInterrupt, ConsoleWriter(console)) }
+    /// A UART printing to `console`, raising `irq`.
+    pub fn new(console: Arc<Console>, irq: IrqLine) -> Self {
+        SerialPort { uart: Serial::new(irq, ConsoleWriter(console)) }
     }
 }
 

@@ -58,6 +58,11 @@ pub fn entry_regs(entry: u64, boot_info: u64, cpu: u32) -> kvm_regs {
     kvm_regs { rip: entry, rdi: boot_info, rsi: cpu as u64, rflags: 0x2, rsp: 0, ..Default::default() }
 }
 
+/// General registers at a Linux boot protocol 64-bit entry: `rsi` = zero page.
+pub fn linux_entry_regs(entry: u64, zero_page: u64) -> kvm_regs {
+    kvm_regs { rip: entry, rsi: zero_page, rflags: 0x2, ..Default::default() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
