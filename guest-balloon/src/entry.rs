@@ -7,9 +7,12 @@
 //! 32 KiB program); application processors only process pages and get small ones.
 //!
 //! Booted as a bzImage through Linux's boot protocol, every vCPU enters at
-//! `startup_64` instead, with `rsi` = zero page and no index: it takes its index
-//! from its initial APIC ID (CPUID leaf 1, `EBX[31:24]`, which the VMM sets to the
-//! vCPU index) and continues in `linux_boot::linux_main(zero_page, cpu)`.
+//! `startup_64` instead, with `rsi` = zero page (the protocol) and `rdi` = vCPU index
+//! (the VMM's addition: Linux starts its application processors itself, this guest
+//! has them all started at the entry), and continues in
+//! `linux_boot::linux_main(zero_page, cpu)`. The index cannot come from CPUID leaf 1
+//! (`EBX[31:24]`, the initial APIC ID the VMM sets per vCPU): on KVM's PVM backend
+//! the guest reads the host CPU's APIC ID there, not the VMM's table.
 
 use core::arch::naked_asm;
 
@@ -69,20 +72,13 @@ unsafe extern "C" fn _start() -> ! {
     enter_on_own_stack!(crate::kernel_main)
 }
 
-/// The 64-bit entry of the bzImage (at 1 MiB + 0x200, see linker.ld): the vCPU
-/// index from CPUID leaf 1, then `linux_main(zero page, index)`.
+/// The 64-bit entry of the bzImage (at 1 MiB + 0x200, see linker.ld):
+/// `linux_main(zero page, vCPU index)` from `rsi` and `rdi`.
 #[unsafe(naked)]
 #[no_mangle]
 #[link_section = ".text.linux64"]
 unsafe extern "C" fn startup_64() -> ! {
-    enter_on_own_stack!(
-        crate::linux_boot::linux_main,
-        "mov rdi, rsi",
-        "mov eax, 1",
-        "cpuid",
-        "shr ebx, 24",
-        "mov esi, ebx"
-    )
+    enter_on_own_stack!(crate::linux_boot::linux_main, "xchg rdi, rsi")
 }
 
 // The bzImage's 32-bit entry at 1 MiB: the VMM enters in 64-bit mode, so reaching

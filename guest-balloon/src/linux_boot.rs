@@ -59,7 +59,7 @@ struct Found {
 }
 
 /// Where [`crate::entry`]'s `startup_64` continues: `zero_page` from `rsi`, `cpu`
-/// from the vCPU's APIC ID.
+/// from `rdi`.
 pub extern "C" fn linux_main(zero_page: u64, cpu: u64) -> ! {
     if cpu != 0 {
         smp::ap_main()

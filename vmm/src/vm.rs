@@ -308,7 +308,7 @@ impl Vm {
                 pvm::register_vif(vcpu, VIF_BASE_GPA + i as u64 * 4096).map_err(ctx)?;
             }
             if let (Some(platform), Some(layout)) = (&linux, &linux_layout) {
-                platform.setup_vcpu(vcpu, layout).map_err(ctx)?;
+                platform.setup_vcpu(vcpu, i as u32, layout).map_err(ctx)?;
                 continue;
             }
             let sregs = vcpu.get_sregs().map_err(|e| ctx(format!("KVM_GET_SREGS: {e}")))?;

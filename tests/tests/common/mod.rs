@@ -186,3 +186,43 @@ pub fn converge(sharing: &PageSharing) -> tps::Stats {
     assert!(sharing.scanner().wait_passes(passes + 2, Duration::from_secs(120)), "no full pass");
     sharing.stats()
 }
+
+/// How the test guest is booted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// Its ELF through the VMM's own protocol.
+    Elf,
+    /// Packaged as a bzImage, through the Linux boot protocol (zero page, e820,
+    /// command line, ACPI).
+    BzImage,
+}
+
+/// `config` booted the way `boot` says.
+pub fn via(boot: Boot, mut config: VmConfig) -> VmConfig {
+    if boot == Boot::BzImage {
+        config.kernel = vmm::config::Kernel::BuiltinBzImage;
+    }
+    config
+}
+
+/// Runs each named test function (`fn name(boot: Boot)`) twice, as `elf::name` and
+/// `bzimage::name`: through the VMM's own boot protocol and through Linux's.
+#[allow(unused_macros)] // each test binary uses a different subset
+macro_rules! on_both_boot_paths {
+    ($($name:ident),* $(,)?) => {
+        mod elf {
+            $(#[test]
+            fn $name() {
+                super::$name(super::common::Boot::Elf)
+            })*
+        }
+        mod bzimage {
+            $(#[test]
+            fn $name() {
+                super::$name(super::common::Boot::BzImage)
+            })*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_boot_paths;

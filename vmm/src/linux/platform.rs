@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use super::acpi::VirtioMmio;
 use super::irqchip::{self, SERIAL_GSI, VIRTIO_GSI_BASE};
@@ -78,14 +78,14 @@ impl LinuxPlatform {
         super::prepare(ram, image, &boot).map_err(|e| e.to_string())
     }
 
-    /// Sets vCPU `cpu` up for the 64-bit entry: long mode, `rsi` = zero page, the
-    /// boot MSRs, and its LAPIC's LINT pins where there is an irqchip. Every vCPU
+    /// Sets vCPU `cpu` up for the 64-bit entry: long mode, `rsi` = zero page (`rdi` =
+    /// `cpu`, see `regs::linux_entry_regs`), the boot MSRs, and its LAPIC's LINT pins where there is an irqchip. Every vCPU
     /// gets this state; with an irqchip KVM holds the application processors in
     /// wait-for-SIPI until Linux starts them, so only vCPU 0 uses it.
-    pub fn setup_vcpu(&self, vcpu: &VcpuFd, layout: &LinuxLayout) -> Result<(), String> {
+    pub fn setup_vcpu(&self, vcpu: &VcpuFd, cpu: u32, layout: &LinuxLayout) -> Result<(), String> {
         let sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
         vcpu.set_sregs(&regs::long_mode_sregs(sregs, layout.cr3)).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
-        vcpu.set_regs(&regs::linux_entry_regs(layout.entry, layout.zero_page))
+        vcpu.set_regs(&regs::linux_entry_regs(layout.entry, layout.zero_page, cpu))
             .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
         msrs::set_boot_msrs(vcpu)?;
         if self.irqchip {
@@ -120,4 +120,12 @@ impl LinuxPlatform {
         mmio.insert(Arc::new(Mutex::new(ExitRegister(self.end_line.clone()))), EXIT_MMIO_GPA, EXIT_MMIO_SIZE)
             .map_err(|e| e.to_string())
     }
+}
+
+/// The backend of this host's KVM, asked of a scratch VM's vCPU (for tests and
+/// tools that must know before they create a VM).
+pub fn host_backend(kvm: &Kvm) -> Result<Backend, String> {
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    let vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+    Ok(Backend::detect(&vcpu))
 }

@@ -5,9 +5,13 @@
 //! holds KVM's paravirtual leaves `0x40000000..`: kvmclock and friends); the VMM must
 //! give each vCPU its identity. The initial APIC ID (leaf 1 `EBX[31:24]`, and the
 //! x2APIC ID in `EDX` of leaves 0xB and 0x1F) is the vCPU index, as the MADT says.
-//! Linux takes CPU numbers from these; the test guest booted through the Linux path
-//! finds its own index in leaf 1. The topology is one package of `vcpus` cores with
-//! one thread each.
+//! Linux takes CPU numbers from these. The topology is one package of `vcpus` cores
+//! with one thread each.
+//!
+//! Seen on KVM's PVM backend: a guest's `cpuid` leaf 1 returns the host CPU's
+//! initial APIC ID, not this table's (a test guest pinned to host CPU 0 read 0, on
+//! host CPU 1 it read another value), so a guest there cannot learn its index from
+//! CPUID; KVM still holds the table (`KVM_GET_CPUID2`), and VMX/SVM hosts use it.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
