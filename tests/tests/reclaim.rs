@@ -11,13 +11,17 @@
 //!   state inflates the guests' balloon drivers without swapping.
 //!
 //! docs/architecture.md ("Reclaimers together") gives the argument these tests check.
+//! Each test runs with the test guest booted through the VMM's own protocol
+//! (`elf::*`) and as a bzImage through the Linux boot protocol (`bzimage::*`).
 
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{change_sharing, converge, guest, require_kvm, two_vcpu_guests, wait_serving, TempDir};
+use common::{
+    change_sharing, converge, guest, on_both_boot_paths, require_kvm, two_vcpu_guests, via, wait_serving, Boot, TempDir,
+};
 use guest_abi::PAGE_SIZE;
 use serde_json::Value;
 use swapd::SwapStats;
@@ -162,10 +166,10 @@ impl Drop for StopOnDrop<'_> {
 ///
 /// At the end every guest verifies with no bad page, no VM ended, and the counters
 /// show that each mechanism acted on pages the others were working on.
-#[test]
-fn every_reclaimer_at_once_loses_no_write() {
+fn every_reclaimer_at_once_loses_no_write(boot: Boot) {
     const RUN: Duration = Duration::from_secs(25);
-    let configs = two_vcpu_guests(&["s0", "s1"], 256 * MIB, "alloc 16M shared:3");
+    let configs: Vec<VmConfig> =
+        two_vcpu_guests(&["s0", "s1"], 256 * MIB, "alloc 16M shared:3").into_iter().map(|c| via(boot, c)).collect();
     let h = Host::start("stress", &configs);
     h.set_sharing(|c| {
         c.enabled = true;
@@ -267,11 +271,13 @@ fn every_reclaimer_at_once_loses_no_write() {
 /// the swapper passes over it (writing it would cost I/O for memory that is shared,
 /// and discarding it frees nothing). A share the guest broke by writing is a
 /// private copy inside the pool's mapping, which the swapper must leave alone too.
-#[test]
-fn shared_pages_stay_out_of_the_swap_file() {
+fn shared_pages_stay_out_of_the_swap_file(boot: Boot) {
     let h = Host::start(
         "shared",
-        &[guest("a", 128 * MIB, "alloc 32M shared:7"), guest("b", 128 * MIB, "alloc 32M shared:7")],
+        &[
+            via(boot, guest("a", 128 * MIB, "alloc 32M shared:7")),
+            via(boot, guest("b", 128 * MIB, "alloc 32M shared:7")),
+        ],
     );
     let t = h.converge();
     assert!(t.pool_mapped_pages >= 2 * 32 * PAGES_PER_MIB, "{t:?}");
@@ -326,9 +332,8 @@ fn is_shared(vm: &Vm, pfn: u64) -> bool {
 /// (nothing is read back from the file for them), nothing fills them in behind the
 /// balloon's back (not even the swapper's zero fill ahead of a fault on the page
 /// below), and after deflating the guest uses them again with its data intact.
-#[test]
-fn ballooned_pages_leave_the_swap_file_and_stay_untouched() {
-    let mut c = guest("bs", 256 * MIB, "alloc 160M unique; free 128M");
+fn ballooned_pages_leave_the_swap_file_and_stay_untouched(boot: Boot) {
+    let mut c = via(boot, guest("bs", 256 * MIB, "alloc 160M unique; free 128M"));
     c.balloon = Some(BalloonConfig { free_page_reporting: false, ..BalloonConfig::default() });
     let h = Host::start("balloon", &[c]);
     let (vm, sw) = (&h.vms[0], h.swapper(0));
@@ -379,9 +384,8 @@ fn ballooned_pages_leave_the_swap_file_and_stay_untouched() {
 /// pausing the VM, so no reclaimer may drop it: a command posted between an
 /// eviction's copy and its discard would be lost. Page sharing leaves the low
 /// megabyte alone; the swapper must too.
-#[test]
-fn the_control_page_is_never_evicted() {
-    let h = Host::start("control", &[guest("ctl", 64 * MIB, "alloc 4M unique")]);
+fn the_control_page_is_never_evicted(boot: Boot) {
+    let h = Host::start("control", &[via(boot, guest("ctl", 64 * MIB, "alloc 4M unique"))]);
     let (vm, sw) = (&h.vms[0], h.swapper(0));
     let low: Vec<u64> = (0..guest_abi::KERNEL_MIN_GPA / PAGE_SIZE).map(|p| p * PAGE_SIZE).collect();
     assert_eq!(sw.swap_out_gpas(&low).expect("evict"), 0, "pages of the low megabyte were evicted");
@@ -397,14 +401,13 @@ fn the_control_page_is_never_evicted() {
 /// The free-memory policy in its soft state inflates the guests' balloons through
 /// their drivers, and swaps nothing: two guests that touched and freed most of their
 /// memory, under a host-memory budget set so that 3% of it is free.
-#[test]
-fn the_soft_state_inflates_the_guest_balloons_without_swapping() {
+fn the_soft_state_inflates_the_guest_balloons_without_swapping(boot: Boot) {
     require_kvm();
     let dir = TempDir::new("soft");
     let configs: Vec<VmConfig> = ["p0", "p1"]
         .iter()
         .map(|n| {
-            let mut c = guest(n, 256 * MIB, "alloc 160M unique; free 128M");
+            let mut c = via(boot, guest(n, 256 * MIB, "alloc 160M unique; free 128M"));
             c.balloon = Some(BalloonConfig { free_page_reporting: false, ..BalloonConfig::default() });
             c
         })
@@ -440,3 +443,11 @@ fn the_soft_state_inflates_the_guest_balloons_without_swapping() {
         vm.finish();
     }
 }
+
+on_both_boot_paths!(
+    every_reclaimer_at_once_loses_no_write,
+    shared_pages_stay_out_of_the_swap_file,
+    ballooned_pages_leave_the_swap_file_and_stay_untouched,
+    the_control_page_is_never_evicted,
+    the_soft_state_inflates_the_guest_balloons_without_swapping,
+);
