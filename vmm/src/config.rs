@@ -19,6 +19,9 @@ pub const DEFAULT_WORKLOAD: &str =
 pub enum ConsoleTarget {
     /// The VMM's stdout, each line prefixed with `[NAME] ` when several VMs run.
     Stdout,
+    /// The VMM's stdout, and its stdin typed into the guest's COM1: an interactive
+    /// console (one VM only), e.g. a Linux guest's shell.
+    Stdio,
     /// A file of its own.
     File(PathBuf),
     /// Nowhere but the in-memory log (library users and tests).
@@ -217,7 +220,8 @@ pub struct VmEntry {
     pub kernel: Option<PathBuf>,
     /// Boot workload.
     pub workload: Option<String>,
-    /// `"stdout"` or a file path (relative to the config file).
+    /// `"stdout"`, `"stdio"` (stdin goes to the guest too) or a file path
+    /// (relative to the config file).
     pub console: Option<String>,
     /// `"small"` (4 KiB, default) or `"thp"`.
     pub host_pages: Option<HostPages>,
@@ -272,6 +276,7 @@ impl VmEntry {
         if let Some(c) = &self.console {
             base.console = match c.as_str() {
                 "stdout" => ConsoleTarget::Stdout,
+                "stdio" => ConsoleTarget::Stdio,
                 path => ConsoleTarget::File(dir.join(path)),
             };
         }

@@ -12,7 +12,7 @@
 //!   image and boot information; [`linux`]: the Linux boot protocol (bzImage,
 //!   vmlinux, zero page, ACPI, in-kernel irqchip), also used by the test guest
 //!   packaged as a bzImage;
-//! - [`devices`], [`console`]: port I/O devices (16550 console, system ports) and
+//! - [`devices`], [`console`], [`console_input`]: port I/O devices (16550 console, system ports) and
 //!   the virtio-mmio balloon with its worker thread;
 //! - [`vcpu`], [`run_control`], [`kvm_stats`]: vCPU threads, exits, nesting
 //!   pause/resume, stop; KVM's binary statistics;
@@ -31,6 +31,7 @@ pub mod bench;
 pub mod boot;
 pub mod config;
 pub mod console;
+pub mod console_input;
 pub mod control;
 pub mod demo;
 pub mod devices;

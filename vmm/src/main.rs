@@ -166,6 +166,10 @@ struct RunArgs {
     /// Write each VM's console to DIR/NAME.log instead of stdout.
     #[arg(long, value_name = "DIR")]
     console_dir: Option<PathBuf>,
+    /// stdout (default), or stdio: stdin is typed into the guest's serial console
+    /// too (one VM; e.g. a Linux shell).
+    #[arg(long, value_name = "stdout|stdio", conflicts_with = "console_dir", value_parser = parse_console)]
+    console: Option<ConsoleTarget>,
     /// Back guest RAM with transparent huge pages (default: 4 KiB pages, which is
     /// what reclamation works on).
     #[arg(long)]
@@ -221,6 +225,14 @@ fn parse_victims(text: &str) -> Result<swapd::VictimPolicy, String> {
         "random" => Ok(swapd::VictimPolicy::Random),
         "idle" => Ok(swapd::VictimPolicy::Idle),
         _ => Err(format!("{text:?}: expected random or idle")),
+    }
+}
+
+fn parse_console(text: &str) -> Result<ConsoleTarget, String> {
+    match text {
+        "stdout" => Ok(ConsoleTarget::Stdout),
+        "stdio" => Ok(ConsoleTarget::Stdio),
+        _ => Err(format!("{text:?}: expected stdout or stdio")),
     }
 }
 
@@ -500,7 +512,7 @@ fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
     base.kernel = args.kernel.clone().map_or(Kernel::Builtin, Kernel::from_arg);
     base.cmdline = args.cmdline.clone();
     base.initrd = args.initrd.clone();
-    base.console = ConsoleTarget::Stdout;
+    base.console = args.console.clone().unwrap_or(ConsoleTarget::Stdout);
     base.host_pages = if args.thp { HostPages::Thp } else { HostPages::Small };
     base.hang_timeout = args.hang_timeout;
     base.limit = args.limit;
@@ -522,6 +534,9 @@ fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
     }
     for c in &configs {
         c.validate()?;
+    }
+    if configs.len() > 1 && configs.iter().any(|c| c.console == ConsoleTarget::Stdio) {
+        return Err("an interactive console (stdio) takes one VM: stdin can only go to one guest".into());
     }
     Ok(configs)
 }

@@ -18,7 +18,7 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootParams};
-use crate::config::VmConfig;
+use crate::config::{ConsoleTarget, VmConfig};
 use crate::console::Console;
 use crate::control::{self, GuestProgress};
 use crate::devices::bus::Bus;
@@ -325,6 +325,9 @@ impl Vm {
             None => IrqLine::None,
         };
         let serial = Arc::new(Mutex::new(SerialPort::new(console.clone(), serial_irq)));
+        if config.console == ConsoleTarget::Stdio {
+            crate::console_input::forward_stdin(serial.clone()).map_err(|e| ctx(format!("console input: {e}")))?;
+        }
         pio.insert(serial, PORT_BASE.into(), PORT_COUNT.into()).map_err(|e| ctx(e.to_string()))?;
         let mut mmio = Bus::new();
         if let Some(platform) = &linux {

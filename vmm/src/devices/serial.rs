@@ -63,6 +63,14 @@ impl SerialPort {
     }
 }
 
+impl SerialPort {
+    /// Puts bytes typed on the host into the receive FIFO (raising the receive
+    /// interrupt if the guest enabled it); returns how many fit (0 when full).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
 impl BusDevice for SerialPort {
     /// Every byte of a string read (`rep insb`) comes from the same register.
     fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -78,5 +86,32 @@ impl BusDevice for SerialPort {
                 log::warn!("serial write: {e:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConsoleTarget;
+
+    #[test]
+    fn typed_input_reaches_the_guest_and_raises_the_receive_interrupt() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let console = Console::new(&ConsoleTarget::Discard, "t", false).unwrap();
+        let mut port = SerialPort::new(console, IrqLine::Irqfd(irq.try_clone().unwrap()));
+        port.write(1, &[0x01]); // IER: received-data interrupt on
+        assert_eq!(port.enqueue_input(b"ls\n"), 3);
+        assert_eq!(irq.read().unwrap(), 1, "one interrupt for the input");
+        let mut got = [0u8; 1];
+        let mut typed = Vec::new();
+        for _ in 0..3 {
+            port.read(0, &mut got);
+            typed.push(got[0]);
+        }
+        assert_eq!(typed, b"ls\n");
+        let full = vec![b'x'; 100];
+        let first = port.enqueue_input(&full);
+        assert!(first < full.len() && first > 0, "the FIFO is bounded: {first}");
+        assert_eq!(port.enqueue_input(&full), 0, "full");
     }
 }
