@@ -182,7 +182,7 @@ fn table(gpa: u64, signature: &[u8; 4]) -> Result<&'static [u8], &'static str> {
     // SAFETY: ACPI tables are in the reserved area below 1 MiB (RAM the VMM wrote);
     // the header is read first, then exactly the length it announces.
     let header = unsafe { phys(gpa, acpi::HEADER_LEN) };
-    let len = acpi::table_len(header).filter(|&l| l >= acpi::HEADER_LEN && l < 1 << 20).ok_or("bad ACPI length")?;
+    let len = acpi::table_len(header).filter(|l| (acpi::HEADER_LEN..1 << 20).contains(l)).ok_or("bad ACPI length")?;
     // SAFETY: as above.
     let whole = unsafe { phys(gpa, len) };
     acpi::check_table(whole, signature).map_err(|e| e.as_str())?;

@@ -82,29 +82,43 @@ fn a_workload_too_long_for_the_bzimage_command_line_is_refused() {
     assert!(!err.contains('\n'), "{err}");
 }
 
-#[test]
-fn irqchip_pit_and_irqfds_are_created_and_a_balloon_interrupt_reaches_the_lapic() {
-    const VECTOR: usize = 0x35;
+/// The vector the balloon's GSI is routed to in the interrupt tests.
+const VECTOR: u64 = 0x35;
+
+/// A VM with KVM's irqchip and PIT, as a Linux guest gets them.
+fn vm_with_irqchip() -> (kvm_ioctls::Kvm, kvm_ioctls::VmFd) {
     require_kvm();
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let vm = kvm.create_vm().unwrap();
     irqchip::create(&vm).unwrap();
-    assert!(vm.create_irq_chip().is_err(), "the irqchip exists already");
-    assert!(vm.create_pit2(Default::default()).is_err(), "the PIT exists already");
-    let vcpu = vm.create_vcpu(0).unwrap();
-    irqchip::set_lints(&vcpu).unwrap();
+    (kvm, vm)
+}
+
+/// What a guest's drivers would do: enable `vcpu`'s LAPIC (spurious vector
+/// register) and route IOAPIC pin [`BALLOON_GSI`] to [`VECTOR`], edge, unmasked, to
+/// APIC 0.
+fn route_balloon_gsi(vm: &kvm_ioctls::VmFd, vcpu: &kvm_ioctls::VcpuFd) {
     let mut lapic = vcpu.get_lapic().unwrap();
-    assert_eq!(lapic_reg(&lapic.regs, 0x350) & 0x700, 0x700, "LINT0 = ExtINT");
-    assert_eq!(lapic_reg(&lapic.regs, 0x360) & 0x700, 0x400, "LINT1 = NMI");
-    // What the guest's drivers would do: enable the LAPIC (spurious vector
-    // register) and route IOAPIC pin 5 to VECTOR, edge, unmasked, to APIC 0.
     set_lapic_reg(&mut lapic.regs, 0xf0, 0x1ff);
     vcpu.set_lapic(&lapic).unwrap();
     let mut chip = kvm_irqchip { chip_id: KVM_IRQCHIP_IOAPIC, ..Default::default() };
     vm.get_irqchip(&mut chip).unwrap();
     // SAFETY: the chip is the IOAPIC (chip_id), so `ioapic` is the union's member.
-    unsafe { chip.chip.ioapic.redirtbl[BALLOON_GSI as usize].bits = VECTOR as u64 };
+    unsafe { chip.chip.ioapic.redirtbl[BALLOON_GSI as usize].bits = VECTOR };
     vm.set_irqchip(&chip).unwrap();
+}
+
+#[test]
+fn irqchip_pit_and_irqfds_are_created_and_a_balloon_interrupt_reaches_the_lapic() {
+    let (_kvm, vm) = vm_with_irqchip();
+    assert!(vm.create_irq_chip().is_err(), "the irqchip exists already");
+    assert!(vm.create_pit2(Default::default()).is_err(), "the PIT exists already");
+    let vcpu = vm.create_vcpu(0).unwrap();
+    irqchip::set_lints(&vcpu).unwrap();
+    let lapic = vcpu.get_lapic().unwrap();
+    assert_eq!(lapic_reg(&lapic.regs, 0x350) & 0x700, 0x700, "LINT0 = ExtINT");
+    assert_eq!(lapic_reg(&lapic.regs, 0x360) & 0x700, 0x400, "LINT1 = NMI");
+    route_balloon_gsi(&vm, &vcpu);
 
     // The balloon wired as Vm::create wires it for a Linux guest.
     let irq = irqchip::irqfd(&vm, BALLOON_GSI).unwrap();
@@ -121,7 +135,7 @@ fn irqchip_pit_and_irqfds_are_created_and_a_balloon_interrupt_reaches_the_lapic(
     );
     let irr = |vcpu: &kvm_ioctls::VcpuFd| {
         let regs = vcpu.get_lapic().unwrap().regs;
-        lapic_reg(&regs, 0x200 + VECTOR / 32 * 0x10) & (1 << (VECTOR % 32)) != 0
+        lapic_reg(&regs, 0x200 + VECTOR as usize / 32 * 0x10) & (1 << (VECTOR % 32)) != 0
     };
     assert!(!irr(&vcpu), "nothing pending before the device raises it");
     balloon.set_target(16 * MIB).unwrap();
@@ -291,11 +305,7 @@ const IRQ_GUEST: [u8; 138] = [
 #[test]
 fn a_balloon_interrupt_is_delivered_into_a_running_guest() {
     use vm_memory::{Bytes, GuestAddress};
-    const VECTOR: u64 = 0x35;
-    require_kvm();
-    let kvm = kvm_ioctls::Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
-    irqchip::create(&vm).unwrap();
+    let (kvm, vm) = vm_with_irqchip();
     let ram = Arc::new(GuestRam::new(32 * MIB, HostPages::Small).unwrap());
     for (slot, (gpa, host, len)) in ram.host_ranges().into_iter().enumerate() {
         let region = kvm_bindings::kvm_userspace_memory_region {
@@ -331,14 +341,7 @@ fn a_balloon_interrupt_is_delivered_into_a_running_guest() {
     vcpu.set_sregs(&vmm::x86::regs::long_mode_sregs(sregs, cr3)).unwrap();
     vcpu.set_regs(&kvm_bindings::kvm_regs { rip: 0x10_0000, rsp: 0x10_4000, rflags: 2, ..Default::default() }).unwrap();
     irqchip::set_lints(&vcpu).unwrap();
-    let mut lapic = vcpu.get_lapic().unwrap();
-    set_lapic_reg(&mut lapic.regs, 0xf0, 0x1ff);
-    vcpu.set_lapic(&lapic).unwrap();
-    let mut chip = kvm_irqchip { chip_id: KVM_IRQCHIP_IOAPIC, ..Default::default() };
-    vm.get_irqchip(&mut chip).unwrap();
-    // SAFETY: the chip is the IOAPIC (chip_id), so `ioapic` is the union's member.
-    unsafe { chip.chip.ioapic.redirtbl[BALLOON_GSI as usize].bits = VECTOR };
-    vm.set_irqchip(&chip).unwrap();
+    route_balloon_gsi(&vm, &vcpu);
     let interrupt = Arc::new(Interrupt::with_irqfd(irqchip::irqfd(&vm, BALLOON_GSI).unwrap()));
     let runner = std::thread::spawn(move || {
         let mut vcpu = vcpu;

@@ -172,7 +172,7 @@ impl<'a> TestGuestCmdline<'a> {
 
     /// The value of parameter `key` (`key=value`), the last one if repeated.
     pub fn param(&self, key: &str) -> Option<&'a str> {
-        self.params.split(' ').filter_map(|p| p.split_once('=')).filter(|(k, _)| *k == key).map(|(_, v)| v).last()
+        self.params.split(' ').filter_map(|p| p.split_once('=')).filter(|(k, _)| *k == key).map(|(_, v)| v).next_back()
     }
 
     /// Parameter `key` as a number (decimal, or hexadecimal with `0x`).

@@ -172,7 +172,7 @@ mod tests {
         build(0xe_0000, 0x10_0000, vcpus, &devs).unwrap()
     }
 
-    fn find<'a>(t: &'a Tables, gpa: u64) -> &'a [u8] {
+    fn find(t: &Tables, gpa: u64) -> &[u8] {
         &t.blobs.iter().find(|(g, _)| *g == gpa).expect("a table at that address").1
     }
 
