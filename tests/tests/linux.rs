@@ -307,17 +307,9 @@ fn a_balloon_interrupt_is_delivered_into_a_running_guest() {
     use vm_memory::{Bytes, GuestAddress};
     let (kvm, vm) = vm_with_irqchip();
     let ram = Arc::new(GuestRam::new(32 * MIB, HostPages::Small).unwrap());
-    for (slot, (gpa, host, len)) in ram.host_ranges().into_iter().enumerate() {
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: len,
-            userspace_addr: host,
-        };
-        // SAFETY: `ram` outlives the VM (dropped at the end of the test, after it).
-        unsafe { vm.set_user_memory_region(region) }.unwrap();
-    }
+    let vm = Arc::new(vm);
+    // SAFETY: `ram` outlives the VM fd and the slots (declared after it, dropped first).
+    let _slots = unsafe { vmm::memory::slots::MemorySlots::register(vm.clone(), &ram) }.unwrap();
     let mem = ram.mem();
     mem.write_slice(&IRQ_GUEST, GuestAddress(0x10_0000)).unwrap();
     let handler = 0x10_0070u64;

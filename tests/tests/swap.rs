@@ -82,10 +82,8 @@ fn stats(vm: &Vm) -> SwapStats {
 /// The counters with the VM paused, so that no fault is in flight while they are
 /// read (a serving guest keeps touching its own pages).
 fn settled_stats(vm: &Vm) -> SwapStats {
-    vm.pause().expect("pause");
-    let s = stats(vm);
-    vm.resume();
-    s
+    let _pause = vm.pause().expect("pause");
+    stats(vm)
 }
 
 #[test]

@@ -270,13 +270,13 @@ fn a_pause_holds_while_merge_batches_pause_and_resume_the_vm() {
         let worker = s.spawn(|| h.run(0, "repeat 40 { alloc 8M dup; alloc 8M shared:5; touch 4M; verify; free 16M }"));
         while !worker.is_finished() {
             std::thread::sleep(Duration::from_millis(15));
-            let Some(_) = vm.pause() else { continue };
+            let Ok(pause) = vm.pause() else { continue };
             let (heartbeat, batches) = (vm.progress().heartbeat, h.sharing.stats().batches);
             std::thread::sleep(Duration::from_millis(30));
             batches_while_held += h.sharing.stats().batches - batches;
             assert_eq!(vm.progress().heartbeat, heartbeat, "the guest ran during a pause");
             held += 1;
-            vm.resume();
+            drop(pause);
         }
         worker.join().unwrap();
     });

@@ -105,7 +105,7 @@ impl Console {
         self.first_output.get().copied()
     }
 
-    /// The lines kept in memory (the last [`LOG_LINES`]).
+    /// The lines kept in memory (the last `LOG_LINES`).
     pub fn lines(&self) -> Vec<String> {
         self.log.lock().unwrap().lines.iter().cloned().collect()
     }

@@ -102,7 +102,8 @@ pub fn run(opts: &DemoOptions, t0: Instant) -> Result<HostReport, String> {
         c.validate()?;
     }
     let mut vms = host::create_all(&configs, t0)?;
-    let sharing = PageSharing::start(tps::Config { enabled: false, ..tps::Config::default() }, &vms)?;
+    let sharing = PageSharing::start(tps::Config { enabled: false, ..tps::Config::default() }, &vms)
+        .map_err(|e| e.to_string())?;
     swap::prepare_dir(&opts.swap_dir)?;
     for vm in &vms {
         swap::attach(vm.shared(), &SwapOptions::new(&opts.swap_dir))?;

@@ -14,7 +14,6 @@ use serde::Serialize;
 
 use crate::api::server::Server;
 use crate::config::VmConfig;
-use crate::memory;
 use crate::reclaim::sharing::PageSharing;
 use crate::reclaim::swap::{self, SwapOptions};
 use crate::vm::{open_kvm, Vm, VmReport};
@@ -82,7 +81,7 @@ pub fn install_interrupt_handler() -> &'static AtomicBool {
 /// boot figures.
 pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostReport, String> {
     let mut vms = create_all(configs, t0)?;
-    let sharing = opts.tps.map(|c| PageSharing::start(c, &vms)).transpose()?.map(Arc::new);
+    let sharing = opts.tps.map(|c| PageSharing::start(c, &vms)).transpose().map_err(|e| e.to_string())?.map(Arc::new);
     let policy = match &opts.swap {
         Some(s) => Some(swap::start(&vms, s)?),
         None => None,
@@ -136,7 +135,7 @@ pub fn finish_all(vms: Vec<Vm>) -> HostReport {
 pub fn finish_with_sharing(vms: Vec<Vm>, sharing: Option<&PageSharing>) -> HostReport {
     let tps = sharing.map(PageSharing::stats);
     let pss: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
-    let overhead = memory::process_rss().saturating_sub(pss);
+    let overhead = pagestate::residency::process_rss().saturating_sub(pss);
     let guest = sharing.map_or(pss, |s| s.guest_memory_bytes(&vms));
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let reports = vms

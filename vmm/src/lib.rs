@@ -14,8 +14,9 @@
 //!   packaged as a bzImage;
 //! - [`devices`], [`console`], [`console_input`]: port I/O devices (16550 console, system ports) and
 //!   the virtio-mmio balloon with its worker thread;
-//! - [`vcpu`], [`run_control`], [`kvm_stats`]: vCPU threads, exits, nesting
-//!   pause/resume, stop; KVM's binary statistics;
+//! - [`vcpu`], [`kvm_stats`]: vCPU threads and exits (their pause, resume and stop
+//!   are `pagestate::RunControl`, shared with the reclaimers); KVM's binary
+//!   statistics;
 //! - [`vm`], [`control`]: one VM and its run-time command channel;
 //! - [`host`]: several VMs in one process;
 //! - [`reclaim`]: page sharing over the VMs of the process, a host swapper per VM,
@@ -41,7 +42,6 @@ pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod reclaim;
-pub mod run_control;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -22,8 +22,8 @@ pub const HALT_SLEEP: Duration = Duration::from_millis(2);
 pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
     let run = vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run;
     // SAFETY: `run` points to this vCPU's kvm_run mapping, alive as long as `vcpu`,
-    // which outlives the registration (unregistered below before `vcpu` drops).
-    vm.run.register(cpu, unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) });
+    // which outlives the slot (dropped below, on this thread, before `vcpu`).
+    let slot = unsafe { vm.run.register_vcpu(cpu, std::ptr::addr_of_mut!((*run).immediate_exit)) };
     // Addresses already logged as unhandled (log each once).
     let mut unhandled = HashSet::new();
     while vm.run.may_run(cpu) {
@@ -45,7 +45,7 @@ pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
         Ok(stats) => vm.add_stats(&stats),
         Err(e) => log::warn!("{}: vCPU {cpu}: cannot read KVM statistics: {e}", vm.name),
     }
-    vm.run.unregister(cpu);
+    drop(slot);
 }
 
 /// Handles one exit; returns how the VM ends if it does.

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use guest_abi::{guest_state, BALLOON_MMIO_BASE, VIF_BASE_GPA};
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
@@ -31,11 +31,12 @@ use crate::kvm_stats;
 use crate::linux::platform::LinuxPlatform;
 use crate::linux::{kind, TestGuestParams};
 use crate::loader;
+use crate::memory::slots::MemorySlots;
 use crate::memory::GuestRam;
 use crate::reclaim::swap::SwapSlot;
-use crate::run_control::{Mode, RunControl};
 use crate::vcpu;
 use crate::x86::{cpuid, pvm, regs, Backend};
+use pagestate::{Mode, PauseError, PauseGuard, RunControl};
 
 /// Queues of the balloon at most (inflate, deflate, stats, reporting).
 const BALLOON_QUEUES: u32 = 4;
@@ -216,7 +217,6 @@ pub struct VmReport {
 
 /// A running (or finished) VM.
 pub struct Vm {
-    shared: Arc<VmShared>,
     config: VmConfig,
     backend: Backend,
     t0: Instant,
@@ -226,7 +226,9 @@ pub struct Vm {
     balloon_notify: Option<Vec<EventFd>>,
     workers: Vec<Worker>,
     last_progress: (u64, Instant),
-    vm_fd: Arc<VmFd>,
+    slots: Arc<MemorySlots>,
+    /// Last: the RAM (in `shared`) outlives the VM fd held by `slots`.
+    shared: Arc<VmShared>,
 }
 
 /// Opens `/dev/kvm` with an error a user can act on.
@@ -251,21 +253,11 @@ impl Vm {
         let ctx = |m: String| format!("vm {}: {m}", config.name);
         let image = loader::kernel_bytes(&config.kernel).map_err(ctx)?;
         let kind = kind::recognise(&image).map_err(|e| ctx(e.to_string()))?;
-        let vm_fd = kvm.create_vm().map_err(|e| ctx(format!("KVM_CREATE_VM failed: {e}")))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(|e| ctx(format!("KVM_CREATE_VM failed: {e}")))?);
         let ram = Arc::new(GuestRam::new(config.mem, config.host_pages).map_err(|e| ctx(e.to_string()))?);
-        for (slot, (gpa, host, len)) in ram.host_ranges().into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: gpa,
-                memory_size: len,
-                userspace_addr: host,
-            };
-            // SAFETY: the host range is guest RAM mapped by `ram`, which lives in
-            // VmShared as long as the VM fd (dropped after the vCPU threads end).
-            unsafe { vm_fd.set_user_memory_region(region) }
-                .map_err(|e| ctx(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
-        }
+        // SAFETY: `ram` lives in VmShared, which the Vm holds until after its VM fd
+        // and slots (fields dropped in order, `shared` last).
+        let slots = unsafe { MemorySlots::register(vm_fd.clone(), &ram) }.map_err(|e| ctx(e.to_string()))?;
 
         // A Linux kernel's irqchip must exist before its vCPUs.
         let linux = match kind.is_linux_protocol() {
@@ -378,7 +370,7 @@ impl Vm {
             pending_vcpus: vcpus,
             threads: Vec::new(),
             last_progress: (0, Instant::now()),
-            vm_fd: Arc::new(vm_fd),
+            slots: Arc::new(slots),
         })
     }
 
@@ -422,9 +414,9 @@ impl Vm {
         &self.shared.console
     }
 
-    /// The KVM VM handle (memory slot `i` is region `i` of [`GuestRam::host_ranges`]).
-    pub fn vm_fd(&self) -> &Arc<VmFd> {
-        &self.vm_fd
+    /// Its KVM memory slots (dirty logging).
+    pub fn memory_slots(&self) -> &Arc<MemorySlots> {
+        &self.slots
     }
 
     /// Its RAM.
@@ -447,16 +439,11 @@ impl Vm {
         self.shared.progress()
     }
 
-    /// Pulls every vCPU out of the guest and keeps it out; returns how long that
-    /// took, or `None` if the VM is ending or did not settle in time.
-    pub fn pause(&self) -> Option<Duration> {
-        self.shared.run.pause(Duration::from_secs(5))
-    }
-
-    /// Ends a pause of [`Vm::pause`]; the VM runs again once no other pause (page
-    /// sharing's, another thread's) holds it.
-    pub fn resume(&self) {
-        self.shared.run.resume();
+    /// Pulls every vCPU out of the guest and keeps it out until the guard drops; the
+    /// VM then runs again once no other pause (page sharing's, another thread's)
+    /// holds it. Fails if the VM is ending or did not settle within 5 s.
+    pub fn pause(&self) -> Result<PauseGuard, PauseError> {
+        self.shared.run.pause_guard(Duration::from_secs(5))
     }
 
     /// Stops the VM from outside.

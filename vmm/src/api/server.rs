@@ -158,9 +158,8 @@ fn per_vm(vms: &[&Arc<VmShared>], f: impl Fn(&VmShared) -> Result<Value, String>
 fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
     let before = dev.lock().unwrap().snapshot().stats_updates;
     let mut asked = false;
-    if v.run.device_enter() {
+    if let Some(_busy) = v.run.device_guard() {
         asked = dev.lock().unwrap().request_stats();
-        v.run.device_exit();
         v.run.wake();
     }
     let deadline = Instant::now() + FRESH_STATS_WAIT;

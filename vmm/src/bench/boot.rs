@@ -140,7 +140,8 @@ fn measure(b: &BootBench, pages: HostPages) -> Result<ModeResult, String> {
 /// Time for the host to write every page of `bytes` of fresh anonymous memory.
 fn host_populate_ms(bytes: u64, pages: HostPages) -> f64 {
     let ram = crate::memory::GuestRam::new(bytes.max(crate::memory::MIN_MEM), pages).expect("map benchmark memory");
-    let (_, host, len) = ram.host_ranges()[0];
+    let r = ram.host_regions()[0];
+    let (host, len) = (r.host_addr as u64, r.len as u64);
     let t = Instant::now();
     for off in (0..len.min(bytes)).step_by(4096) {
         // SAFETY: `host + off` lies inside the mapping owned by `ram`.

@@ -26,8 +26,8 @@ use std::time::Duration;
 use swapd::{Budget, Cgroup, Decision, HostMemSource, MemInfo, Policy, PolicyStats, SwapError, VmMemInfo};
 
 use super::swap::{DirtyLog, HostMemChoice, SwapOptions};
-use crate::run_control::PauseGuard;
 use crate::vm::VmShared;
+use pagestate::PauseGuard;
 
 const PAGE: u64 = guest_abi::PAGE_SIZE;
 
@@ -179,7 +179,7 @@ impl Loop {
         let pause = act.pause && !stopped && sw.stats().eviction_stopped.is_none();
         match (pause, self.paused.contains_key(&vm.name)) {
             (true, false) => {
-                if let Some(g) = vm.run.pause_guard(Duration::from_secs(2)) {
+                if let Ok(g) = vm.run.pause_guard(Duration::from_secs(2)) {
                     log::info!("{}: paused ({} state, {:.2}% free, above its target)", vm.name, d.state, d.free_pct);
                     self.paused.insert(vm.name.clone(), g);
                 }

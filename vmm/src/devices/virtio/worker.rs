@@ -15,7 +15,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::VirtioDevice;
-use crate::run_control::RunControl;
+use pagestate::RunControl;
 
 /// A running worker; dropping it stops the thread.
 pub struct Worker {
@@ -50,14 +50,13 @@ impl Worker {
                         return;
                     }
                 };
-                if !run.device_enter() {
+                let Some(busy) = run.device_guard() else {
                     return;
-                }
+                };
                 let mut dev = device.lock().unwrap();
                 for ev in &events[..n] {
                     let token = ev.data();
                     if token == stop_token {
-                        run.device_exit();
                         return;
                     }
                     let _ = notify[token as usize].read();
@@ -66,7 +65,7 @@ impl Worker {
                 let p = dev.tick();
                 period_ms = if p == 0 { -1 } else { p.min(i32::MAX as u64) as i32 };
                 drop(dev);
-                run.device_exit();
+                drop(busy);
                 if n > 0 {
                     run.wake();
                 }
