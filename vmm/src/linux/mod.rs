@@ -301,6 +301,32 @@ mod tests {
     }
 
     #[test]
+    fn a_vmlinux_is_entered_at_its_elf_entry_with_a_zero_page_the_vmm_fills() {
+        // The test guest's ELF with its segments linked in Linux's kernel mapping.
+        let mut elf = loader::BUILTIN_GUEST.to_vec();
+        let phoff = abi::u64_at(&elf, 32).unwrap() as usize;
+        for i in 0..abi::u16_at(&elf, 56).unwrap() as usize {
+            let at = phoff + i * 56 + 16;
+            let vaddr = abi::u64_at(&elf, at).unwrap();
+            elf[at..at + 8].copy_from_slice(&(vaddr | 0xffff_ffff_8000_0000).to_le_bytes());
+        }
+        let kind = kind::recognise(&elf).unwrap();
+        assert_eq!(kind, KernelKind::LinuxElf);
+        let ram = GuestRam::new(64 << 20, HostPages::Small).unwrap();
+        let boot = LinuxBoot { kind: &kind, cmdline: DEFAULT_CMDLINE, initrd: None, vcpus: 1, devices: &[] };
+        let layout = prepare(&ram, &elf, &boot).unwrap();
+        assert_eq!(layout.entry, abi::u64_at(&elf, 24).unwrap(), "e_entry");
+        let mut zero = vec![0u8; 4096];
+        ram.mem().read_slice(&mut zero, GuestAddress(layout.zero_page)).unwrap();
+        assert_eq!(abi::u16_at(&zero, abi::zero_page::BOOT_FLAG), Some(abi::BOOT_FLAG));
+        assert_eq!(abi::u32_at(&zero, abi::zero_page::HEADER), Some(abi::HDRS_MAGIC));
+        assert_eq!(abi::u32_at(&zero, abi::zero_page::CMDLINE_SIZE), Some(DEFAULT_CMDLINE.len() as u32));
+        let long = "x".repeat(VMLINUX_CMDLINE_MAX + 1);
+        let boot = LinuxBoot { kind: &kind, cmdline: &long, initrd: None, vcpus: 1, devices: &[] };
+        assert!(matches!(prepare(&ram, &elf, &boot), Err(LinuxBootError::CmdlineTooLong { max: 2047, .. })));
+    }
+
+    #[test]
     fn a_kernel_larger_than_ram_or_an_initrd_that_does_not_fit_is_refused() {
         let ram = GuestRam::new(16 << 20, HostPages::Small).unwrap();
         let image = guest_image::bzimage(loader::BUILTIN_GUEST).unwrap();
