@@ -6,7 +6,9 @@
 //! give each vCPU its identity. The initial APIC ID (leaf 1 `EBX[31:24]`, and the
 //! x2APIC ID in `EDX` of leaves 0xB and 0x1F) is the vCPU index, as the MADT says.
 //! Linux takes CPU numbers from these. The topology is one package of `vcpus` cores
-//! with one thread each.
+//! with one thread each. The hypervisor bit is set, and TSC-deadline where KVM
+//! emulates it; the invariant-TSC bit (leaf 0x80000007) and KVM's own leaves stay as
+//! KVM reports them.
 //!
 //! Seen on KVM's PVM backend: a guest's `cpuid` leaf 1 returns the host CPU's
 //! initial APIC ID, not this table's (a test guest pinned to host CPU 0 read 0, on
