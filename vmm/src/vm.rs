@@ -270,8 +270,13 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for i in 0..config.vcpus {
             let vcpu = vm_fd.create_vcpu(i as u64).map_err(|e| ctx(format!("KVM_CREATE_VCPU {i}: {e}")))?;
-            vcpu.set_cpuid2(&cpuid::for_vcpu(&supported, i, config.vcpus, tsc_deadline))
-                .map_err(|e| ctx(format!("KVM_SET_CPUID2: {e}")))?;
+            // Linux-protocol guests get their own APIC IDs and topology; the test
+            // guest's own protocol passes its index in a register.
+            let cpuid = match linux {
+                Some(_) => cpuid::for_vcpu(&supported, i, config.vcpus, tsc_deadline),
+                None => supported.clone(),
+            };
+            vcpu.set_cpuid2(&cpuid).map_err(|e| ctx(format!("KVM_SET_CPUID2: {e}")))?;
             vcpus.push(vcpu);
         }
         let backend = Backend::detect(&vcpus[0]);
