@@ -14,13 +14,17 @@
 //!   that balloon until `balloon_auto` hands it back.
 //!
 //! docs/architecture.md ("Reclaimers together") gives the argument these tests check.
+//! Each test runs with the test guest booted through the VMM's own protocol
+//! (`elf::*`) and as a bzImage through the Linux boot protocol (`bzimage::*`).
 
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{change_sharing, converge, guest, require_kvm, two_vcpu_guests, wait_serving, TempDir};
+use common::{
+    change_sharing, converge, guest, on_both_boot_paths, require_kvm, two_vcpu_guests, via, wait_serving, Boot, TempDir,
+};
 use guest_abi::workload::Op;
 use guest_abi::PAGE_SIZE;
 use swapd::SwapStats;
@@ -166,10 +170,17 @@ impl Drop for StopOnDrop<'_> {
 ///
 /// At the end every guest verifies with no bad page, no VM ended, and the counters
 /// show that each mechanism acted on pages the others were working on.
-#[test]
-fn every_reclaimer_at_once_loses_no_write() {
+/// The copies of the stress test (one per boot path) take turns within a test
+/// process (`cargo test`; .config/nextest.toml does it for nextest's processes):
+/// two at once on a 2-core machine starve each other's pauses past the swapper's
+/// 5 s limit.
+static ONE_STRESS_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn every_reclaimer_at_once_loses_no_write(boot: Boot) {
+    let _turn = ONE_STRESS_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     const RUN: Duration = Duration::from_secs(25);
-    let configs = two_vcpu_guests(&["s0", "s1"], 256 * MIB, "alloc 16M shared:3");
+    let configs: Vec<VmConfig> =
+        two_vcpu_guests(&["s0", "s1"], 256 * MIB, "alloc 16M shared:3").into_iter().map(|c| via(boot, c)).collect();
     let h = Host::start("stress", &configs);
     h.set_sharing(|c| {
         c.enabled = true;
@@ -268,11 +279,13 @@ fn every_reclaimer_at_once_loses_no_write() {
 /// the swapper passes over it (writing it would cost I/O for memory that is shared,
 /// and discarding it frees nothing). A share the guest broke by writing is a
 /// private copy inside the pool's mapping, which the swapper must leave alone too.
-#[test]
-fn shared_pages_stay_out_of_the_swap_file() {
+fn shared_pages_stay_out_of_the_swap_file(boot: Boot) {
     let h = Host::start(
         "shared",
-        &[guest("a", 128 * MIB, "alloc 32M shared:7"), guest("b", 128 * MIB, "alloc 32M shared:7")],
+        &[
+            via(boot, guest("a", 128 * MIB, "alloc 32M shared:7")),
+            via(boot, guest("b", 128 * MIB, "alloc 32M shared:7")),
+        ],
     );
     let t = h.converge();
     assert!(t.pool_mapped_pages >= 2 * 32 * PAGES_PER_MIB, "{t:?}");
@@ -327,9 +340,8 @@ fn is_shared(vm: &Vm, pfn: u64) -> bool {
 /// (nothing is read back from the file for them), nothing fills them in behind the
 /// balloon's back (not even the swapper's zero fill ahead of a fault on the page
 /// below), and after deflating the guest uses them again with its data intact.
-#[test]
-fn ballooned_pages_leave_the_swap_file_and_stay_untouched() {
-    let mut c = guest("bs", 256 * MIB, "alloc 160M unique; free 128M");
+fn ballooned_pages_leave_the_swap_file_and_stay_untouched(boot: Boot) {
+    let mut c = via(boot, guest("bs", 256 * MIB, "alloc 160M unique; free 128M"));
     c.balloon = Some(BalloonConfig { free_page_reporting: false, ..BalloonConfig::default() });
     let h = Host::start("balloon", &[c]);
     let (vm, sw) = (&h.vms[0], h.swapper(0));
@@ -380,9 +392,8 @@ fn ballooned_pages_leave_the_swap_file_and_stay_untouched() {
 /// pausing the VM, so no reclaimer may drop it: a command posted between an
 /// eviction's copy and its discard would be lost. Page sharing leaves the low
 /// megabyte alone; the swapper must too.
-#[test]
-fn the_control_page_is_never_evicted() {
-    let h = Host::start("control", &[guest("ctl", 64 * MIB, "alloc 4M unique")]);
+fn the_control_page_is_never_evicted(boot: Boot) {
+    let h = Host::start("control", &[via(boot, guest("ctl", 64 * MIB, "alloc 4M unique"))]);
     let (vm, sw) = (&h.vms[0], h.swapper(0));
     let low: Vec<u64> = (0..guest_abi::KERNEL_MIN_GPA / PAGE_SIZE).map(|p| p * PAGE_SIZE).collect();
     assert_eq!(sw.swap_out_gpas(&low).expect("evict"), 0, "pages of the low megabyte were evicted");
@@ -397,12 +408,12 @@ fn the_control_page_is_never_evicted() {
 
 /// Serving guests that touched 160 MiB and freed 128 MiB of it, without free page
 /// reporting: the freed memory stays resident until their balloons take it.
-fn guests_with_freed_memory(names: &[&str]) -> Vec<Vm> {
+fn guests_with_freed_memory(boot: Boot, names: &[&str]) -> Vec<Vm> {
     require_kvm();
     let configs: Vec<VmConfig> = names
         .iter()
         .map(|n| {
-            let mut c = guest(n, 256 * MIB, "alloc 160M unique; free 128M");
+            let mut c = via(boot, guest(n, 256 * MIB, "alloc 160M unique; free 128M"));
             c.balloon = Some(BalloonConfig { free_page_reporting: false, ..BalloonConfig::default() });
             c
         })
@@ -452,10 +463,9 @@ fn verify_and_finish(vms: Vec<Vm>) {
 /// The free-memory policy in its soft state inflates the guests' balloons through
 /// their drivers, and swaps nothing: two guests that touched and freed most of their
 /// memory, under a host-memory budget set so that 3% of it is free.
-#[test]
-fn the_soft_state_inflates_the_guest_balloons_without_swapping() {
+fn the_soft_state_inflates_the_guest_balloons_without_swapping(boot: Boot) {
     let dir = TempDir::new("soft");
-    let vms = guests_with_freed_memory(&["p0", "p1"]);
+    let vms = guests_with_freed_memory(boot, &["p0", "p1"]);
     swap::start(&vms, &SwapOptions::new(&dir.0)).expect("start swapping");
     let policy = policy_with_free(&vms, 30);
     wait_inflated(&vms);
@@ -475,9 +485,8 @@ fn the_soft_state_inflates_the_guest_balloons_without_swapping() {
 /// Without swappers the policy still runs, on the balloon alone: in the low state
 /// (0.5% of the budget free) it asks the balloons for everything up to 6% free and
 /// pauses nobody (a pause frees nothing without eviction).
-#[test]
-fn without_swappers_the_policy_balloons_in_the_low_state() {
-    let vms = guests_with_freed_memory(&["b0", "b1"]);
+fn without_swappers_the_policy_balloons_in_the_low_state(boot: Boot) {
+    let vms = guests_with_freed_memory(boot, &["b0", "b1"]);
     let policy = policy_with_free(&vms, 5);
     wait_inflated(&vms);
     let p = policy.stats();
@@ -491,9 +500,8 @@ fn without_swappers_the_policy_balloons_in_the_low_state() {
 /// A balloon target set through the control API pins that balloon: the policy,
 /// which deflates every balloon it owns while memory is plentiful, leaves it
 /// alone tick after tick, and deflates it once `balloon_auto` hands it back.
-#[test]
-fn an_api_target_pins_the_balloon_until_handed_back() {
-    let vms = guests_with_freed_memory(&["pin"]);
+fn an_api_target_pins_the_balloon_until_handed_back(boot: Boot) {
+    let vms = guests_with_freed_memory(boot, &["pin"]);
     // Three quarters of the budget free: the high state, deflating.
     let policy = policy_with_free(&vms, 750);
     let api = Targets { vms: vec![vms[0].shared().clone()], tps: None, policy: Some(policy.counters()) };
@@ -532,3 +540,13 @@ fn an_api_target_pins_the_balloon_until_handed_back() {
     assert!(!off.ok && off.error.unwrap().contains("--policy on"));
     verify_and_finish(vms);
 }
+
+on_both_boot_paths!(
+    every_reclaimer_at_once_loses_no_write,
+    shared_pages_stay_out_of_the_swap_file,
+    ballooned_pages_leave_the_swap_file_and_stay_untouched,
+    the_control_page_is_never_evicted,
+    the_soft_state_inflates_the_guest_balloons_without_swapping,
+    without_swappers_the_policy_balloons_in_the_low_state,
+    an_api_target_pins_the_balloon_until_handed_back,
+);

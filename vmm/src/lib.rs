@@ -9,8 +9,10 @@
 //! - [`memory`]: guest RAM (anonymous, private, 4 KiB host pages by default), its
 //!   residency, and the discard route every reclaimer frees guest pages through;
 //! - [`x86`], [`loader`], [`boot`]: long mode, page tables, PVM specifics, kernel
-//!   image and boot information;
-//! - [`devices`], [`console`]: port I/O devices (16550 console, system ports) and
+//!   image and boot information; [`linux`]: the Linux boot protocol (bzImage,
+//!   vmlinux, zero page, ACPI, in-kernel irqchip), also used by the test guest
+//!   packaged as a bzImage;
+//! - [`devices`], [`console`], [`console_input`]: port I/O devices (16550 console, system ports) and
 //!   the virtio-mmio balloon with its worker thread;
 //! - [`vcpu`], [`kvm_stats`]: vCPU threads and exits (their pause, resume and stop
 //!   are `pagestate::RunControl`, shared with the reclaimers); KVM's binary
@@ -30,11 +32,13 @@ pub mod bench;
 pub mod boot;
 pub mod config;
 pub mod console;
+pub mod console_input;
 pub mod control;
 pub mod demo;
 pub mod devices;
 pub mod host;
 pub mod kvm_stats;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod reclaim;

@@ -19,23 +19,25 @@ use swapd::SwapStats;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootParams};
-use crate::config::{Kernel, VmConfig};
+use crate::config::{ConsoleTarget, VmConfig};
 use crate::console::{self, Console, GuestStep};
 use crate::control::{self, GuestProgress};
 use crate::devices::bus::Bus;
-use crate::devices::serial::{SerialPort, PORT_BASE, PORT_COUNT};
+use crate::devices::serial::{IrqLine, SerialPort, PORT_BASE, PORT_COUNT};
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::worker::Worker;
 use crate::devices::virtio::{GuestErrors, Interrupt};
 use crate::kvm_stats;
+use crate::linux::platform::LinuxPlatform;
+use crate::linux::{kind, TestGuestParams};
 use crate::loader;
 use crate::memory::slots::MemorySlots;
 use crate::memory::GuestRam;
 use crate::reclaim::swap::SwapSlot;
 use crate::vcpu;
-use crate::x86::{pvm, regs, Backend};
+use crate::x86::{cpuid, pvm, regs, Backend};
 use pagestate::{Mode, PauseError, PauseGuard, RunControl};
 
 /// Queues of the balloon at most (inflate, deflate, stats, reporting).
@@ -299,35 +301,61 @@ impl Vm {
         config.validate()?;
         let ctx = |m: String| format!("vm {}: {m}", config.name);
         let image = loader::kernel_bytes(&config.kernel).map_err(ctx)?;
+        let kind = kind::recognise(&image).map_err(|e| ctx(e.to_string()))?;
         let vm_fd = Arc::new(kvm.create_vm().map_err(|e| ctx(format!("KVM_CREATE_VM failed: {e}")))?);
         let ram = Arc::new(GuestRam::new(config.mem, config.host_pages).map_err(|e| ctx(e.to_string()))?);
         // SAFETY: `ram` lives in VmShared, which the Vm holds until after its VM fd
         // and slots (fields dropped in order, `shared` last).
         let slots = unsafe { MemorySlots::register(vm_fd.clone(), &ram) }.map_err(|e| ctx(e.to_string()))?;
 
-        let cpuid =
+        // A Linux kernel's irqchip must exist before its vCPUs.
+        let linux = match kind.is_linux_protocol() {
+            true => Some(LinuxPlatform::new(&kind, &vm_fd).map_err(ctx)?),
+            false => None,
+        };
+        let supported =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| ctx(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for i in 0..config.vcpus {
             let vcpu = vm_fd.create_vcpu(i as u64).map_err(|e| ctx(format!("KVM_CREATE_VCPU {i}: {e}")))?;
+            // Linux-protocol guests get their own APIC IDs and topology; the test
+            // guest's own protocol passes its index in a register.
+            let cpuid = match linux {
+                Some(_) => cpuid::for_vcpu(&supported, i, config.vcpus, tsc_deadline),
+                None => supported.clone(),
+            };
             vcpu.set_cpuid2(&cpuid).map_err(|e| ctx(format!("KVM_SET_CPUID2: {e}")))?;
             vcpus.push(vcpu);
         }
         let backend = Backend::detect(&vcpus[0]);
+        LinuxPlatform::check_backend(&kind, backend).map_err(ctx)?;
         let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0) as u64;
+        let vm_seed = random_seed() ^ index as u64;
         let params = BootParams {
             vcpus: config.vcpus,
             backend: backend.abi(),
             vm_index: index,
             tsc_khz,
-            vm_seed: random_seed() ^ index as u64,
+            vm_seed,
             workload: &config.workload,
             balloon_mmio: config.balloon.as_ref().map(|_| BALLOON_MMIO_BASE),
         };
-        let layout = boot::prepare(&ram, &image, &params).map_err(ctx)?;
+        let (layout, linux_layout) = match &linux {
+            Some(_) => {
+                let test_guest = TestGuestParams { vm_index: index, vm_seed, backend, tsc_khz };
+                let l = LinuxPlatform::boot(&kind, &ram, &image, config, &test_guest).map_err(ctx)?;
+                (boot::BootLayout { entry: l.entry, cr3: l.cr3 }, Some(l))
+            }
+            None => (boot::prepare(&ram, &image, &params).map_err(ctx)?, None),
+        };
         for (i, vcpu) in vcpus.iter().enumerate() {
             if backend == Backend::Pvm {
                 pvm::register_vif(vcpu, VIF_BASE_GPA + i as u64 * 4096).map_err(ctx)?;
+            }
+            if let (Some(platform), Some(layout)) = (&linux, &linux_layout) {
+                platform.setup_vcpu(vcpu, i as u32, layout).map_err(ctx)?;
+                continue;
             }
             let sregs = vcpu.get_sregs().map_err(|e| ctx(format!("KVM_GET_SREGS: {e}")))?;
             vcpu.set_sregs(&regs::long_mode_sregs(sregs, layout.cr3))
@@ -338,11 +366,27 @@ impl Vm {
 
         let console = Console::new(&config.console, &config.name, label_console).map_err(|e| ctx(e.to_string()))?;
         let mut pio = Bus::new();
-        let serial = Arc::new(Mutex::new(SerialPort::new(console.clone())));
+        let serial_irq = match &linux {
+            Some(platform) => platform.serial_irq(&vm_fd).map_err(ctx)?,
+            None => IrqLine::None,
+        };
+        let serial = Arc::new(Mutex::new(SerialPort::new(console.clone(), serial_irq)));
+        if config.console == ConsoleTarget::Stdio {
+            crate::console_input::forward_stdin(serial.clone()).map_err(|e| ctx(format!("console input: {e}")))?;
+        }
         pio.insert(serial, PORT_BASE.into(), PORT_COUNT.into()).map_err(|e| ctx(e.to_string()))?;
         let mut mmio = Bus::new();
+        if let Some(platform) = &linux {
+            platform.attach_devices(&mut pio, &mut mmio).map_err(ctx)?;
+        }
         let balloon = match &config.balloon {
-            Some(cfg) => Some(attach_balloon(&vm_fd, &mut mmio, &config.name, cfg, &ram).map_err(ctx)?),
+            Some(cfg) => {
+                let irqfd = match &linux {
+                    Some(platform) => platform.balloon_irqfd(&vm_fd).map_err(ctx)?,
+                    None => None,
+                };
+                Some(attach_balloon(&vm_fd, &mut mmio, &config.name, cfg, &ram, irqfd).map_err(ctx)?)
+            }
             None => None,
         };
         let shared = Arc::new(VmShared {
@@ -360,6 +404,9 @@ impl Vm {
             first_insn: OnceLock::new(),
             stats: Mutex::new(BTreeMap::new()),
         });
+        if let Some(platform) = &linux {
+            platform.end_line.connect(&shared);
+        }
         log::info!(
             "{}: {} MiB, {} vCPU(s), {backend:?} backend, TSC {tsc_khz} kHz, entry {:#x}",
             config.name,
@@ -478,7 +525,7 @@ impl Vm {
             return;
         }
         let p = self.progress();
-        if self.config.kernel != Kernel::Builtin && p.state == guest_state::BOOTING {
+        if !self.config.kernel.is_builtin() && p.state == guest_state::BOOTING {
             return;
         }
         if p.heartbeat != self.last_progress.0 || self.shared.run.mode() != Mode::Running {
@@ -572,7 +619,8 @@ impl CommandOutput {
 }
 
 /// Creates the balloon behind a virtio-mmio window at [`BALLOON_MMIO_BASE`], with
-/// ioeventfds on its queue-notify register; returns the device and the queue
+/// ioeventfds on its queue-notify register and its interrupts on `irqfd` where the
+/// VM has an interrupt controller; returns the device and the queue
 /// eventfds for its worker.
 fn attach_balloon(
     vm_fd: &VmFd,
@@ -580,8 +628,9 @@ fn attach_balloon(
     name: &str,
     cfg: &BalloonConfig,
     ram: &Arc<GuestRam>,
+    irqfd: Option<EventFd>,
 ) -> Result<(Arc<Mutex<Balloon>>, Vec<EventFd>), String> {
-    let interrupt = Arc::new(Interrupt::default());
+    let interrupt = Arc::new(irqfd.map_or_else(Interrupt::default, Interrupt::with_irqfd));
     let errors = Arc::new(GuestErrors::default());
     let generation = Arc::new(AtomicU32::new(0));
     let device = Arc::new(Mutex::new(Balloon::new(

@@ -36,11 +36,7 @@ pub struct Run {
 impl Run {
     /// The JSON objects VM `vm` printed (its events: `boot`, `serving`, ...).
     pub fn json(&self, vm: usize) -> Vec<Value> {
-        self.consoles[vm]
-            .iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(Value::is_object)
-            .collect()
+        json_objects(&self.consoles[vm])
     }
 
     /// The step results VM `vm` printed.
@@ -53,6 +49,11 @@ impl Run {
         let r = &self.report.vms[vm];
         r.exit_code.unwrap_or_else(|| panic!("{} did not exit: {:?}\n{}", r.vm, r.error, self.consoles[vm].join("\n")))
     }
+}
+
+/// The console lines that are JSON objects (the guest's events, not its steps).
+pub fn json_objects(lines: &[String]) -> Vec<Value> {
+    lines.iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(Value::is_object).collect()
 }
 
 /// Runs `configs` to their end (2 minutes at most).
@@ -186,3 +187,43 @@ pub fn converge(sharing: &PageSharing) -> tps::Stats {
     assert!(sharing.scanner().wait_passes(passes + 2, Duration::from_secs(120)), "no full pass");
     sharing.stats()
 }
+
+/// How the test guest is booted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// Its ELF through the VMM's own protocol.
+    Elf,
+    /// Packaged as a bzImage, through the Linux boot protocol (zero page, e820,
+    /// command line, ACPI).
+    BzImage,
+}
+
+/// `config` booted the way `boot` says.
+pub fn via(boot: Boot, mut config: VmConfig) -> VmConfig {
+    if boot == Boot::BzImage {
+        config.kernel = vmm::config::Kernel::BuiltinBzImage;
+    }
+    config
+}
+
+/// Runs each named test function (`fn name(boot: Boot)`) twice, as `elf::name` and
+/// `bzimage::name`: through the VMM's own boot protocol and through Linux's.
+#[allow(unused_macros)] // each test binary uses a different subset
+macro_rules! on_both_boot_paths {
+    ($($name:ident),* $(,)?) => {
+        mod elf {
+            $(#[test]
+            fn $name() {
+                super::$name(super::common::Boot::Elf)
+            })*
+        }
+        mod bzimage {
+            $(#[test]
+            fn $name() {
+                super::$name(super::common::Boot::BzImage)
+            })*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_boot_paths;
