@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{guest, on_both_boot_paths, start, via, wait_serving, Boot};
+use common::{guest, on_both_boot_paths, start, via, wait_serving, Boot, Running};
 use guest_abi::workload::Op;
 use vmm::api::{server, Reply, Request};
 use vmm::console::GuestStep;
@@ -27,15 +27,15 @@ fn snapshot(vm: &Vm) -> BalloonSnapshot {
 }
 
 /// Sends `req` to the control API's handler for `vm`; returns its result.
-fn api(vm: &Vm, req: Request) -> Reply {
+fn api(vm: &Running, req: Request) -> Reply {
     let what = format!("{req:?}");
-    let resp = server::handle(req, &server::Targets { vms: vec![vm.shared().clone()], tps: None, policy: None });
+    let resp = server::handle(req, vm.host().shared());
     assert!(resp.ok, "{what}: {:?}", resp.error);
     resp.result.expect("a result")
 }
 
 /// Sets the balloon target through the control API.
-fn set_target(vm: &Vm, size: &str) {
+fn set_target(vm: &Running, size: &str) {
     api(vm, Request::BalloonSet { size: size.into(), vm: None });
 }
 

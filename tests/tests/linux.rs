@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{require_kvm, run_one, temp_file};
+use common::{require_kvm, run_one, temp_file, Running};
 use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC};
 use serde_json::Value;
 use vmm::api::{server, Reply, Request};
@@ -77,7 +77,7 @@ fn a_workload_too_long_for_the_bzimage_command_line_is_refused() {
     let mut c = common::guest("long", 64 * MIB, "exit 0");
     c.kernel = Kernel::BuiltinBzImage;
     c.cmdline = Some("x".repeat(guest_abi::linux::TEST_GUEST_CMDLINE_MAX));
-    let err = vmm::host::create_all(&[c], Instant::now()).err().expect("refused");
+    let err = common::create(&[c]).err().expect("refused");
     assert!(err.contains("the command line is") && err.contains("at most"), "{err}");
     assert!(!err.contains('\n'), "{err}");
 }
@@ -160,7 +160,7 @@ fn linux_looking_bzimage() -> Vec<u8> {
 fn a_linux_kernel_is_refused_up_front_on_a_pvm_host() {
     let mut c = VmConfig::new("linux", 256 * MIB);
     c.kernel = Kernel::Path(temp_file("linux.bzImage", &linux_looking_bzimage()));
-    let created = vmm::host::create_all(&[c], Instant::now());
+    let created = common::create(&[c]);
     match backend() {
         Backend::Pvm => {
             let err = created.err().expect("refused");
@@ -198,8 +198,8 @@ fn wait_linux_step(vm: &Vm, step: &str, limit: Duration) -> Value {
 }
 
 /// Sends `req` to the control API's handler for `vm` (what `vmm ctl` reaches).
-fn api(vm: &Vm, req: Request) -> Reply {
-    let resp = server::handle(req, &server::Targets { vms: vec![vm.shared().clone()], tps: None, policy: None });
+fn api(vm: &Running, req: Request) -> Reply {
+    let resp = server::handle(req, vm.host().shared());
     assert!(resp.ok, "{:?}", resp.error);
     resp.result.expect("a result")
 }
@@ -375,7 +375,8 @@ fn reboot_through_the_i8042_and_the_exit_register_end_the_vm() {
         c.kernel = Kernel::BuiltinBzImage;
         c
     };
-    let vms = vmm::host::create_all(&[config("reboot"), config("exit")], Instant::now()).unwrap();
+    let host = common::create(&[config("reboot"), config("exit")]).unwrap();
+    let vms = host.vms();
     // What Linux's `reboot=k` does: CPU reset (0xfe) on the i8042's command port.
     let mut status = [0xffu8];
     vms[0].shared().pio.read(0x64, &mut status);

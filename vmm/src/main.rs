@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use vmm::api::Request;
 use vmm::config::{self, ConsoleTarget, Kernel, VmConfig};
 use vmm::devices::virtio::balloon::BalloonConfig;
-use vmm::host::{self, RunOptions};
+use vmm::host::{self, HostOptions, WatchLimits};
 use vmm::memory::HostPages;
 use vmm::reclaim::policy::{HostMemChoice, PolicyOptions};
 use vmm::reclaim::sharing;
@@ -435,18 +435,10 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
     let api_socket = args.api_sock.clone().unwrap_or_else(|| vmm::api::default_socket(std::process::id()));
     let swap = swap_options(&args);
     let policy = policy_options(&args, &configs, swap.as_ref())?;
-    let report = host::run(
-        &configs,
-        t0,
-        RunOptions {
-            timeout: args.timeout,
-            interrupted: Some(interrupted),
-            api_socket: Some(api_socket),
-            tps: Some(args.tps.clone()).filter(|c| c.enabled),
-            swap,
-            policy,
-        },
-    )?;
+    let opts =
+        HostOptions { tps: Some(args.tps.clone()).filter(|c| c.enabled), swap, policy, api_socket: Some(api_socket) };
+    let limits = WatchLimits { timeout: args.timeout, interrupted: Some(interrupted) };
+    let report = host::run(&configs, t0, opts, limits).map_err(|e| e.to_string())?;
     Ok(print_report(&report))
 }
 

@@ -35,7 +35,6 @@ use crate::linux::{kind, TestGuestParams};
 use crate::loader;
 use crate::memory::slots::MemorySlots;
 use crate::memory::GuestRam;
-use crate::reclaim::swap::SwapSlot;
 use crate::vcpu;
 use crate::x86::{cpuid, pvm, regs, Backend};
 use pagestate::{Mode, PauseError, PauseGuard, RunControl};
@@ -125,8 +124,6 @@ pub struct VmShared {
     pub ram: Arc<GuestRam>,
     /// The balloon device, if the VM has one.
     pub balloon: Option<Arc<Mutex<Balloon>>>,
-    /// The host swapper, once swapping is on.
-    pub swap: SwapSlot,
     ending: Mutex<Option<Ending>>,
     ended: Condvar,
     command_lock: Mutex<()>,
@@ -208,7 +205,7 @@ impl VmShared {
             ballooned_mib: balloon.as_ref().map(|b| mib(b.ballooned_pages * guest_abi::PAGE_SIZE)),
             guest: self.progress(),
             balloon,
-            swap: self.swap.stats(),
+            swap: None,
         }
     }
 
@@ -397,7 +394,6 @@ impl Vm {
             balloon: balloon.as_ref().map(|(dev, _)| dev.clone()),
             console,
             ram,
-            swap: SwapSlot::default(),
             ending: Mutex::new(None),
             ended: Condvar::new(),
             command_lock: Mutex::new(()),
@@ -510,6 +506,12 @@ impl Vm {
         self.shared.ending()
     }
 
+    /// Waits up to `timeout` for every vCPU thread to leave its run loop (after the VM
+    /// was stopped); false if one is still in it.
+    pub fn wait_exited(&self, timeout: Duration) -> bool {
+        self.shared.run.wait_exited(timeout)
+    }
+
     /// Waits up to `timeout` for the VM to end.
     pub fn wait(&self, timeout: Duration) -> Option<Ending> {
         let slot = self.shared.ending.lock().unwrap();
@@ -555,9 +557,8 @@ impl Vm {
             self.ending().expect("ending set by stop")
         });
         let end_time = Instant::now();
-        // The swap file goes once no vCPU can fault on it any more.
-        self.shared.run.wait_exited(Duration::from_secs(2));
-        let swap = self.shared.swap.close();
+        // A vCPU blocked on a page its swapper cannot bring back leaves once the
+        // swapper goes (its owner drops it after `wait_exited`).
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 log::error!("{}: a vCPU thread panicked", self.config.name);
@@ -586,7 +587,7 @@ impl Vm {
             counters: kvm_stats::REPORTED.iter().map(|&k| (k.to_string(), kvm.get(k).copied().unwrap_or(0))).collect(),
             kvm,
             steps: console::steps(&self.shared.console.lines()),
-            swap,
+            swap: None,
         }
     }
 }

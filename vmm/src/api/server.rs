@@ -16,8 +16,7 @@ use crate::config::parse_size;
 use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, TargetMode};
-use crate::reclaim::policy::PolicyCounters;
-use crate::reclaim::sharing::PageSharing;
+use crate::host::HostShared;
 use crate::vm::VmShared;
 
 /// Longest request line accepted.
@@ -33,15 +32,10 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `path` (mode 0600) for requests about `vms`, their page sharing
-    /// and their free-memory policy. A stale socket left by a dead process is
-    /// replaced; a live one is an error.
-    pub fn start(
-        path: &Path,
-        vms: Vec<Arc<VmShared>>,
-        tps: Option<Arc<PageSharing>>,
-        policy: Option<PolicyCounters>,
-    ) -> Result<Server, String> {
+    /// Listens on `path` (mode 0600) for requests about the VMs of `host` and their
+    /// reclaimers. A stale socket left by a dead process is replaced; a live one is an
+    /// error.
+    pub fn start(path: &Path, host: Arc<HostShared>) -> Result<Server, String> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(format!("{} is in use by another vmm", path.display()));
@@ -54,10 +48,9 @@ impl Server {
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let vms = Arc::new(Targets { vms, tps, policy });
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(listener, vms, stop2))
+            .spawn(move || accept_loop(listener, host, stop2))
             .map_err(|e| e.to_string())?;
         log::info!("control API on {}", path.display());
         Ok(Server { path: path.to_path_buf(), stop, thread: Some(thread) })
@@ -79,17 +72,7 @@ impl Drop for Server {
     }
 }
 
-/// What requests act on.
-pub struct Targets {
-    /// The VMs of the process.
-    pub vms: Vec<Arc<VmShared>>,
-    /// Page sharing, if on.
-    pub tps: Option<Arc<PageSharing>>,
-    /// The free-memory policy's counters, if it runs.
-    pub policy: Option<PolicyCounters>,
-}
-
-fn accept_loop(listener: UnixListener, vms: Arc<Targets>, stop: Arc<AtomicBool>) {
+fn accept_loop(listener: UnixListener, vms: Arc<HostShared>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -108,7 +91,7 @@ fn accept_loop(listener: UnixListener, vms: Arc<Targets>, stop: Arc<AtomicBool>)
     }
 }
 
-fn serve(stream: UnixStream, vms: &Targets) {
+fn serve(stream: UnixStream, vms: &HostShared) {
     let _ = stream.set_nonblocking(false);
     let Ok(mut out) = stream.try_clone() else { return };
     let mut reader = BufReader::new(stream);
@@ -135,7 +118,7 @@ fn serve(stream: UnixStream, vms: &Targets) {
 }
 
 /// Handles one request.
-pub fn handle(req: Request, vms: &Targets) -> Response {
+pub fn handle(req: Request, vms: &HostShared) -> Response {
     match run(req, vms) {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(e),
@@ -179,9 +162,10 @@ fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
     }
 }
 
-fn run(req: Request, targets: &Targets) -> Result<Reply, String> {
-    let vms = &targets.vms[..];
-    let tps = || targets.tps.as_ref().ok_or("page sharing is off (start vmm run with --tps on)");
+fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
+    let vms = host.vms();
+    let tps = || host.sharing().ok_or("page sharing is off (start vmm run with --tps on)");
+    let swapper_of = |v: &VmShared| host.vm(&v.name).and_then(|(i, _)| host.swapper(i));
     match req {
         Request::Vms => Ok(Reply::Vms(vms.iter().map(|v| v.name.clone()).collect())),
         Request::BalloonSet { size, vm } => {
@@ -220,7 +204,12 @@ fn run(req: Request, targets: &Targets) -> Result<Reply, String> {
             Ok(fresh_balloon_stats(v, dev))
         })
         .map(Reply::BalloonStats),
-        Request::VmStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.stats())).map(Reply::VmStats),
+        Request::VmStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| {
+            let mut stats = v.stats();
+            stats.swap = swapper_of(v).map(|sw| sw.stats());
+            Ok(stats)
+        })
+        .map(Reply::VmStats),
         Request::Command { vm, workload, timeout_s } => {
             let target = select(vms, Some(&vm))?[0];
             let timeout =
@@ -233,16 +222,17 @@ fn run(req: Request, targets: &Targets) -> Result<Reply, String> {
         Request::TpsSet { options } => Ok(Reply::TpsSet(tps()?.set_options(&options)?)),
         Request::SwapOut { size, vm } => {
             let bytes = parse_size(&size)?;
-            crate::reclaim::swap::swap_out(select(vms, Some(&vm))?[0], bytes).map(Reply::SwapOut)
+            let v = select(vms, Some(&vm))?[0];
+            let sw = swapper_of(v).ok_or_else(|| format!("vm {} has no swapper (run with --swap)", v.name))?;
+            crate::reclaim::swap::swap_out(&sw, bytes).map(Reply::SwapOut)
         }
         Request::SwapStats { vm } => {
-            let vms = per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.swap.stats()))?;
+            let vms = per_vm(&select(vms, vm.as_deref())?, |v| Ok(swapper_of(v).map(|sw| sw.stats())))?;
             Ok(Reply::SwapStats(SwapStatsResult { vms }))
         }
         Request::PolicyStats => {
-            let policy =
-                targets.policy.as_ref().ok_or("the free-memory policy is off (start vmm run with --policy on)")?;
-            Ok(Reply::PolicyStats(policy.get()))
+            let policy = host.policy_stats().ok_or("the free-memory policy is off (start vmm run with --policy on)")?;
+            Ok(Reply::PolicyStats(policy))
         }
     }
 }

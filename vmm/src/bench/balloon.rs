@@ -9,8 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{median, print_table, wait, wait_serving, with_vm};
+use super::{median, print_table, wait, wait_serving, with_host};
 use crate::config::{format_size, VmConfig};
+use crate::host::HostOptions;
 use crate::vm::Vm;
 
 /// Parameters of the balloon benchmark.
@@ -112,7 +113,7 @@ fn measure(b: &BalloonBench, per_page: bool) -> Result<Sample, String> {
     balloon.free_page_reporting = false; // measure the balloon alone
     balloon.per_page_discard = per_page;
     cfg.balloon = Some(balloon);
-    with_vm(cfg, |vm| inflate_and_deflate(b, vm))
+    with_host(cfg, HostOptions::default(), |host| inflate_and_deflate(b, &host.vms()[0]))
 }
 
 fn inflate_and_deflate(b: &BalloonBench, vm: &Vm) -> Result<Sample, String> {
