@@ -379,17 +379,17 @@ fn reboot_through_the_i8042_and_the_exit_register_end_the_vm() {
     let vms = host.vms();
     // What Linux's `reboot=k` does: CPU reset (0xfe) on the i8042's command port.
     let mut status = [0xffu8];
-    vms[0].shared().pio.read(0x64, &mut status);
+    vms[0].shared().pio().read(0x64, &mut status);
     assert_eq!(status[0] & 2, 0, "input buffer empty: Linux's kbd_wait finishes at once");
-    vms[0].shared().pio.write(0x64, &[0xfe]);
+    vms[0].shared().pio().write(0x64, &[0xfe]);
     assert_eq!(vms[0].ending(), Some(Ending::GuestExit(0)));
     // What `busybox devmem 0xd0100000 32 42` does.
     let exit_register = vmm::devices::legacy::EXIT_MMIO_GPA;
-    assert!(vms[1].shared().mmio.write(exit_register, &42u32.to_le_bytes()));
+    assert!(vms[1].shared().mmio().write(exit_register, &42u32.to_le_bytes()));
     assert_eq!(vms[1].ending(), Some(Ending::GuestExit(42)));
     // The CMOS clock answers in BCD, 24-hour mode.
     let mut reg_b = [0u8];
-    vms[1].shared().pio.write(0x70, &[0x0b]);
-    vms[1].shared().pio.read(0x71, &mut reg_b);
+    vms[1].shared().pio().write(0x70, &[0x0b]);
+    vms[1].shared().pio().read(0x71, &mut reg_b);
     assert_eq!(reg_b[0], 0x02);
 }

@@ -109,8 +109,7 @@ fn balloon(vm: &Vm) -> BalloonSnapshot {
 }
 
 fn set_balloon(vm: &Vm, bytes: u64) {
-    vm.balloon().expect("a balloon").lock().unwrap().set_target(bytes).expect("balloon target");
-    vm.shared().run.wake();
+    vm.shared().set_balloon_target(bytes).expect("balloon target");
 }
 
 /// Waits until `done` holds; a VM that ended, or `limit` passing, fails the test.

@@ -210,7 +210,7 @@ fn discarding_a_swapped_page_forgets_its_slot() {
     sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
     // The serving guest faults its own pages back in now and then; hold it still so
     // that the slot count changes only by the discard.
-    let _still = vm.shared().run.pause_guard(Duration::from_secs(5)).expect("pause");
+    let _still = vm.shared().run().pause_guard(Duration::from_secs(5)).expect("pause");
     let ram = vm.ram();
     let gpa = (0..ram.size() / PAGE).map(|p| p * PAGE).rev().find(|&g| sw.is_swapped(g)).expect("a swapped page");
     let used = stats(&vm).slots_used;

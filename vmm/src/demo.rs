@@ -152,9 +152,7 @@ fn phases(opts: &DemoOptions, host: &Host) -> Result<Vec<Phase>, String> {
     sharing.set_options("rate=25600")?;
 
     for vm in vms {
-        let dev = vm.balloon().ok_or_else(|| format!("vm {} has no balloon device", vm.name()))?;
-        dev.lock().unwrap().set_target(opts.balloon)?;
-        vm.shared().run.wake();
+        vm.shared().set_balloon_target(opts.balloon).map_err(|e| e.to_string())?;
     }
     let want = opts.balloon / guest_abi::PAGE_SIZE;
     for vm in vms {

@@ -133,7 +133,7 @@ impl HostShared {
 
     /// The VM called `name`, with its index.
     pub fn vm(&self, name: &str) -> Option<(usize, &Arc<VmShared>)> {
-        self.vms.iter().enumerate().find(|(_, v)| v.name == name)
+        self.vms.iter().enumerate().find(|(_, v)| v.name() == name)
     }
 
     /// Page sharing, if on.
@@ -160,8 +160,8 @@ impl HostShared {
     /// sharing's pool, or without page sharing their `Pss`.
     pub fn guest_memory_bytes(&self) -> u64 {
         match &self.sharing {
-            Some(s) => s.guest_memory_bytes(self.vms.iter().map(|v| &*v.ram)),
-            None => self.vms.iter().map(|v| v.ram.resident_bytes()).sum(),
+            Some(s) => s.guest_memory_bytes(self.vms.iter().map(|v| &**v.ram())),
+            None => self.vms.iter().map(|v| v.ram().resident_bytes()).sum(),
         }
     }
 }

@@ -128,8 +128,8 @@ pub fn handle(req: Request, vms: &HostShared) -> Response {
 fn select<'a>(vms: &'a [Arc<VmShared>], name: Option<&str>) -> Result<Vec<&'a Arc<VmShared>>, String> {
     match name {
         None => Ok(vms.iter().collect()),
-        Some(n) => vms.iter().find(|v| v.name == n).map(|v| vec![v]).ok_or_else(|| {
-            let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+        Some(n) => vms.iter().find(|v| v.name() == n).map(|v| vec![v]).ok_or_else(|| {
+            let names: Vec<&str> = vms.iter().map(|v| v.name()).collect();
             format!("no VM named {n:?} (VMs: {})", names.join(", "))
         }),
     }
@@ -139,7 +139,7 @@ fn per_vm<T>(
     vms: &[&Arc<VmShared>],
     f: impl Fn(&VmShared) -> Result<T, String>,
 ) -> Result<BTreeMap<String, T>, String> {
-    vms.iter().map(|vm| Ok((vm.name.clone(), f(vm)?))).collect()
+    vms.iter().map(|vm| Ok((vm.name().to_string(), f(vm)?))).collect()
 }
 
 /// Asks the guest for fresh statistics and waits up to [`FRESH_STATS_WAIT`] for
@@ -148,9 +148,9 @@ fn per_vm<T>(
 fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
     let before = dev.lock().unwrap().snapshot().stats_updates;
     let mut asked = false;
-    if let Some(_busy) = v.run.device_guard() {
+    if let Some(_busy) = v.run().device_guard() {
         asked = dev.lock().unwrap().request_stats();
-        v.run.wake();
+        v.run().wake();
     }
     let deadline = Instant::now() + FRESH_STATS_WAIT;
     loop {
@@ -165,42 +165,38 @@ fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
 fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
     let vms = host.vms();
     let tps = || host.sharing().ok_or("page sharing is off (start vmm run with --tps on)");
-    let swapper_of = |v: &VmShared| host.vm(&v.name).and_then(|(i, _)| host.swapper(i));
+    let swapper_of = |v: &VmShared| host.vm(v.name()).and_then(|(i, _)| host.swapper(i));
     match req {
-        Request::Vms => Ok(Reply::Vms(vms.iter().map(|v| v.name.clone()).collect())),
+        Request::Vms => Ok(Reply::Vms(vms.iter().map(|v| v.name().to_string()).collect())),
         Request::BalloonSet { size, vm } => {
             let bytes = parse_size(&size)?;
             let targets = select(vms, vm.as_deref())?;
             // Check every VM before changing any.
             for v in &targets {
-                if v.balloon.is_none() {
-                    return Err(format!("vm {} has no balloon device", v.name));
+                if v.balloon().is_none() {
+                    return Err(format!("vm {} has no balloon device", v.name()));
                 }
-                check_size(bytes, v.ram.size()).map_err(|e| format!("vm {}: {e}", v.name))?;
+                check_size(bytes, v.ram().size()).map_err(|e| format!("vm {}: {e}", v.name()))?;
             }
             per_vm(&targets, |v| {
-                let dev = v.balloon.as_ref().expect("checked above");
-                dev.lock().unwrap().set_target(bytes)?;
-                v.run.wake();
+                v.set_balloon_target(bytes).map_err(|e| e.to_string())?;
                 Ok(BalloonTarget { target_bytes: bytes, target_mode: TargetMode::Pinned })
             })
             .map(Reply::BalloonSet)
         }
         Request::BalloonAuto { vm } => {
             let targets = select(vms, vm.as_deref())?;
-            if let Some(v) = targets.iter().find(|v| v.balloon.is_none()) {
-                return Err(format!("vm {} has no balloon device", v.name));
+            if let Some(v) = targets.iter().find(|v| v.balloon().is_none()) {
+                return Err(format!("vm {} has no balloon device", v.name()));
             }
             let set = per_vm(&targets, |v| {
-                let mut dev = v.balloon.as_ref().expect("checked above").lock().unwrap();
-                dev.release_target();
-                let s = dev.snapshot();
+                let s = v.release_balloon_target().map_err(|e| e.to_string())?;
                 Ok(BalloonTarget { target_bytes: s.target_pages * guest_abi::PAGE_SIZE, target_mode: s.target_mode })
             })?;
             Ok(Reply::BalloonAuto(set))
         }
         Request::BalloonStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| {
-            let dev = v.balloon.as_ref().ok_or_else(|| format!("vm {} has no balloon device", v.name))?;
+            let dev = v.balloon().ok_or_else(|| format!("vm {} has no balloon device", v.name()))?;
             Ok(fresh_balloon_stats(v, dev))
         })
         .map(Reply::BalloonStats),
@@ -223,7 +219,7 @@ fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
         Request::SwapOut { size, vm } => {
             let bytes = parse_size(&size)?;
             let v = select(vms, Some(&vm))?[0];
-            let sw = swapper_of(v).ok_or_else(|| format!("vm {} has no swapper (run with --swap)", v.name))?;
+            let sw = swapper_of(v).ok_or_else(|| format!("vm {} has no swapper (run with --swap)", v.name()))?;
             crate::reclaim::swap::swap_out(&sw, bytes).map(Reply::SwapOut)
         }
         Request::SwapStats { vm } => {

@@ -130,8 +130,7 @@ fn inflate_and_deflate(b: &BalloonBench, vm: &Vm) -> Result<Sample, String> {
     let dev = vm.balloon().ok_or("the VM has no balloon")?.clone();
     let target = b.inflate / guest_abi::PAGE_SIZE;
     let t = Instant::now();
-    dev.lock().unwrap().set_target(b.inflate)?;
-    vm.shared().run.wake();
+    vm.shared().set_balloon_target(b.inflate).map_err(|e| e.to_string())?;
     wait(vm, "to inflate its balloon", Duration::from_secs(300), || {
         let s = dev.lock().unwrap().snapshot();
         s.ballooned_pages >= target && s.actual_pages >= target
@@ -141,8 +140,7 @@ fn inflate_and_deflate(b: &BalloonBench, vm: &Vm) -> Result<Sample, String> {
     let s = dev.lock().unwrap().snapshot();
     let (discard_calls, discard_ms) = (s.discard_calls, s.discard_ms);
     let t = Instant::now();
-    dev.lock().unwrap().set_target(0)?;
-    vm.shared().run.wake();
+    vm.shared().set_balloon_target(0).map_err(|e| e.to_string())?;
     wait(vm, "to deflate its balloon", Duration::from_secs(300), || {
         let s = dev.lock().unwrap().snapshot();
         s.ballooned_pages == 0 && s.actual_pages == 0

@@ -207,7 +207,7 @@ impl PolicyThread {
         for p in vms {
             let dirty = match (&p.swapper, opts.feed_dirty_log) {
                 (Some(_), true) => {
-                    Some(DirtyLog::enable(p.slots).map_err(|e| PolicyError::DirtyLog(p.vm.name.clone(), e))?)
+                    Some(DirtyLog::enable(p.slots).map_err(|e| PolicyError::DirtyLog(p.vm.name().to_string(), e))?)
                 }
                 _ => None,
             };
@@ -280,11 +280,11 @@ impl Loop {
 
     fn tick_once(&mut self) {
         let live: Vec<&Member> = self.vms.iter().filter(|p| p.vm.ending().is_none()).collect();
-        self.paused.retain(|name, _| live.iter().any(|p| &p.vm.name == name));
+        self.paused.retain(|name, _| live.iter().any(|p| p.vm.name() == name));
         for p in &live {
             if let (Some(log), Some(sw)) = (&p.dirty, &p.swapper) {
                 if let Err(e) = log.feed(sw) {
-                    log::warn!("{}: dirty log: {e}", p.vm.name);
+                    log::warn!("{}: dirty log: {e}", p.vm.name());
                 }
             }
         }
@@ -303,7 +303,7 @@ impl Loop {
         };
         *self.counters.lock().unwrap_or_else(|p| p.into_inner()) = self.policy.stats();
         for p in &live {
-            if let Some(plan) = decision.vm(&p.vm.name) {
+            if let Some(plan) = decision.vm(p.vm.name()) {
                 set_balloon(&p.vm, plan);
                 let pause = evict(p, plan, &decision);
                 hold_pause(&mut self.paused, &p.vm, pause, &decision);
@@ -314,16 +314,16 @@ impl Loop {
 
 /// Holds or releases the low state's pause of `vm`.
 fn hold_pause(paused: &mut HashMap<String, PauseGuard>, vm: &VmShared, pause: bool, d: &Decision) {
-    match (pause, paused.contains_key(&vm.name)) {
+    match (pause, paused.contains_key(vm.name())) {
         (true, false) => {
-            if let Ok(g) = vm.run.pause_guard(Duration::from_secs(2)) {
-                log::info!("{}: paused ({} state, {:.2}% free, above its target)", vm.name, d.state, d.free_pct);
-                paused.insert(vm.name.clone(), g);
+            if let Ok(g) = vm.run().pause_guard(Duration::from_secs(2)) {
+                log::info!("{}: paused ({} state, {:.2}% free, above its target)", vm.name(), d.state, d.free_pct);
+                paused.insert(vm.name().to_string(), g);
             }
         }
         (false, true) => {
-            paused.remove(&vm.name);
-            log::info!("{}: resumed ({} state, {:.2}% free)", vm.name, d.state, d.free_pct);
+            paused.remove(vm.name());
+            log::info!("{}: resumed ({} state, {:.2}% free)", vm.name(), d.state, d.free_pct);
         }
         _ => {}
     }
@@ -334,11 +334,7 @@ fn set_balloon(vm: &VmShared, plan: &VmPlan) {
     if plan.balloon_delta_pages == 0 {
         return;
     }
-    if let Some(b) = &vm.balloon {
-        if b.lock().unwrap().set_auto_target(plan.balloon_target_pages) {
-            vm.run.wake();
-        }
-    }
+    vm.set_policy_balloon_target(plan.balloon_target_pages);
 }
 
 /// Evicts what the plan asks for; returns whether the plan's pause may be held:
@@ -347,10 +343,10 @@ fn evict(p: &Member, plan: &VmPlan, d: &Decision) -> bool {
     let (vm, Some(sw)) = (&p.vm, &p.swapper) else { return false };
     if plan.swap_pages > 0 {
         match sw.swap_out(plan.swap_pages as usize) {
-            Ok(n) => log::debug!("{}: swapped {n} of {} pages ({} state)", vm.name, plan.swap_pages, d.state),
+            Ok(n) => log::debug!("{}: swapped {n} of {} pages ({} state)", vm.name(), plan.swap_pages, d.state),
             Err(SwapError::Stopped { .. } | SwapError::Write { .. }) => return false,
             Err(SwapError::Ending { .. }) => {}
-            Err(e) => log::warn!("{}: eviction failed: {e}", vm.name),
+            Err(e) => log::warn!("{}: eviction failed: {e}", vm.name()),
         }
     }
     plan.pause && sw.stats().eviction_stopped.is_none()
@@ -360,8 +356,8 @@ fn evict(p: &Member, plan: &VmPlan, d: &Decision) -> bool {
 /// devices now, never remembered.
 fn mem_info(p: &Member) -> VmMemInfo {
     let vm = &p.vm;
-    let mut info = VmMemInfo::new(&vm.name, vm.ram.size() / PAGE, vm.ram.resident_bytes() / PAGE);
-    info.balloon = vm.balloon.as_ref().map(|b| {
+    let mut info = VmMemInfo::new(vm.name(), vm.ram().size() / PAGE, vm.ram().resident_bytes() / PAGE);
+    info.balloon = vm.balloon().map(|b| {
         let s = b.lock().unwrap().snapshot();
         BalloonInfo {
             target_pages: s.target_pages,

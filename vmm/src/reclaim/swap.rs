@@ -108,7 +108,7 @@ pub fn attach(vm: &Arc<VmShared>, opts: &SwapOptions) -> Result<Arc<Swapper>, St
     let mut cfg = swapd::Config::new(&opts.dir);
     cfg.victims = opts.victims;
     cfg.seed = crate::vm::random_seed();
-    Ok(Arc::new(Swapper::new(ReclaimView::of(vm), cfg).map_err(|e| format!("vm {}: {e}", vm.name))?))
+    Ok(Arc::new(Swapper::new(ReclaimView::of(vm), cfg).map_err(|e| format!("vm {}: {e}", vm.name()))?))
 }
 
 /// What an eviction asked for through the control API (`swap_out`) did.

@@ -23,10 +23,10 @@ pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
     let run = vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run;
     // SAFETY: `run` points to this vCPU's kvm_run mapping, alive as long as `vcpu`,
     // which outlives the slot (dropped below, on this thread, before `vcpu`).
-    let slot = unsafe { vm.run.register_vcpu(cpu, std::ptr::addr_of_mut!((*run).immediate_exit)) };
+    let slot = unsafe { vm.run().register_vcpu(cpu, std::ptr::addr_of_mut!((*run).immediate_exit)) };
     // Addresses already logged as unhandled (log each once).
     let mut unhandled = HashSet::new();
-    while vm.run.may_run(cpu) {
+    while vm.run().may_run(cpu) {
         match vcpu.run() {
             Ok(exit) => {
                 if let Some(ending) = handle_exit(exit, cpu, &vm, &mut unhandled) {
@@ -43,7 +43,7 @@ pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
     }
     match kvm_stats::read_vcpu_stats(&vcpu) {
         Ok(stats) => vm.add_stats(&stats),
-        Err(e) => log::warn!("{}: vCPU {cpu}: cannot read KVM statistics: {e}", vm.name),
+        Err(e) => log::warn!("{}: vCPU {cpu}: cannot read KVM statistics: {e}", vm.name()),
     }
     drop(slot);
 }
@@ -54,35 +54,35 @@ fn handle_exit(exit: VcpuExit, cpu: u32, vm: &VmShared, unhandled: &mut HashSet<
         VcpuExit::IoOut(port, data) => match decode_out(port, data) {
             Some(SystemEvent::Exit(code)) => return Some(Ending::GuestExit(code)),
             Some(SystemEvent::BootMarker) => vm.mark_first_instruction(),
-            Some(SystemEvent::Kick) => vm.run.wake(),
+            Some(SystemEvent::Kick) => vm.run().wake(),
             None => {
-                if !vm.pio.write(port.into(), data) && unhandled.insert(port.into()) {
-                    log::debug!("{}: vCPU {cpu}: write to unhandled port {port:#x} ignored", vm.name);
+                if !vm.pio().write(port.into(), data) && unhandled.insert(port.into()) {
+                    log::debug!("{}: vCPU {cpu}: write to unhandled port {port:#x} ignored", vm.name());
                 }
             }
         },
         VcpuExit::IoIn(port, data) => {
-            if !vm.pio.read(port.into(), data) {
+            if !vm.pio().read(port.into(), data) {
                 if unhandled.insert(port.into()) {
-                    log::debug!("{}: vCPU {cpu}: read of unhandled port {port:#x} returns all ones", vm.name);
+                    log::debug!("{}: vCPU {cpu}: read of unhandled port {port:#x} returns all ones", vm.name());
                 }
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioRead(addr, data) => {
-            if !vm.mmio.read(addr, data) {
+            if !vm.mmio().read(addr, data) {
                 if unhandled.insert(addr) {
-                    log::warn!("{}: vCPU {cpu}: read of unmapped MMIO address {addr:#x} returns all ones", vm.name);
+                    log::warn!("{}: vCPU {cpu}: read of unmapped MMIO address {addr:#x} returns all ones", vm.name());
                 }
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
-            if !vm.mmio.write(addr, data) && unhandled.insert(addr) {
-                log::warn!("{}: vCPU {cpu}: write to unmapped MMIO address {addr:#x} ignored", vm.name);
+            if !vm.mmio().write(addr, data) && unhandled.insert(addr) {
+                log::warn!("{}: vCPU {cpu}: write to unmapped MMIO address {addr:#x} ignored", vm.name());
             }
         }
-        VcpuExit::Hlt => vm.run.halt(HALT_SLEEP),
+        VcpuExit::Hlt => vm.run().halt(HALT_SLEEP),
         VcpuExit::Intr => {}
         VcpuExit::Shutdown => return Some(Ending::Error(format!("guest triple-faulted on vCPU {cpu}"))),
         VcpuExit::FailEntry(reason, hw_cpu) => {
