@@ -47,6 +47,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Control {
     config: Config,
     generation: u64,
+    /// The generation the thread runs by: its merges from older ones are applied.
+    applied: u64,
     stop: bool,
 }
 
@@ -120,7 +122,7 @@ impl Scanner {
             state: Mutex::new(state),
             waiting: AtomicUsize::new(0),
             vms: RwLock::new(Vec::new()),
-            control: Mutex::new(Control { config: config.clone(), generation: 0, stop: false }),
+            control: Mutex::new(Control { config: config.clone(), generation: 0, applied: 0, stop: false }),
             wake: Condvar::new(),
             passes: Mutex::new(0),
             pass_done: Condvar::new(),
@@ -213,6 +215,19 @@ impl Scanner {
         self.shared.wake.notify_all();
     }
 
+    /// Waits until the thread runs by the configuration last set: once it does, a
+    /// scanner turned off merges nothing more (what it had planned has landed).
+    /// False on timeout (the thread is stopped, or stuck in a pause).
+    pub fn wait_config_applied(&self, timeout: Duration) -> bool {
+        let c = lock(&self.shared.control);
+        let (c, _) = self
+            .shared
+            .wake
+            .wait_timeout_while(c, timeout, |c| c.applied != c.generation && !c.stop)
+            .unwrap_or_else(|e| e.into_inner());
+        c.applied == c.generation
+    }
+
     /// Waits until `passes` full passes have completed since the start (all merges
     /// of a pass are applied when it counts). False on timeout.
     pub fn wait_passes(&self, passes: u64, timeout: Duration) -> bool {
@@ -273,6 +288,12 @@ impl Worker {
             };
             if let Some(config) = changed {
                 self.config = config;
+                if !self.config.enabled {
+                    // Turned off: the merges planned so far land now, none later.
+                    self.commit();
+                }
+                lock(&self.shared.control).applied = self.generation;
+                self.shared.wake.notify_all();
             }
             if !self.config.enabled || !self.ensure_pass() {
                 self.commit();

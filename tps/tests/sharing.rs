@@ -296,6 +296,46 @@ fn disabled_scanner_does_nothing() {
     assert_eq!(st.zero_pages, 256);
 }
 
+/// Once a scanner turned off has taken its config, nothing more is merged: what it
+/// had batched landed before, so figures taken then stay true.
+#[test]
+fn turned_off_means_no_merge_after_the_config_is_applied() {
+    let vms: Vec<GuestMem> = (0..4)
+        .map(|_| {
+            let m = GuestMem::new(4096);
+            (0..4096).for_each(|i| m.write(i, shared_key(i % 1024)));
+            m
+        })
+        .collect();
+    // Paced, with batches only committed by age (every 100 ms): one is pending when
+    // the scanner is turned off.
+    let (s, rec) = fast_scanner(|c| {
+        c.max_batch = usize::MAX;
+        c.pages_per_sec = 20_000;
+    });
+    for m in &vms {
+        rec.add(&s, m);
+    }
+    // Turn it off mid-pass, while a batch is being planned.
+    while s.stats().pages_scanned < 2048 {
+        std::thread::yield_now();
+    }
+    s.set_config(tps::Config { enabled: false, ..s.config() });
+    assert!(s.wait_config_applied(Duration::from_secs(30)));
+    let before = s.stats();
+    let private: usize = vms.iter().map(private_pages).sum();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = s.stats();
+    assert_eq!(
+        (after.pool_mapped_pages, after.pool_pages, after.pages_scanned, after.batches),
+        (before.pool_mapped_pages, before.pool_pages, before.pages_scanned, before.batches)
+    );
+    assert_eq!(vms.iter().map(private_pages).sum::<usize>(), private);
+    for m in &vms {
+        (0..4096).for_each(|i| assert!(m.holds(i, shared_key(i % 1024))));
+    }
+}
+
 /// What shapes merges holds as soon as `set_config` returns, even while the thread
 /// is busy: a burst planned on with the old values after the caller went on to change
 /// the memory (`vma_limit.rs` does) would merge it the old way.

@@ -7,7 +7,7 @@ use guest_abi::{
 };
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::loader::{self, LoadedKernel};
+use crate::loader::{self, LoadError, LoadedKernel};
 use crate::memory::GuestRam;
 use crate::x86::{paging, regs};
 
@@ -37,18 +37,38 @@ pub struct BootParams<'a> {
     pub balloon_mmio: Option<u64>,
 }
 
+/// Why the boot structures could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Guest memory refused a write (it cannot, short of a bug: said clearly).
+    #[error("writing {what} into guest memory: {source}")]
+    Write {
+        /// What was written.
+        what: &'static str,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The workload does not fit the boot information.
+    #[error("the workload is longer than {CMDLINE_MAX} bytes")]
+    WorkloadTooLong,
+}
+
 /// Loads `image` and writes the boot structures into `ram`.
-pub fn prepare(ram: &GuestRam, image: &[u8], p: &BootParams) -> Result<BootLayout, String> {
+pub fn prepare(ram: &GuestRam, image: &[u8], p: &BootParams) -> Result<BootLayout, BootError> {
     let mem = ram.mem();
     let first = ram.regions()[0];
     let kernel: LoadedKernel = loader::load(mem, image, first.base + first.size)?;
     let ram_end = ram.regions().last().map(|r| r.base + r.size).unwrap_or(0);
-    let err = |what: &str, e: vm_memory::GuestMemoryError| format!("writing {what} into guest memory: {e}");
+    let err = |what, source| BootError::Write { what, source };
     regs::write_gdt(mem).map_err(|e| err("the GDT", e))?;
     let cr3 = paging::build_identity_map(mem, ram_end).map_err(|e| err("page tables", e))?;
 
     if p.workload.len() > CMDLINE_MAX {
-        return Err(format!("the workload is longer than {CMDLINE_MAX} bytes"));
+        return Err(BootError::WorkloadTooLong);
     }
     // SAFETY: BootInfo is plain old data (integers and arrays); all-zero is valid.
     let mut info: BootInfo = unsafe { std::mem::zeroed() };

@@ -107,36 +107,111 @@ impl VmConfig {
     }
 
     /// Checks everything that can be checked before creating the VM.
-    pub fn validate(&self) -> Result<(), String> {
-        let ctx = |m: String| format!("vm {}: {m}", self.name);
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(format!("bad VM name {:?}: use letters, digits, '-', '_' and '.'", self.name));
+            return Err(ConfigError::BadName(self.name.clone()));
         }
-        memory::validate_size(self.mem).map_err(|e| ctx(e.to_string()))?;
+        let ctx = |e: ConfigError| ConfigError::InVm { vm: self.name.clone(), source: Box::new(e) };
+        memory::validate_size(self.mem).map_err(|e| ctx(ConfigError::Memory(e)))?;
         if self.vcpus == 0 || self.vcpus > guest_abi::MAX_VCPUS {
-            return Err(ctx(format!("vcpus must be between 1 and {}, not {}", guest_abi::MAX_VCPUS, self.vcpus)));
+            return Err(ctx(ConfigError::Vcpus(self.vcpus)));
         }
         if self.workload.len() > guest_abi::CMDLINE_MAX {
-            return Err(ctx(format!("workload is {} bytes, at most {}", self.workload.len(), guest_abi::CMDLINE_MAX)));
+            return Err(ctx(ConfigError::WorkloadTooLong(self.workload.len())));
         }
         if self.kernel.is_builtin() {
-            check_workload(&self.workload).map_err(|e| ctx(format!("bad workload: {e}")))?;
+            check_workload(&self.workload).map_err(ctx)?;
         }
         if let Some(balloon) = &self.balloon {
-            balloon.validate(self.mem).map_err(ctx)?;
+            balloon.validate(self.mem).map_err(|e| ctx(ConfigError::Balloon(e)))?;
         }
         Ok(())
     }
 }
 
+/// What is wrong with what the user asked for, said in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not a size.
+    #[error("bad size {0:?}: expected a number with an optional K, M, G or T suffix")]
+    BadSize(String),
+    /// A size beyond 64 bits.
+    #[error("size {0:?} is too large")]
+    SizeTooLarge(String),
+    /// Not a duration.
+    #[error("bad duration {0:?}: expected e.g. 500ms, 2s or 1m")]
+    BadDuration(String),
+    /// A VM name that cannot name a VM in logs, files and requests.
+    #[error("bad VM name {0:?}: use letters, digits, '-', '_' and '.'")]
+    BadName(String),
+    /// Two VMs with one name.
+    #[error("two VMs are named {0:?}")]
+    DuplicateName(String),
+    /// Guest RAM out of range.
+    #[error("{0}")]
+    Memory(#[from] memory::MemoryError),
+    /// A vCPU count out of range.
+    #[error("vcpus must be between 1 and {max}, not {0}", max = guest_abi::MAX_VCPUS)]
+    Vcpus(u32),
+    /// A workload that does not fit the boot information.
+    #[error("workload is {0} bytes, at most {max}", max = guest_abi::CMDLINE_MAX)]
+    WorkloadTooLong(usize),
+    /// A workload the test guest would refuse.
+    #[error("bad workload: {0}")]
+    BadWorkload(String),
+    /// Balloon options the device refuses.
+    #[error("{0}")]
+    Balloon(String),
+    /// The config file cannot be read.
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for `vmm run`.
+    #[error("bad config {}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML reader said.
+        message: String,
+    },
+    /// The config file lists no VM.
+    #[error("config {} lists no [[vm]]", .0.display())]
+    NoVm(PathBuf),
+    /// An entry of the config file is wrong.
+    #[error("config {}: vm {index}: {source}", path.display())]
+    Entry {
+        /// The file.
+        path: PathBuf,
+        /// Which `[[vm]]`, from 0.
+        index: usize,
+        /// What is wrong.
+        #[source]
+        source: Box<ConfigError>,
+    },
+    /// Something about one VM is wrong.
+    #[error("vm {vm}: {source}")]
+    InVm {
+        /// The VM.
+        vm: String,
+        /// What is wrong.
+        #[source]
+        source: Box<ConfigError>,
+    },
+}
+
 /// Checks a program of the test guest's workload language (the guest would refuse
 /// it at boot; better to say so before creating the VM).
-pub fn check_workload(text: &str) -> Result<(), String> {
-    guest_abi::workload::Program::parse(text).map(|_| ()).map_err(|e| e.to_string())
+pub fn check_workload(text: &str) -> Result<(), ConfigError> {
+    guest_abi::workload::Program::parse(text).map(|_| ()).map_err(|e| ConfigError::BadWorkload(e.to_string()))
 }
 
 /// Parses `512M`, `2G`, `4096`, `64K` (binary units; `B`/`iB` suffixes accepted).
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
     let t = text.trim();
     let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
     let (digits, shift) = match t.char_indices().last() {
@@ -146,11 +221,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         Some((i, 'T' | 't')) => (&t[..i], 40),
         _ => (t, 0),
     };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad size {text:?}: expected a number with an optional K, M, G or T suffix"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {text:?} is too large"))
+    let n: u64 = digits.trim().parse().map_err(|_| ConfigError::BadSize(text.to_string()))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| ConfigError::SizeTooLarge(text.to_string()))
 }
 
 /// Formats a byte count the way [`parse_size`] reads it back.
@@ -164,9 +236,9 @@ pub fn format_size(bytes: u64) -> String {
 }
 
 /// Parses `500ms`, `2s`, `1m`, `250us` (a plain number is seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
     let t = text.trim();
-    let bad = || format!("bad duration {text:?}: expected e.g. 500ms, 2s or 1m");
+    let bad = || ConfigError::BadDuration(text.to_string());
     let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
     let n: f64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
@@ -254,7 +326,7 @@ impl VmEntry {
     }
 
     /// Applies this entry over `base` (the command line's values).
-    pub fn apply(&self, mut base: VmConfig, dir: &Path) -> Result<VmConfig, String> {
+    pub fn apply(&self, mut base: VmConfig, dir: &Path) -> Result<VmConfig, ConfigError> {
         if let Some(n) = &self.name {
             base.name = n.clone();
         }
@@ -301,20 +373,23 @@ impl VmEntry {
 
 /// Reads a config file into VM configs, each starting from `base` (the command
 /// line's values) and named `vmN` unless it names itself.
-pub fn load_config_file(path: &Path, base: &VmConfig) -> Result<Vec<VmConfig>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-    let file: ConfigFile =
-        toml::from_str(&text).map_err(|e| format!("bad config {}: {}", path.display(), e.message()))?;
+pub fn load_config_file(path: &Path, base: &VmConfig) -> Result<Vec<VmConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let file: ConfigFile = toml::from_str(&text)
+        .map_err(|e| ConfigError::Parse { path: path.into(), message: e.message().to_string() })?;
     if file.vm.is_empty() {
-        return Err(format!("config {} lists no [[vm]]", path.display()));
+        return Err(ConfigError::NoVm(path.into()));
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut vms = Vec::with_capacity(file.vm.len());
     for (i, entry) in file.vm.into_iter().enumerate() {
         let mut vm = base.clone();
         vm.name = format!("vm{i}");
-        let vm =
-            entry.or(&file.defaults).apply(vm, dir).map_err(|e| format!("config {}: vm {i}: {e}", path.display()))?;
+        let vm = entry.or(&file.defaults).apply(vm, dir).map_err(|e| ConfigError::Entry {
+            path: path.into(),
+            index: i,
+            source: Box::new(e),
+        })?;
         vms.push(vm);
     }
     check_unique_names(&vms)?;
@@ -322,11 +397,11 @@ pub fn load_config_file(path: &Path, base: &VmConfig) -> Result<Vec<VmConfig>, S
 }
 
 /// VM names address VMs in logs and control requests: they must differ.
-pub fn check_unique_names(vms: &[VmConfig]) -> Result<(), String> {
+pub fn check_unique_names(vms: &[VmConfig]) -> Result<(), ConfigError> {
     let mut names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
     names.sort_unstable();
     match names.windows(2).find(|w| w[0] == w[1]) {
-        Some(w) => Err(format!("two VMs are named {:?}", w[0])),
+        Some(w) => Err(ConfigError::DuplicateName(w[0].to_string())),
         None => Ok(()),
     }
 }
@@ -375,7 +450,7 @@ mod tests {
         assert_eq!(vms[1].console, ConsoleTarget::File(dir.join("b.log")));
         std::fs::write(&path, "[[vm]]\nmemory = \"1G\"\n").unwrap();
         let err = load_config_file(&path, &VmConfig::new("x", 256 << 20)).unwrap_err();
-        assert!(err.contains("memory"), "{err}");
+        assert!(matches!(err, ConfigError::Parse { .. }) && err.to_string().contains("memory"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -97,7 +97,7 @@ pub fn run(opts: &DemoOptions, t0: Instant) -> Result<HostReport, String> {
         })
         .collect();
     for c in &configs {
-        c.validate()?;
+        c.validate().map_err(|e| e.to_string())?;
     }
     // Page sharing covers the VMs from the start, scanning off until its phase.
     let reclaimers = HostOptions {
@@ -136,7 +136,7 @@ fn phases(opts: &DemoOptions, host: &Host) -> Result<Vec<Phase>, String> {
     phase("boot+fill", format!("{} VMs x {} MiB: {}", vms.len(), opts.mem >> 20, boot_workload(opts.mem)), &mut out);
 
     let passes = sharing.stats().full_passes;
-    sharing.set_options("on,rate=0")?;
+    sharing.set_options("on,rate=0").map_err(|e| e.to_string())?;
     if !sharing.scanner().wait_passes(passes + 2, PHASE_LIMIT) {
         return Err("page sharing did not complete two passes in time".into());
     }
@@ -149,7 +149,7 @@ fn phases(opts: &DemoOptions, host: &Host) -> Result<Vec<Phase>, String> {
         ),
         &mut out,
     );
-    sharing.set_options("rate=25600")?;
+    sharing.set_options("rate=25600").map_err(|e| e.to_string())?;
 
     for vm in vms {
         vm.shared().set_balloon_target(opts.balloon).map_err(|e| e.to_string())?;
@@ -164,7 +164,7 @@ fn phases(opts: &DemoOptions, host: &Host) -> Result<Vec<Phase>, String> {
     let mut written = 0;
     for (i, vm) in vms.iter().enumerate() {
         let sw = host.swapper(i).expect("every VM has a swapper");
-        let r = swap::swap_out(&sw, opts.swap)?;
+        let r = swap::swap_out(&sw, opts.swap).map_err(|e| e.to_string())?;
         if let Some(e) = r.error {
             return Err(format!("vm {}: eviction stopped: {e}", vm.name()));
         }

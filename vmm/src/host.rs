@@ -41,7 +41,7 @@ use crate::config::VmConfig;
 use crate::reclaim::policy::{PolicyHandle, PolicyOptions, PolicyThread, PolicyVm};
 use crate::reclaim::sharing::PageSharing;
 use crate::reclaim::swap::{self, SwapOptions, SwapSlot};
-use crate::vm::{open_kvm, Vm, VmReport, VmShared};
+use crate::vm::{open_kvm, Vm, VmError, VmReport, VmShared};
 
 /// How often the host checks its VMs.
 const TICK: Duration = Duration::from_millis(20);
@@ -96,17 +96,17 @@ pub struct WatchLimits<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// Two VMs share a name, or a configuration is invalid.
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// A VM could not be created or started.
-    #[error("{0}")]
-    Vm(String),
+    #[error(transparent)]
+    Vm(#[from] VmError),
     /// Page sharing could not cover the VMs.
     #[error("page sharing: {0}")]
     Sharing(#[from] tps::Error),
     /// The swap directory or a swapper could not be set up.
-    #[error("{0}")]
-    Swap(String),
+    #[error(transparent)]
+    Swap(#[from] swap::HostSwapError),
     /// The free-memory policy could not start.
     #[error("free-memory policy: {0}")]
     Policy(#[from] crate::reclaim::policy::PolicyError),
@@ -179,21 +179,20 @@ impl Host {
     /// yet. `t0` is the reference time of the boot figures. The first error undoes
     /// everything.
     pub fn create(configs: &[VmConfig], t0: Instant, opts: HostOptions) -> Result<Host, HostError> {
-        crate::config::check_unique_names(configs).map_err(HostError::Config)?;
-        let kvm = open_kvm().map_err(HostError::Vm)?;
+        crate::config::check_unique_names(configs)?;
+        let kvm = open_kvm().map_err(VmError::from)?;
         let label = configs.len() > 1;
         let vms = configs
             .iter()
             .enumerate()
             .map(|(i, c)| Vm::create(&kvm, c, i as u32, t0, label))
-            .collect::<Result<Vec<Vm>, String>>()
-            .map_err(HostError::Vm)?;
+            .collect::<Result<Vec<Vm>, VmError>>()?;
         let sharing = opts.tps.map(|c| PageSharing::start(c, &vms)).transpose()?;
         let swappers: Vec<SwapSlot> = vms.iter().map(|_| SwapSlot::default()).collect();
         if let Some(s) = &opts.swap {
-            swap::prepare_dir(&s.dir).map_err(HostError::Swap)?;
+            swap::prepare_dir(&s.dir)?;
             for (vm, slot) in vms.iter().zip(&swappers) {
-                slot.set(swap::attach(vm.shared(), s).map_err(HostError::Swap)?);
+                slot.set(swap::attach(vm.shared(), s)?);
             }
         }
         let policy = match &opts.policy {
@@ -227,7 +226,7 @@ impl Host {
 
     /// Starts every VM's device and vCPU threads.
     pub fn start(&mut self) -> Result<(), HostError> {
-        self.vms.iter_mut().try_for_each(Vm::start).map_err(HostError::Vm)
+        Ok(self.vms.iter_mut().try_for_each(Vm::start)?)
     }
 
     /// The VMs, in configuration order.

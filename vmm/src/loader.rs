@@ -25,38 +25,74 @@ pub struct LoadedKernel {
     pub end: u64,
 }
 
+/// Why a kernel could not be read or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The kernel file cannot be read.
+    #[error("cannot read kernel {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The built-in guest could not be packaged as a bzImage.
+    #[error("packaging the test guest as a bzImage: {0}")]
+    Pack(#[from] crate::linux::guest_image::PackError),
+    /// Not a 64-bit x86 ELF executable this VMM can load.
+    #[error("not an x86-64 ELF executable ({0})")]
+    NotElf(String),
+    /// A segment whose end overflows.
+    #[error("ELF segment size overflows")]
+    SegmentOverflow,
+    /// A segment in the VMM's own low memory.
+    #[error("ELF segment at {0:#x} overlaps the VMM's low memory (kernels load at {KERNEL_MIN_GPA:#x} or above)")]
+    LowSegment(u64),
+    /// A segment beyond the first RAM region.
+    #[error("ELF segment {start:#x}..{end:#x} does not fit in guest RAM ({ram_end:#x} bytes)")]
+    BeyondRam {
+        /// Segment start.
+        start: u64,
+        /// Segment end.
+        end: u64,
+        /// End of the first RAM region.
+        ram_end: u64,
+    },
+    /// linux-loader refused the image.
+    #[error("loading the ELF kernel: {0}")]
+    Elf(#[from] linux_loader::loader::Error),
+}
+
 /// Reads the kernel's bytes.
-pub fn kernel_bytes(kernel: &Kernel) -> Result<Vec<u8>, String> {
+pub fn kernel_bytes(kernel: &Kernel) -> Result<Vec<u8>, LoadError> {
     match kernel {
         Kernel::Builtin => Ok(BUILTIN_GUEST.to_vec()),
-        Kernel::BuiltinBzImage => crate::linux::guest_image::bzimage(BUILTIN_GUEST).map_err(|e| e.to_string()),
+        Kernel::BuiltinBzImage => Ok(crate::linux::guest_image::bzimage(BUILTIN_GUEST)?),
         Kernel::Path(p) => read_file(p),
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read kernel {}: {e}", path.display()))
+fn read_file(path: &Path) -> Result<Vec<u8>, LoadError> {
+    std::fs::read(path).map_err(|source| LoadError::Read { path: path.into(), source })
 }
 
 /// Validates `image` and copies it into guest memory whose RAM ends at `ram_end`
 /// (segments must lie in the first RAM region).
-pub fn load(mem: &GuestMemoryMmap, image: &[u8], ram_end: u64) -> Result<LoadedKernel, String> {
+pub fn load(mem: &GuestMemoryMmap, image: &[u8], ram_end: u64) -> Result<LoadedKernel, LoadError> {
     let segments = check_elf(image)?;
     let mut end = 0;
     for (paddr, memsz) in segments {
-        let seg_end = paddr.checked_add(memsz).ok_or("ELF segment size overflows")?;
+        let seg_end = paddr.checked_add(memsz).ok_or(LoadError::SegmentOverflow)?;
         if paddr < KERNEL_MIN_GPA {
-            return Err(format!(
-                "ELF segment at {paddr:#x} overlaps the VMM's low memory (kernels load at {KERNEL_MIN_GPA:#x} or above)"
-            ));
+            return Err(LoadError::LowSegment(paddr));
         }
         if seg_end > ram_end {
-            return Err(format!("ELF segment {paddr:#x}..{seg_end:#x} does not fit in guest RAM ({ram_end:#x} bytes)"));
+            return Err(LoadError::BeyondRam { start: paddr, end: seg_end, ram_end });
         }
         end = end.max(seg_end);
     }
-    let result =
-        Elf::load(mem, None, &mut Cursor::new(image), None).map_err(|e| format!("loading the ELF kernel: {e}"))?;
+    let result = Elf::load(mem, None, &mut Cursor::new(image), None)?;
     Ok(LoadedKernel { entry: result.kernel_load.0, end: end.next_multiple_of(PAGE_SIZE) })
 }
 
@@ -64,24 +100,24 @@ const PT_LOAD: u32 = 1;
 const EM_X86_64: u16 = 62;
 
 /// Checks the ELF header; returns `(p_paddr, p_memsz)` of every loadable segment.
-fn check_elf(image: &[u8]) -> Result<Vec<(u64, u64)>, String> {
-    const NOT_X86: &str = "not an x86-64 ELF executable";
+fn check_elf(image: &[u8]) -> Result<Vec<(u64, u64)>, LoadError> {
+    let not_elf = |why: &str| LoadError::NotElf(why.to_string());
     if image.len() < 64 || &image[..4] != b"\x7fELF" {
-        return Err(format!("{NOT_X86} (no ELF magic)"));
+        return Err(not_elf("no ELF magic"));
     }
     if image[4] != 2 || image[5] != 1 {
-        return Err(format!("{NOT_X86} (not a 64-bit little-endian ELF)"));
+        return Err(not_elf("not a 64-bit little-endian ELF"));
     }
     let u16_at = |o: usize| u16::from_le_bytes([image[o], image[o + 1]]);
     let u32_at = |o: usize| u32::from_le_bytes(image[o..o + 4].try_into().unwrap());
     let u64_at = |o: usize| u64::from_le_bytes(image[o..o + 8].try_into().unwrap());
     let machine = u16_at(18);
     if machine != EM_X86_64 {
-        return Err(format!("{NOT_X86} (machine {machine})"));
+        return Err(not_elf(&format!("machine {machine}")));
     }
     let (phoff, phentsize, phnum) = (u64_at(32) as usize, u16_at(54) as usize, u16_at(56) as usize);
     if phentsize != 56 || phoff.checked_add(phnum * 56).is_none_or(|e| e > image.len()) {
-        return Err(format!("{NOT_X86} (bad program headers)"));
+        return Err(not_elf("bad program headers"));
     }
     let mut segments = Vec::new();
     for i in 0..phnum {
@@ -91,12 +127,12 @@ fn check_elf(image: &[u8]) -> Result<Vec<(u64, u64)>, String> {
         }
         let (offset, paddr, filesz, memsz) = (u64_at(ph + 8), u64_at(ph + 24), u64_at(ph + 32), u64_at(ph + 40));
         if offset.checked_add(filesz).is_none_or(|e| e > image.len() as u64) || filesz > memsz {
-            return Err(format!("{NOT_X86} (segment {i} lies outside the file)"));
+            return Err(not_elf(&format!("segment {i} lies outside the file")));
         }
         segments.push((paddr, memsz));
     }
     if segments.is_empty() {
-        return Err(format!("{NOT_X86} (no loadable segment)"));
+        return Err(not_elf("no loadable segment"));
     }
     Ok(segments)
 }
@@ -113,10 +149,10 @@ mod tests {
 
     #[test]
     fn garbage_is_rejected_clearly() {
-        assert!(check_elf(b"#!/bin/sh\necho hi\n").unwrap_err().contains("not an x86-64 ELF"));
+        assert!(check_elf(b"#!/bin/sh\necho hi\n").unwrap_err().to_string().contains("not an x86-64 ELF"));
         let mut arm = BUILTIN_GUEST.to_vec();
         arm[18] = 183; // EM_AARCH64
-        assert!(check_elf(&arm).unwrap_err().contains("machine 183"));
+        assert!(check_elf(&arm).unwrap_err().to_string().contains("machine 183"));
         let mut truncated = BUILTIN_GUEST.to_vec();
         truncated.truncate(200);
         assert!(check_elf(&truncated).is_err());

@@ -227,6 +227,9 @@ struct RunArgs {
     swap_victims: swapd::VictimPolicy,
 }
 
+/// A one-line error for the user (`vmm: error: ...`).
+type CliError = Box<dyn std::error::Error + Send + Sync>;
+
 fn parse_victims(text: &str) -> Result<swapd::VictimPolicy, String> {
     match text {
         "random" => Ok(swapd::VictimPolicy::Random),
@@ -243,17 +246,17 @@ fn parse_console(text: &str) -> Result<ConsoleTarget, String> {
     }
 }
 
-fn parse_tps(text: &str) -> Result<tps::Config, String> {
+fn parse_tps(text: &str) -> Result<tps::Config, sharing::TpsOptionsError> {
     sharing::parse_options(text, tps::Config::default())
 }
 
 /// Parses `size=128M,deflate_on_oom=on,stats_interval=1s,free_page_reporting=off`.
-fn parse_balloon(text: &str) -> Result<BalloonConfig, String> {
+fn parse_balloon(text: &str) -> Result<BalloonConfig, CliError> {
     let mut cfg = BalloonConfig::default();
     let on_off = |k: &str, v: &str| match v {
         "on" | "true" | "1" | "yes" => Ok(true),
         "off" | "false" | "0" | "no" => Ok(false),
-        _ => Err(format!("{k}={v}: expected on or off")),
+        _ => Err(CliError::from(format!("{k}={v}: expected on or off"))),
     };
     for item in text.split(',').filter(|s| !s.is_empty()) {
         let (k, v) = item.split_once('=').ok_or_else(|| format!("{item:?}: expected key=value"))?;
@@ -265,7 +268,8 @@ fn parse_balloon(text: &str) -> Result<BalloonConfig, String> {
             _ => {
                 return Err(format!(
                     "unknown balloon option {k:?} (size, deflate_on_oom, stats_interval, free_page_reporting)"
-                ))
+                )
+                .into())
             }
         }
     }
@@ -392,7 +396,7 @@ fn main() -> ExitCode {
     let t0 = Instant::now();
     let cli = Cli::parse();
     env_logger::Builder::new().filter_level(cli.log_level).parse_env("RUST_LOG").format_timestamp_millis().init();
-    let result = match cli.command {
+    let result: Result<u8, CliError> = match cli.command {
         Command::Run(args) => run(*args, t0),
         Command::Demo(args) => {
             let opts = vmm::demo::DemoOptions {
@@ -402,22 +406,28 @@ fn main() -> ExitCode {
                 swap: args.swap,
                 swap_dir: args.swap_dir,
             };
-            vmm::demo::run(&opts, t0).map(|report| print_report(&report))
+            vmm::demo::run(&opts, t0).map(|report| print_report(&report)).map_err(CliError::from)
         }
         Command::Ctl(args) => ctl(args),
         Command::Bench(BenchCommand::Balloon { runs, mem, inflate }) => {
-            vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) }).map(|()| 0)
+            vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) })
+                .map(|()| 0)
+                .map_err(CliError::from)
         }
         Command::Bench(BenchCommand::Tps { vms, size, quick, tps, limit, no_ksm, runs }) => {
             let (vms, size, limit) =
                 if quick { (2, 64 << 20, limit.min(std::time::Duration::from_secs(60))) } else { (vms, size, limit) };
-            vmm::bench::tps::run(&vmm::bench::tps::TpsBench { vms, size, tps, limit, ksm: !no_ksm, runs }).map(|()| 0)
+            vmm::bench::tps::run(&vmm::bench::tps::TpsBench { vms, size, tps, limit, ksm: !no_ksm, runs })
+                .map(|()| 0)
+                .map_err(CliError::from)
         }
         Command::Bench(BenchCommand::Swap { evict, dir }) => {
-            vmm::bench::swap::run(&vmm::bench::swap::SwapBench { evict, dir }).map(|()| 0)
+            vmm::bench::swap::run(&vmm::bench::swap::SwapBench { evict, dir }).map(|()| 0).map_err(CliError::from)
         }
         Command::Bench(BenchCommand::Boot { runs, mem, alloc }) => {
-            vmm::bench::boot::run(&vmm::bench::boot::BootBench { runs: runs.max(1), mem, alloc }).map(|()| 0)
+            vmm::bench::boot::run(&vmm::bench::boot::BootBench { runs: runs.max(1), mem, alloc })
+                .map(|()| 0)
+                .map_err(CliError::from)
         }
     };
     match result {
@@ -429,7 +439,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
+fn run(args: RunArgs, t0: Instant) -> Result<u8, CliError> {
     let configs = vm_configs(&args)?;
     let interrupted = host::install_interrupt_handler();
     let api_socket = args.api_sock.clone().unwrap_or_else(|| vmm::api::default_socket(std::process::id()));
@@ -438,7 +448,7 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
     let opts =
         HostOptions { tps: Some(args.tps.clone()).filter(|c| c.enabled), swap, policy, api_socket: Some(api_socket) };
     let limits = WatchLimits { timeout: args.timeout, interrupted: Some(interrupted) };
-    let report = host::run(&configs, t0, opts, limits).map_err(|e| e.to_string())?;
+    let report = host::run(&configs, t0, opts, limits)?;
     Ok(print_report(&report))
 }
 
@@ -483,7 +493,7 @@ fn print_report(report: &host::HostReport) -> u8 {
     status
 }
 
-fn ctl(args: CtlArgs) -> Result<u8, String> {
+fn ctl(args: CtlArgs) -> Result<u8, CliError> {
     let req = match args.what {
         CtlCommand::Balloon(BalloonCtl::Set { size, vm }) => Request::BalloonSet { size, vm },
         CtlCommand::Balloon(BalloonCtl::Auto { vm }) => Request::BalloonAuto { vm },
@@ -503,7 +513,7 @@ fn ctl(args: CtlArgs) -> Result<u8, String> {
             println!("{}", serde_json::to_string_pretty(&result).expect("json"));
             Ok(0)
         }
-        (_, _, error) => Err(error.unwrap_or_else(|| "request failed".into())),
+        (_, _, error) => Err(error.unwrap_or_else(|| "request failed".into()).into()),
     }
 }
 
@@ -523,7 +533,7 @@ fn policy_options(
     args: &RunArgs,
     configs: &[VmConfig],
     swap: Option<&SwapOptions>,
-) -> Result<Option<PolicyOptions>, String> {
+) -> Result<Option<PolicyOptions>, CliError> {
     let idle_victims = swap.is_some_and(|s| s.victims == swapd::VictimPolicy::Idle);
     if !args.policy.unwrap_or(swap.is_some()) {
         let what = if args.host_mem.is_some() {
@@ -536,7 +546,7 @@ fn policy_options(
             return Ok(None);
         };
         let how = if args.policy.is_some() { "drop --policy off" } else { "add --policy on" };
-        return Err(format!("{what} needs the free-memory policy: {how}"));
+        return Err(format!("{what} needs the free-memory policy: {how}").into());
     }
     let mut opts = PolicyOptions { feed_dirty_log: idle_victims, ..PolicyOptions::default() };
     if let Some(h) = &args.host_mem {
@@ -546,7 +556,7 @@ fn policy_options(
 }
 
 /// The VMs this run asks for, validated.
-fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
+fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, CliError> {
     let mut base = VmConfig::new("vm0", args.mem);
     base.vcpus = args.vcpus;
     base.workload = args.workload.clone();

@@ -216,11 +216,12 @@ impl Drop for TempDir {
     }
 }
 
-/// Changes the running scanner's configuration.
+/// Changes the running scanner's configuration and waits until it runs by it.
 pub fn change_sharing(sharing: &PageSharing, change: impl FnOnce(&mut tps::Config)) {
     let mut c = sharing.scanner().config();
     change(&mut c);
     sharing.scanner().set_config(c);
+    assert!(sharing.scanner().wait_config_applied(Duration::from_secs(60)), "the scanner did not take the new config");
 }
 
 /// Turns scanning on and waits for two full passes: every page seen after the last

@@ -169,7 +169,7 @@ fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
     match req {
         Request::Vms => Ok(Reply::Vms(vms.iter().map(|v| v.name().to_string()).collect())),
         Request::BalloonSet { size, vm } => {
-            let bytes = parse_size(&size)?;
+            let bytes = parse_size(&size).map_err(|e| e.to_string())?;
             let targets = select(vms, vm.as_deref())?;
             // Check every VM before changing any.
             for v in &targets {
@@ -215,12 +215,12 @@ fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
             Ok(Reply::Command(CommandResult { status: out.status, lines }))
         }
         Request::TpsStats => Ok(Reply::TpsStats(tps()?.stats().into())),
-        Request::TpsSet { options } => Ok(Reply::TpsSet(tps()?.set_options(&options)?)),
+        Request::TpsSet { options } => Ok(Reply::TpsSet(tps()?.set_options(&options).map_err(|e| e.to_string())?)),
         Request::SwapOut { size, vm } => {
-            let bytes = parse_size(&size)?;
+            let bytes = parse_size(&size).map_err(|e| e.to_string())?;
             let v = select(vms, Some(&vm))?[0];
             let sw = swapper_of(v).ok_or_else(|| format!("vm {} has no swapper (run with --swap)", v.name()))?;
-            crate::reclaim::swap::swap_out(&sw, bytes).map(Reply::SwapOut)
+            crate::reclaim::swap::swap_out(&sw, bytes).map(Reply::SwapOut).map_err(|e| e.to_string())
         }
         Request::SwapStats { vm } => {
             let vms = per_vm(&select(vms, vm.as_deref())?, |v| Ok(swapper_of(v).map(|sw| sw.stats())))?;

@@ -50,7 +50,7 @@ struct Sample {
 
 /// Runs the benchmark, prints the table and the JSON line.
 pub fn run(b: &SwapBench) -> Result<(), String> {
-    vm_swap::prepare_dir(&b.dir)?;
+    vm_swap::prepare_dir(&b.dir).map_err(|e| e.to_string())?;
     let file_write = swapd::limits::file_write_mib_s(&b.dir, 512, swapd::Config::new(&b.dir).batch_pages * 4096)
         .map_err(|e| format!("write test in {}: {e}", b.dir.display()))?;
     let bare = swapd::limits::bare_fault(&b.dir, 16384).map_err(|e| format!("bare userfaultfd fault: {e}"))?;

@@ -17,21 +17,19 @@ pub trait BusDevice: Send {
 }
 
 /// Registration errors.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
     /// Empty range.
+    #[error("empty bus range")]
     Empty,
     /// The range overlaps one already registered.
-    Overlap { base: u64, len: u64 },
-}
-
-impl std::fmt::Display for BusError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BusError::Empty => write!(f, "empty bus range"),
-            BusError::Overlap { base, len } => write!(f, "bus range {base:#x}+{len:#x} overlaps another device"),
-        }
-    }
+    #[error("bus range {base:#x}+{len:#x} overlaps another device")]
+    Overlap {
+        /// Its start.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
 }
 
 /// A shared device.

@@ -182,7 +182,7 @@ pub fn prepare(ram: &GuestRam, image: &[u8], boot: &LinuxBoot) -> Result<LinuxLa
             (load + abi::ENTRY_64_OFFSET, need, r.setup_header, h.cmdline_size as usize, h.initrd_addr_max as u64)
         }
         _ => {
-            let k = loader::load(mem, image, ram_end).map_err(LinuxBootError::Load)?;
+            let k = loader::load(mem, image, ram_end).map_err(|e| LinuxBootError::Load(e.to_string()))?;
             (k.entry, k.end, None, VMLINUX_CMDLINE_MAX, u32::MAX as u64)
         }
     };

@@ -67,7 +67,7 @@ pub enum HostMemChoice {
 pub enum HostMemChoiceError {
     /// Not a size.
     #[error("{0} (or host, cgroup)")]
-    NotASize(String),
+    NotASize(#[source] crate::config::ConfigError),
     /// A budget of nothing.
     #[error("a host memory budget must be more than 0")]
     Zero,

@@ -16,7 +16,7 @@ use guest_abi::PAGE_SIZE;
 use serde::{Deserialize, Serialize};
 
 use super::guest::ReclaimView;
-use crate::config::{parse_duration, parse_size};
+use crate::config::{parse_duration, parse_size, ConfigError};
 use crate::memory::GuestRam;
 use crate::vm::Vm;
 
@@ -69,7 +69,7 @@ impl PageSharing {
     }
 
     /// Applies `--tps`-style options to the running scanner; returns the new config.
-    pub fn set_options(&self, text: &str) -> Result<tps::Config, String> {
+    pub fn set_options(&self, text: &str) -> Result<tps::Config, TpsOptionsError> {
         let config = parse_options(text, self.scanner.config())?;
         self.scanner.set_config(config.clone());
         Ok(config)
@@ -97,15 +97,41 @@ impl From<tps::Stats> for TpsStats {
     }
 }
 
+/// `--tps` options that cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum TpsOptionsError {
+    /// Nothing given.
+    #[error("empty page sharing options (on, off, rate=, period=, scope=)")]
+    Empty,
+    /// An option this VMM does not know.
+    #[error("unknown page sharing option {0:?} (on, off, rate=, period=, scope=global|vm)")]
+    Unknown(String),
+    /// `scope=` with neither `global` nor `vm`.
+    #[error("scope={0}: expected global or vm")]
+    Scope(String),
+    /// `period=` that is not a duration.
+    #[error("period: {0}")]
+    Period(#[source] ConfigError),
+    /// `rate=SIZE/s` with a size that is not one.
+    #[error("rate: {0}")]
+    RateSize(#[source] ConfigError),
+    /// `rate=` below one page per second.
+    #[error("rate={0}: less than one page per second")]
+    RateTooLow(String),
+    /// `rate=` neither a number nor a size per second.
+    #[error("rate={0}: expected pages per second (e.g. 25600) or a size per second (e.g. 100M/s)")]
+    Rate(String),
+}
+
 /// Parses `--tps` options on top of `base`: `on`, `off`, `rate=PAGES_PER_S` or
 /// `rate=SIZE/s` (e.g. `100M/s`; 0: no limit), `period=DURATION` (pace a full pass
 /// over all guest RAM to this; 0: none), `scope=global|vm` (share across VMs, or
 /// only within each VM), separated by commas. `off` turns scanning off.
-pub fn parse_options(text: &str, base: tps::Config) -> Result<tps::Config, String> {
+pub fn parse_options(text: &str, base: tps::Config) -> Result<tps::Config, TpsOptionsError> {
     let mut c = base;
     let items: Vec<&str> = text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     if items.is_empty() {
-        return Err("empty page sharing options (on, off, rate=, period=, scope=)".into());
+        return Err(TpsOptionsError::Empty);
     }
     for item in items {
         match item.split_once('=') {
@@ -113,33 +139,29 @@ pub fn parse_options(text: &str, base: tps::Config) -> Result<tps::Config, Strin
             None if item == "off" => c.enabled = false,
             Some(("rate", v)) => c.pages_per_sec = parse_rate(v)?,
             Some(("period", v)) => {
-                let d = parse_duration(v).map_err(|e| format!("period: {e}"))?;
+                let d = parse_duration(v).map_err(TpsOptionsError::Period)?;
                 c.full_pass = (!d.is_zero()).then_some(d);
             }
             Some(("scope", "global")) => c.cross_vm = true,
             Some(("scope", "vm")) => c.cross_vm = false,
-            Some(("scope", v)) => return Err(format!("scope={v}: expected global or vm")),
-            _ => {
-                return Err(format!("unknown page sharing option {item:?} (on, off, rate=, period=, scope=global|vm)"))
-            }
+            Some(("scope", v)) => return Err(TpsOptionsError::Scope(v.into())),
+            _ => return Err(TpsOptionsError::Unknown(item.into())),
         }
     }
     Ok(c)
 }
 
 /// `25600` (pages per second) or `100M/s`, `1G/s`, `512K/s`, `100MB/s`.
-fn parse_rate(v: &str) -> Result<u64, String> {
+fn parse_rate(v: &str) -> Result<u64, TpsOptionsError> {
     match v.strip_suffix("/s") {
         Some(size) => {
-            let bytes = parse_size(size).map_err(|e| format!("rate: {e}"))?;
+            let bytes = parse_size(size).map_err(TpsOptionsError::RateSize)?;
             if bytes != 0 && bytes < PAGE_SIZE {
-                return Err(format!("rate={v}: less than one page per second"));
+                return Err(TpsOptionsError::RateTooLow(v.into()));
             }
             Ok(bytes / PAGE_SIZE)
         }
-        None => v.parse().map_err(|_| {
-            format!("rate={v}: expected pages per second (e.g. 25600) or a size per second (e.g. 100M/s)")
-        }),
+        None => v.parse().map_err(|_| TpsOptionsError::Rate(v.into())),
     }
 }
 
@@ -165,7 +187,7 @@ mod tests {
         assert_eq!(parse_options("rate=0,period=0", d.clone()).unwrap().full_pass, None);
         assert_eq!(parse_options("rate=1G/s", d.clone()).unwrap().pages_per_sec, 262_144);
         for bad in ["", "rate=fast", "rate=100/s", "scope=host", "period=soon", "speed=3", "onn"] {
-            let e = parse_options(bad, d.clone()).unwrap_err();
+            let e = parse_options(bad, d.clone()).unwrap_err().to_string();
             assert!(!e.contains('\n') && !e.is_empty(), "{bad}: {e}");
         }
     }

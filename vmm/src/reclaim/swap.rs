@@ -91,10 +91,42 @@ impl DirtyLog {
     }
 }
 
+/// Why host swap could not be set up, or an eviction asked for could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum HostSwapError {
+    /// The swap directory cannot be created.
+    #[error("cannot create swap directory {}: {source}", dir.display())]
+    CreateDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stale swap files could not be removed.
+    #[error("cleaning swap directory {}: {source}", dir.display())]
+    Clean {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The swapper of a VM failed.
+    #[error("vm {vm}: {source}")]
+    Swapper {
+        /// The VM.
+        vm: String,
+        /// The swapper's error.
+        #[source]
+        source: SwapError,
+    },
+}
+
 /// Creates the swap directory and removes the swap files of dead processes.
-pub fn prepare_dir(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create swap directory {}: {e}", dir.display()))?;
-    let removed = swapd::clean_stale(dir).map_err(|e| format!("cleaning swap directory {}: {e}", dir.display()))?;
+pub fn prepare_dir(dir: &Path) -> Result<(), HostSwapError> {
+    std::fs::create_dir_all(dir).map_err(|source| HostSwapError::CreateDir { dir: dir.into(), source })?;
+    let removed = swapd::clean_stale(dir).map_err(|source| HostSwapError::Clean { dir: dir.into(), source })?;
     if !removed.is_empty() {
         log::info!("removed {} stale swap file(s) from {}", removed.len(), dir.display());
     }
@@ -104,11 +136,13 @@ pub fn prepare_dir(dir: &Path) -> Result<(), String> {
 /// A swapper for `vm`: creates `DIR/NAME.vswp` and the fault thread; from now on
 /// the VM's discards and remaps reach it. The directory must be prepared
 /// ([`prepare_dir`]).
-pub fn attach(vm: &Arc<VmShared>, opts: &SwapOptions) -> Result<Arc<Swapper>, String> {
+pub fn attach(vm: &Arc<VmShared>, opts: &SwapOptions) -> Result<Arc<Swapper>, HostSwapError> {
     let mut cfg = swapd::Config::new(&opts.dir);
     cfg.victims = opts.victims;
     cfg.seed = crate::vm::random_seed();
-    Ok(Arc::new(Swapper::new(ReclaimView::of(vm), cfg).map_err(|e| format!("vm {}: {e}", vm.name()))?))
+    let swapper = Swapper::new(ReclaimView::of(vm), cfg)
+        .map_err(|source| HostSwapError::Swapper { vm: vm.name().to_string(), source })?;
+    Ok(Arc::new(swapper))
 }
 
 /// What an eviction asked for through the control API (`swap_out`) did.
@@ -127,7 +161,7 @@ pub struct SwapOutResult {
 
 /// Evicts up to `bytes` of a VM's memory now with its swapper (`vmm ctl swap out`);
 /// returns what it did.
-pub fn swap_out(sw: &Swapper, bytes: u64) -> Result<SwapOutResult, String> {
+pub fn swap_out(sw: &Swapper, bytes: u64) -> Result<SwapOutResult, HostSwapError> {
     // An explicit request retries an eviction stopped by an earlier write error.
     sw.resume_eviction();
     let pages = bytes.div_ceil(guest_abi::PAGE_SIZE) as usize;
@@ -135,7 +169,7 @@ pub fn swap_out(sw: &Swapper, bytes: u64) -> Result<SwapOutResult, String> {
         Ok(n) => (n, None),
         Err(e @ SwapError::Write { reclaimed, .. }) => (reclaimed, Some(e.to_string())),
         Err(e @ (SwapError::Stopped { .. } | SwapError::PauseTimedOut { .. })) => (0, Some(e.to_string())),
-        Err(e) => return Err(format!("vm {}: {e}", sw.name())),
+        Err(source) => return Err(HostSwapError::Swapper { vm: sw.name().to_string(), source }),
     };
     Ok(SwapOutResult {
         asked_pages: pages as u64,

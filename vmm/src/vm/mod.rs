@@ -34,10 +34,12 @@ use crate::linux::{kind, TestGuestParams};
 use crate::loader;
 use crate::memory::slots::MemorySlots;
 use crate::memory::GuestRam;
+mod error;
 mod shared;
 mod vcpu;
 
 use crate::x86::{cpuid, pvm, regs, Backend};
+pub use error::{KvmOpenError, SetupError, VmError};
 use pagestate::{Mode, PauseError, PauseGuard};
 pub use shared::{BalloonTargetError, CommandOutput, Ending, VmShared, VmState, VmStats};
 
@@ -99,55 +101,54 @@ pub struct Vm {
 }
 
 /// Opens `/dev/kvm` with an error a user can act on.
-pub fn open_kvm() -> Result<Kvm, String> {
+pub fn open_kvm() -> Result<Kvm, KvmOpenError> {
     Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT => {
-            "/dev/kvm does not exist: this host has no KVM (load the kvm module, or enable nested virtualisation)"
-                .to_string()
-        }
-        libc::EACCES | libc::EPERM => {
-            "no permission to open /dev/kvm: run as root or join the group that owns it (usually kvm)".to_string()
-        }
-        _ => format!("cannot open /dev/kvm: {e}"),
+        libc::ENOENT => KvmOpenError::Missing,
+        libc::EACCES | libc::EPERM => KvmOpenError::Permission,
+        _ => KvmOpenError::Other(e),
     })
 }
 
 impl Vm {
     /// Builds VM number `index` of its process. `t0` is the reference for the boot
     /// figures (the start of `vmm run`).
-    pub fn create(kvm: &Kvm, config: &VmConfig, index: u32, t0: Instant, label_console: bool) -> Result<Vm, String> {
+    pub fn create(kvm: &Kvm, config: &VmConfig, index: u32, t0: Instant, label_console: bool) -> Result<Vm, VmError> {
         config.validate()?;
-        let ctx = |m: String| format!("vm {}: {m}", config.name);
-        let image = loader::kernel_bytes(&config.kernel).map_err(ctx)?;
-        let kind = kind::recognise(&image).map_err(|e| ctx(e.to_string()))?;
-        let vm_fd = Arc::new(kvm.create_vm().map_err(|e| ctx(format!("KVM_CREATE_VM failed: {e}")))?);
-        let ram = Arc::new(GuestRam::new(config.mem, config.host_pages).map_err(|e| ctx(e.to_string()))?);
+        Self::set_up(kvm, config, index, t0, label_console)
+            .map_err(|source| VmError::Setup { vm: config.name.clone(), source })
+    }
+
+    fn set_up(kvm: &Kvm, config: &VmConfig, index: u32, t0: Instant, label_console: bool) -> Result<Vm, SetupError> {
+        let ioctl = SetupError::ioctl;
+        let image = loader::kernel_bytes(&config.kernel)?;
+        let kind = kind::recognise(&image)?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?);
+        let ram = Arc::new(GuestRam::new(config.mem, config.host_pages)?);
         // SAFETY: `ram` lives in VmShared, which the Vm holds until after its VM fd
         // and slots (fields dropped in order, `shared` last).
-        let slots = unsafe { MemorySlots::register(vm_fd.clone(), &ram) }.map_err(|e| ctx(e.to_string()))?;
+        let slots = unsafe { MemorySlots::register(vm_fd.clone(), &ram) }?;
 
         // A Linux kernel's irqchip must exist before its vCPUs.
         let linux = match kind.is_linux_protocol() {
-            true => Some(LinuxPlatform::new(&kind, &vm_fd).map_err(ctx)?),
+            true => Some(LinuxPlatform::new(&kind, &vm_fd)?),
             false => None,
         };
-        let supported =
-            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| ctx(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for i in 0..config.vcpus {
-            let vcpu = vm_fd.create_vcpu(i as u64).map_err(|e| ctx(format!("KVM_CREATE_VCPU {i}: {e}")))?;
+            let vcpu = vm_fd.create_vcpu(i as u64).map_err(SetupError::ioctl(format!("KVM_CREATE_VCPU {i}")))?;
             // Linux-protocol guests get their own APIC IDs and topology; the test
             // guest's own protocol passes its index in a register.
             let cpuid = match linux {
                 Some(_) => cpuid::for_vcpu(&supported, i, config.vcpus, tsc_deadline),
                 None => supported.clone(),
             };
-            vcpu.set_cpuid2(&cpuid).map_err(|e| ctx(format!("KVM_SET_CPUID2: {e}")))?;
+            vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
             vcpus.push(vcpu);
         }
         let backend = Backend::detect(&vcpus[0]);
-        LinuxPlatform::check_backend(&kind, backend).map_err(ctx)?;
+        LinuxPlatform::check_backend(&kind, backend)?;
         let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or(0) as u64;
         let vm_seed = random_seed() ^ index as u64;
         let params = BootParams {
@@ -162,48 +163,47 @@ impl Vm {
         let (layout, linux_layout) = match &linux {
             Some(_) => {
                 let test_guest = TestGuestParams { vm_index: index, vm_seed, backend, tsc_khz };
-                let l = LinuxPlatform::boot(&kind, &ram, &image, config, &test_guest).map_err(ctx)?;
+                let l = LinuxPlatform::boot(&kind, &ram, &image, config, &test_guest)?;
                 (boot::BootLayout { entry: l.entry, cr3: l.cr3 }, Some(l))
             }
-            None => (boot::prepare(&ram, &image, &params).map_err(ctx)?, None),
+            None => (boot::prepare(&ram, &image, &params)?, None),
         };
         for (i, vcpu) in vcpus.iter().enumerate() {
             if backend == Backend::Pvm {
-                pvm::register_vif(vcpu, VIF_BASE_GPA + i as u64 * 4096).map_err(ctx)?;
+                pvm::register_vif(vcpu, VIF_BASE_GPA + i as u64 * 4096)?;
             }
             if let (Some(platform), Some(layout)) = (&linux, &linux_layout) {
-                platform.setup_vcpu(vcpu, i as u32, layout).map_err(ctx)?;
+                platform.setup_vcpu(vcpu, i as u32, layout)?;
                 continue;
             }
-            let sregs = vcpu.get_sregs().map_err(|e| ctx(format!("KVM_GET_SREGS: {e}")))?;
-            vcpu.set_sregs(&regs::long_mode_sregs(sregs, layout.cr3))
-                .map_err(|e| ctx(format!("KVM_SET_SREGS: {e}")))?;
+            let sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+            vcpu.set_sregs(&regs::long_mode_sregs(sregs, layout.cr3)).map_err(ioctl("KVM_SET_SREGS"))?;
             vcpu.set_regs(&regs::entry_regs(layout.entry, guest_abi::BOOT_INFO_GPA, i as u32))
-                .map_err(|e| ctx(format!("KVM_SET_REGS: {e}")))?;
+                .map_err(ioctl("KVM_SET_REGS"))?;
         }
 
-        let console = Console::new(&config.console, &config.name, label_console).map_err(|e| ctx(e.to_string()))?;
+        let console = Console::new(&config.console, &config.name, label_console).map_err(SetupError::Console)?;
         let mut pio = Bus::new();
         let serial_irq = match &linux {
-            Some(platform) => platform.serial_irq(&vm_fd).map_err(ctx)?,
+            Some(platform) => platform.serial_irq(&vm_fd)?,
             None => IrqLine::None,
         };
         let serial = Arc::new(Mutex::new(SerialPort::new(console.clone(), serial_irq)));
         if config.console == ConsoleTarget::Stdio {
-            crate::console_input::forward_stdin(serial.clone()).map_err(|e| ctx(format!("console input: {e}")))?;
+            crate::console_input::forward_stdin(serial.clone()).map_err(SetupError::Console)?;
         }
-        pio.insert(serial, PORT_BASE.into(), PORT_COUNT.into()).map_err(|e| ctx(e.to_string()))?;
+        pio.insert(serial, PORT_BASE.into(), PORT_COUNT.into())?;
         let mut mmio = Bus::new();
         if let Some(platform) = &linux {
-            platform.attach_devices(&mut pio, &mut mmio).map_err(ctx)?;
+            platform.attach_devices(&mut pio, &mut mmio)?;
         }
         let balloon = match &config.balloon {
             Some(cfg) => {
                 let irqfd = match &linux {
-                    Some(platform) => platform.balloon_irqfd(&vm_fd).map_err(ctx)?,
+                    Some(platform) => platform.balloon_irqfd(&vm_fd)?,
                     None => None,
                 };
-                Some(attach_balloon(&vm_fd, &mut mmio, &config.name, cfg, &ram, irqfd).map_err(ctx)?)
+                Some(attach_balloon(&vm_fd, &mut mmio, &config.name, cfg, &ram, irqfd)?)
             }
             None => None,
         };
@@ -240,12 +240,16 @@ impl Vm {
     }
 
     /// Starts the device threads and the vCPU threads.
-    pub fn start(&mut self) -> Result<(), String> {
+    pub fn start(&mut self) -> Result<(), VmError> {
         self.last_progress = (0, Instant::now());
+        let failed = |what| {
+            let vm = self.config.name.clone();
+            move |source| VmError::Setup { vm, source: SetupError::Thread { what, source } }
+        };
         if let (Some(dev), Some(fds)) = (self.shared.balloon(), self.balloon_notify.take()) {
             let worker =
                 Worker::spawn(format!("{}-balloon", self.config.name), dev.clone(), fds, self.shared.run().clone())
-                    .map_err(|e| format!("vm {}: cannot start the balloon thread: {e}", self.config.name))?;
+                    .map_err(failed("balloon"))?;
             self.workers.push(worker);
         }
         for (cpu, vcpu) in std::mem::take(&mut self.pending_vcpus).into_iter().enumerate() {
@@ -253,7 +257,7 @@ impl Vm {
             let handle = std::thread::Builder::new()
                 .name(format!("{}-vcpu{cpu}", self.config.name))
                 .spawn(move || vcpu::run(vcpu, cpu as u32, shared))
-                .map_err(|e| format!("vm {}: cannot start a vCPU thread: {e}", self.config.name))?;
+                .map_err(failed("vCPU"))?;
             self.threads.push(handle);
         }
         Ok(())
@@ -427,7 +431,7 @@ fn attach_balloon(
     cfg: &BalloonConfig,
     ram: &Arc<GuestRam>,
     irqfd: Option<EventFd>,
-) -> Result<(Arc<Mutex<Balloon>>, Vec<EventFd>), String> {
+) -> Result<(Arc<Mutex<Balloon>>, Vec<EventFd>), SetupError> {
     let interrupt = Arc::new(irqfd.map_or_else(Interrupt::default, Interrupt::with_irqfd));
     let errors = Arc::new(GuestErrors::default());
     let generation = Arc::new(AtomicU32::new(0));
@@ -442,15 +446,14 @@ fn attach_balloon(
     let notify_addr = BALLOON_MMIO_BASE + mmio::QUEUE_NOTIFY;
     let mut fds = Vec::new();
     for q in 0..BALLOON_QUEUES {
-        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(SetupError::EventFd)?;
         if let Err(e) = vm_fd.register_ioevent(&fd, &IoEventAddress::Mmio(notify_addr), q) {
             // Still works: the notify write then exits to the transport.
             log::warn!("{name}: KVM_IOEVENTFD for balloon queue {q} failed ({e}); notifications will exit");
         }
         fds.push(fd);
     }
-    let clones =
-        fds.iter().map(|f| f.try_clone().map_err(|e| format!("eventfd: {e}"))).collect::<Result<Vec<_>, _>>()?;
+    let clones = fds.iter().map(|f| f.try_clone().map_err(SetupError::EventFd)).collect::<Result<Vec<_>, _>>()?;
     let transport = MmioTransport::new(
         format!("{name}/balloon"),
         device.clone(),
@@ -460,7 +463,7 @@ fn attach_balloon(
         clones,
         generation,
     );
-    mmio.insert(Arc::new(Mutex::new(transport)), BALLOON_MMIO_BASE, mmio::MMIO_SIZE).map_err(|e| e.to_string())?;
+    mmio.insert(Arc::new(Mutex::new(transport)), BALLOON_MMIO_BASE, mmio::MMIO_SIZE)?;
     Ok((device, fds))
 }
 

@@ -40,15 +40,32 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
     ]
 }
 
-/// Writes [`boot_msrs`] into `vcpu`; fails naming the first MSR KVM refused.
-pub fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), String> {
-    let list = boot_msrs();
+/// Why MSRs could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum MsrError {
+    /// More entries than one `KVM_SET_MSRS` takes.
+    #[error("too many MSRs for one KVM_SET_MSRS")]
+    TooMany,
+    /// KVM took the entries before this MSR and refused it.
+    #[error("KVM refused MSR {0:#x}")]
+    Refused(u32),
+    /// The ioctl failed.
+    #[error("KVM_SET_MSRS: {0}")]
+    Kvm(#[from] kvm_ioctls::Error),
+}
+
+/// Writes `(index, value)` MSRs into `vcpu`; fails naming the first one KVM refused.
+pub fn set(vcpu: &VcpuFd, list: &[(u32, u64)]) -> Result<(), MsrError> {
     let entries: Vec<kvm_msr_entry> =
         list.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|e| format!("boot MSRs: {e:?}"))?;
-    match vcpu.set_msrs(&msrs) {
-        Ok(n) if n == list.len() => Ok(()),
-        Ok(n) => Err(format!("KVM refused boot MSR {:#x}", list[n].0)),
-        Err(e) => Err(format!("KVM_SET_MSRS (boot MSRs): {e}")),
+    let msrs = Msrs::from_entries(&entries).map_err(|_| MsrError::TooMany)?;
+    match vcpu.set_msrs(&msrs)? {
+        n if n == list.len() => Ok(()),
+        n => Err(MsrError::Refused(list[n].0)),
     }
+}
+
+/// Writes [`boot_msrs`] into `vcpu`.
+pub fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), MsrError> {
+    set(vcpu, &boot_msrs())
 }

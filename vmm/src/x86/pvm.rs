@@ -9,6 +9,8 @@
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
+use super::msrs::{self, MsrError};
+
 /// MSR that reads [`PVM_SIGNATURE`] on a PVM host.
 const MSR_PVM_SIGNATURE: u32 = 0x4b56_4d11;
 /// "PVM".
@@ -53,17 +55,7 @@ impl Backend {
 }
 
 /// Registers the VIF area of `vcpu` at `gpa` (4 KiB aligned, 16 bytes used).
-pub fn register_vif(vcpu: &VcpuFd, gpa: u64) -> Result<(), String> {
+pub fn register_vif(vcpu: &VcpuFd, gpa: u64) -> Result<(), MsrError> {
     debug_assert_eq!(gpa % 4096, 0);
-    let msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: MSR_PVM_VIF,
-        data: gpa | VIF_KERNEL_STATE | VIF_CR2_CELL,
-        ..Default::default()
-    }])
-    .map_err(|e| format!("{e:?}"))?;
-    match vcpu.set_msrs(&msrs) {
-        Ok(1) => Ok(()),
-        Ok(_) => Err("KVM refused the PVM VIF MSR".into()),
-        Err(e) => Err(format!("setting the PVM VIF MSR: {e}")),
-    }
+    msrs::set(vcpu, &[(MSR_PVM_VIF, gpa | VIF_KERNEL_STATE | VIF_CR2_CELL)])
 }
