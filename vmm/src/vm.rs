@@ -22,11 +22,12 @@ use crate::config::{Kernel, VmConfig};
 use crate::console::Console;
 use crate::control::{self, GuestProgress};
 use crate::devices::bus::Bus;
+use crate::devices::guest_errors::GuestErrors;
 use crate::devices::serial::{SerialPort, PORT_BASE, PORT_COUNT};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::worker::Worker;
-use crate::devices::virtio::{GuestErrors, Interrupt};
+use crate::devices::virtio::Interrupt;
 use crate::kvm_stats;
 use crate::loader;
 use crate::memory::GuestRam;
@@ -546,7 +547,7 @@ fn attach_balloon(
     ram: &Arc<GuestRam>,
 ) -> Result<(Arc<Mutex<Balloon>>, Vec<EventFd>), String> {
     let interrupt = Arc::new(Interrupt::default());
-    let errors = Arc::new(GuestErrors::default());
+    let errors = Arc::new(GuestErrors::new(format!("{name}/balloon")));
     let generation = Arc::new(AtomicU32::new(0));
     let device = Arc::new(Mutex::new(Balloon::new(
         format!("{name}/balloon"),
@@ -571,7 +572,7 @@ fn attach_balloon(
     let transport = MmioTransport::new(
         format!("{name}/balloon"),
         device.clone(),
-        ram.mem().clone(),
+        ram.clone(),
         interrupt,
         errors,
         clones,

@@ -2,6 +2,15 @@
 //! (ioeventfds) and the device's periodic work, and runs them under the VM's
 //! device gate so that a paused VM has no device thread touching guest memory.
 //!
+//! Work is done in the device's bounded slices ([`VirtioDevice::process_queue`]),
+//! one queue at a time, each under the device lock and the gate taken for that slice
+//! only. A queue whose slice ended with chains still available stays pending and is
+//! served again without a new notification; before that, the worker sleeps as long
+//! as the slice took (at least [`MIN_PAUSE`]) with the lock and the gate released.
+//! So a guest that never stops handing over work gets at most half of one host core,
+//! and the control API, vCPU register accesses and pauses wait at most one slice for
+//! the device.
+//!
 //! Without an interrupt controller the guest polls its used rings, halting in
 //! between; after handling notifications the worker wakes the VM's halted vCPUs
 //! (what an interrupt would do), so a guest waiting for its buffers does not sleep
@@ -10,12 +19,16 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::VirtioDevice;
+use super::{VirtioDevice, Work};
 use crate::run_control::RunControl;
+
+/// Shortest rest between two slices of a queue that has more work.
+pub const MIN_PAUSE: Duration = Duration::from_micros(100);
 
 /// A running worker; dropping it stops the thread.
 pub struct Worker {
@@ -40,9 +53,20 @@ impl Worker {
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
         let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
             let mut events = vec![EpollEvent::default(); notify.len() + 1];
+            let mut pending = vec![false; notify.len()];
             let mut period_ms = -1i32;
+            // Runs `f` on the device under the gate; None if the VM is stopping.
+            let with_device = |f: &mut dyn FnMut(&mut D)| {
+                if !run.device_enter() {
+                    return None;
+                }
+                f(&mut device.lock().unwrap());
+                run.device_exit();
+                Some(())
+            };
             loop {
-                let n = match epoll.wait(period_ms, &mut events) {
+                let timeout = if pending.contains(&true) { 0 } else { period_ms };
+                let n = match epoll.wait(timeout, &mut events) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -50,24 +74,38 @@ impl Worker {
                         return;
                     }
                 };
-                if !run.device_enter() {
-                    return;
-                }
-                let mut dev = device.lock().unwrap();
                 for ev in &events[..n] {
                     let token = ev.data();
                     if token == stop_token {
-                        run.device_exit();
                         return;
                     }
                     let _ = notify[token as usize].read();
-                    dev.process_queue(token as usize);
+                    pending[token as usize] = true;
                 }
-                let p = dev.tick();
+                let mut served = false;
+                for (q, more) in pending.iter_mut().enumerate() {
+                    if !*more {
+                        continue;
+                    }
+                    let start = Instant::now();
+                    let mut work = Work::Done;
+                    if with_device(&mut |dev| work = dev.process_queue(q)).is_none() {
+                        return;
+                    }
+                    served = true;
+                    *more = work == Work::More;
+                    if *more {
+                        // More than a slice of work: let the others in first.
+                        run.wake();
+                        std::thread::sleep(start.elapsed().max(MIN_PAUSE));
+                    }
+                }
+                let mut p = 0;
+                if with_device(&mut |dev| p = dev.tick()).is_none() {
+                    return;
+                }
                 period_ms = if p == 0 { -1 } else { p.min(i32::MAX as u64) as i32 };
-                drop(dev);
-                run.device_exit();
-                if n > 0 {
+                if served {
                     run.wake();
                 }
             }
@@ -91,8 +129,9 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::devices::guest_errors::GuestErrors;
     use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
-    use crate::devices::virtio::{GuestErrors, Interrupt};
+    use crate::devices::virtio::Interrupt;
     use crate::memory::{GuestRam, HostPages};
 
     #[test]
@@ -103,7 +142,7 @@ mod tests {
             BalloonConfig { stats_interval: Duration::ZERO, ..BalloonConfig::default() },
             ram,
             Arc::new(Interrupt::default()),
-            Arc::new(GuestErrors::default()),
+            Arc::new(GuestErrors::new("test/balloon")),
             Arc::new(AtomicU32::new(0)),
         );
         let notify: Vec<EventFd> = (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
