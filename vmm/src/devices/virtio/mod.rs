@@ -14,6 +14,8 @@
 //! threat model.
 
 pub mod balloon;
+#[cfg(test)]
+mod fuzz;
 pub mod mmio;
 #[cfg(test)]
 pub(crate) mod testing;
