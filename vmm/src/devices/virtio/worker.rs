@@ -5,11 +5,14 @@
 //! Work is done in the device's bounded slices ([`VirtioDevice::process_queue`]),
 //! one queue at a time, each under the device lock and the gate taken for that slice
 //! only. A queue whose slice ended with chains still available stays pending and is
-//! served again without a new notification; before that, the worker sleeps as long
-//! as the slice took (at least [`MIN_PAUSE`]) with the lock and the gate released.
-//! So a guest that never stops handing over work gets at most half of one host core,
-//! and the control API, vCPU register accesses and pauses wait at most one slice for
-//! the device.
+//! served again without a new notification. A pause waits for the slice at hand
+//! only: the next one does not start while the VM is paused. The device lock is not
+//! fair, so a guest that keeps handing over work could still keep it from others
+//! by keeping the worker busy; the worker therefore rests [`REST`] with the lock and
+//! the gate released whenever it has been busy for [`BUSY_LIMIT`] without waiting
+//! for a notification. The control API and vCPU register accesses wait for the
+//! device at most that long plus one slice, and such a guest gets at most
+//! `BUSY_LIMIT / (BUSY_LIMIT + REST)` of one host core.
 //!
 //! Without an interrupt controller the guest polls its used rings, halting in
 //! between; after handling notifications the worker wakes the VM's halted vCPUs
@@ -27,8 +30,13 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{VirtioDevice, Work};
 use crate::run_control::RunControl;
 
-/// Shortest rest between two slices of a queue that has more work.
-pub const MIN_PAUSE: Duration = Duration::from_micros(100);
+/// Longest the worker works without waiting for a notification or resting.
+pub const BUSY_LIMIT: Duration = Duration::from_millis(10);
+/// How long it rests then, lock and gate released.
+pub const REST: Duration = Duration::from_millis(1);
+/// A wait for notifications at least this long counts as a rest: others could
+/// take the device meanwhile.
+const IDLE: Duration = Duration::from_micros(100);
 
 /// A running worker; dropping it stops the thread.
 pub struct Worker {
@@ -55,6 +63,7 @@ impl Worker {
             let mut events = vec![EpollEvent::default(); notify.len() + 1];
             let mut pending = vec![false; notify.len()];
             let mut period_ms = -1i32;
+            let mut busy_since: Option<Instant> = None;
             // Runs `f` on the device under the gate; None if the VM is stopping.
             let with_device = |f: &mut dyn FnMut(&mut D)| {
                 if !run.device_enter() {
@@ -66,6 +75,7 @@ impl Worker {
             };
             loop {
                 let timeout = if pending.contains(&true) { 0 } else { period_ms };
+                let waiting = Instant::now();
                 let n = match epoll.wait(timeout, &mut events) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -74,6 +84,9 @@ impl Worker {
                         return;
                     }
                 };
+                if waiting.elapsed() >= IDLE {
+                    busy_since = None;
+                }
                 for ev in &events[..n] {
                     let token = ev.data();
                     if token == stop_token {
@@ -94,10 +107,11 @@ impl Worker {
                     }
                     served = true;
                     *more = work == Work::More;
-                    if *more {
-                        // More than a slice of work: let the others in first.
+                    if busy_since.get_or_insert(start).elapsed() >= BUSY_LIMIT {
+                        // Let the others in: the lock is not fair.
                         run.wake();
-                        std::thread::sleep(start.elapsed().max(MIN_PAUSE));
+                        std::thread::sleep(REST);
+                        busy_since = None;
                     }
                 }
                 let mut p = 0;
