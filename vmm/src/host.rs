@@ -88,7 +88,10 @@ pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostRe
         None => None,
     };
     let _api = match &opts.api_socket {
-        Some(path) => Some(Server::start(path, vms.iter().map(|vm| vm.shared().clone()).collect(), sharing.clone())?),
+        Some(path) => Some(
+            Server::start(path, vms.iter().map(|vm| vm.shared().clone()).collect(), sharing.clone())
+                .map_err(|e| e.to_string())?,
+        ),
         None => None,
     };
     for vm in &mut vms {

@@ -10,9 +10,11 @@
 //! `{"ok": false, "error": "..."}`. A malformed request gets an error response;
 //! nothing a client sends can stop the VMM.
 //!
-//! [`server`] serves it inside `vmm run`; [`client`] is `vmm ctl`.
+//! [`server`] serves it inside `vmm run` over the socket of [`listener`], which
+//! also bounds what a client may hold; [`client`] is `vmm ctl`.
 
 pub mod client;
+pub mod listener;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
