@@ -341,7 +341,8 @@ impl Balloon {
             } else {
                 BalloonMetrics::add(&self.metrics.duplicate_pfns, 1);
             }
-            if previous.is_none_or(|p: u64| p + 1 != pfn) {
+            // Each run costs one `madvise` (each page, in the per-page baseline).
+            if self.cfg.per_page_discard || previous.is_none_or(|p: u64| p + 1 != pfn) {
                 s.runs += 1;
             }
             previous = Some(pfn);
