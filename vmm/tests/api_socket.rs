@@ -11,31 +11,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::TempDir;
 use vmm::api::listener::{Limits, ListenError};
 use vmm::api::server::{Server, Targets};
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("vmm-api-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn sock(&self) -> PathBuf {
-        self.0.join("api.sock")
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn limits() -> Limits {
     Limits {
@@ -46,12 +28,12 @@ fn limits() -> Limits {
     }
 }
 
-fn server(dir: &Dir) -> Server {
+fn server(dir: &TempDir) -> Server {
     server_with(dir, limits())
 }
 
-fn server_with(dir: &Dir, limits: Limits) -> Server {
-    Server::with_limits(&dir.sock(), Targets { vms: Vec::new(), tps: None }, limits).unwrap()
+fn server_with(dir: &TempDir, limits: Limits) -> Server {
+    Server::with_limits(&dir.0.join("api.sock"), Targets { vms: Vec::new(), tps: None }, limits).unwrap()
 }
 
 /// Sends `line` and reads one response line.
@@ -86,7 +68,7 @@ fn until_closed(mut c: UnixStream) -> String {
 
 #[test]
 fn malformed_requests_get_one_line_errors_and_the_connection_stays_usable() {
-    let dir = Dir::new("malformed");
+    let dir = TempDir::new("malformed");
     let s = server(&dir);
     let mut c = connect(&s);
     for bad in ["{", "null", r#"{"cmd":"reboot"}"#, r#"{"cmd":"balloon_set"}"#, "\u{0}\u{1}"] {
@@ -103,7 +85,7 @@ fn malformed_requests_get_one_line_errors_and_the_connection_stays_usable() {
 
 #[test]
 fn a_line_of_several_mib_is_refused_without_holding_it() {
-    let dir = Dir::new("long");
+    let dir = TempDir::new("long");
     let s = server(&dir);
     let mut c = connect(&s);
     let base = rss();
@@ -121,7 +103,7 @@ fn a_line_of_several_mib_is_refused_without_holding_it() {
 
 #[test]
 fn a_client_that_never_reads_is_dropped_and_others_are_served() {
-    let dir = Dir::new("noread");
+    let dir = TempDir::new("noread");
     let s = server(&dir);
     let mut c = connect(&s);
     still_serves(&s);
@@ -149,7 +131,7 @@ fn a_client_that_never_reads_is_dropped_and_others_are_served() {
 
 #[test]
 fn clients_beyond_the_limit_are_told_and_the_slots_come_back() {
-    let dir = Dir::new("many");
+    let dir = TempDir::new("many");
     // Idle clients must hold their slots while the others knock.
     let s = server_with(&dir, Limits { request_timeout: Duration::from_secs(2), ..limits() });
     let idle: Vec<UnixStream> = (0..4).map(|_| connect(&s)).collect();
@@ -169,7 +151,7 @@ fn clients_beyond_the_limit_are_told_and_the_slots_come_back() {
 
 #[test]
 fn a_request_cut_by_a_disconnect_is_not_executed() {
-    let dir = Dir::new("cut");
+    let dir = TempDir::new("cut");
     let s = server(&dir);
     let mut c = connect(&s);
     c.write_all(br#"{"cmd":"vms"}"#).unwrap(); // no newline
@@ -192,8 +174,8 @@ fn a_request_cut_by_a_disconnect_is_not_executed() {
 
 #[test]
 fn the_socket_is_private_and_replaces_only_a_stale_socket() {
-    let dir = Dir::new("file");
-    let path = dir.sock();
+    let dir = TempDir::new("file");
+    let path = dir.0.join("api.sock");
     // A regular file is never replaced.
     std::fs::write(&path, b"precious").unwrap();
     let err = Server::with_limits(&path, Targets { vms: Vec::new(), tps: None }, limits()).err().unwrap();
@@ -215,7 +197,7 @@ fn the_socket_is_private_and_replaces_only_a_stale_socket() {
 
 #[test]
 fn default_sockets_left_by_dead_processes_are_removed() {
-    let dir = Dir::new("stale");
+    let dir = TempDir::new("stale");
     let dead = {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();

@@ -5,38 +5,16 @@
 //! Both runs get a private `TMPDIR` (where the default control socket
 //! `vmm-PID.sock` lives) and swap directory, so that what is left can be listed.
 
+mod common;
+
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Dir(PathBuf);
+use common::TempDir;
 
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("vmm-crash-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-
-    fn files(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn vmm(tmp: &Dir) -> Command {
+fn vmm(tmp: &TempDir) -> Command {
     assert!(Path::new("/dev/kvm").exists(), "these tests boot real guests and need /dev/kvm");
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
     c.env("TMPDIR", &tmp.0);
@@ -54,7 +32,7 @@ impl Drop for Killed {
 }
 
 /// `vmm ctl` against `sock`; its JSON if it succeeded.
-fn ctl(tmp: &Dir, sock: &Path, args: &[&str]) -> Option<serde_json::Value> {
+fn ctl(tmp: &TempDir, sock: &Path, args: &[&str]) -> Option<serde_json::Value> {
     let out = vmm(tmp).arg("ctl").arg("--sock").arg(sock).args(args).output().unwrap();
     out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
 }
@@ -67,8 +45,8 @@ fn allocated(path: &Path) -> u64 {
 
 #[test]
 fn sigkill_during_eviction_leaves_nothing_behind_after_the_next_start() {
-    let tmp = Dir::new("tmp");
-    let swap = Dir::new("swap");
+    let tmp = TempDir::new("tmp");
+    let swap = TempDir::new("swap");
     let swap_dir = swap.0.to_str().unwrap();
     let child = vmm(&tmp)
         .args(["--log-level", "warn", "run", "--mem", "256M", "--swap-dir", swap_dir])
