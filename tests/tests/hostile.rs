@@ -500,6 +500,62 @@ fn a_chain_flood_leaves_memory_log_and_control_path_bounded() {
     lat.check_answered_during(ATTACK);
 }
 
+/// The most host work a guest can ask for per chain: 256 scattered PFNs (one
+/// `madvise` each) inflated and deflated in turn, as fast as the device completes
+/// them. The control path and pauses still answer throughout, and only those pages
+/// ever change.
+#[test]
+fn a_scattered_inflate_deflate_loop_leaves_the_control_path_bounded() {
+    CountingLogger::install();
+    let mut program = set_up(desc_table(0));
+    let top = program.len() as u64;
+    for q in [0, 1] {
+        program.push(Op::SetIdx { dst: avail(q) + 2, src: used(q) + 2, add: 1 });
+        program.push(Op::W32(NOTIFY, q as u32));
+    }
+    program.push(Op::Add64(RESULTS, 1));
+    program.push(Op::Loop { back: program.len() as u64 - top, times: 0 });
+    let h = Hostile::new("scatter", &program);
+    let offered: Vec<u64> = (0..256).map(|i| DATA / 4096 + 2 * i).collect();
+    for (i, &pfn) in offered.iter().enumerate() {
+        h.write(BUFFERS + 4 * i as u64, pfn as u32);
+    }
+    for q in [0, 1] {
+        h.desc(q, 0, BUFFERS, 1024, 0, 0);
+        h.fill_avail(q, |_| 0);
+    }
+    let mut vm = h.vm;
+    let base_rss = vmm::memory::process_rss();
+    reset_peak_rss();
+    vm.start().expect("start");
+    let lat = probe_control_path(&vm, ATTACK);
+    let peak = peak_rss();
+    let snap = vm.balloon().unwrap().lock().unwrap().snapshot();
+    vm.stop("test over");
+    let h = Hostile { vm };
+    let changed = h.changed_data_pages();
+    let (loud, _) = CountingLogger::counts();
+    let report = host::finish_all(vec![h.vm]);
+    assert_eq!(report.vms[0].error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
+
+    lat.print("scattered inflate/deflate");
+    let grown = peak.saturating_sub(base_rss);
+    println!(
+        "scattered inflate/deflate: {} pages inflated, {} deflated, {} madvise calls ({:.0} ms in them), peak RSS +{} MiB, {loud} warn+ log lines",
+        snap.inflated_pages,
+        snap.deflated_pages,
+        snap.discard_calls,
+        snap.discard_ms,
+        grown >> 20
+    );
+    assert!(snap.inflated_pages >= 10 * 256, "the attack barely ran: {snap:?}");
+    assert_eq!(snap.guest_errors, 0, "{snap:?}");
+    assert!(changed.iter().all(|p| offered.contains(p)), "pages the guest never offered changed");
+    assert!(grown < 64 * MIB, "peak RSS grew by {} MiB", grown >> 20);
+    assert_eq!(loud, 0, "{}", CountingLogger::dump());
+    lat.check_answered_during(ATTACK);
+}
+
 /// Valid and invalid chains side by side: the pages freed are exactly those of
 /// the valid inflate buffer and the valid report, and the host memory behind them
 /// is gone.
