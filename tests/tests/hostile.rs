@@ -631,7 +631,7 @@ fn only_the_pages_the_guest_offered_are_freed() {
 #[test]
 fn a_register_storm_is_counted_and_refused_not_logged() {
     CountingLogger::install();
-    const ROUNDS: u64 = 1000;
+    const ROUNDS: u64 = 400;
     let mut program = Vec::new();
     let top = program.len();
     program.push(Op::Load32 { from: guest_abi::MMIO_HOLE_START, to: RESULTS + 8 });
