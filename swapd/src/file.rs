@@ -5,7 +5,11 @@
 //! VM's memory (sparse by default; [`FileOptions::preallocate`] reserves the blocks
 //! up front as ESX does) and removed when the [`SwapFile`] is dropped. The header
 //! names the owning process (pid, its start time, the boot id), so a file left by a
-//! crashed run is recognised and removed by [`clean_stale`].
+//! crashed run is recognised and removed by [`clean_stale`]. The file is written
+//! under a temporary name (`.NAME.vswp.PID.tmp`) and linked to its own only once its
+//! header is complete, so a process killed at any moment leaves either a swap file
+//! with a header or a temporary file, both of which `clean_stale` removes once the
+//! process is gone.
 //!
 //! Checksums (crc32c of each slot's 4 KiB) live in memory only, in [`Slots`]: the
 //! file is never read by another run, and a checksum stored beside the data could
