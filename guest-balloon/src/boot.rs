@@ -51,7 +51,7 @@ pub fn bsp_main(info: *const BootInfo) -> ! {
         Err(msg) => (None, Some(msg)),
     };
     let balloon_features = balloon.as_ref().map(Balloon::features);
-    let machine = Machine { cpus: info.vcpus, vm_seed: info.vm_seed, clock, control };
+    let machine = Machine { vm: info.vm_index, cpus: info.vcpus, vm_seed: info.vm_seed, clock, control };
     let mut interpreter = Interpreter::new(machine, frames, pages, balloon);
     let mem_bytes: u64 = info.mem_regions().iter().map(|r| r.size).sum();
     let mut line = Line::vm();

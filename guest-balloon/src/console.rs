@@ -2,19 +2,22 @@
 //!
 //! Every port access exits to the VMM (~50 us on PVM), so a line is built in memory
 //! and sent whole: one exit per line instead of one per byte. Lines are JSON objects
-//! below [`MAX_LINE`] bytes; a value that does not fit is cut short (strings) or
-//! left out, so every line stays valid JSON. Normally only the BSP prints; the lock
-//! keeps a line from another vCPU (a panic, an exception) from interleaving.
+//! below [`MAX_LINE`] bytes. Step results are typed ([`guest_abi::step`]) and go out
+//! through [`print`]; the other lines (events) are built field by field with
+//! [`Line`], where a value that does not fit is cut short (strings) or left out. Either
+//! way every line stays valid JSON. Normally only the BSP prints; the lock keeps a
+//! line from another vCPU (a panic, an exception) from interleaving.
 
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use guest_abi::SERIAL_PORT;
+use guest_abi::{CONSOLE_LINE_MAX, SERIAL_PORT};
+use serde::Serialize;
 
 use crate::arch;
 
 /// Longest line, newline included.
-const MAX_LINE: usize = 400;
+const MAX_LINE: usize = CONSOLE_LINE_MAX;
 /// Bytes kept free for the closing `}\n`.
 const TAIL: usize = 2;
 /// Room a field needs beyond its key: `,"":` and a number or a short string.
@@ -35,7 +38,31 @@ pub fn set_vm(vm: u32) {
     VM.store(vm, Ordering::Relaxed);
 }
 
-/// A JSON object being built: `Line::vm().str("op", "alloc").num("pages", 8).emit()`.
+/// Prints `value` as one JSON line. A value that does not fit a line (no step
+/// result does: `guest_abi::step` checks the longest) is replaced by an error event.
+pub fn print(value: &impl Serialize) {
+    let mut buf = [0u8; MAX_LINE];
+    match serde_json_core::to_slice(value, &mut buf[..MAX_LINE - 1]) {
+        Ok(len) => {
+            buf[len] = b'\n';
+            send(&buf[..len + 1]);
+        }
+        Err(_) => Line::vm().str("event", "error").str("msg", "a result did not fit a console line").emit(),
+    }
+}
+
+/// Writes a whole line to the port, under the lock.
+fn send(line: &[u8]) {
+    let mut spins = 0;
+    while LOCK.swap(true, Ordering::Acquire) && spins < LOCK_PATIENCE {
+        core::hint::spin_loop();
+        spins += 1;
+    }
+    arch::rep_outsb(SERIAL_PORT, line);
+    LOCK.store(false, Ordering::Release);
+}
+
+/// A JSON object being built: `Line::vm().str("event", "serving").num("steps", 8).emit()`.
 pub struct Line {
     buf: [u8; MAX_LINE],
     len: usize,
@@ -83,14 +110,7 @@ impl Line {
     /// Closes the object and prints it.
     pub fn emit(&mut self) {
         self.buf[self.len..self.len + TAIL].copy_from_slice(b"}\n");
-        let line = &self.buf[..self.len + TAIL];
-        let mut spins = 0;
-        while LOCK.swap(true, Ordering::Acquire) && spins < LOCK_PATIENCE {
-            core::hint::spin_loop();
-            spins += 1;
-        }
-        arch::rep_outsb(SERIAL_PORT, line);
-        LOCK.store(false, Ordering::Release);
+        send(&self.buf[..self.len + TAIL]);
     }
 
     /// Starts a field; false (and nothing written) if it would not fit.

@@ -26,7 +26,7 @@
 //! 2. read `/proc/self/pagemap`: skip pages not present, mapped to the shared zero
 //!    page, file-backed or not exclusively mapped (KSM, fork): discarding those
 //!    frees nothing or loses data;
-//! 3. ask the VMM (`skip_page`: ballooned, shared);
+//! 3. ask the VM (`off_limits`: the VMM's own low memory, ballooned pages);
 //! 4. all-zero pages: discard without writing; others: copy into the batch buffer
 //!    and checksum;
 //! 5. allocate slots (as few runs as possible) and write the buffer with one large
@@ -38,13 +38,18 @@
 //!    ranges): from the moment a page is missing, a fault on it finds its slot;
 //! 7. resume.
 
-use std::time::Instant;
-
-use crate::file::{AlignedBuf, NO_SLOT, PAGE_SIZE};
-use crate::pagemap::{anon_ranges, in_ranges, PM_EXCLUSIVE, PM_FILE, PM_PFN, PM_PRESENT};
-use crate::swapper::{Shared, SwapError};
-use crate::uffd::UFFDIO_REGISTER_MODE_MISSING;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use pagestate::maps::{anon_ranges, in_ranges};
+use pagestate::page::{copy_page, is_zero};
+use pagestate::pagemap::{Backing, PageInfo};
+use pagestate::{PauseError, PAGE_SIZE};
+
+use crate::error::SwapError;
+use crate::file::{AlignedBuf, NO_SLOT};
+use crate::state::SwapState;
+use crate::uffd::UFFDIO_REGISTER_MODE_MISSING;
 
 /// State kept between eviction requests (behind the swapper's eviction lock, which
 /// also serialises requests).
@@ -60,6 +65,7 @@ impl EvictState {
 
 enum BatchError {
     Ending,
+    PauseTimedOut(Duration),
     Write(std::io::Error),
     Other(SwapError),
 }
@@ -67,7 +73,7 @@ enum BatchError {
 /// Evict up to `want` pages: victims from the policy, or from `explicit` (sorted
 /// page indices). Returns the pages reclaimed.
 pub(crate) fn swap_out(
-    sh: &Shared,
+    sh: &SwapState,
     ev: &mut EvictState,
     want: usize,
     explicit: Option<&[u32]>,
@@ -138,6 +144,7 @@ pub(crate) fn swap_out(
         match evict_batch(sh, &mut ev.buf, &cands) {
             Ok(n) => done += n,
             Err(BatchError::Ending) => break Err(SwapError::Ending { reclaimed: done }),
+            Err(BatchError::PauseTimedOut(waited)) => break Err(SwapError::PauseTimedOut { reclaimed: done, waited }),
             Err(BatchError::Write(e)) => {
                 sh.counters.write_errors.fetch_add(1, Relaxed);
                 let reason = format!("writing {}: {e}", sh.file.path().display());
@@ -146,7 +153,7 @@ pub(crate) fn swap_out(
                     sh.name
                 );
                 *sh.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), reason));
-                break Err(SwapError::Write { reclaimed: done, error: e });
+                break Err(SwapError::Write { reclaimed: done, source: e });
             }
             Err(BatchError::Other(e)) => break Err(e),
         }
@@ -157,41 +164,45 @@ pub(crate) fn swap_out(
 
 /// The pages of `cands` that `/proc/self/pagemap` shows resident and private (what
 /// the batch would evict now); the others are counted as skipped.
-fn evictable(sh: &Shared, mut cands: Vec<u32>) -> Result<Vec<u32>, SwapError> {
+fn evictable(sh: &SwapState, mut cands: Vec<u32>) -> Result<Vec<u32>, SwapError> {
     cands.sort_unstable();
     cands.dedup();
-    let mut entries = vec![0u64; cands.len()];
-    for (s, l) in runs(sh, &cands) {
-        sh.pagemap
-            .read(sh.host_of_page(cands[s]), &mut entries[s..s + l])
-            .map_err(|e| SwapError::io("/proc/self/pagemap", e))?;
-    }
-    let c = &sh.counters;
+    let entries = pagemap_of(sh, &cands)?;
     let mut entry = entries.into_iter();
-    cands.retain(|_| {
-        let e = entry.next().unwrap();
-        if e & PM_PRESENT == 0 || (sh.zero_pfn != 0 && e & PM_PFN == sh.zero_pfn) {
-            c.skipped_not_present.fetch_add(1, Relaxed);
-            false
-        } else if e & PM_FILE != 0 || e & PM_EXCLUSIVE == 0 {
-            c.skipped_shared.fetch_add(1, Relaxed);
-            false
-        } else {
-            true
-        }
-    });
+    cands.retain(|_| worth_evicting(sh, entry.next().unwrap()));
     Ok(cands)
 }
 
-fn is_zero(p: &[u8]) -> bool {
-    // SAFETY: any bit pattern is a valid u128.
-    let (pre, words, post) = unsafe { p.align_to::<u128>() };
-    pre.iter().all(|&b| b == 0) && post.iter().all(|&b| b == 0) && words.iter().fold(0u128, |a, &w| a | w) == 0
+/// Pagemap entries of `pages` (sorted).
+fn pagemap_of(sh: &SwapState, pages: &[u32]) -> Result<Vec<PageInfo>, SwapError> {
+    let mut entries = vec![PageInfo::default(); pages.len()];
+    for (s, l) in runs(sh, pages) {
+        sh.pagemap
+            .read(sh.host_of_page(pages[s]), &mut entries[s..s + l])
+            .map_err(|e| SwapError::io("/proc/self/pagemap", e))?;
+    }
+    Ok(entries)
+}
+
+/// Whether a page with this pagemap entry holds memory of its own that eviction
+/// can free (counting the others as skipped): resident, not the shared zero page,
+/// private anonymous memory mapped once (a file page, KSM or a fork would lose
+/// data or free nothing).
+fn worth_evicting(sh: &SwapState, e: PageInfo) -> bool {
+    let c = &sh.counters;
+    let zero_page = sh.zero_pfn != 0 && e.pfn() == sh.zero_pfn;
+    match e.backing() {
+        Backing::Absent => c.skipped_not_present.fetch_add(1, Relaxed),
+        _ if zero_page => c.skipped_not_present.fetch_add(1, Relaxed),
+        Backing::File | Backing::AnonShared => c.skipped_shared.fetch_add(1, Relaxed),
+        Backing::Anon => return true,
+    };
+    false
 }
 
 /// Runs of consecutive pages (same region, consecutive indices) of a sorted list:
 /// (index into the list, length).
-fn runs(sh: &Shared, pages: &[u32]) -> Vec<(usize, usize)> {
+fn runs(sh: &SwapState, pages: &[u32]) -> Vec<(usize, usize)> {
     let mut out: Vec<(usize, usize)> = Vec::new();
     for (i, &p) in pages.iter().enumerate() {
         match out.last_mut() {
@@ -203,9 +214,12 @@ fn runs(sh: &Shared, pages: &[u32]) -> Vec<(usize, usize)> {
 }
 
 /// One batch under one pause. `cands` is sorted and holds no page with a slot.
-fn evict_batch(sh: &Shared, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize, BatchError> {
+fn evict_batch(sh: &SwapState, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize, BatchError> {
     let c = &sh.counters;
-    let guard = sh.vm.pause().ok_or(BatchError::Ending)?;
+    let guard = sh.pause().map_err(|e| match e {
+        PauseError::Ending => BatchError::Ending,
+        PauseError::TimedOut { waited } => BatchError::PauseTimedOut(waited),
+    })?;
     let tp = Instant::now();
     let res = (|| {
         // Paused: page sharing remaps nothing while the mappings are read and
@@ -215,23 +229,13 @@ fn evict_batch(sh: &Shared, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize
         let hi = cands.iter().map(|&p| sh.host_of_page(p)).max().unwrap() + PAGE_SIZE;
         let anon = anon_ranges(lo, hi).map_err(|e| BatchError::Other(SwapError::io("/proc/self/maps", e)))?;
 
-        let mut entries = vec![0u64; cands.len()];
-        for (s, l) in runs(sh, cands) {
-            sh.pagemap
-                .read(sh.host_of_page(cands[s]), &mut entries[s..s + l])
-                .map_err(|e| BatchError::Other(SwapError::io("/proc/self/pagemap", e)))?;
-        }
+        let entries = pagemap_of(sh, cands).map_err(BatchError::Other)?;
 
         let mut copied: Vec<u32> = Vec::with_capacity(cands.len());
         let mut crcs: Vec<u32> = Vec::with_capacity(cands.len());
         let mut zero: Vec<u32> = Vec::new();
         for (&p, &e) in cands.iter().zip(&entries) {
-            if e & PM_PRESENT == 0 || (sh.zero_pfn != 0 && e & PM_PFN == sh.zero_pfn) {
-                c.skipped_not_present.fetch_add(1, Relaxed);
-                continue;
-            }
-            if e & PM_FILE != 0 || e & PM_EXCLUSIVE == 0 {
-                c.skipped_shared.fetch_add(1, Relaxed);
+            if !worth_evicting(sh, e) {
                 continue;
             }
             let host = sh.host_of_page(p);
@@ -239,20 +243,20 @@ fn evict_batch(sh: &Shared, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize
                 c.skipped_vma.fetch_add(1, Relaxed);
                 continue;
             }
-            if sh.vm.skip_page(sh.gpa_of_page(p)) {
+            if sh.vm.off_limits(sh.gpa_of_page(p)) {
                 c.skipped_vmm.fetch_add(1, Relaxed);
                 continue;
             }
+            let k = copied.len();
+            let dst: &mut [u8; PAGE_SIZE] = (&mut buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]).try_into().unwrap();
             // SAFETY: host is a resident page of guest RAM (checked above), which
-            // stays mapped for the swapper's life; every writer is paused.
-            let src = unsafe { std::slice::from_raw_parts(host as *const u8, PAGE_SIZE) };
-            if is_zero(src) {
+            // stays mapped for the swapper's life; every writer is paused, so the
+            // copy is what the discard below throws away.
+            unsafe { copy_page(host, dst) };
+            if is_zero(dst) {
                 zero.push(p);
                 continue;
             }
-            let k = copied.len();
-            let dst = &mut buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
-            dst.copy_from_slice(src);
             crcs.push(crc32c::crc32c(dst));
             copied.push(p);
         }
@@ -368,20 +372,4 @@ fn evict_batch(sh: &Shared, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize
     drop(guard);
     c.pause.record(tp.elapsed());
     res
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_zero;
-
-    #[test]
-    fn zero_detection() {
-        let mut v = vec![0u8; 4096 + 1];
-        assert!(is_zero(&v[1..]));
-        v[4096] = 1;
-        assert!(!is_zero(&v[1..]));
-        v[4096] = 0;
-        v[1] = 0x80;
-        assert!(!is_zero(&v[1..]));
-    }
 }

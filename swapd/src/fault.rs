@@ -10,7 +10,7 @@
 //!   forward-biased), verify each crc32c, and install the run with `UFFDIO_COPY`
 //!   (the faulting page first, which wakes its waiters). A page that fails its
 //!   checksum or cannot be read is **not** resolved: it is marked poisoned, the
-//!   VMM is told through `VmControl::fatal` (outside the lock) and the faulting
+//!   VMM is told through `GuestVm::fatal` (outside the lock) and the faulting
 //!   thread stays blocked until the VMM stops the VM (a signal gets a vCPU out of
 //!   KVM_RUN; closing the userfaultfd releases everything). A neighbour that fails
 //!   is simply not prefetched (its own fault will report it);
@@ -32,12 +32,15 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::file::{AlignedBuf, NO_SLOT, PAGE_SIZE};
-use crate::swapper::{Shared, SwapError, Table};
+use pagestate::PAGE_SIZE;
+
+use crate::error::SwapError;
+use crate::file::{AlignedBuf, NO_SLOT};
+use crate::state::{SwapState, Table};
 use crate::uffd::{Event, Fill};
 
 /// The thread body: until `stop` is signalled.
-pub(crate) fn run(sh: Arc<Shared>, stop: EventFd) {
+pub(crate) fn run(sh: Arc<SwapState>, stop: EventFd) {
     let mut events = Vec::with_capacity(64);
     let mut buf = AlignedBuf::new(sh.cfg.prefetch_pages * PAGE_SIZE);
     let zero = AlignedBuf::new(PAGE_SIZE);
@@ -88,7 +91,7 @@ pub(crate) fn run(sh: Arc<Shared>, stop: EventFd) {
     }
 }
 
-fn handle_fault(sh: &Shared, address: u64, write: bool, buf: &mut AlignedBuf, zero: &AlignedBuf) {
+fn handle_fault(sh: &SwapState, address: u64, write: bool, buf: &mut AlignedBuf, zero: &AlignedBuf) {
     let t0 = Instant::now();
     let c = &sh.counters;
     let addr = (address as usize) & !(PAGE_SIZE - 1);
@@ -122,7 +125,7 @@ fn handle_fault(sh: &Shared, address: u64, write: bool, buf: &mut AlignedBuf, ze
             drop(t);
             c.faults_unresolved.fetch_add(1, Relaxed);
             log::error!("swapd: {}: {msg}; the fault is left unresolved", sh.name);
-            sh.vm.fatal(msg);
+            sh.vm.fatal(format!("host swap: {msg}"));
         }
     }
 }
@@ -130,7 +133,7 @@ fn handle_fault(sh: &Shared, address: u64, write: bool, buf: &mut AlignedBuf, ze
 /// Resolve a fault on a page without slot with the zero page (a zeroed private
 /// page for a write), and the following missing pages without slot with the
 /// zero page.
-fn zero_fill(sh: &Shared, t: &MutexGuard<'_, Table>, page: u32, write: bool, zero: &AlignedBuf) {
+fn zero_fill(sh: &SwapState, t: &MutexGuard<'_, Table>, page: u32, write: bool, zero: &AlignedBuf) {
     let r = sh.region_of_page(page);
     let end = r.first_page + r.pages();
     let mut n = 1u32;
@@ -139,7 +142,7 @@ fn zero_fill(sh: &Shared, t: &MutexGuard<'_, Table>, page: u32, write: bool, zer
     while (n as usize) < sh.cfg.zero_fill_pages
         && page + n < end
         && t.map[(page + n) as usize] == NO_SLOT
-        && !sh.vm.skip_page(sh.gpa_of_page(page + n))
+        && !sh.vm.off_limits(sh.gpa_of_page(page + n))
     {
         n += 1;
     }
@@ -152,7 +155,7 @@ fn zero_fill(sh: &Shared, t: &MutexGuard<'_, Table>, page: u32, write: bool, zer
         // which fails the whole call. Then a copy fills the faulting page alone;
         // without it the vCPU would fault on that page forever. (Pool mappings are
         // never registered: there the kernel would fill pages whose content is the
-        // file's, see `Shared::register_anon`.)
+        // file's, see `SwapState::register_anon`.)
         sh.uffd
             .zeropage(host, n as u64 * PAGE_SIZE as u64, false)
             .or_else(|_| sh.uffd.copy(host, &zero[..PAGE_SIZE], false))
@@ -188,7 +191,7 @@ fn zero_fill(sh: &Shared, t: &MutexGuard<'_, Table>, page: u32, write: bool, zer
 /// an error message if the page's own slot is unreadable or corrupt (nothing was
 /// installed for it then).
 pub(crate) fn fill_from_slot(
-    sh: &Shared,
+    sh: &SwapState,
     t: &mut MutexGuard<'_, Table>,
     page: u32,
     buf: &mut AlignedBuf,
@@ -328,7 +331,7 @@ pub(crate) fn fill_from_slot(
 }
 
 /// Bring every page in the swap file back (runs of up to 256 slots per read).
-pub(crate) fn swap_in_all(sh: &Shared) -> Result<usize, SwapError> {
+pub(crate) fn swap_in_all(sh: &SwapState) -> Result<usize, SwapError> {
     const RUN: usize = 256;
     let mut buf = AlignedBuf::new(RUN * PAGE_SIZE);
     let mut total = 0usize;
@@ -359,7 +362,7 @@ pub(crate) fn swap_in_all(sh: &Shared) -> Result<usize, SwapError> {
                 t.poisoned.insert(p);
                 drop(t);
                 log::error!("swapd: {}: {msg}", sh.name);
-                sh.vm.fatal(msg.clone());
+                sh.vm.fatal(format!("host swap: {msg}"));
                 return Err(SwapError::Corrupt { what: msg });
             }
         }
@@ -373,7 +376,7 @@ pub(crate) fn swap_in_all(sh: &Shared) -> Result<usize, SwapError> {
 /// [`fill_from_slot`] with the window placed forward of `page`, counting every
 /// installed page as swapped in (not prefetched).
 fn fill_from_slot_forward(
-    sh: &Shared,
+    sh: &SwapState,
     t: &mut MutexGuard<'_, Table>,
     page: u32,
     buf: &mut AlignedBuf,

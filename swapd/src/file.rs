@@ -21,8 +21,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Bytes in a page and in a slot.
-pub const PAGE_SIZE: usize = 4096;
+use pagestate::PAGE_SIZE;
+
 /// Size of the header, also the offset of slot 0.
 pub const HEADER_SIZE: usize = 4096;
 /// File name extension.

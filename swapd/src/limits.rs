@@ -6,11 +6,12 @@
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
-use crate::anon::AnonMap;
-use crate::{Config, Region, Swapper, VmControl, PAGE_SIZE};
+use pagestate::anon::{AnonMap, MemoryVm};
+use pagestate::{Region, PAGE_SIZE};
+
+use crate::{Config, Swapper};
 
 /// Plain sequential `O_DIRECT` write throughput of `dir` (MiB/s), `mib` MiB in
 /// writes of `chunk` bytes (the swapper's batch size), to a temporary file.
@@ -52,20 +53,6 @@ pub struct BareFault {
     pub kernel_us: f64,
 }
 
-struct NoVm;
-
-impl VmControl for NoVm {
-    fn pause(&self) -> Option<Box<dyn std::any::Any>> {
-        Some(Box::new(()))
-    }
-    fn skip_page(&self, _gpa: u64) -> bool {
-        false
-    }
-    fn fatal(&self, error: String) {
-        log::error!("swapd: bare fault measurement: {error}");
-    }
-}
-
 /// Measures [`BareFault`] over `pages` first reads (a swapper's fault thread with
 /// a throw-away swap file in `dir`, resolving each with one zero page).
 pub fn bare_fault(dir: &Path, pages: usize) -> io::Result<BareFault> {
@@ -74,8 +61,8 @@ pub fn bare_fault(dir: &Path, pages: usize) -> io::Result<BareFault> {
     cfg.register_eagerly = true;
     cfg.zero_fill_pages = 1;
     let region = Region { gpa: 0, host_addr: mem.addr(), len: mem.len() };
-    let sw = Swapper::with_config("swapd-bare-fault", vec![region], Arc::new(NoVm), cfg)
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    let vm = MemoryVm::new("swapd-bare-fault", vec![region]);
+    let sw = Swapper::new(vm, cfg).map_err(io::Error::other)?;
     let base = mem.addr();
     let t = Instant::now();
     // Another thread faults: the fault thread must not wait on itself.

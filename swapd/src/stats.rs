@@ -1,4 +1,4 @@
-//! Counters of the swapper and of the free-memory policy, serialisable with serde.
+//! Counters of the swapper, serialisable with serde.
 //!
 //! The hot paths (fault handler, evictor) update atomics ([`Counters`],
 //! [`AtomicHistogram`]); [`SwapStats`] is a consistent-enough snapshot of them for the
@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-use crate::policy::FreeState;
 
 /// Number of buckets: 16 exact ones for 0..16 ns, then 8 per power of two up to 2^64.
 const BUCKETS: usize = 16 + 60 * 8;
@@ -238,50 +236,6 @@ impl Counters {
         s.fault_in = self.fault_in.snapshot();
         s.zero_fill = self.zero_fill.snapshot();
         s.pause = self.pause.snapshot();
-    }
-}
-
-/// One change of free-memory state.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StateChange {
-    /// Milliseconds since the policy started, and since the Unix epoch.
-    pub at_ms: u64,
-    pub unix_ms: u64,
-    pub from: FreeState,
-    pub to: FreeState,
-    /// Host free memory at the change, percent of host memory.
-    pub free_pct: f64,
-}
-
-/// The policy's counters: current state, its history, what it asked for.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct PolicyStats {
-    pub state: FreeState,
-    pub free_pct: f64,
-    pub ticks: u64,
-    /// Ticks spent in each state: high, soft, hard, low.
-    pub ticks_in_state: [u64; 4],
-    /// State changes, oldest first (the most recent [`HISTORY_MAX`] are kept).
-    pub history: Vec<StateChange>,
-    /// Changes dropped from the front of `history`.
-    pub history_dropped: u64,
-    /// Totals asked of the VMM over all ticks.
-    pub balloon_pages_asked: u64,
-    pub swap_pages_asked: u64,
-    pub pauses_asked: u64,
-}
-
-/// Changes kept in [`PolicyStats::history`].
-pub const HISTORY_MAX: usize = 4096;
-
-impl PolicyStats {
-    /// Append a change, dropping the oldest beyond [`HISTORY_MAX`].
-    pub fn push(&mut self, c: StateChange) {
-        if self.history.len() >= HISTORY_MAX {
-            self.history.remove(0);
-            self.history_dropped += 1;
-        }
-        self.history.push(c);
     }
 }
 

@@ -299,11 +299,12 @@ fn fill_result(r: i32, done: i64, len: u64, what: &str, at: u64) -> io::Result<F
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::anon::AnonMap;
     use std::sync::Arc;
 
-    const PAGE: usize = 4096;
+    use pagestate::anon::AnonMap;
+    use pagestate::PAGE_SIZE as PAGE;
+
+    use super::*;
 
     fn wait_event(u: &Uffd) -> Event {
         let mut ev = Vec::new();
@@ -326,6 +327,7 @@ mod tests {
         assert!(ioctls & UFFDIO_BIT_COPY != 0 && ioctls & UFFDIO_BIT_ZEROPAGE != 0);
 
         // A reader thread faults on page 1: resolve it with COPY.
+        // SAFETY: a word of the test mapping, which outlives the thread (joined below).
         let t = std::thread::spawn(move || unsafe { std::ptr::read_volatile((base + PAGE + 8) as *const u64) });
         match wait_event(&u) {
             Event::PageFault { address, write, .. } => {
@@ -343,6 +345,7 @@ mod tests {
 
         // A writer on page 2 faults with the write flag; ZEROPAGE over pages 2..4
         // fills both (page 2 first).
+        // SAFETY: a word of the test mapping, which outlives the thread (joined below).
         let t = std::thread::spawn(move || unsafe { std::ptr::write_volatile((base + 2 * PAGE) as *mut u64, 7) });
         match wait_event(&u) {
             Event::PageFault { address, write, .. } => {
@@ -353,6 +356,7 @@ mod tests {
         }
         assert_eq!(u.zeropage((base + 2 * PAGE) as u64, 2 * PAGE as u64, false).unwrap(), Fill::Done);
         t.join().unwrap();
+        // SAFETY: a word of the test mapping.
         assert_eq!(unsafe { std::ptr::read_volatile((base + 2 * PAGE) as *const u64) }, 7);
         // Page 0 is missing, page 1 present: one page filled, then the kernel stops.
         assert_eq!(u.zeropage(base as u64, 4 * PAGE as u64, false).unwrap(), Fill::Partial { bytes: PAGE as u64 });

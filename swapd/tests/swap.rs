@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use common::*;
+use pagestate::anon::MemoryVm;
+use pagestate::GuestVm;
 use swapd::{Config, SwapError, Swapper, VictimPolicy};
 
 const GPA: u64 = 0x10_0000;
@@ -17,17 +19,22 @@ fn gpa(p: usize) -> u64 {
 
 /// A swapper named `name` over `mem`, with its own test VM and a fresh swap
 /// directory (removed by the test).
-fn swapper(name: &str, mem: &Mem, f: impl FnOnce(&mut Config)) -> (TestVm, std::path::PathBuf, Swapper) {
-    let vm = TestVm::new();
+fn swapper(name: &str, mem: &Mem, f: impl FnOnce(&mut Config)) -> (Arc<MemoryVm>, std::path::PathBuf, Swapper) {
+    let vm = test_vm(name, mem, GPA);
     let dir = tmpdir(name);
-    let sw = swapper_in(name, &dir, mem, &vm, f);
+    let sw = swapper_in(&dir, &vm, f);
     (vm, dir, sw)
 }
 
-fn swapper_in(name: &str, dir: &std::path::Path, mem: &Mem, vm: &TestVm, f: impl FnOnce(&mut Config)) -> Swapper {
+fn swapper_in(dir: &std::path::Path, vm: &Arc<MemoryVm>, f: impl FnOnce(&mut Config)) -> Swapper {
     let mut cfg = Config::new(dir);
     f(&mut cfg);
-    Swapper::with_config(name, vec![mem.region(GPA)], Arc::new(vm.clone()), cfg).expect("swapper (needs root)")
+    Swapper::new(vm.clone(), cfg).expect("swapper (needs root)")
+}
+
+/// Pauses the swapper obtained on `vm`.
+fn pauses(vm: &MemoryVm) -> u64 {
+    vm.run().pause_stats().0
 }
 
 /// Every page written with known data (some all-zero) is evicted, the file holds
@@ -55,7 +62,7 @@ fn evict_everything_and_fault_it_back() {
     assert_eq!(s.slots_used as usize, n - zeros);
     assert!(sw.file_allocated_bytes() as usize <= (n - zeros + 1) * PAGE + (64 << 10));
     assert!((0..n).all(|p| !mem.present(p)), "evicted pages must not be resident");
-    assert_eq!(s.batches, vm.0.pauses.load(SeqCst));
+    assert_eq!(s.batches, pauses(&vm));
 
     let readers: Vec<_> = (0..2)
         .map(|t| {
@@ -159,10 +166,9 @@ fn stress(broken_pause: bool) -> Result<(), String> {
             mem.write(p, 0, 0); // the counter
         }
     }
-    let vm = TestVm::new();
-    vm.0.broken_pause.store(broken_pause, SeqCst);
+    let vm = test_vm("race", &mem, GPA);
     let dir = tmpdir(if broken_pause { "race-broken" } else { "race" });
-    let sw = swapper_in("race", &dir, &mem, &vm, |c| c.batch_pages = 128);
+    let sw = swapper_in(&dir, &vm, |c| c.batch_pages = 128);
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
@@ -170,7 +176,6 @@ fn stress(broken_pause: bool) -> Result<(), String> {
         .map(|w| {
             let (mem, vm, stop, failed, progress) =
                 (mem.clone(), vm.clone(), stop.clone(), failed.clone(), progress.clone());
-            vm.enter();
             std::thread::spawn(move || {
                 let mine: Vec<usize> = (0..n).filter(|&p| !zero_page(p) && p % WRITERS == w).collect();
                 let mut shadow = vec![0u64; n];
@@ -178,10 +183,12 @@ fn stress(broken_pause: bool) -> Result<(), String> {
                 let mut ops = 0u64;
                 let mut err = None;
                 while !stop.load(SeqCst) {
-                    vm.checkpoint();
                     rng = mix(rng);
                     let p = mine[(rng % mine.len() as u64) as usize];
-                    if let Err(e) = writer_op(&mem, p, &mut shadow[p]) {
+                    let mut op = || writer_op(&mem, p, &mut shadow[p]);
+                    // The negative control writes past the pause.
+                    let done = if broken_pause { op() } else { vm.write(op) };
+                    if let Err(e) = done {
                         err = Some(e);
                         failed.store(true, SeqCst);
                         break;
@@ -189,7 +196,6 @@ fn stress(broken_pause: bool) -> Result<(), String> {
                     ops += 1;
                     progress.fetch_add(1, SeqCst);
                 }
-                vm.leave();
                 (shadow, ops, err)
             })
         })
@@ -253,7 +259,7 @@ fn stress(broken_pause: bool) -> Result<(), String> {
     let s = sw.stats();
     assert_eq!(s.pages_out, s.pages_in + s.prefetched + s.slots_used, "{s:#?}");
     assert_eq!(s.checksum_errors + s.read_errors + s.write_errors, 0);
-    assert_eq!(s.batches, vm.0.pauses.load(SeqCst));
+    assert_eq!(s.batches, pauses(&vm));
     assert!(vm.fatal_errors().is_empty());
     drop(sw);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -316,7 +322,7 @@ fn corrupt_slot_is_fatal_and_never_handed_out() {
 
     let m = mem.clone();
     let victim = std::thread::spawn(move || (0..512).map(|w| m.read(2, w)).collect::<Vec<u64>>());
-    let msg = vm.wait_fatal();
+    let msg = wait_fatal(&vm);
     assert!(msg.contains("checksum") && msg.contains("slot 2"), "{msg}");
     let s = sw.stats();
     assert_eq!(s.checksum_errors, 3);
@@ -360,14 +366,14 @@ fn enospc_stops_eviction_and_loses_nothing() {
     let mem = Mem::new(1 << 20);
     let n = mem.pages();
     fill_unique(&mem, 0..n);
-    let vm = TestVm::new();
+    let vm = test_vm("enospc", &mem, GPA);
     let dir = tmpdir("enospc");
     let mnt = Tmpfs::mount(&dir, "64k");
-    let sw = swapper_in("enospc", &dir, &mem, &vm, |c| c.batch_pages = 4);
+    let sw = swapper_in(&dir, &vm, |c| c.batch_pages = 4);
     let err = sw.swap_out(n).unwrap_err();
     let reclaimed = match &err {
-        SwapError::Write { reclaimed, error } => {
-            assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        SwapError::Write { reclaimed, source } => {
+            assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{err}");
             *reclaimed
         }
         e => panic!("unexpected {e}"),
@@ -434,13 +440,13 @@ fn skip_forget_and_swap_in_all() {
     let n = mem.pages();
     fill_unique(&mem, 0..n);
     let (vm, dir, sw) = swapper("skip", &mem, |_| {});
-    vm.0.skip.lock().unwrap().extend((0..10).map(gpa));
+    (0..10).for_each(|p| vm.set_off_limits(gpa(p), true));
     assert_eq!(sw.swap_out(n).unwrap(), n - 10);
     assert_eq!(sw.stats().skipped_vmm, 10);
     assert!((0..10).all(|p| mem.present(p)) && (10..n).all(|p| !mem.present(p)));
     // The balloon takes page 100: the VMM forgets it; it reads zero afterwards.
     assert!(sw.is_swapped(gpa(100)));
-    assert_eq!(sw.forget(gpa(100), PAGE as u64), 1);
+    vm.changes().discard(gpa(100), mem.base + 100 * PAGE, PAGE).unwrap();
     assert!(!sw.is_swapped(gpa(100)));
     assert_eq!(sw.swapped_pages(), n - 11);
     assert_eq!(sw.swap_in_all().unwrap(), n - 11);
@@ -451,7 +457,7 @@ fn skip_forget_and_swap_in_all() {
     }
     assert!((0..512).all(|w| mem.read(100, w) == 0));
     // The VM is ending: pause refused, nothing evicted.
-    vm.0.ending.store(true, SeqCst);
+    vm.run().stop();
     assert!(matches!(sw.swap_out(10), Err(SwapError::Ending { reclaimed: 0 })));
     drop(sw);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -467,7 +473,7 @@ fn remapped_pages_are_safe() {
     let mem = Mem::new(1 << 20);
     let n = mem.pages();
     fill_unique(&mem, 0..n);
-    let (_vm, dir, sw) = swapper("remap", &mem, |_| {});
+    let (vm, dir, sw) = swapper("remap", &mem, |_| {});
     assert_eq!(sw.swap_out(0).unwrap(), 0);
     // Register now (first eviction), then remap like page sharing would.
     assert_eq!(sw.swap_out_gpas(&[gpa(50)]).unwrap(), 1);
@@ -516,8 +522,8 @@ fn remapped_pages_are_safe() {
     check_unique(&mem, 9).unwrap(); // faults, and the handler brings it back
     assert_eq!(sw.stats().pages_in - s0.pages_in, 1);
     // The VMM asks for an explicit re-registration too: fine.
-    sw.reregister(mem.base + 9 * PAGE, PAGE).unwrap();
-    assert!(sw.reregister(mem.base + mem.len, PAGE).is_err());
+    vm.changes().remapped(mem.base + 9 * PAGE, PAGE).unwrap();
+    assert!(vm.changes().remapped(mem.base + mem.len, PAGE).is_err());
     drop(sw);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -532,7 +538,7 @@ fn zero_fill_never_reaches_pool_pages() {
     const RUN: usize = 17;
     let mem = Arc::new(Mem::new(1 << 20));
     fill_unique(&mem, 0..mem.pages());
-    let (_vm, dir, sw) = swapper("zfpool", &mem, |c| c.register_eagerly = true);
+    let (vm, dir, sw) = swapper("zfpool", &mem, |c| c.register_eagerly = true);
     // SAFETY: a memfd "pool" of RUN pages holding pages 10.. of the memory, mapped
     // privately over them, as page sharing remaps a run of shared pages.
     unsafe {
@@ -548,7 +554,7 @@ fn zero_fill_never_reaches_pool_pages() {
         let r = libc::mmap(mem.word(10, 0) as *mut _, len, prot, libc::MAP_PRIVATE | libc::MAP_FIXED, fd, 0);
         assert_ne!(r, libc::MAP_FAILED);
         // What the VMM's `remapped` hook does after each remap.
-        sw.reregister(mem.word(10, 0) as usize, len).unwrap();
+        vm.changes().remapped(mem.word(10, 0) as usize, len).unwrap();
         // The first pool page goes away while page 10 still maps it.
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         assert_eq!(libc::fallocate(fd, punch, 0, PAGE as i64), 0);
@@ -602,9 +608,9 @@ fn idle_victims_fault_less_than_random() {
         let n = mem.pages();
         fill_unique(&mem, 0..n);
         let hot: Vec<usize> = (0..n).filter(|&p| mix(p as u64 * 7919) % 5 == 0).collect();
-        let vm = TestVm::new();
+        let vm = test_vm("victims", &mem, GPA);
         let dir = tmpdir(&format!("victims-{policy:?}"));
-        let sw = swapper_in("victims", &dir, &mem, &vm, |c| {
+        let sw = swapper_in(&dir, &vm, |c| {
             c.victims = policy;
             c.prefetch_pages = 1;
         });
@@ -647,15 +653,14 @@ fn idle_victims_fault_less_than_random() {
 #[test]
 fn one_file_per_vm_name() {
     let mem = Mem::new(1 << 20);
-    let vm = TestVm::new();
     let dir = tmpdir("names");
-    let a = swapper_in("same", &dir, &mem, &vm, |_| {});
+    let a = swapper_in(&dir, &test_vm("same", &mem, GPA), |_| {});
     let mem2 = Mem::new(1 << 20);
-    let e = Swapper::with_config("same", vec![mem2.region(GPA)], Arc::new(vm.clone()), Config::new(&dir));
+    let e = Swapper::new(test_vm("same", &mem2, GPA), Config::new(&dir));
     assert!(e.is_err());
     drop(a);
     assert!(swapd::clean_stale(&dir).unwrap().is_empty());
-    let b = swapper_in("same", &dir, &mem2, &vm, |_| {});
+    let b = swapper_in(&dir, &test_vm("same", &mem2, GPA), |_| {});
     drop(b);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -671,7 +676,7 @@ fn unreadable_slot_is_fatal() {
     std::fs::OpenOptions::new().write(true).open(sw.file_path()).unwrap().set_len(4096).unwrap();
     let m = mem.clone();
     let victim = std::thread::spawn(move || m.read(1, 9));
-    let msg = vm.wait_fatal();
+    let msg = wait_fatal(&vm);
     assert!(msg.contains("cannot read slot 1"), "{msg}");
     let s = sw.stats();
     assert_eq!(s.read_errors, 1);

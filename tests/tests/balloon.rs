@@ -9,8 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{guest, start, wait_serving};
-use serde_json::Value;
-use vmm::api::{server, Request};
+use guest_abi::workload::Op;
+use vmm::api::{server, Reply, Request};
+use vmm::console::GuestStep;
 use vmm::devices::virtio::balloon::metrics::BalloonSnapshot;
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::vm::Vm;
@@ -23,9 +24,9 @@ fn snapshot(vm: &Vm) -> BalloonSnapshot {
 }
 
 /// Sends `req` to the control API's handler for `vm`; returns its result.
-fn api(vm: &Vm, req: Request) -> Value {
+fn api(vm: &Vm, req: Request) -> Reply {
     let what = format!("{req:?}");
-    let resp = server::handle(req, &server::Targets { vms: vec![vm.shared().clone()], tps: None });
+    let resp = server::handle(req, &server::Targets { vms: vec![vm.shared().clone()], tps: None, policy: None });
     assert!(resp.ok, "{what}: {:?}", resp.error);
     resp.result.expect("a result")
 }
@@ -50,18 +51,18 @@ fn wait_for(vm: &Vm, what: &str, limit: Duration, mut done: impl FnMut() -> bool
     }
 }
 
-/// Runs `cmd` in the serving guest; returns its step lines, asserting success.
-fn command(vm: &Vm, cmd: &str) -> Vec<Value> {
+/// Runs `cmd` in the serving guest; returns its step results, asserting success.
+fn command(vm: &Vm, cmd: &str) -> Vec<GuestStep> {
     let out = vm.run_command(cmd, Duration::from_secs(60)).unwrap();
     assert_eq!(out.status, 0, "{cmd}: {:?}", out.lines);
-    common::parse_lines(&out.lines)
+    out.steps()
 }
 
 fn verify_ok(vm: &Vm, expect_pages: u64) {
-    let lines = command(vm, "verify");
-    let verify = lines.iter().find(|l| l["op"] == "verify").expect("a verify line");
-    assert_eq!(verify["bad"], 0, "{verify}");
-    assert_eq!(verify["pages"], expect_pages, "{verify}");
+    let steps = command(vm, "verify");
+    let verify = steps.iter().find(|s| s.op == Op::Verify).expect("a verify line");
+    assert_eq!(verify.bad, Some(0), "{verify:?}");
+    assert_eq!(verify.pages, Some(expect_pages), "{verify:?}");
 }
 
 fn no_reporting() -> Option<BalloonConfig> {
@@ -144,19 +145,19 @@ fn an_allocation_beyond_what_is_left_deflates_the_balloon() {
     let want = 96 * MIB / PAGE;
     assert!(free < want, "the allocation must not fit without the balloon ({free} pages free)");
 
-    let lines = command(&vm, "alloc 96M unique; verify");
-    let verify = lines.iter().find(|l| l["op"] == "verify").unwrap();
-    assert_eq!((verify["bad"].as_u64(), verify["pages"].as_u64()), (Some(0), Some(160 * MIB / PAGE)));
+    let steps = command(&vm, "alloc 96M unique; verify");
+    let verify = steps.iter().find(|s| s.op == Op::Verify).unwrap();
+    assert_eq!((verify.bad, verify.pages), (Some(0), Some(160 * MIB / PAGE)));
     let s = snapshot(&vm);
     assert!(s.actual_pages <= target - (want - free), "the balloon shrank: {s:?}");
     assert_eq!(s.actual_pages, s.ballooned_pages);
     assert_eq!(s.deflated_pages, want - free, "exactly the missing pages came back");
     assert_eq!(s.touched_pages, 0, "none was used before the device acknowledged it");
     // The guest counts the event in its statistics.
-    let stats = api(&vm, Request::BalloonStats { vm: None });
-    let stats = &stats["oom"]["guest_stats"];
-    assert_eq!(stats["alloc_stalls"], 1, "{stats}");
-    assert_eq!(stats["direct_reclaims"], want - free, "{stats}");
+    let Reply::BalloonStats(stats) = api(&vm, Request::BalloonStats { vm: None }) else { panic!("not balloon stats") };
+    let stats = &stats["oom"].guest_stats;
+    assert_eq!(stats.get("alloc_stalls"), Some(&1), "{stats:?}");
+    assert_eq!(stats.get("direct_reclaims"), Some(&(want - free)), "{stats:?}");
 }
 
 #[test]
@@ -189,10 +190,10 @@ fn a_busy_guest_follows_the_target_and_keeps_its_data() {
         wait_for(&vm, size, Duration::from_secs(60), || snapshot(&vm).actual_pages == pages);
     }
     assert_eq!(vm.wait(Duration::from_secs(120)), Some(vmm::vm::Ending::GuestExit(0)));
-    let lines = common::parse_lines(&vm.console().lines());
-    let verifies: Vec<_> = lines.iter().filter(|l| l["op"] == "verify").collect();
+    let steps = vmm::console::steps(&vm.console().lines());
+    let verifies: Vec<_> = steps.iter().filter(|s| s.op == Op::Verify).collect();
     assert_eq!(verifies.len(), 150);
-    assert!(verifies.iter().all(|v| v["bad"] == 0), "{verifies:?}");
+    assert!(verifies.iter().all(|v| v.bad == Some(0)), "{verifies:?}");
     let s = snapshot(&vm);
     assert_eq!((s.ballooned_pages, s.touched_pages, s.guest_errors), (160 * MIB / PAGE, 0, 0), "{s:?}");
 }

@@ -6,12 +6,14 @@ mod common;
 use std::time::Duration;
 
 use common::{guest, run, run_one, start, wait_serving};
-use serde_json::Value;
+use guest_abi::step::Outcome;
+use guest_abi::workload::Op;
+use vmm::console::GuestStep;
 
 const MIB: u64 = 1 << 20;
 
-fn op<'a>(steps: &'a [Value], name: &str) -> Vec<&'a Value> {
-    steps.iter().filter(|s| s["op"] == name).collect()
+fn op(steps: &[GuestStep], op: Op) -> Vec<&GuestStep> {
+    steps.iter().filter(|s| s.op == op).collect()
 }
 
 #[test]
@@ -23,15 +25,15 @@ fn every_page_kind_allocates_and_verifies() {
     ));
     assert_eq!(run.exit_code(0), 0);
     let steps = run.steps(0);
-    let allocs = op(&steps, "alloc");
+    let allocs = op(&steps, Op::Alloc);
     assert_eq!(allocs.len(), 4);
     for a in &allocs {
-        assert_eq!(a["pages"], 2048, "{a}");
-        assert_eq!(a["result"], "ok", "{a}");
+        assert_eq!(a.pages, Some(2048), "{a:?}");
+        assert_eq!(a.result, Outcome::Ok, "{a:?}");
     }
-    let verify = op(&steps, "verify");
-    assert_eq!(verify[0]["bad"], 0);
-    assert_eq!(verify[0]["pages"], 4 * 2048);
+    let verify = op(&steps, Op::Verify);
+    assert_eq!(verify[0].bad, Some(0));
+    assert_eq!(verify[0].pages, Some(4 * 2048));
     let boot = &run.json(0)[0];
     assert_eq!(boot["event"], "boot");
     assert_eq!(boot["mem_mib"], 128);
@@ -49,13 +51,13 @@ fn touch_free_repeat_and_idle_keep_contents_right() {
     ));
     assert_eq!(run.exit_code(0), 0);
     let steps = run.steps(0);
-    let verifies = op(&steps, "verify");
+    let verifies = op(&steps, Op::Verify);
     assert_eq!(verifies.len(), 4);
-    assert!(verifies.iter().all(|v| v["bad"] == 0 && v["result"] == "ok"));
-    assert_eq!(verifies[3]["pages"], 2048, "free 8M leaves 8M allocated");
-    assert_eq!(op(&steps, "touch").len(), 3);
-    let idle = op(&steps, "idle")[0];
-    assert!(idle["us"].as_u64().unwrap() >= 20_000, "{idle}");
+    assert!(verifies.iter().all(|v| v.bad == Some(0) && v.result == Outcome::Ok));
+    assert_eq!(verifies[3].pages, Some(2048), "free 8M leaves 8M allocated");
+    assert_eq!(op(&steps, Op::Touch).len(), 3);
+    let idle = op(&steps, Op::Idle)[0];
+    assert!(idle.us.unwrap() >= 20_000, "{idle:?}");
 }
 
 #[test]
@@ -67,8 +69,8 @@ fn exit_codes_reach_the_host() {
 #[test]
 fn out_of_memory_is_a_failed_step_and_a_failed_exit() {
     let run = run_one(guest("oom", 32 * MIB, "alloc 64M unique; exit 0"));
-    let alloc = &op(&run.steps(0), "alloc")[0].clone();
-    assert_eq!(alloc["result"], "fail", "{alloc}");
+    let alloc = op(&run.steps(0), Op::Alloc)[0].clone();
+    assert_eq!(alloc.result, Outcome::Fail, "{alloc:?}");
     assert_eq!(run.exit_code(0), 1, "a failed step turns exit 0 into 1");
 }
 
@@ -88,7 +90,7 @@ fn several_vcpus_share_the_work() {
     c.vcpus = 2;
     let run = run_one(c);
     assert_eq!(run.exit_code(0), 0);
-    assert_eq!(op(&run.steps(0), "verify")[0]["bad"], 0);
+    assert_eq!(op(&run.steps(0), Op::Verify)[0].bad, Some(0));
     assert_eq!(run.json(0)[0]["vcpus"], 2);
 }
 
@@ -104,7 +106,7 @@ fn several_vms_in_one_process_each_with_its_workload() {
     assert_eq!(run.json(1)[0]["mem_mib"], 96);
     assert_eq!(run.json(2)[0]["vm"], 2);
     for vm in 0..3 {
-        assert_eq!(op(&run.steps(vm), "verify")[0]["bad"], 0);
+        assert_eq!(op(&run.steps(vm), Op::Verify)[0].bad, Some(0));
     }
 }
 
@@ -154,10 +156,10 @@ fn run_time_commands_through_the_control_page() {
     let before = vm.progress();
     let out = vm.run_command("alloc 4M dup; verify", Duration::from_secs(30)).unwrap();
     assert_eq!(out.status, 0, "{:?}", out.lines);
-    let steps = common::parse_lines(&out.lines);
-    let verify = steps.iter().find(|s| s["op"] == "verify").expect("verify line");
-    assert_eq!(verify["pages"], 3072);
-    assert!(verify.get("seq").is_some(), "command lines carry their sequence number: {verify}");
+    let steps = out.steps();
+    let verify = steps.iter().find(|s| s.op == Op::Verify).expect("verify line");
+    assert_eq!(verify.pages, Some(3072));
+    assert!(verify.seq.is_some(), "command lines carry their sequence number: {verify:?}");
     let after = vm.progress();
     assert_eq!(after.allocated_pages, before.allocated_pages + 1024);
     assert!(after.steps_done > before.steps_done);
@@ -178,13 +180,14 @@ fn pause_and_resume_keep_the_guest_intact() {
     let mut pauses = 0;
     while vm.ending().is_none() && pauses < 20 {
         std::thread::sleep(Duration::from_millis(20));
-        if let Some(took) = vm.pause() {
+        if let Ok(pause) = vm.pause() {
+            let took = pause.waited();
             pauses += 1;
             let hb = vm.progress().heartbeat;
             std::thread::sleep(Duration::from_millis(10));
             assert_eq!(vm.progress().heartbeat, hb, "a paused guest made progress");
             assert!(took < Duration::from_secs(1), "pause took {took:?}");
-            vm.resume();
+            drop(pause);
         }
     }
     assert!(pauses > 5, "only {pauses} pauses happened");
@@ -194,6 +197,6 @@ fn pause_and_resume_keep_the_guest_intact() {
         "{}",
         vm.console().lines().join("\n")
     );
-    let verifies = common::parse_lines(&vm.console().lines()).into_iter().filter(|s| s["op"] == "verify").count();
+    let verifies = vmm::console::steps(&vm.console().lines()).iter().filter(|s| s.op == Op::Verify).count();
     assert_eq!(verifies, 200);
 }

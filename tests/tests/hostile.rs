@@ -16,7 +16,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -287,52 +287,60 @@ impl Hostile {
     }
 }
 
-/// Counts every log record of the test process by level and target.
+/// Keeps the log lines that matter here: those at `warn` or worse (what `vmm run`
+/// shows besides `info`), and a count of virtio-queue's at any level. Nothing else
+/// is kept, so that the logger adds nothing to the memory measured.
 struct CountingLogger {
-    lines: Mutex<Vec<(log::Level, String, String)>>,
+    loud: Mutex<Vec<String>>,
+    queue_lines: AtomicU64,
 }
 
-static LOGGER: CountingLogger = CountingLogger { lines: Mutex::new(Vec::new()) };
+static LOGGER: CountingLogger = CountingLogger { loud: Mutex::new(Vec::new()), queue_lines: AtomicU64::new(0) };
 
 impl log::Log for CountingLogger {
     fn enabled(&self, _: &log::Metadata) -> bool {
         true
     }
     fn log(&self, r: &log::Record) {
-        self.lines.lock().unwrap().push((r.level(), r.target().to_string(), r.args().to_string()));
+        if r.target().starts_with("virtio_queue") {
+            self.queue_lines.fetch_add(1, Ordering::Relaxed);
+        }
+        if r.level() <= log::Level::Warn {
+            self.loud.lock().unwrap().push(r.args().to_string());
+        }
     }
     fn flush(&self) {}
 }
 
 impl CountingLogger {
     fn install() {
-        // One test per process under nextest; under `cargo test` the first wins.
+        // The first test of the process installs it (all of them under `cargo test`).
         if log::set_logger(&LOGGER).is_ok() {
             log::set_max_level(log::LevelFilter::Trace);
         }
     }
 
-    /// Lines at `warn` or worse (what `vmm run` logs by default besides `info`),
-    /// and lines of virtio-queue at any level.
-    fn counts() -> (usize, usize) {
-        let lines = LOGGER.lines.lock().unwrap();
-        let loud = lines.iter().filter(|(l, _, _)| *l <= log::Level::Warn).count();
-        let queue = lines.iter().filter(|(_, t, _)| t.starts_with("virtio_queue")).count();
-        (loud, queue)
+    /// Lines at `warn` or worse about VM `vm` (each test has its own VM name), and
+    /// lines of virtio-queue.
+    fn counts(vm: &str) -> (usize, u64) {
+        let loud = LOGGER.loud.lock().unwrap().iter().filter(|l| l.starts_with(vm)).count();
+        (loud, LOGGER.queue_lines.load(Ordering::Relaxed))
     }
 
     fn dump() -> String {
-        let lines = LOGGER.lines.lock().unwrap();
-        lines
-            .iter()
-            .filter(|(l, _, _)| *l <= log::Level::Warn)
-            .map(|(_, _, m)| m.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
+        LOGGER.loud.lock().unwrap().join("\n")
     }
 }
 
-/// Peak resident memory of this process since the last [`reset_peak_rss`].
+/// The hostile tests measure the process's peak RSS: under `cargo test`, where the
+/// tests of a binary share a process, they take turns.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Peak resident memory of this process since the last [`reset_peak_rss`] (right
+/// after it: the current resident memory).
 fn peak_rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap();
@@ -394,7 +402,7 @@ impl Latencies {
 /// in turn and pauses the VM every 50 ms, timing each.
 fn probe_control_path(vm: &Vm, how_long: Duration) -> Latencies {
     let sock = PathBuf::from(format!("/tmp/vmm-hostile-{}.sock", std::process::id()));
-    let server = Server::start(&sock, vec![vm.shared().clone()], None).expect("API server");
+    let server = Server::start(&sock, vec![vm.shared().clone()], None, None).expect("API server");
     let stop = AtomicBool::new(false);
     let mut lat = Latencies::default();
     std::thread::scope(|s| {
@@ -418,9 +426,9 @@ fn probe_control_path(vm: &Vm, how_long: Duration) -> Latencies {
         while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
             let t = Instant::now();
-            assert!(vm.pause().is_some(), "the VM did not pause");
+            let pause = vm.pause().expect("the VM pauses");
             lat.pause.push(t.elapsed());
-            vm.resume();
+            drop(pause);
         }
         stop.store(true, Ordering::Relaxed);
         (lat.vm_stats, lat.balloon_stats) = api.join().unwrap();
@@ -434,6 +442,7 @@ fn probe_control_path(vm: &Vm, how_long: Duration) -> Latencies {
 /// and the available index moved forward as fast as the device drains it.
 #[test]
 fn a_chain_flood_leaves_memory_log_and_control_path_bounded() {
+    let _turn = one_at_a_time();
     CountingLogger::install();
     let mut program = set_up(desc_table(0));
     let top = program.len() as u64;
@@ -463,8 +472,8 @@ fn a_chain_flood_leaves_memory_log_and_control_path_bounded() {
     h.fill_avail(3, |_| 0);
 
     let mut vm = h.vm;
-    let base_rss = vmm::memory::process_rss();
     reset_peak_rss();
+    let base_rss = peak_rss();
     vm.start().expect("start");
     let lat = probe_control_path(&vm, ATTACK);
     let peak = peak_rss();
@@ -473,7 +482,7 @@ fn a_chain_flood_leaves_memory_log_and_control_path_bounded() {
     vm.stop("test over");
     let h = Hostile { vm };
     let changed = h.changed_data_pages();
-    let (loud, queue_lines) = CountingLogger::counts();
+    let (loud, queue_lines) = CountingLogger::counts("flood");
     let report = host::finish_all(vec![h.vm]);
     assert_eq!(report.vms[0].error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
 
@@ -506,6 +515,7 @@ fn a_chain_flood_leaves_memory_log_and_control_path_bounded() {
 /// ever change.
 #[test]
 fn a_scattered_inflate_deflate_loop_leaves_the_control_path_bounded() {
+    let _turn = one_at_a_time();
     CountingLogger::install();
     let mut program = set_up(desc_table(0));
     let top = program.len() as u64;
@@ -525,8 +535,8 @@ fn a_scattered_inflate_deflate_loop_leaves_the_control_path_bounded() {
         h.fill_avail(q, |_| 0);
     }
     let mut vm = h.vm;
-    let base_rss = vmm::memory::process_rss();
     reset_peak_rss();
+    let base_rss = peak_rss();
     vm.start().expect("start");
     let lat = probe_control_path(&vm, ATTACK);
     let peak = peak_rss();
@@ -534,7 +544,7 @@ fn a_scattered_inflate_deflate_loop_leaves_the_control_path_bounded() {
     vm.stop("test over");
     let h = Hostile { vm };
     let changed = h.changed_data_pages();
-    let (loud, _) = CountingLogger::counts();
+    let (loud, _) = CountingLogger::counts("scatter");
     let report = host::finish_all(vec![h.vm]);
     assert_eq!(report.vms[0].error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
 
@@ -561,6 +571,7 @@ fn a_scattered_inflate_deflate_loop_leaves_the_control_path_bounded() {
 /// is gone.
 #[test]
 fn only_the_pages_the_guest_offered_are_freed() {
+    let _turn = one_at_a_time();
     CountingLogger::install();
     let mut program = set_up(desc_table(0));
     program.extend([
@@ -630,6 +641,7 @@ fn only_the_pages_the_guest_offered_are_freed() {
 /// device used to replace it by GPA 0), each followed by a reset.
 #[test]
 fn a_register_storm_is_counted_and_refused_not_logged() {
+    let _turn = one_at_a_time();
     CountingLogger::install();
     const ROUNDS: u64 = 400;
     let mut program = Vec::new();
@@ -660,8 +672,8 @@ fn a_register_storm_is_counted_and_refused_not_logged() {
     h.write(avail(0) + 2, 1u16);
 
     let mut vm = h.vm;
-    let base_rss = vmm::memory::process_rss();
     reset_peak_rss();
+    let base_rss = peak_rss();
     vm.start().expect("start");
     let lat = probe_control_path(&vm, Duration::from_secs(1));
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -675,7 +687,7 @@ fn a_register_storm_is_counted_and_refused_not_logged() {
     let h = Hostile { vm };
     let status: u32 = h.read(RESULTS);
     let changed = h.changed_data_pages();
-    let (loud, queue_lines) = CountingLogger::counts();
+    let (loud, queue_lines) = CountingLogger::counts("storm");
     let report = host::finish_all(vec![h.vm]);
     assert_eq!(report.vms[0].error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
 

@@ -7,8 +7,11 @@
 //!   `verify` must pass and every mechanism must have acted;
 //! - the interactions one at a time: shared pages never go to the swap file,
 //!   ballooned pages are neither read back from it nor filled in behind the
-//!   balloon's back, the VMM's control page is never evicted, and the policy's soft
-//!   state inflates the guests' balloon drivers without swapping.
+//!   balloon's back, the VMM's control page is never evicted;
+//! - the free-memory policy driving them: its soft state inflates the guests'
+//!   balloon drivers without swapping; without swappers it balloons in the low
+//!   state and pauses nobody; a balloon target set through the control API pins
+//!   that balloon until `balloon_auto` hands it back.
 //!
 //! docs/architecture.md ("Reclaimers together") gives the argument these tests check.
 
@@ -18,17 +21,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{change_sharing, converge, guest, require_kvm, two_vcpu_guests, wait_serving, TempDir};
+use guest_abi::workload::Op;
 use guest_abi::PAGE_SIZE;
-use serde_json::Value;
 use swapd::SwapStats;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm::api::server::{handle, Targets};
+use vmm::api::{Reply, Request};
 use vmm::config::VmConfig;
+use vmm::console::GuestStep;
 use vmm::devices::virtio::balloon::metrics::BalloonSnapshot;
 use vmm::devices::virtio::balloon::pages::resident_pages;
-use vmm::devices::virtio::balloon::BalloonConfig;
+use vmm::devices::virtio::balloon::{BalloonConfig, TargetMode};
 use vmm::host;
-use vmm::reclaim::sharing::PageSharing;
-use vmm::reclaim::swap::{self, HostMemChoice, SwapOptions};
+use vmm::reclaim::policy::{HostMemChoice, PolicyOptions, PolicyThread};
+use vmm::reclaim::sharing::{PageSharing, TpsStats};
+use vmm::reclaim::swap::{self, SwapOptions};
 use vmm::vm::Vm;
 
 const MIB: u64 = 1 << 20;
@@ -73,10 +80,8 @@ impl Host {
     /// Swap counters with the VM paused (no fault in flight).
     fn swap_stats(&self, vm: usize) -> SwapStats {
         let vm = &self.vms[vm];
-        vm.pause().expect("pause");
-        let s = vm.shared().swap.stats().unwrap();
-        vm.resume();
-        s
+        let _pause = vm.pause().expect("pause");
+        vm.shared().swap.stats().unwrap()
     }
 }
 
@@ -90,20 +95,19 @@ impl Drop for Host {
     }
 }
 
-/// Runs `cmd`; returns its JSON lines, panicking with them if it failed.
-fn command(vm: &Vm, cmd: &str) -> Vec<Value> {
+/// Runs `cmd`; returns its step results, panicking with its lines if it failed.
+fn command(vm: &Vm, cmd: &str) -> Vec<GuestStep> {
     let out = vm.run_command(cmd, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{}: {cmd}: {e}", vm.name()));
-    let lines = common::parse_lines(&out.lines);
-    assert_eq!(out.status, 0, "{}: {cmd} failed: {lines:?}", vm.name());
-    lines
+    assert_eq!(out.status, 0, "{}: {cmd} failed: {:?}", vm.name(), out.lines);
+    out.steps()
 }
 
 /// Runs `verify`, asserting no bad page; returns the pages checked.
 fn verify(vm: &Vm) -> u64 {
     let lines = command(vm, "verify");
-    let v = lines.iter().find(|l| l["op"] == "verify").expect("a verify line");
-    assert_eq!(v["bad"], 0, "{}: {v}", vm.name());
-    v["pages"].as_u64().unwrap()
+    let v = lines.iter().find(|s| s.op == Op::Verify).expect("a verify line");
+    assert_eq!(v.bad, Some(0), "{}: {v:?}", vm.name());
+    v.pages.unwrap()
 }
 
 fn balloon(vm: &Vm) -> BalloonSnapshot {
@@ -186,11 +190,8 @@ fn every_reclaimer_at_once_loses_no_write() {
                     let _stop = StopOnDrop(stop);
                     let mut rounds = 0u32;
                     while t0.elapsed() < RUN {
-                        let bad: u64 = command(vm, round)
-                            .iter()
-                            .filter(|l| l["op"] == "verify")
-                            .map(|l| l["bad"].as_u64().unwrap())
-                            .sum();
+                        let bad: u64 =
+                            command(vm, round).iter().filter(|s| s.op == Op::Verify).map(|s| s.bad.unwrap()).sum();
                         assert_eq!(bad, 0, "{} lost writes", vm.name());
                         rounds += 1;
                     }
@@ -243,7 +244,7 @@ fn every_reclaimer_at_once_loses_no_write() {
         "ran {:.1}s: rounds {rounds:?}, eviction calls {evictions:?}, balloon flips {balloon_flips}",
         ran.as_secs_f64()
     );
-    eprintln!("tps: {}", vmm::reclaim::sharing::stats_json(&t));
+    eprintln!("tps: {}", serde_json::to_string(&TpsStats::from(t.clone())).unwrap());
     assert!(t.merges > 0 && t.broken_shares > 0 && t.zero_pages_freed > 0, "page sharing acted: {t:?}");
     assert_eq!(t.errors, 0, "{t:?}");
     for i in 0..h.vms.len() {
@@ -394,14 +395,11 @@ fn the_control_page_is_never_evicted() {
     }
 }
 
-/// The free-memory policy in its soft state inflates the guests' balloons through
-/// their drivers, and swaps nothing: two guests that touched and freed most of their
-/// memory, under a host-memory budget set so that 3% of it is free.
-#[test]
-fn the_soft_state_inflates_the_guest_balloons_without_swapping() {
+/// Serving guests that touched 160 MiB and freed 128 MiB of it, without free page
+/// reporting: the freed memory stays resident until their balloons take it.
+fn guests_with_freed_memory(names: &[&str]) -> Vec<Vm> {
     require_kvm();
-    let dir = TempDir::new("soft");
-    let configs: Vec<VmConfig> = ["p0", "p1"]
+    let configs: Vec<VmConfig> = names
         .iter()
         .map(|n| {
             let mut c = guest(n, 256 * MIB, "alloc 160M unique; free 128M");
@@ -414,17 +412,55 @@ fn the_soft_state_inflates_the_guest_balloons_without_swapping() {
         vm.start().expect("start");
     }
     vms.iter().for_each(wait_serving);
+    vms
+}
+
+/// Starts the free-memory policy over `vms` with a host-memory budget that leaves
+/// `free_permille` of it free now.
+fn policy_with_free(vms: &[Vm], free_permille: u64) -> PolicyThread {
     let resident: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
-    let mut opts = SwapOptions::new(&dir.0);
-    opts.host_mem = HostMemChoice::Budget(resident * 100 / 97);
-    opts.tick = Duration::from_millis(50);
-    let policy = swap::start(&vms, &opts).expect("start swapping");
-    wait_for(&vms, "the balloons to inflate", Duration::from_secs(60), || {
+    let opts = PolicyOptions {
+        host_mem: HostMemChoice::Budget(resident * 1000 / (1000 - free_permille)),
+        tick: Duration::from_millis(50),
+        ..PolicyOptions::default()
+    };
+    PolicyThread::start(vms, &opts).expect("start the policy")
+}
+
+/// Waits until every balloon has reached its target and some pages were given.
+fn wait_inflated(vms: &[Vm]) {
+    wait_for(vms, "the balloons to inflate", Duration::from_secs(60), || {
         let b: Vec<BalloonSnapshot> = vms.iter().map(balloon).collect();
         b.iter().map(|b| b.ballooned_pages).sum::<u64>() > 0 && b.iter().all(|b| b.actual_pages == b.target_pages)
     });
+}
+
+fn states_entered(p: &policy::PolicyStats) -> Vec<&'static str> {
+    p.history.iter().map(|c| c.to.name()).collect()
+}
+
+/// Every guest still holds its 32 MiB intact and never touched a ballooned page.
+fn verify_and_finish(vms: Vec<Vm>) {
+    for vm in vms {
+        assert_eq!(balloon(&vm).touched_pages, 0);
+        assert_eq!(verify(&vm), 32 * PAGES_PER_MIB);
+        vm.stop("test over");
+        vm.finish();
+    }
+}
+
+/// The free-memory policy in its soft state inflates the guests' balloons through
+/// their drivers, and swaps nothing: two guests that touched and freed most of their
+/// memory, under a host-memory budget set so that 3% of it is free.
+#[test]
+fn the_soft_state_inflates_the_guest_balloons_without_swapping() {
+    let dir = TempDir::new("soft");
+    let vms = guests_with_freed_memory(&["p0", "p1"]);
+    swap::start(&vms, &SwapOptions::new(&dir.0)).expect("start swapping");
+    let policy = policy_with_free(&vms, 30);
+    wait_inflated(&vms);
     let p = policy.stats();
-    let states: Vec<&str> = p.history.iter().map(|c| c.to.name()).collect();
+    let states = states_entered(&p);
     assert!(states.contains(&"soft"), "{states:?}");
     assert!(!states.contains(&"hard") && !states.contains(&"low"), "{states:?}");
     assert_eq!(p.swap_pages_asked, 0, "{p:?}");
@@ -432,11 +468,67 @@ fn the_soft_state_inflates_the_guest_balloons_without_swapping() {
     for vm in &vms {
         let s = vm.shared().swap.stats().unwrap();
         assert_eq!(s.pages_out + s.zero_pages_elided, 0, "{}: {s:?}", vm.name());
-        assert_eq!(balloon(vm).touched_pages, 0);
-        assert_eq!(verify(vm), 32 * PAGES_PER_MIB);
     }
-    for vm in vms {
-        vm.stop("test over");
-        vm.finish();
-    }
+    verify_and_finish(vms);
+}
+
+/// Without swappers the policy still runs, on the balloon alone: in the low state
+/// (0.5% of the budget free) it asks the balloons for everything up to 6% free and
+/// pauses nobody (a pause frees nothing without eviction).
+#[test]
+fn without_swappers_the_policy_balloons_in_the_low_state() {
+    let vms = guests_with_freed_memory(&["b0", "b1"]);
+    let policy = policy_with_free(&vms, 5);
+    wait_inflated(&vms);
+    let p = policy.stats();
+    assert_eq!(states_entered(&p).first(), Some(&"low"), "{p:?}");
+    assert!(p.balloon_pages_asked > 0, "{p:?}");
+    assert_eq!((p.swap_pages_asked, p.pauses_asked), (0, 0), "{p:?}");
+    drop(policy);
+    verify_and_finish(vms);
+}
+
+/// A balloon target set through the control API pins that balloon: the policy,
+/// which deflates every balloon it owns while memory is plentiful, leaves it
+/// alone tick after tick, and deflates it once `balloon_auto` hands it back.
+#[test]
+fn an_api_target_pins_the_balloon_until_handed_back() {
+    let vms = guests_with_freed_memory(&["pin"]);
+    // Three quarters of the budget free: the high state, deflating.
+    let policy = policy_with_free(&vms, 750);
+    let api = Targets { vms: vec![vms[0].shared().clone()], tps: None, policy: Some(policy.counters()) };
+    let call = |req: Request| {
+        let resp = handle(req.clone(), &api);
+        assert!(resp.ok, "{req:?}: {:?}", resp.error);
+        resp.result.unwrap()
+    };
+    let Reply::BalloonSet(set) = call(Request::BalloonSet { size: "32M".into(), vm: None }) else {
+        panic!("a balloon_set reply")
+    };
+    assert_eq!(set["pin"].target_mode, TargetMode::Pinned);
+    let pinned = 32 * PAGES_PER_MIB;
+    wait_for(&vms, "the pinned target to be reached", Duration::from_secs(60), || {
+        balloon(&vms[0]).ballooned_pages == pinned
+    });
+    let ticks = policy.stats().ticks;
+    wait_for(&vms, "ten policy ticks", Duration::from_secs(60), || policy.stats().ticks >= ticks + 10);
+    let b = balloon(&vms[0]);
+    assert_eq!((b.target_pages, b.ballooned_pages, b.target_mode), (pinned, pinned, TargetMode::Pinned));
+    let Reply::PolicyStats(p) = call(Request::PolicyStats) else { panic!("a policy_stats reply") };
+    assert_eq!(p.state, policy::FreeState::High, "{p:?}");
+    assert_eq!(p.balloon_pages_asked, 0, "{p:?}");
+
+    let Reply::BalloonAuto(auto) = call(Request::BalloonAuto { vm: Some("pin".into()) }) else {
+        panic!("a balloon_auto reply")
+    };
+    assert_eq!(auto["pin"].target_mode, TargetMode::Auto);
+    assert_eq!(auto["pin"].target_bytes, 32 * MIB, "handing back leaves the target where it is");
+    wait_for(&vms, "the policy to deflate the balloon", Duration::from_secs(60), || {
+        let b = balloon(&vms[0]);
+        b.target_pages == 0 && b.ballooned_pages == 0
+    });
+    drop(policy);
+    let off = handle(Request::PolicyStats, &Targets { policy: None, ..api });
+    assert!(!off.ok && off.error.unwrap().contains("--policy on"));
+    verify_and_finish(vms);
 }

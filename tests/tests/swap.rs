@@ -11,11 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{guest, start, wait_serving, TempDir};
-use serde_json::Value;
+use guest_abi::step::Outcome;
+use guest_abi::workload::Op;
 use swapd::SwapStats;
 use vmm::api::server::{handle, Targets};
-use vmm::api::Request;
-use vmm::reclaim::swap::{self, HostMemChoice, SwapOptions};
+use vmm::api::{Reply, Request};
+use vmm::console::GuestStep;
+use vmm::reclaim::policy::{HostMemChoice, PolicyOptions, PolicyThread};
+use vmm::reclaim::swap::{self, SwapOptions};
 use vmm::vm::{Ending, Vm};
 
 const MIB: u64 = 1 << 20;
@@ -52,12 +55,11 @@ fn swapping_vm(name: &str, mem: u64, vcpus: u32, boot: &str, dir: &Path) -> Vm {
     vm
 }
 
-/// Runs a command; returns its JSON lines, panicking with them if it failed.
-fn command(vm: &Vm, cmd: &str) -> Vec<Value> {
+/// Runs a command; returns its step results, panicking with its lines if it failed.
+fn command(vm: &Vm, cmd: &str) -> Vec<GuestStep> {
     let out = vm.run_command(cmd, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    let lines = common::parse_lines(&out.lines);
-    assert_eq!(out.status, 0, "{cmd} failed: {lines:?}");
-    lines
+    assert_eq!(out.status, 0, "{cmd} failed: {:?}", out.lines);
+    out.steps()
 }
 
 /// Ends the guest with `exit 0` (the command is never acknowledged).
@@ -65,12 +67,12 @@ fn exit(vm: &Vm) {
     let _ = vm.run_command("exit 0", Duration::from_secs(30));
 }
 
-/// The `verify` lines of a command's output, each asserted clean.
-fn assert_verified(lines: &[Value]) -> usize {
-    let verifies: Vec<&Value> = lines.iter().filter(|l| l["op"] == "verify").collect();
+/// The `verify` results of a command's output, each asserted clean.
+fn assert_verified(steps: &[GuestStep]) -> usize {
+    let verifies: Vec<&GuestStep> = steps.iter().filter(|s| s.op == Op::Verify).collect();
     for v in &verifies {
-        assert_eq!(v["bad"], 0, "bad pages after swapping: {v}");
-        assert_eq!(v["result"], "ok", "{v}");
+        assert_eq!(v.bad, Some(0), "bad pages after swapping: {v:?}");
+        assert_eq!(v.result, Outcome::Ok, "{v:?}");
     }
     verifies.len()
 }
@@ -82,10 +84,8 @@ fn stats(vm: &Vm) -> SwapStats {
 /// The counters with the VM paused, so that no fault is in flight while they are
 /// read (a serving guest keeps touching its own pages).
 fn settled_stats(vm: &Vm) -> SwapStats {
-    vm.pause().expect("pause");
-    let s = stats(vm);
-    vm.resume();
-    s
+    let _pause = vm.pause().expect("pause");
+    stats(vm)
 }
 
 #[test]
@@ -172,10 +172,11 @@ fn zero_pages_are_discarded_without_being_written() {
     let vm = swapping_vm("zero", 128 * MIB, 1, "alloc 32M zero; alloc 4M unique", &dir.0);
     let sw = vm.shared().swap.get().unwrap();
     // Through the control API, as `vmm ctl swap out 128M --vm zero` does.
-    let vms = Targets { vms: vec![vm.shared().clone()], tps: None };
+    let vms = Targets { vms: vec![vm.shared().clone()], tps: None, policy: None };
     let resp = handle(Request::SwapOut { size: "128M".into(), vm: "zero".into() }, &vms);
     assert!(resp.ok, "{:?}", resp.error);
-    let reclaimed = resp.result.unwrap()["reclaimed_pages"].as_u64().unwrap();
+    let Some(Reply::SwapOut(out)) = resp.result else { panic!("not a swap_out result: {resp:?}") };
+    let reclaimed = out.reclaimed_pages;
     let s = settled_stats(&vm);
     assert_eq!(s.pages_out + s.zero_pages_elided, reclaimed);
     assert!(s.zero_pages_elided >= 32 * MIB / PAGE, "{s:?}");
@@ -188,7 +189,8 @@ fn zero_pages_are_discarded_without_being_written() {
     assert!(vm.ram().resident_bytes() < 4 * MIB, "RSS {} KiB", vm.ram().resident_bytes() >> 10);
     assert_verified(&command(&vm, "verify"));
     let resp = handle(Request::SwapStats { vm: None }, &vms);
-    assert_eq!(resp.result.unwrap()["vms"]["zero"]["zero_pages_elided"], s.zero_pages_elided);
+    let Some(Reply::SwapStats(stats)) = resp.result else { panic!("not a swap_stats result: {resp:?}") };
+    assert_eq!(stats.vms["zero"].as_ref().map(|s| s.zero_pages_elided), Some(s.zero_pages_elided));
     let resp = handle(Request::SwapOut { size: "1M".into(), vm: "nope".into() }, &vms);
     assert!(!resp.ok && resp.error.unwrap().contains("no VM named"));
 }
@@ -258,10 +260,13 @@ fn a_host_memory_budget_drives_balloon_then_swap() {
     for vm in &mut vms {
         vm.start().expect("start");
     }
-    let mut opts = SwapOptions::new(&dir.0);
-    opts.host_mem = HostMemChoice::Budget(320 * MIB);
-    opts.tick = Duration::from_millis(50);
-    let policy = swap::start(&vms, &opts).expect("start swapping");
+    swap::start(&vms, &SwapOptions::new(&dir.0)).expect("start swapping");
+    let opts = PolicyOptions {
+        host_mem: HostMemChoice::Budget(320 * MIB),
+        tick: Duration::from_millis(50),
+        ..PolicyOptions::default()
+    };
+    let policy = PolicyThread::start(&vms, &opts).expect("start the policy");
     for vm in &vms {
         wait_serving(vm);
     }

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use common::{change_sharing, converge, guest, require_kvm, two_vcpu_guests, wait_serving};
 use guest_abi::content::{self, Page};
-use guest_abi::workload::Kind;
+use guest_abi::workload::{Kind, Op};
 use guest_abi::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
+use vmm::console::GuestStep;
 use vmm::host;
-use vmm::reclaim::sharing::PageSharing;
+use vmm::reclaim::sharing::{PageSharing, TpsStats};
 use vmm::vm::Vm;
 
 const MIB: u64 = 1 << 20;
@@ -53,17 +54,17 @@ impl Host {
         self.sharing.guest_memory_bytes(&self.vms) as f64 / MIB as f64
     }
 
-    fn run(&self, vm: usize, cmd: &str) -> Vec<serde_json::Value> {
+    fn run(&self, vm: usize, cmd: &str) -> Vec<GuestStep> {
         let out = self.vms[vm].run_command(cmd, Duration::from_secs(120)).expect("command");
         assert_eq!(out.status, 0, "{cmd} failed in vm {vm}: {:?}", out.lines);
-        common::parse_lines(&out.lines)
+        out.steps()
     }
 
     fn verify_all(&self) {
         for vm in 0..self.vms.len() {
-            let lines = self.run(vm, "verify");
-            let v = lines.iter().find(|l| l["op"] == "verify").expect("a verify line");
-            assert_eq!(v["bad"], 0, "vm {vm}: {v}");
+            let steps = self.run(vm, "verify");
+            let v = steps.iter().find(|s| s.op == Op::Verify).expect("a verify line");
+            assert_eq!(v.bad, Some(0), "vm {vm}: {v:?}");
         }
     }
 }
@@ -142,9 +143,8 @@ fn no_write_is_lost_while_the_scanner_merges_under_the_guests() {
             let h = &h;
             s.spawn(move || {
                 for _ in 0..ROUNDS {
-                    let lines = h.run(vm, round);
-                    let bad: u64 =
-                        lines.iter().filter(|l| l["op"] == "verify").map(|l| l["bad"].as_u64().unwrap()).sum();
+                    let steps = h.run(vm, round);
+                    let bad: u64 = steps.iter().filter(|s| s.op == Op::Verify).map(|s| s.bad.unwrap()).sum();
                     assert_eq!(bad, 0, "vm {vm} lost writes");
                 }
             });
@@ -155,7 +155,7 @@ fn no_write_is_lost_while_the_scanner_merges_under_the_guests() {
     // The race was there to lose: merges and broken shares by the thousand, zero
     // pages dropped and written again.
     assert!(s.merges > 10_000 && s.broken_shares > 5_000 && s.zero_pages_freed > 5_000, "{s:?}");
-    eprintln!("{}", vmm::reclaim::sharing::stats_json(&s));
+    eprintln!("{}", serde_json::to_string(&TpsStats::from(s)).unwrap());
 }
 
 /// Guest page `gpa` of `vm`, read from the host side.
@@ -270,13 +270,13 @@ fn a_pause_holds_while_merge_batches_pause_and_resume_the_vm() {
         let worker = s.spawn(|| h.run(0, "repeat 40 { alloc 8M dup; alloc 8M shared:5; touch 4M; verify; free 16M }"));
         while !worker.is_finished() {
             std::thread::sleep(Duration::from_millis(15));
-            let Some(_) = vm.pause() else { continue };
+            let Ok(pause) = vm.pause() else { continue };
             let (heartbeat, batches) = (vm.progress().heartbeat, h.sharing.stats().batches);
             std::thread::sleep(Duration::from_millis(30));
             batches_while_held += h.sharing.stats().batches - batches;
             assert_eq!(vm.progress().heartbeat, heartbeat, "the guest ran during a pause");
             held += 1;
-            vm.resume();
+            drop(pause);
         }
         worker.join().unwrap();
     });

@@ -9,22 +9,11 @@
 //! scanner runs with no rate limit; pauses cost nothing here (no vCPUs), so the
 //! figures are the scanner's own work. Prints a table and a JSON line.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tps::{Config, Region, Scanner, Stats, VmControl, PAGE_SIZE};
-
-struct NoVcpus;
-
-impl VmControl for NoVcpus {
-    fn pause(&self, _vm: u32) -> Option<Box<dyn std::any::Any>> {
-        Some(Box::new(()))
-    }
-    fn skip_page(&self, _vm: u32, _gpa: u64) -> bool {
-        false
-    }
-    fn remapped(&self, _vm: u32, _host_addr: usize, _len: usize) {}
-}
+use pagestate::anon::{AnonMap, MemoryVm};
+use pagestate::{Region, PAGE_SIZE};
+use tps::{Config, Scanner, Stats};
 
 fn fill(addr: usize, key: u64) {
     let p = addr as *mut u64;
@@ -32,17 +21,9 @@ fn fill(addr: usize, key: u64) {
         let mut z = key.wrapping_add((i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        // SAFETY: `addr` is a page of memory this program mapped.
         unsafe { p.add(i).write(z ^ (z >> 31)) };
     }
-}
-
-fn guest_ram(pages: usize) -> usize {
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-    let prot = libc::PROT_READ | libc::PROT_WRITE;
-    let addr = unsafe { libc::mmap(std::ptr::null_mut(), pages * PAGE_SIZE, prot, flags, -1, 0) };
-    assert_ne!(addr, libc::MAP_FAILED, "mmap");
-    unsafe { libc::madvise(addr, pages * PAGE_SIZE, libc::MADV_NOHUGEPAGE) };
-    addr as usize
 }
 
 fn per(n: u64, d: u64) -> f64 {
@@ -69,11 +50,12 @@ fn main() {
     };
 
     let t = Instant::now();
-    let mems: Vec<usize> = (0..vms).map(|_| guest_ram(pages)).collect();
-    for (vm, &m) in mems.iter().enumerate() {
+    let mems: Vec<AnonMap> = (0..vms).map(|_| AnonMap::new(pages * PAGE_SIZE).expect("map guest RAM")).collect();
+    for (vm, m) in mems.iter().enumerate() {
         for i in 0..pages {
-            let addr = m + i * PAGE_SIZE;
+            let addr = m.addr() + i * PAGE_SIZE;
             match kind(i) {
+                // SAFETY: a page of memory this program mapped.
                 0 => unsafe { (addr as *mut u8).write(0) },
                 1 => fill(addr, 0x5000_0000 + i as u64),
                 _ => fill(addr, ((vm as u64 + 1) << 40) + i as u64),
@@ -83,10 +65,10 @@ fn main() {
     println!("{vms} VMs x {mib} MiB written in {:.2} s", t.elapsed().as_secs_f64());
 
     let config = Config { pages_per_sec: 0, ..Config::default() };
-    let scanner = Scanner::start(config, Arc::new(NoVcpus)).expect("scanner");
-    for (vm, &m) in mems.iter().enumerate() {
-        let region = Region { vm: vm as u32, gpa: 0, host_addr: m, len: pages * PAGE_SIZE };
-        scanner.add_region(region).expect("region");
+    let scanner = Scanner::start(config).expect("scanner");
+    for m in &mems {
+        let region = Region { gpa: 0, host_addr: m.addr(), len: m.len() };
+        scanner.add_vm(MemoryVm::new("measure", vec![region])).expect("add the VM");
     }
     // Achievable: every zero page, and all but one copy of each shared page.
     let achievable = ((zero * vms + shared * (vms - 1)) * PAGE_SIZE) as u64;

@@ -12,6 +12,8 @@ pub enum Error {
     BadRange { host_addr: usize, len: usize, why: &'static str },
     /// Changing the mapping of guest memory failed; the range may still be shared.
     Remap { host_addr: usize, len: usize, source: io::Error },
+    /// The VM's RAM is already covered by another scanner.
+    Attach { vm: String, source: pagestate::changes::AlreadyAttached },
 }
 
 impl fmt::Display for Error {
@@ -24,6 +26,7 @@ impl fmt::Display for Error {
             Error::Remap { host_addr, len, source } => {
                 write!(f, "tps: remapping {host_addr:#x}+{len:#x}: {source}")
             }
+            Error::Attach { vm, source } => write!(f, "tps: vm {vm}: {source}"),
         }
     }
 }
@@ -32,6 +35,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io { source, .. } | Error::Remap { source, .. } => Some(source),
+            Error::Attach { source, .. } => Some(source),
             Error::BadRange { .. } => None,
         }
     }

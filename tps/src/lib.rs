@@ -17,9 +17,10 @@
 //!
 //! **The race.** A vCPU or a device thread may write a page between the compare and
 //! the remap (or the drop): the write would be lost. The scanner only *plans* while
-//! the guests run; each batch of merges is applied with every VM it touches paused
-//! ([`VmControl::pause`]), after comparing every page again. A page that changed is
-//! left alone.
+//! the guests run, on copies of the pages (guest memory is never borrowed: see
+//! [`pagestate::page`]); each batch of merges is applied with every VM it touches
+//! paused (its [`ReclaimGuard`](pagestate::ReclaimGuard)), after comparing every page
+//! again. A page that changed is left alone.
 //!
 //! **VMAs.** Each mapping of the pool is a VMA of its own, and a process may have only
 //! `vm.max_map_count`. Runs of consecutive guest pages are mapped onto consecutive
@@ -28,8 +29,14 @@
 //! every pass, and merges that would pass a limit are skipped with a warning instead
 //! of failing.
 //!
-//! **Freeing guest memory** must go through [`Scanner::reset_range`]: on a shared
-//! page, `MADV_DONTNEED` brings back the pool's content, not zeros.
+//! **Freeing guest memory** must go through the VM's
+//! [`RamChanges`](pagestate::RamChanges), to which the scanner attaches itself: on a
+//! shared page, `MADV_DONTNEED` brings back the pool's content, not zeros, so the
+//! scanner maps fresh anonymous memory there instead. Every new mapping it makes is
+//! announced there too (the swapper must cover it with its userfaultfd).
+//!
+//! **What it sees of a VM** is a [`pagestate::GuestVm`]: its regions, its pause, the
+//! off-limits rule (pages the scanner must leave alone), its `RamChanges`.
 //!
 //! **Broken shares** are found on later visits (pagemap: the page became private),
 //! the pool page's count drops, and it is freed (`fallocate(PUNCH_HOLE)`) when no
@@ -41,7 +48,6 @@ mod batch;
 mod config;
 mod error;
 mod hash_table;
-mod pagemap;
 mod pass;
 mod pool;
 mod region;
@@ -49,8 +55,6 @@ mod remap;
 mod scanner;
 mod state;
 mod stats;
-#[cfg(test)]
-mod testutil;
 mod vma;
 
 pub use config::Config;
@@ -58,39 +62,21 @@ pub use error::Error;
 pub use scanner::Scanner;
 pub use stats::Stats;
 
-/// Host page size; guest RAM is shared in pages of this size.
-pub const PAGE_SIZE: usize = 4096;
+/// Pages are [`pagestate::PAGE_SIZE`]: shared with the other reclaimers.
+pub(crate) use pagestate::{Page, PAGE_SIZE};
 
-/// A page's bytes.
-type Page = [u8; PAGE_SIZE];
+/// A VM's number in the scanner (given by [`Scanner::add_vm`]).
+pub type VmId = u32;
 
-/// One contiguous range of guest RAM in this process.
+/// One contiguous range of a VM's guest RAM, as the scanner registers it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Region {
-    /// The VM it belongs to (the VMM's numbering).
-    pub vm: u32,
+pub(crate) struct Region {
+    /// The VM it belongs to.
+    pub(crate) vm: VmId,
     /// Guest physical address of its first byte.
-    pub gpa: u64,
+    pub(crate) gpa: u64,
     /// Where it is mapped in this process: anonymous private memory, page aligned.
-    pub host_addr: usize,
+    pub(crate) host_addr: usize,
     /// Its length in bytes, a multiple of [`PAGE_SIZE`].
-    pub len: usize,
-}
-
-/// What the scanner needs from the VMM.
-///
-/// The scanner never calls these with its internal lock held, so they may call
-/// [`Scanner::reset_range`] and the like from other threads freely; but a pause must
-/// not wait for a thread that is itself waiting for a pause to end.
-pub trait VmControl: Send + Sync + 'static {
-    /// Stops every writer of `vm`'s guest memory (vCPUs kicked out of `KVM_RUN`,
-    /// device threads parked, no other reclaimer touching it) until the returned
-    /// guard is dropped. None if the VM is gone or ending (it is skipped).
-    fn pause(&self, vm: u32) -> Option<Box<dyn std::any::Any>>;
-    /// Pages the scanner must leave alone (e.g. ballooned pages): true to skip.
-    fn skip_page(&self, vm: u32, gpa: u64) -> bool;
-    /// Called after the scanner replaced the mapping of `[host_addr, host_addr+len)`
-    /// (a new VMA), while `vm` is still paused, so that the VMM can register it with
-    /// its userfaultfd if it uses one.
-    fn remapped(&self, vm: u32, host_addr: usize, len: usize);
+    pub(crate) len: usize,
 }

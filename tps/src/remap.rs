@@ -49,8 +49,8 @@ impl Advice {
                 if inside {
                     return Ok(Self::from_vm_flags(flags));
                 }
-            } else if let Some((start, end)) = vma_range(line) {
-                inside = (start..end).contains(&addr);
+            } else if let Some(vma) = pagestate::maps::Vma::parse(line) {
+                inside = (vma.start..vma.end).contains(&addr);
             }
         }
         Err(io::Error::new(io::ErrorKind::NotFound, "no mapping at this address"))
@@ -84,13 +84,6 @@ impl Advice {
     }
 }
 
-/// `start-end` of a `/proc/self/maps` or smaps header line.
-fn vma_range(line: &str) -> Option<(usize, usize)> {
-    let range = line.split_whitespace().next()?;
-    let (s, e) = range.split_once('-')?;
-    Some((usize::from_str_radix(s, 16).ok()?, usize::from_str_radix(e, 16).ok()?))
-}
-
 fn check_map(addr: usize, r: *mut libc::c_void) -> io::Result<()> {
     if r == libc::MAP_FAILED {
         Err(io::Error::last_os_error())
@@ -122,44 +115,16 @@ pub(crate) fn map_anon(addr: usize, len: usize, advice: Advice) -> io::Result<()
     Ok(())
 }
 
-/// Drops the pages of anonymous memory (they read back as zeros).
-pub(crate) fn discard(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: the caller owns the range and wants its content gone.
-    if unsafe { libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Whether every page of the range is mapped (a failed `MAP_FIXED` can leave a hole).
-pub(crate) fn is_mapped(addr: usize, len: usize) -> bool {
-    let mut vec = vec![0u8; len.div_ceil(crate::PAGE_SIZE)];
-    // SAFETY: `vec` has one byte per page of the range.
-    unsafe { libc::mincore(addr as *mut _, len, vec.as_mut_ptr()) == 0 }
-}
-
-/// VMAs of this process now, and how many of them overlap `ranges` (sorted,
-/// disjoint `start..end` ranges), from `/proc/self/maps`.
-pub(crate) fn count_vmas(ranges: &[(usize, usize)]) -> io::Result<(usize, usize)> {
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
-    let (mut total, mut inside) = (0, 0);
-    for (s, e) in maps.lines().filter_map(vma_range) {
-        total += 1;
-        let first = ranges.partition_point(|&(_, end)| end <= s);
-        inside += ranges[first..].iter().take_while(|&&(start, _)| start < e).count();
-    }
-    Ok((total, inside))
-}
-
-/// The kernel's limit on VMAs per process.
-pub(crate) fn max_map_count() -> usize {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
+    use pagestate::anon::{memfd_with, AnonMap};
+    use pagestate::discard::dontneed;
+    use pagestate::maps::{count_vmas, max_map_count};
+    use pagestate::residency::is_mapped;
+
     use super::*;
-    use crate::testutil::{anon, memfd_with};
     use crate::PAGE_SIZE;
 
     #[test]
@@ -167,7 +132,6 @@ mod tests {
         let a = Advice::from_vm_flags(" rd wr mr mw me ac nr nh dd ");
         assert_eq!(a, Advice { huge: Some(false), dontfork: true, dontdump: false, noreserve: true });
         assert_eq!(Advice::from_vm_flags(" rd wr hg dc").huge, Some(true));
-        assert_eq!(vma_range("7f00-7f80 rw-p 0 0:0 0"), Some((0x7f00, 0x7f80)));
         assert!(max_map_count() > 0);
     }
 
@@ -177,62 +141,46 @@ mod tests {
     }
 
     #[test]
-    fn vmas_are_counted_per_range() {
-        let (a, b) = (anon(4), anon(4));
-        unsafe { libc::mprotect((a.addr + PAGE_SIZE) as *mut _, PAGE_SIZE, libc::PROT_READ) };
-        assert_eq!(vmas_in(a.addr, a.len), 3);
-        let mut ranges = [(a.addr, a.addr + a.len), (b.addr, b.addr + b.len)];
-        ranges.sort();
-        let (total, inside) = count_vmas(&ranges).unwrap();
-        assert!(total > inside && inside >= 4, "{total} {inside}");
-        assert_eq!(count_vmas(&[]).unwrap().1, 0);
-    }
-
-    #[test]
     fn pool_runs_merge_and_anonymous_rejoins() {
-        let m = anon(8);
-        let advice = Advice::of(m.addr + PAGE_SIZE).unwrap();
+        let m = AnonMap::pages(8);
+        let advice = Advice::of(m.addr() + PAGE_SIZE).unwrap();
         assert_eq!((advice.huge, advice.noreserve), (Some(false), true));
         let mut content = vec![0u8; 4 * PAGE_SIZE];
         for (i, c) in content.chunks_mut(PAGE_SIZE).enumerate() {
             c.fill(i as u8 + 1);
         }
-        let fd = memfd_with(&content);
-        let page = |i: usize| m.addr + i * PAGE_SIZE;
-        unsafe { std::ptr::write_bytes(m.addr as *mut u8, 0x55, 8 * PAGE_SIZE) };
+        let pool = memfd_with(&content);
+        let fd = pool.as_raw_fd();
+        let page = |i: usize| m.addr() + i * PAGE_SIZE;
+        // SAFETY: fills our own test mapping.
+        unsafe { std::ptr::write_bytes(m.addr() as *mut u8, 0x55, 8 * PAGE_SIZE) };
 
         map_pool(page(2), 2 * PAGE_SIZE, fd, 0, advice).unwrap();
-        assert_eq!(vmas_in(m.addr, 8 * PAGE_SIZE), 3);
+        assert_eq!(vmas_in(m.addr(), 8 * PAGE_SIZE), 3);
         map_pool(page(4), PAGE_SIZE, fd, 2 * PAGE_SIZE as u64, advice).unwrap();
-        assert_eq!(vmas_in(m.addr, 8 * PAGE_SIZE), 3, "consecutive pool pages: one VMA");
+        assert_eq!(vmas_in(m.addr(), 8 * PAGE_SIZE), 3, "consecutive pool pages: one VMA");
         map_pool(page(6), PAGE_SIZE, fd, 0, advice).unwrap();
-        assert_eq!(vmas_in(m.addr, 8 * PAGE_SIZE), 5);
+        assert_eq!(vmas_in(m.addr(), 8 * PAGE_SIZE), 5);
+        // SAFETY: reads a page of our own test mapping.
         let read = |i: usize| unsafe { (page(i) as *const u8).read_volatile() };
         assert_eq!([read(1), read(2), read(3), read(4), read(6)], [0x55, 1, 2, 3, 1]);
 
+        // SAFETY: writes a page of our own test mapping.
         unsafe { (page(3) as *mut u8).write_volatile(9) };
         assert_eq!(read(3), 9);
         let mut pool_first = [0u8; 1];
+        // SAFETY: reads one byte of our memfd into a one-byte buffer.
         unsafe { libc::pread(fd, pool_first.as_mut_ptr().cast(), 1, PAGE_SIZE as i64) };
         assert_eq!(pool_first[0], 2, "a guest write does not reach the pool");
 
         map_anon(page(2), 3 * PAGE_SIZE, advice).unwrap();
         assert_eq!(read(3), 0);
-        assert_eq!(vmas_in(m.addr, 8 * PAGE_SIZE), 3, "anonymous again: merged with its neighbours");
+        assert_eq!(vmas_in(m.addr(), 8 * PAGE_SIZE), 3, "anonymous again: merged with its neighbours");
         map_anon(page(6), PAGE_SIZE, advice).unwrap();
-        assert_eq!(vmas_in(m.addr, 8 * PAGE_SIZE), 1);
+        assert_eq!(vmas_in(m.addr(), 8 * PAGE_SIZE), 1);
 
-        discard(page(0), PAGE_SIZE).unwrap();
+        dontneed(page(0), PAGE_SIZE).unwrap();
         assert_eq!(read(0), 0);
-        assert!(is_mapped(m.addr, 8 * PAGE_SIZE));
-        unsafe { libc::close(fd) };
-    }
-
-    #[test]
-    fn holes_are_seen() {
-        let m = anon(3);
-        unsafe { libc::munmap((m.addr + PAGE_SIZE) as *mut _, PAGE_SIZE) };
-        assert!(!is_mapped(m.addr, 3 * PAGE_SIZE));
-        assert!(is_mapped(m.addr, PAGE_SIZE));
+        assert!(is_mapped(m.addr(), 8 * PAGE_SIZE));
     }
 }

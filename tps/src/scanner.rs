@@ -2,25 +2,29 @@
 //!
 //! One thread per process scans all registered RAM, paced by a token bucket (ticks
 //! of 10 ms; with no rate limit it scans in bursts of 8 chunks). For each chunk it
-//! reads the pagemap and asks the VMM which pages to skip without any lock, plans
-//! under the state lock, and commits a batch of merges when it is full, 100 ms old,
-//! or the pass ends: pause the VMs involved, apply under the lock (re-checking all
-//! that may have changed since the plan), tell the VMM of the new mappings, resume. The VMM's own calls (`add_region`, `reset_range`, `stats`, ...)
-//! take the same lock; the scanner yields it to them between chunks.
+//! reads the pagemap and asks the VM which pages are off limits without any lock,
+//! plans under the state lock, and commits a batch of merges when it is full, 100 ms
+//! old, or the pass ends: pause the VMs involved, apply under the lock (re-checking
+//! all that may have changed since the plan), announce the new mappings on each VM's
+//! `RamChanges`, resume. The VMM's own calls (`add_vm`, discards through
+//! `RamChanges`, `stats`, ...) take the same lock; the scanner yields it to them
+//! between chunks.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use pagestate::pagemap::{Backing, PageInfo, Pagemap};
+use pagestate::{GuestVm, ReclaimGuard, SharingHooks};
+
 use crate::batch::Batch;
 use crate::config::Config;
-use crate::pagemap::{Backing, PageInfo, PageMap};
 use crate::pass::{Chunk, Pass, Rng, CHUNK_PAGES};
-use crate::state::State;
+use crate::state::{Remapped, State};
 use crate::stats::{thread_cpu_ns, Stats};
-use crate::{Error, Region, VmControl};
+use crate::{Error, Region, VmId};
 
 /// Scan period when a rate is set.
 const TICK: Duration = Duration::from_millis(10);
@@ -31,6 +35,9 @@ const BURST_CHUNKS: usize = 8;
 /// A batch that is not full is committed after this long: fewer, larger pauses at
 /// low rates, and merges no more than this late.
 const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
+
+/// How long a merge batch waits for a VM to pause before leaving its pages alone.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Locks, ignoring poisoning: the state stays consistent between operations.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -47,7 +54,8 @@ struct Shared {
     state: Mutex<State>,
     /// VMM threads waiting for `state`.
     waiting: AtomicUsize,
-    ctl: Arc<dyn VmControl>,
+    /// The VMs, by [`VmId`]; None once removed.
+    vms: RwLock<Vec<Option<Arc<dyn GuestVm>>>>,
     control: Mutex<Control>,
     wake: Condvar,
     passes: Mutex<u64>,
@@ -69,6 +77,32 @@ impl Shared {
     fn uptime_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
+
+    /// VM `id`, unless removed.
+    fn vm(&self, id: VmId) -> Option<Arc<dyn GuestVm>> {
+        self.vms.read().unwrap_or_else(|e| e.into_inner()).get(id as usize).cloned().flatten()
+    }
+
+    /// Announces new mappings on their VMs' `RamChanges` (the swapper covers them).
+    fn announce(&self, remapped: Vec<Remapped>) {
+        for (id, addr, len) in remapped {
+            if let Some(vm) = self.vm(id) {
+                if let Err(e) = vm.changes().remapped(addr, len) {
+                    log::warn!("tps: {}: a new mapping at {addr:#x}+{len:#x} could not be covered: {e}", vm.name());
+                }
+            }
+        }
+    }
+}
+
+/// Discards of guest RAM reach page sharing here (see [`pagestate::changes`]).
+impl SharingHooks for Shared {
+    fn discard(&self, host_addr: usize, len: usize) -> std::io::Result<()> {
+        let mut remapped = Vec::new();
+        let result = self.lock_state().reset_range(host_addr, len, &mut remapped);
+        self.announce(remapped);
+        result.map_err(std::io::Error::other)
+    }
 }
 
 /// Transparent page sharing for all the VMs of this process.
@@ -78,14 +112,14 @@ pub struct Scanner {
 }
 
 impl Scanner {
-    /// Starts the scanner thread. Register memory with [`Scanner::add_region`].
-    pub fn start(config: Config, ctl: Arc<dyn VmControl>) -> Result<Scanner, Error> {
+    /// Starts the scanner thread. Give it VMs with [`Scanner::add_vm`].
+    pub fn start(config: Config) -> Result<Scanner, Error> {
         let state = State::new(&config)?;
-        let pagemap = PageMap::open().map_err(|source| Error::Io { what: "opening /proc/self/pagemap", source })?;
+        let pagemap = Pagemap::open().map_err(|source| Error::Io { what: "opening /proc/self/pagemap", source })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             waiting: AtomicUsize::new(0),
-            ctl,
+            vms: RwLock::new(Vec::new()),
             control: Mutex::new(Control { config: config.clone(), generation: 0, stop: false }),
             wake: Condvar::new(),
             passes: Mutex::new(0),
@@ -118,32 +152,38 @@ impl Scanner {
         Ok(Scanner { shared, thread: Mutex::new(Some(thread)) })
     }
 
-    /// Registers guest RAM: page-aligned anonymous private memory of `region.vm`,
-    /// mapped at `region.host_addr`. Scanned from the next pass on.
-    pub fn add_region(&self, region: Region) -> Result<(), Error> {
-        self.shared.lock_state().add_region(&region)
-    }
-
-    /// Unregisters every region of `vm` and drops its references to the pool. Call it
-    /// once the VM's vCPUs and device threads have stopped and before its memory is
-    /// unmapped: pool pages no other VM maps are freed, which would change what the
-    /// VM's (dead) mappings read.
-    pub fn remove_vm(&self, vm: u32) {
-        self.shared.lock_state().remove_vm(vm);
-    }
-
-    /// Makes `host_addr..host_addr+len` plain anonymous memory, not resident, reading
-    /// zeros: `MADV_DONTNEED` semantics, also on pages the scanner shared (where a
-    /// bare `MADV_DONTNEED` would bring the pool's content back instead of zeros).
-    /// The balloon frees guest pages with this. Calls [`VmControl::remapped`] for each
-    /// new mapping. Does not pause the VM: the caller knows nobody uses the range.
-    pub fn reset_range(&self, host_addr: usize, len: usize) -> Result<(), Error> {
-        let mut remapped = Vec::new();
-        let result = self.shared.lock_state().reset_range(host_addr, len, &mut remapped);
-        for (vm, addr, len) in remapped {
-            self.shared.ctl.remapped(vm, addr, len);
+    /// Covers `vm`'s guest RAM (its regions, page-aligned anonymous private memory)
+    /// from the next pass on, and attaches to its `RamChanges` so that its discards
+    /// come here. Returns its number in the scanner.
+    pub fn add_vm(&self, vm: Arc<dyn GuestVm>) -> Result<VmId, Error> {
+        let mut vms = self.shared.vms.write().unwrap_or_else(|e| e.into_inner());
+        let id = vms.len() as VmId;
+        let mut state = self.shared.lock_state();
+        for r in vm.regions() {
+            if let Err(e) = state.add_region(&Region { vm: id, gpa: r.gpa, host_addr: r.host_addr, len: r.len }) {
+                state.remove_vm(id);
+                return Err(e);
+            }
         }
-        result
+        drop(state);
+        let hooks: Arc<dyn SharingHooks> = self.shared.clone();
+        if let Err(source) = vm.changes().attach_sharing(Arc::downgrade(&hooks)) {
+            self.shared.lock_state().remove_vm(id);
+            return Err(Error::Attach { vm: vm.name().to_string(), source });
+        }
+        vms.push(Some(vm));
+        Ok(id)
+    }
+
+    /// Unregisters every region of VM `id` and drops its references to the pool. Call
+    /// it once the VM's vCPUs and device threads have stopped and before its memory is
+    /// unmapped: pool pages no other VM maps are freed, which would change what the
+    /// VM's (dead) mappings read. Later calls do nothing.
+    pub fn remove_vm(&self, id: VmId) {
+        let mut vms = self.shared.vms.write().unwrap_or_else(|e| e.into_inner());
+        if vms.get_mut(id as usize).and_then(Option::take).is_some() {
+            self.shared.lock_state().remove_vm(id);
+        }
     }
 
     /// The counters now.
@@ -203,7 +243,7 @@ impl Drop for Scanner {
 
 struct Worker {
     shared: Arc<Shared>,
-    pagemap: PageMap,
+    pagemap: Pagemap,
     batch: Batch,
     /// When the batch got its first op.
     batch_since: Option<Instant>,
@@ -318,9 +358,9 @@ impl Worker {
             return;
         }
         // Only resident private pages can be merged: ask about those only.
+        let Some(vm) = self.shared.vm(chunk.region.vm) else { return };
         for i in 0..n {
-            self.skip[i] =
-                self.infos[i].backing() == Backing::Anon && self.shared.ctl.skip_page(chunk.region.vm, chunk.gpa(i));
+            self.skip[i] = self.infos[i].backing() == Backing::Anon && vm.off_limits(chunk.gpa(i));
         }
         let (infos, skip) = (&mut self.infos[..n], &self.skip[..n]);
         lock(&self.shared.state).plan_chunk(chunk, infos, skip, &mut self.seen_resets, &mut self.batch);
@@ -329,37 +369,36 @@ impl Worker {
         }
     }
 
-    /// Pauses the VMs of the batch, applies it, tells the VMM of the new mappings,
-    /// resumes the VMs.
+    /// Pauses the VMs of the batch (in VM order, so that two reclaimers taking several
+    /// VMs cannot deadlock), applies it, announces the new mappings, resumes the VMs.
     fn commit(&mut self) {
         self.batch_since = None;
         if self.batch.is_empty() {
             return;
         }
-        let ctl = self.shared.ctl.clone();
-        let vms: BTreeSet<u32> = self.batch.ops.iter().map(|op| op.vm).collect();
+        let ids: BTreeSet<VmId> = self.batch.ops.iter().map(|op| op.vm).collect();
         let t0 = Instant::now();
-        let mut guards = Vec::with_capacity(vms.len());
-        let mut gone = Vec::new();
-        for vm in vms {
-            match ctl.pause(vm) {
-                Some(g) => guards.push(g),
-                None => gone.push(vm),
+        let mut paused: Vec<(VmId, Arc<dyn GuestVm>, ReclaimGuard)> = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(vm) = self.shared.vm(id) else { continue };
+            match vm.run().reclaim_guard(PAUSE_TIMEOUT) {
+                Ok(guard) => paused.push((id, vm, guard)),
+                Err(e) => log::debug!("tps: {}: merges left for later: {e}", vm.name()),
             }
         }
-        // Paused, the VMM's device threads are parked: what is skipped holds still.
+        // Paused, the VMM's device threads are parked: what is off limits holds still.
         let before = self.batch.ops.len();
-        self.batch.ops.retain(|op| !gone.contains(&op.vm) && !ctl.skip_page(op.vm, op.gpa));
+        self.batch
+            .ops
+            .retain(|op| paused.iter().find(|(id, ..)| *id == op.vm).is_some_and(|(_, vm, _)| !vm.off_limits(op.gpa)));
         let dropped = (before - self.batch.ops.len()) as u64;
         let remapped = {
             let mut st = lock(&self.shared.state);
             st.stats.race_aborts += dropped;
             st.apply(&mut self.batch)
         };
-        for (vm, addr, len) in remapped {
-            ctl.remapped(vm, addr, len);
-        }
-        drop(guards);
+        self.shared.announce(remapped);
+        drop(paused);
         self.shared.paused_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
         self.batch.clear();
     }

@@ -15,7 +15,6 @@ mod plan;
 
 use crate::config::Config;
 use crate::hash_table::HashTable;
-use crate::pagemap::PageMap;
 use crate::pass::PassRegion;
 use crate::pool::Pool;
 use crate::region::{Regions, Slot};
@@ -23,37 +22,35 @@ use crate::remap::{self, Advice};
 use crate::stats::Stats;
 use crate::vma::VmaBudget;
 use crate::{Error, Page, Region, PAGE_SIZE};
+use pagestate::discard::dontneed;
+use pagestate::maps::max_map_count;
+use pagestate::pagemap::Pagemap;
 
 /// A new mapping made over guest RAM, for [`crate::VmControl::remapped`].
 pub(crate) type Remapped = (u32, usize, usize);
 
-/// The guest page at `addr`.
-///
-/// # Safety
-/// `addr` is a page of registered guest RAM (it stays mapped while the state lock is
-/// held). Its writers may be running: what is read is then only a hint, and every
-/// decision is checked again while they are paused.
-unsafe fn guest<'a>(addr: usize) -> &'a Page {
-    &*(addr as *const Page)
-}
-
-/// All 4096 bytes zero; returns at the first non-zero 256-byte block.
-fn is_zero(p: &Page) -> bool {
-    p.chunks_exact(256)
-        .all(|block| block.chunks_exact(8).fold(0u64, |acc, w| acc | u64::from_ne_bytes(w.try_into().unwrap())) == 0)
+/// Copies of guest pages: guest memory is never borrowed (see [`pagestate::page`]).
+pub(crate) struct Copies {
+    /// The page being planned or verified.
+    page: Page,
+    /// The hint it is compared with.
+    hint: Page,
 }
 
 pub(crate) struct State {
     regions: Regions,
     table: HashTable,
     pool: Pool,
-    pagemap: PageMap,
+    pagemap: Pagemap,
     vma: VmaBudget,
     cross_vm: bool,
     run_replicas: u32,
     /// Calls of `reset_range` so far: a pagemap read without the lock is stale
     /// if this changed since (see `plan_chunk`).
     resets: u64,
+    /// Buffers for page copies; taken out while in use (planning and applying are
+    /// never re-entered: both run under the state lock).
+    copies: Option<Box<Copies>>,
     /// Counters kept here; the derived ones are filled by `snapshot`.
     pub(crate) stats: Stats,
 }
@@ -65,11 +62,12 @@ impl State {
             regions: Regions::default(),
             table: HashTable::default(),
             pool: Pool::new().map_err(io("creating the pool memfd"))?,
-            pagemap: PageMap::open().map_err(io("opening /proc/self/pagemap"))?,
-            vma: VmaBudget::new(config.vma_limit(remap::max_map_count()), &Regions::default()),
+            pagemap: Pagemap::open().map_err(io("opening /proc/self/pagemap"))?,
+            vma: VmaBudget::new(config.vma_limit(max_map_count()), &Regions::default()),
             cross_vm: config.cross_vm,
             run_replicas: config.run_replicas,
             resets: 0,
+            copies: Some(Box::new(Copies { page: [0; PAGE_SIZE], hint: [0; PAGE_SIZE] })),
             stats: Stats::default(),
         })
     }
@@ -82,7 +80,7 @@ impl State {
             self.cross_vm = config.cross_vm;
         }
         self.run_replicas = config.run_replicas;
-        self.vma.limit = config.vma_limit(remap::max_map_count());
+        self.vma.limit = config.vma_limit(max_map_count());
     }
 
     pub(crate) fn add_region(&mut self, r: &Region) -> Result<(), Error> {
@@ -168,7 +166,7 @@ impl State {
             let Some(r) = self.regions.find(a) else {
                 // Not registered: plain anonymous memory as far as we know.
                 let stop = self.regions.iter().map(|r| r.host_addr).filter(|&s| s > a).min().unwrap_or(end).min(end);
-                remap::discard(a, stop - a).map_err(remap_err(a, stop - a))?;
+                dontneed(a, stop - a).map_err(remap_err(a, stop - a))?;
                 a = stop;
                 continue;
             };
@@ -185,7 +183,7 @@ impl State {
                     .map_err(remap_err(a, len))?;
                 remapped.push((vm, a, len));
             } else {
-                remap::discard(a, len).map_err(remap_err(a, len))?;
+                dontneed(a, len).map_err(remap_err(a, len))?;
             }
             for i in first..last {
                 match self.regions.find(a).expect("found").slot(i) {
@@ -220,17 +218,6 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_check() {
-        let mut p = [0u8; PAGE_SIZE];
-        assert!(is_zero(&p));
-        p[PAGE_SIZE - 1] = 1;
-        assert!(!is_zero(&p));
-        p[PAGE_SIZE - 1] = 0;
-        p[300] = 0x80;
-        assert!(!is_zero(&p));
-    }
 
     #[test]
     fn domains_salt_the_hash() {

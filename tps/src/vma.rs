@@ -9,8 +9,9 @@
 
 use std::time::Instant;
 
+use pagestate::maps::{count_vmas, max_map_count};
+
 use crate::region::Regions;
-use crate::remap;
 
 pub(crate) struct VmaBudget {
     pub(crate) limit: usize,
@@ -36,7 +37,7 @@ impl VmaBudget {
 
     fn count(&mut self, regions: &Regions) {
         let ranges = regions.ranges();
-        match remap::count_vmas(&ranges) {
+        match count_vmas(&ranges) {
             Ok((process, inside)) => {
                 self.process = process;
                 self.added = inside.saturating_sub(ranges.len());
@@ -91,7 +92,7 @@ impl VmaBudget {
                  merges that need more VMAs are skipped until shares are broken or freed",
                 self.process(regions),
                 self.limit,
-                remap::max_map_count()
+                max_map_count()
             );
         }
         false
@@ -103,20 +104,20 @@ mod tests {
     use super::*;
     use crate::region::Slot;
     use crate::remap::Advice;
-    use crate::testutil::anon;
     use crate::Region;
+    use pagestate::anon::AnonMap;
 
     #[test]
     fn counts_follow_the_model_and_the_limit_holds() {
-        let m = anon(16);
+        let m = AnonMap::pages(16);
         let mut regions = Regions::default();
-        let r = Region { vm: 0, gpa: 0, host_addr: m.addr, len: m.len };
+        let r = Region { vm: 0, gpa: 0, host_addr: m.addr(), len: m.len() };
         regions.add(&r, Advice::default()).unwrap();
         let mut b = VmaBudget::new(usize::MAX, &regions);
         assert_eq!(b.added(&regions), 0);
         let base = b.process(&regions);
         // The model says page 3 left the anonymous VMA: +2.
-        regions.set_slot(m.addr, 3, Slot::Pool { idx: 0, broken: false });
+        regions.set_slot(m.addr(), 3, Slot::Pool { idx: 0, broken: false });
         assert_eq!((b.added(&regions), b.process(&regions)), (2, base + 2));
         // The kernel still has one VMA there: a count sets the truth again.
         b.end_pass(&regions);

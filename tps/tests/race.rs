@@ -1,26 +1,27 @@
 //! The write race, under stress: writer threads (standing for vCPUs) keep writing
 //! sequence numbers into pages that are zero or identical and being merged, and
 //! check before each write that their previous write is still there. The scanner
-//! merges under `VmControl::pause`, which here really stops the writers (a gate).
+//! merges under each VM's reclaim pause, which really stops the writers (they write
+//! through the VM's device gate).
 //!
-//! Meanwhile a balloon thread inflates and deflates other pages with
-//! `Scanner::reset_range` (they must read zero once inflated, and keep what the guest
-//! wrote after deflating). At the end, resetting all memory must bring every counter
-//! of shared memory back to zero: no pool reference leaked or counted twice.
+//! Meanwhile a balloon thread inflates and deflates other pages, discarding them
+//! through the VM's `RamChanges` (they must read zero once inflated, and keep what the
+//! guest wrote after deflating). At the end, discarding all memory must bring every
+//! counter of shared memory back to zero: no pool reference leaked or counted twice.
 //!
-//! `TPS_STRESS_NO_PAUSE=1` makes the pause a no-op: the test then fails with lost
-//! writes, which shows that it can see the race.
+//! `TPS_STRESS_NO_PAUSE=1` lets the writers bypass the pause: the test then fails with
+//! lost writes, which shows that it can see the race.
 
 mod common;
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tps::{VmControl, PAGE_SIZE};
+use pagestate::anon::MemoryVm;
+use pagestate::PAGE_SIZE;
 
 const VMS: u32 = 2;
 const PAGES: usize = 2048;
@@ -32,29 +33,6 @@ const MIN_RUN: Duration = Duration::from_secs(4);
 const MIN_MERGES: u64 = 20_000;
 const MIN_ZERO_FREES: u64 = 5_000;
 const MIN_BROKEN: u64 = 5_000;
-
-struct Vcpus {
-    gates: Vec<Arc<Gate>>,
-    no_pause: bool,
-    ballooned: Mutex<HashSet<(u32, u64)>>,
-}
-
-impl VmControl for Vcpus {
-    fn pause(&self, vm: u32) -> Option<Box<dyn std::any::Any>> {
-        let gate = &self.gates[vm as usize];
-        if self.no_pause {
-            gate.pauses.fetch_add(1, Relaxed);
-            return Some(Box::new(()));
-        }
-        Some(gate.pause())
-    }
-
-    fn skip_page(&self, vm: u32, gpa: u64) -> bool {
-        self.ballooned.lock().unwrap().contains(&(vm, gpa))
-    }
-
-    fn remapped(&self, _vm: u32, _host_addr: usize, _len: usize) {}
-}
 
 /// What a writer last wrote into a page: a base pattern (0: zero page; 1-3: a byte
 /// repeated, identical in every page with that base) and, in word 0, either the
@@ -69,19 +47,24 @@ fn pattern(base: u64) -> u64 {
     base * 0x0101_0101_0101_0101
 }
 
+/// Word `i` of the page at `addr` (a page of the test's guest memory).
+fn word(addr: usize, i: usize) -> *mut u64 {
+    (addr as *mut u64).wrapping_add(i)
+}
+
 fn holds(addr: usize, e: Expect) -> bool {
-    let p = addr as *const u64;
-    let w0 = unsafe { p.read_volatile() };
-    w0 == e.seq.unwrap_or(pattern(e.base))
-        && (1..PAGE_SIZE / 8).all(|i| unsafe { p.add(i).read_volatile() } == pattern(e.base))
+    // SAFETY: words of a page of the test's guest memory.
+    let read = |i: usize| unsafe { word(addr, i).read_volatile() };
+    read(0) == e.seq.unwrap_or(pattern(e.base)) && (1..PAGE_SIZE / 8).all(|i| read(i) == pattern(e.base))
 }
 
 fn write_all(addr: usize, e: Expect) {
-    let p = addr as *mut u64;
     for i in 1..PAGE_SIZE / 8 {
-        unsafe { p.add(i).write_volatile(pattern(e.base)) };
+        // SAFETY: a word of a page of the test's guest memory.
+        unsafe { word(addr, i).write_volatile(pattern(e.base)) };
     }
-    unsafe { p.write_volatile(e.seq.unwrap_or(pattern(e.base))) };
+    // SAFETY: as above.
+    unsafe { word(addr, 0).write_volatile(e.seq.unwrap_or(pattern(e.base))) };
 }
 
 struct Writer {
@@ -102,30 +85,41 @@ impl Writer {
     }
 
     /// Checks that the page still holds the last write, then writes it again.
-    fn step(&mut self, gate: &Gate) {
+    fn step(&mut self, vm: &MemoryVm, no_pause: bool) {
         let j = (self.rand() % self.addrs.len() as u64) as usize;
-        let (addr, mut e) = (self.addrs[j], self.expect[j]);
-        gate.enter();
-        if !holds(addr, e) {
-            self.lost += 1;
-            write_all(addr, e);
+        let addr = self.addrs[j];
+        let mut e = self.expect[j];
+        let (choice, base) = (self.rand() % 10, self.rand() % 4);
+        if choice < 5 {
+            self.seq += 1;
         }
-        match self.rand() % 10 {
-            0..5 => {
-                self.seq += 1;
-                e.seq = Some(self.seq);
-                unsafe { (addr as *mut u64).write_volatile(self.seq) };
-            }
-            5..9 => {
-                e.seq = None;
-                unsafe { (addr as *mut u64).write_volatile(pattern(e.base)) };
-            }
-            _ => {
-                e = Expect { base: self.rand() % 4, seq: None };
+        let seq = self.seq;
+        let mut write = || {
+            let lost = !holds(addr, e);
+            if lost {
                 write_all(addr, e);
             }
-        }
-        gate.leave();
+            match choice {
+                0..5 => {
+                    e.seq = Some(seq);
+                    // SAFETY: a page of the test's guest memory.
+                    unsafe { (addr as *mut u64).write_volatile(seq) };
+                }
+                5..9 => {
+                    e.seq = None;
+                    // SAFETY: a page of the test's guest memory.
+                    unsafe { (addr as *mut u64).write_volatile(pattern(e.base)) };
+                }
+                _ => {
+                    e = Expect { base, seq: None };
+                    write_all(addr, e);
+                }
+            }
+            lost
+        };
+        // The negative control writes past the pause.
+        let lost = if no_pause { write() } else { vm.write(write) };
+        self.lost += lost as u64;
         self.expect[j] = e;
         self.writes += 1;
     }
@@ -151,25 +145,23 @@ struct Balloon {
 }
 
 impl Balloon {
-    fn step(&mut self, scanner: &tps::Scanner, ctl: &Vcpus) {
+    fn step(&mut self, vms: &[Arc<MemoryVm>]) {
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         let j = (self.rng % self.pages.len() as u64) as usize;
         let mut p = self.pages[j];
         let zero = Expect { base: 0, seq: None };
+        let vm = &vms[p.vm as usize];
         if p.inflated {
             self.wrong += !holds(p.addr, zero) as u64;
-            ctl.ballooned.lock().unwrap().remove(&(p.vm, p.gpa));
+            vm.set_off_limits(p.gpa, false);
             p.base = 1 + (self.rng >> 20) % 3;
-            let gate = &ctl.gates[p.vm as usize];
-            gate.enter();
-            write_all(p.addr, Expect { base: p.base, seq: None });
-            gate.leave();
+            vm.write(|| write_all(p.addr, Expect { base: p.base, seq: None }));
         } else {
             self.wrong += !holds(p.addr, Expect { base: p.base, seq: None }) as u64;
-            ctl.ballooned.lock().unwrap().insert((p.vm, p.gpa));
-            scanner.reset_range(p.addr, PAGE_SIZE).unwrap();
+            vm.set_off_limits(p.gpa, true);
+            vm.discard(p.addr, PAGE_SIZE).unwrap();
             self.wrong += !holds(p.addr, zero) as u64;
         }
         p.inflated = !p.inflated;
@@ -181,29 +173,26 @@ impl Balloon {
 #[test]
 fn no_write_is_lost_while_pages_are_merged() {
     let no_pause = std::env::var_os("TPS_STRESS_NO_PAUSE").is_some();
-    let gates: Vec<Arc<Gate>> = (0..VMS).map(|_| Arc::default()).collect();
-    let ballooned = Mutex::default();
-    let ctl = Arc::new(Vcpus { gates: gates.clone(), no_pause, ballooned });
-    let config = tps::Config { pages_per_sec: 0, max_batch: 256, ..tps::Config::default() };
     // Memory first: it must outlive the scanner (the VMM calls `remove_vm` first).
     let mems: Vec<GuestMem> = (0..VMS).map(|_| GuestMem::new(PAGES)).collect();
-    let scanner = Arc::new(tps::Scanner::start(config, ctl.clone()).unwrap());
+    let (scanner, rec) = fast_scanner(|c| c.max_batch = 256);
+    let scanner = Arc::new(scanner);
+    let vms: Arc<Vec<Arc<MemoryVm>>> = Arc::new(mems.iter().map(|m| rec.add(&scanner, m)).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     let is_balloons = |i: usize| i % BALLOON_EVERY == BALLOON_EVERY - 1;
     for (vm, m) in mems.iter().enumerate() {
-        scanner.add_region(m.region(vm as u32)).unwrap();
         for w in 0..WRITERS_PER_VM {
             let mine = |&i: &usize| i % WRITERS_PER_VM == w && !is_balloons(i);
             let addrs: Vec<usize> = (0..PAGES).filter(mine).map(|i| m.page(i)).collect();
             let expect = vec![Expect { base: 0, seq: None }; addrs.len()];
             let rng = 0x9e37_79b9 + (vm * 16 + w) as u64;
             let mut writer = Writer { addrs, expect, rng, seq: 0, lost: 0, writes: 0 };
-            let (gate, stop) = (gates[vm].clone(), stop.clone());
+            let (vm, stop) = (vms[vm].clone(), stop.clone());
             threads.push(thread::spawn(move || {
                 while !stop.load(Relaxed) {
                     for _ in 0..32 {
-                        writer.step(&gate);
+                        writer.step(&vm, no_pause);
                     }
                     thread::yield_now();
                 }
@@ -226,10 +215,10 @@ fn no_write_is_lost_while_pages_are_merged() {
         .collect();
     let mut balloon = Balloon { pages, rng: 0x5eed, wrong: 0, steps: 0 };
     let balloon = {
-        let (scanner, ctl, stop) = (scanner.clone(), ctl.clone(), stop.clone());
+        let (vms, stop) = (vms.clone(), stop.clone());
         thread::spawn(move || {
             while !stop.load(Relaxed) {
-                balloon.step(&scanner, &ctl);
+                balloon.step(&vms);
                 if balloon.steps % 16 == 0 {
                     thread::sleep(Duration::from_micros(200));
                 }
@@ -266,7 +255,7 @@ fn no_write_is_lost_while_pages_are_merged() {
     }
     let lost: u64 = writers.iter().map(|w| w.lost).sum();
     let writes: u64 = writers.iter().map(|w| w.writes).sum();
-    let pauses: u64 = gates.iter().map(|g| g.pauses.load(Relaxed)).sum();
+    let pauses = rec.pauses();
     println!(
         "{:.1} s, {writes} writes, {pauses} pauses, {} balloon steps; merges {}, zero frees {}, \
          broken shares {}, race aborts {}; lost writes {lost}, wrong balloon pages {}, \
@@ -285,8 +274,8 @@ fn no_write_is_lost_while_pages_are_merged() {
 
     // All memory back to plain anonymous memory: nothing may be left counted.
     scanner.stop();
-    for m in &mems {
-        scanner.reset_range(m.addr, m.len()).unwrap();
+    for (vm, m) in vms.iter().zip(&mems) {
+        vm.discard(m.addr, m.len()).unwrap();
         assert_eq!(vmas(m), 1);
     }
     let end = scanner.stats();

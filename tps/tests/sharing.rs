@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tps::{Scanner, PAGE_SIZE};
+use pagestate::{GuestVm, PAGE_SIZE};
+use tps::Scanner;
 
 const P: u64 = PAGE_SIZE as u64;
 
@@ -46,8 +47,8 @@ fn verify_mixed(m: &GuestMem, vm: u32) {
 fn two_mixed_vms() -> (GuestMem, GuestMem, Scanner, Arc<Recorder>) {
     let (a, b) = (mixed(0), mixed(1));
     let (s, rec) = fast_scanner(|_| {});
-    s.add_region(a.region(0)).unwrap();
-    s.add_region(b.region(1)).unwrap();
+    rec.add(&s, &a);
+    rec.add(&s, &b);
     passes(&s, 2);
     (a, b, s, rec)
 }
@@ -57,8 +58,8 @@ fn shares_across_vms_and_frees_zero_pages() {
     let (a, b) = (mixed(0), mixed(1));
     let (s, rec) = fast_scanner(|_| {});
     assert_eq!(private_pages(&a) + private_pages(&b), 2048);
-    s.add_region(a.region(0)).unwrap();
-    s.add_region(b.region(1)).unwrap();
+    rec.add(&s, &a);
+    rec.add(&s, &b);
     let st = passes(&s, 2);
 
     assert_eq!(st.pool_pages, 512, "{st:?}");
@@ -79,7 +80,7 @@ fn shares_across_vms_and_frees_zero_pages() {
     // Every new mapping was reported while its VM was paused.
     let remapped: u64 = rec.remapped.lock().unwrap().iter().map(|r| r.2 as u64).sum();
     assert_eq!(remapped, 1024 * P);
-    assert!(rec.gate.pauses.load(std::sync::atomic::Ordering::Relaxed) >= st.batches, "every batch paused its VMs");
+    assert!(rec.pauses() >= st.batches, "every batch paused its VMs");
 
     verify_mixed(&a, 0);
     verify_mixed(&b, 1);
@@ -104,9 +105,9 @@ fn salting_shares_only_within_a_vm() {
     };
     for (cross_vm, pool) in [(true, 256), (false, 512)] {
         let (a, b) = (build(), build());
-        let (s, _rec) = fast_scanner(|c| c.cross_vm = cross_vm);
-        s.add_region(a.region(0)).unwrap();
-        s.add_region(b.region(1)).unwrap();
+        let (s, rec) = fast_scanner(|c| c.cross_vm = cross_vm);
+        rec.add(&s, &a);
+        rec.add(&s, &b);
         let st = passes(&s, 2);
         assert_eq!((st.pool_pages, st.pool_mapped_pages), (pool, 1024), "cross_vm {cross_vm}");
         if !cross_vm {
@@ -132,7 +133,7 @@ fn broken_shares_are_counted_and_pool_pages_freed() {
     // The guest of VM 1 rewrites half of its shared pages.
     // (Guest writes go through the gate that the scanner's pause closes.)
     for i in 0..256 {
-        rec.gate.write(|| b.write(i, unique_key(1, 5000 + i)));
+        rec.write(1, || b.write(i, unique_key(1, 5000 + i)));
     }
     let st = passes(&s, 2);
     assert_eq!(st.broken_shares, 256, "{st:?}");
@@ -142,7 +143,7 @@ fn broken_shares_are_counted_and_pool_pages_freed() {
 
     // VM 0 rewrites the same pages: nothing maps those pool pages any more.
     for i in 0..256 {
-        rec.gate.write(|| a.write(i, unique_key(0, 5000 + i)));
+        rec.write(0, || a.write(i, unique_key(0, 5000 + i)));
     }
     let st = passes(&s, 2);
     assert_eq!(st.broken_shares, 512);
@@ -158,7 +159,7 @@ fn broken_shares_are_counted_and_pool_pages_freed() {
     }
 
     // Zero pages written again are counted back.
-    rec.gate.write(|| a.write(600, 7));
+    rec.write(0, || a.write(600, 7));
     let st = passes(&s, 2);
     assert_eq!(st.zero_pages, 511);
     assert!(a.holds(600, 7));
@@ -174,10 +175,11 @@ fn never_touched_and_skipped_pages_stay_as_they_are() {
         m.write(i, 1 + (i % 2) as u64);
     }
     // The VMM says pages 0..20 are ballooned.
+    let vm = rec.vm(&m);
     for i in 0..20 {
-        rec.skip.lock().unwrap().insert((3, m.gpa(i)));
+        vm.set_off_limits(m.gpa(i), true);
     }
-    s.add_region(m.region(3)).unwrap();
+    s.add_vm(vm).unwrap();
     let st = passes(&s, 3);
     // Shared pages are not resident until the guest reads them again.
     assert_eq!(resident_pages(&m), 20, "nothing faulted in");
@@ -195,11 +197,11 @@ fn never_touched_and_skipped_pages_stay_as_they_are() {
 #[test]
 fn runs_of_identical_pages_use_replicas() {
     let m = GuestMem::new(4096);
-    let (s, _rec) = fast_scanner(|c| c.run_replicas = 64);
+    let (s, rec) = fast_scanner(|c| c.run_replicas = 64);
     for i in 0..4096 {
         m.write(i, 0xd0d0);
     }
-    s.add_region(m.region(0)).unwrap();
+    rec.add(&s, &m);
     let st = passes(&s, 2);
     assert_eq!(st.pool_mapped_pages, 4096, "{st:?}");
     assert!(st.pool_pages <= 64, "{st:?}");
@@ -213,12 +215,13 @@ fn reset_range_gives_zeroed_anonymous_memory() {
     let (a, b, s, rec) = two_mixed_vms();
 
     // The trap: DONTNEED on a shared page brings back the pool's content, not zeros.
+    // SAFETY: drops a page of the test's guest memory, which is the point.
     unsafe { libc::madvise(b.page(5) as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
     assert!(b.holds(5, shared_key(5)));
 
     // Pages 256..800 of VM 0: shared, zero and unique pages.
     rec.remapped.lock().unwrap().clear();
-    s.reset_range(a.page(256), 544 * PAGE_SIZE).unwrap();
+    rec.at(0).discard(a.page(256), 544 * PAGE_SIZE).unwrap();
     assert!(pagemap(a.page(256), 544).iter().all(|&e| e >> 63 == 0), "not resident");
     assert!((256..800).all(|i| a.holds(i, 0)));
     assert_eq!(*rec.remapped.lock().unwrap(), vec![(0, a.page(256), 544 * PAGE_SIZE)]);
@@ -230,7 +233,7 @@ fn reset_range_gives_zeroed_anonymous_memory() {
     assert_eq!(vmas(&a) + vmas(&b), 2 + st.vmas_added as usize);
 
     // Written again, the pages are private memory like any other.
-    rec.gate.write(|| a.write(300, 9));
+    rec.write(0, || a.write(300, 9));
     assert!(a.holds(300, 9));
     for i in 0..256 {
         assert!(a.holds(i, shared_key(i)));
@@ -240,9 +243,9 @@ fn reset_range_gives_zeroed_anonymous_memory() {
     // Memory outside any region is just dropped.
     let other = GuestMem::new(4);
     other.write(1, 3);
-    s.reset_range(other.addr, 4 * PAGE_SIZE).unwrap();
+    rec.at(0).discard(other.addr, 4 * PAGE_SIZE).unwrap();
     assert!(other.holds(1, 0));
-    assert!(s.reset_range(a.addr + 1, PAGE_SIZE).is_err(), "unaligned");
+    assert!(rec.at(0).discard(a.addr + 1, PAGE_SIZE).is_err(), "unaligned");
 }
 
 #[test]
@@ -263,9 +266,10 @@ fn remove_vm_drops_its_references() {
 fn gone_vms_are_skipped() {
     let (a, b) = (mixed(0), mixed(1));
     let (s, rec) = fast_scanner(|_| {});
-    rec.gone.lock().unwrap().insert(1);
-    s.add_region(a.region(0)).unwrap();
-    s.add_region(b.region(1)).unwrap();
+    rec.add(&s, &a);
+    let gone = rec.vm(&b);
+    gone.run().stop();
+    s.add_vm(gone).unwrap();
     let st = passes(&s, 2);
     assert_eq!(private_pages(&b), 1024, "VM 1 untouched");
     assert_eq!(st.zero_pages, 256, "VM 0's zero pages only");
@@ -281,8 +285,8 @@ fn gone_vms_are_skipped() {
 #[test]
 fn disabled_scanner_does_nothing() {
     let m = mixed(0);
-    let (s, _rec) = fast_scanner(|c| c.enabled = false);
-    s.add_region(m.region(0)).unwrap();
+    let (s, rec) = fast_scanner(|c| c.enabled = false);
+    rec.add(&s, &m);
     std::thread::sleep(Duration::from_millis(300));
     let st = s.stats();
     assert!(!st.enabled);
@@ -298,8 +302,8 @@ fn disabled_scanner_does_nothing() {
 #[test]
 fn config_changes_apply_at_once() {
     let m = mixed(0);
-    let (s, _rec) = fast_scanner(|c| c.max_vmas = Some(1000));
-    s.add_region(m.region(0)).unwrap();
+    let (s, rec) = fast_scanner(|c| c.max_vmas = Some(1000));
+    rec.add(&s, &m);
     for limit in 1001..1101 {
         s.set_config(tps::Config { max_vmas: Some(limit), ..s.config() });
         assert_eq!(s.stats().vma_limit, limit as u64);
@@ -309,23 +313,23 @@ fn config_changes_apply_at_once() {
 #[test]
 fn bad_regions_are_refused() {
     let m = GuestMem::new(8);
-    let (s, _rec) = fast_scanner(|_| {});
-    s.add_region(m.region(0)).unwrap();
-    let e = s.add_region(m.region(1)).unwrap_err();
+    let (s, rec) = fast_scanner(|_| {});
+    rec.add(&s, &m);
+    let e = s.add_vm(rec.vm(&m)).unwrap_err();
     assert!(e.to_string().contains("overlaps"), "{e}");
-    let mut r = m.region(2);
+    let mut r = m.region();
     r.len = 100;
-    assert!(s.add_region(r).is_err());
+    assert!(s.add_vm(rec.vm_over(r)).is_err());
 }
 
 #[test]
 fn paced_scanner_completes_passes() {
     let m = mixed(0);
-    let (s, _rec) = fast_scanner(|c| {
+    let (s, rec) = fast_scanner(|c| {
         c.pages_per_sec = 20_000;
         c.full_pass = Some(Duration::from_millis(200));
     });
-    s.add_region(m.region(0)).unwrap();
+    rec.add(&s, &m);
     let st = passes(&s, 2);
     assert_eq!(st.zero_pages, 256);
     assert_eq!(st.pages_scanned % 512, 0, "whole chunks");

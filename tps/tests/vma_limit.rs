@@ -23,7 +23,7 @@ fn merges_stop_at_the_vma_limit() {
         c.run_replicas = 0;
         c.max_vmas = Some(limit);
     });
-    s.add_region(m.region(0)).unwrap();
+    rec.add(&s, &m);
     let st = passes(&s, 3);
     assert!(st.vma_limited_pages > 0, "{st:?}");
     assert!(st.pool_mapped_pages > 0 && st.pool_mapped_pages < 1024, "{st:?}");
@@ -38,10 +38,10 @@ fn merges_stop_at_the_vma_limit() {
     // Giving the range back to anonymous memory frees its VMAs; with replicas the
     // same content needs few.
     s.set_config(tps::Config { run_replicas: 64, ..s.config() });
-    s.reset_range(m.addr, m.len()).unwrap();
+    rec.at(0).discard(m.addr, m.len()).unwrap();
     assert_eq!(vmas(&m), 1);
     for i in 0..2048 {
-        rec.gate.write(|| m.write(i, 0xd0d0));
+        rec.write(0, || m.write(i, 0xd0d0));
     }
     let st = passes(&s, 3);
     assert_eq!(st.pool_mapped_pages, 2048, "{st:?}");

@@ -1,8 +1,8 @@
 //! A VM's console: what its serial port prints, line by line.
 //!
 //! Every line goes to the chosen [`ConsoleTarget`] and into a bounded in-memory log,
-//! from which the VMM reads the guest's JSON results and tests check them. The time
-//! of the first byte is kept for the boot figures.
+//! from which the VMM reads the test guest's step results ([`GuestStep`]) and tests
+//! check them. The time of the first byte is kept for the boot figures.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -11,6 +11,16 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::config::ConsoleTarget;
+
+/// A workload step's result as the test guest prints it: one type for the guest's
+/// JSON line and every reader of it (see `guest_abi::step`).
+pub type GuestStep = guest_abi::step::StepResult<String>;
+
+/// The step results among `lines`; other lines (the guest's events, another
+/// kernel's text) are skipped.
+pub fn steps(lines: &[String]) -> Vec<GuestStep> {
+    lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
 
 /// Lines kept in memory per VM; older ones are dropped (and counted).
 const LOG_LINES: usize = 10_000;
@@ -105,7 +115,7 @@ impl Console {
         self.first_output.get().copied()
     }
 
-    /// The lines kept in memory (the last [`LOG_LINES`]).
+    /// The lines kept in memory (the last `LOG_LINES`).
     pub fn lines(&self) -> Vec<String> {
         self.log.lock().unwrap().lines.iter().cloned().collect()
     }

@@ -9,11 +9,11 @@ use std::mem::offset_of;
 use std::sync::atomic::Ordering;
 
 use guest_abi::{ControlPage, CONTROL_CMD_MAX, CONTROL_PAGE_GPA};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// A snapshot of what the guest publishes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestProgress {
     /// A `guest_abi::guest_state` value.
     pub state: u32,

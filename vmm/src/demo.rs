@@ -102,7 +102,8 @@ pub fn run(opts: &DemoOptions, t0: Instant) -> Result<HostReport, String> {
         c.validate()?;
     }
     let mut vms = host::create_all(&configs, t0)?;
-    let sharing = PageSharing::start(tps::Config { enabled: false, ..tps::Config::default() }, &vms)?;
+    let sharing = PageSharing::start(tps::Config { enabled: false, ..tps::Config::default() }, &vms)
+        .map_err(|e| e.to_string())?;
     swap::prepare_dir(&opts.swap_dir)?;
     for vm in &vms {
         swap::attach(vm.shared(), &SwapOptions::new(&opts.swap_dir))?;
@@ -169,7 +170,7 @@ fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<P
     let mut written = 0;
     for vm in vms {
         let r = swap::swap_out(vm.shared(), opts.swap)?;
-        if let Some(e) = r["error"].as_str() {
+        if let Some(e) = r.error {
             return Err(format!("vm {}: eviction stopped: {e}", vm.name()));
         }
         written += vm.shared().swap.stats().map_or(0, |s| s.pages_out);

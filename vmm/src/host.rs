@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::api::server::Server;
 use crate::config::VmConfig;
-use crate::memory;
+use crate::reclaim::policy::{PolicyOptions, PolicyThread};
 use crate::reclaim::sharing::PageSharing;
 use crate::reclaim::swap::{self, SwapOptions};
 use crate::vm::{open_kvm, Vm, VmReport};
@@ -38,9 +38,9 @@ pub struct HostReport {
     /// Page sharing counters just before the VMs were torn down, if it was on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tps: Option<tps::Stats>,
-    /// The free-memory policy's state and history, if swapping was on.
+    /// The free-memory policy's state and history, if it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub swap_policy: Option<swapd::PolicyStats>,
+    pub policy: Option<policy::PolicyStats>,
 }
 
 /// Options of a run.
@@ -54,8 +54,10 @@ pub struct RunOptions<'a> {
     pub api_socket: Option<PathBuf>,
     /// Page sharing over all the VMs, with this configuration (None: off).
     pub tps: Option<tps::Config>,
-    /// Host swapping and the free-memory policy.
+    /// A host swapper for every VM (None: off).
     pub swap: Option<SwapOptions>,
+    /// The free-memory policy over every VM (None: off).
+    pub policy: Option<PolicyOptions>,
 }
 
 /// Set by SIGINT or SIGTERM once [`install_interrupt_handler`] has run.
@@ -82,15 +84,20 @@ pub fn install_interrupt_handler() -> &'static AtomicBool {
 /// boot figures.
 pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostReport, String> {
     let mut vms = create_all(configs, t0)?;
-    let sharing = opts.tps.map(|c| PageSharing::start(c, &vms)).transpose()?.map(Arc::new);
-    let policy = match &opts.swap {
-        Some(s) => Some(swap::start(&vms, s)?),
-        None => None,
-    };
+    let sharing = opts.tps.map(|c| PageSharing::start(c, &vms)).transpose().map_err(|e| e.to_string())?.map(Arc::new);
+    if let Some(s) = &opts.swap {
+        swap::start(&vms, s)?;
+    }
+    let policy = opts.policy.map(|p| PolicyThread::start(&vms, &p)).transpose().map_err(|e| e.to_string())?;
     let _api = match &opts.api_socket {
         Some(path) => Some(
-            Server::start(path, vms.iter().map(|vm| vm.shared().clone()).collect(), sharing.clone())
-                .map_err(|e| e.to_string())?,
+            Server::start(
+                path,
+                vms.iter().map(|vm| vm.shared().clone()).collect(),
+                sharing.clone(),
+                policy.as_ref().map(PolicyThread::counters),
+            )
+            .map_err(|e| e.to_string())?,
         ),
         None => None,
     };
@@ -115,8 +122,8 @@ pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostRe
         }
         std::thread::sleep(TICK);
     }
-    let swap_policy = policy.map(|p| p.stats());
-    Ok(HostReport { swap_policy, ..finish_with_sharing(vms, sharing.as_deref()) })
+    let policy = policy.map(|p| p.stats());
+    Ok(HostReport { policy, ..finish_with_sharing(vms, sharing.as_deref()) })
 }
 
 /// Creates every VM (none runs yet); the first error aborts all.
@@ -139,7 +146,7 @@ pub fn finish_all(vms: Vec<Vm>) -> HostReport {
 pub fn finish_with_sharing(vms: Vec<Vm>, sharing: Option<&PageSharing>) -> HostReport {
     let tps = sharing.map(PageSharing::stats);
     let pss: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
-    let overhead = memory::process_rss().saturating_sub(pss);
+    let overhead = pagestate::residency::process_rss().saturating_sub(pss);
     let guest = sharing.map_or(pss, |s| s.guest_memory_bytes(&vms));
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let reports = vms
@@ -159,6 +166,6 @@ pub fn finish_with_sharing(vms: Vec<Vm>, sharing: Option<&PageSharing>) -> HostR
         guest_rss_mib: mib(guest),
         vmm_overhead_mib: mib(overhead),
         tps,
-        swap_policy: None,
+        policy: None,
     }
 }

@@ -3,7 +3,7 @@
 //! It boots the project's own test guest (or another 64-bit ELF kernel) natively on
 //! hosts with hardware virtualisation and on PVM hosts without it, runs several VMs
 //! in one process, and reclaims their memory with a virtio balloon, transparent page
-//! sharing and a host swapper driven by a free-memory policy.
+//! sharing and a host swapper, steered by a free-memory policy.
 //!
 //! Layers, bottom up:
 //! - [`memory`]: guest RAM (anonymous, private, 4 KiB host pages by default), its
@@ -12,8 +12,9 @@
 //!   image and boot information;
 //! - [`devices`], [`console`]: port I/O devices (16550 console, system ports) and
 //!   the virtio-mmio balloon with its worker thread;
-//! - [`vcpu`], [`run_control`], [`kvm_stats`]: vCPU threads, exits, nesting
-//!   pause/resume, stop; KVM's binary statistics;
+//! - [`vcpu`], [`kvm_stats`]: vCPU threads and exits (their pause, resume and stop
+//!   are `pagestate::RunControl`, shared with the reclaimers); KVM's binary
+//!   statistics;
 //! - [`vm`], [`control`]: one VM and its run-time command channel;
 //! - [`host`]: several VMs in one process;
 //! - [`reclaim`]: page sharing over the VMs of the process, a host swapper per VM,
@@ -37,7 +38,6 @@ pub mod kvm_stats;
 pub mod loader;
 pub mod memory;
 pub mod reclaim;
-pub mod run_control;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

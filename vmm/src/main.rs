@@ -4,14 +4,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 use vmm::api::Request;
 use vmm::config::{self, ConsoleTarget, Kernel, VmConfig};
 use vmm::devices::virtio::balloon::BalloonConfig;
 use vmm::host::{self, RunOptions};
 use vmm::memory::HostPages;
+use vmm::reclaim::policy::{HostMemChoice, PolicyOptions};
 use vmm::reclaim::sharing;
-use vmm::reclaim::swap::{HostMemChoice, SwapOptions};
+use vmm::reclaim::swap::SwapOptions;
 
 /// A userspace KVM hypervisor for measuring memory reclamation.
 #[derive(Parser)]
@@ -183,20 +185,25 @@ struct RunArgs {
     /// VMs, the default, or only within each VM).
     #[arg(long, value_name = "OPTIONS", default_value = "on", value_parser = parse_tps)]
     tps: tps::Config,
-    /// Turn on the host swapper (swap files in /var/tmp/vmm unless --swap-dir) and
-    /// the free-memory policy.
+    /// Turn on the host swapper (swap files in /var/tmp/vmm unless --swap-dir), and
+    /// the free-memory policy unless --policy off.
     #[arg(long)]
     swap: bool,
     /// Directory of the swap files NAME.vswp (turns swapping on).
     #[arg(long, value_name = "DIR")]
     swap_dir: Option<PathBuf>,
+    /// The free-memory policy (docs/policy.md): on or off. Default: on with
+    /// swapping, off without. With the balloon alone it balloons; with swapping it
+    /// also swaps and pauses.
+    #[arg(long, value_name = "on|off", value_parser = PossibleValuesParser::new(["on", "off"]).map(|v| v == "on"))]
+    policy: Option<bool>,
     /// Host memory the policy watches: host (/proc/meminfo, default), cgroup (this
     /// process's memory cgroup), or a budget SIZE (free = SIZE minus resident guest
-    /// RAM of every VM). Needs swapping on.
+    /// RAM of every VM). Needs the policy on.
     #[arg(long, value_name = "SIZE|host|cgroup", value_parser = HostMemChoice::parse)]
     host_mem: Option<HostMemChoice>,
     /// Resident memory limit of every VM (ESX limit; a config file's `limit` wins):
-    /// reclaimed above it whatever the host's state. Needs swapping on.
+    /// reclaimed above it whatever the host's state. Needs the policy on.
     #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
     limit: Option<u64>,
     /// Which pages the swapper evicts: random (as ESX) or idle (not written for the
@@ -266,6 +273,9 @@ enum CtlCommand {
     /// The host swapper: force eviction, read its counters.
     #[command(subcommand)]
     Swap(SwapCtl),
+    /// The free-memory policy: its state and history.
+    #[command(subcommand)]
+    Policy(PolicyCtl),
     /// Run a workload program in a serving test guest and print its results.
     Command {
         /// The program, e.g. "alloc 64M unique; verify".
@@ -281,10 +291,17 @@ enum CtlCommand {
 
 #[derive(Subcommand)]
 enum BalloonCtl {
-    /// Set the balloon target size (e.g. 128M; 0 deflates fully).
+    /// Set the balloon target size (e.g. 128M; 0 deflates fully) and pin it: the
+    /// free-memory policy leaves it alone until `balloon auto`.
     Set {
         /// Target size.
         size: String,
+        /// Only this VM (default: every VM).
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Hand the balloon target back to the free-memory policy.
+    Auto {
         /// Only this VM (default: every VM).
         #[arg(long)]
         vm: Option<String>,
@@ -318,12 +335,18 @@ enum SwapCtl {
         #[arg(long)]
         vm: String,
     },
-    /// Swapper counters of the VMs and the free-memory policy's state and history.
+    /// Swapper counters of the VMs.
     Stats {
         /// Only this VM (default: every VM).
         #[arg(long)]
         vm: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCtl {
+    /// The free-memory state, free memory, the history of states, totals asked.
+    Stats,
 }
 
 #[derive(Subcommand)]
@@ -396,7 +419,8 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
     let configs = vm_configs(&args)?;
     let interrupted = host::install_interrupt_handler();
     let api_socket = args.api_sock.clone().unwrap_or_else(|| vmm::api::default_socket(std::process::id()));
-    let swap = swap_options(&args, &configs)?;
+    let swap = swap_options(&args);
+    let policy = policy_options(&args, &configs, swap.as_ref())?;
     let report = host::run(
         &configs,
         t0,
@@ -406,6 +430,7 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
             api_socket: Some(api_socket),
             tps: Some(args.tps.clone()).filter(|c| c.enabled),
             swap,
+            policy,
         },
     )?;
     Ok(print_report(&report))
@@ -443,10 +468,10 @@ fn print_report(report: &host::HostReport) -> u8 {
         "vmm_overhead_mib": report.vmm_overhead_mib,
     });
     if let Some(tps) = &report.tps {
-        host["tps"] = sharing::stats_json(tps);
+        host["tps"] = serde_json::json!(sharing::TpsStats::from(tps.clone()));
     }
-    if let Some(policy) = &report.swap_policy {
-        host["swap_policy"] = serde_json::json!(policy);
+    if let Some(policy) = &report.policy {
+        host["policy"] = serde_json::json!(policy);
     }
     println!("{host}");
     status
@@ -455,6 +480,7 @@ fn print_report(report: &host::HostReport) -> u8 {
 fn ctl(args: CtlArgs) -> Result<u8, String> {
     let req = match args.what {
         CtlCommand::Balloon(BalloonCtl::Set { size, vm }) => Request::BalloonSet { size, vm },
+        CtlCommand::Balloon(BalloonCtl::Auto { vm }) => Request::BalloonAuto { vm },
         CtlCommand::Balloon(BalloonCtl::Stats { vm }) => Request::BalloonStats { vm },
         CtlCommand::Vm(VmCtl::Stats { vm }) => Request::VmStats { vm },
         CtlCommand::Vm(VmCtl::List) => Request::Vms,
@@ -462,6 +488,7 @@ fn ctl(args: CtlArgs) -> Result<u8, String> {
         CtlCommand::Tps(TpsCtl::Set { options }) => Request::TpsSet { options },
         CtlCommand::Swap(SwapCtl::Out { size, vm }) => Request::SwapOut { size, vm },
         CtlCommand::Swap(SwapCtl::Stats { vm }) => Request::SwapStats { vm },
+        CtlCommand::Policy(PolicyCtl::Stats) => Request::PolicyStats,
         CtlCommand::Command { workload, vm, timeout } => Request::Command { vm, workload, timeout_s: Some(timeout) },
     };
     let resp = vmm::api::client::send(&args.sock, &req)?;
@@ -475,18 +502,40 @@ fn ctl(args: CtlArgs) -> Result<u8, String> {
 }
 
 /// Swapping options, if swapping is on.
-fn swap_options(args: &RunArgs, configs: &[VmConfig]) -> Result<Option<SwapOptions>, String> {
+fn swap_options(args: &RunArgs) -> Option<SwapOptions> {
     if !args.swap && args.swap_dir.is_none() {
-        if args.host_mem.is_some() || configs.iter().any(|c| c.limit.is_some()) {
-            return Err("--host-mem and memory limits need the host swapper: add --swap or --swap-dir DIR".into());
-        }
-        return Ok(None);
+        return None;
     }
     let mut opts = SwapOptions::new(args.swap_dir.clone().unwrap_or_else(|| vmm::reclaim::swap::DEFAULT_DIR.into()));
+    opts.victims = args.swap_victims;
+    Some(opts)
+}
+
+/// Options of the free-memory policy, if it runs: `--policy`, or by default
+/// whenever swapping is on (the swapper evicts what the policy decides).
+fn policy_options(
+    args: &RunArgs,
+    configs: &[VmConfig],
+    swap: Option<&SwapOptions>,
+) -> Result<Option<PolicyOptions>, String> {
+    let idle_victims = swap.is_some_and(|s| s.victims == swapd::VictimPolicy::Idle);
+    if !args.policy.unwrap_or(swap.is_some()) {
+        let what = if args.host_mem.is_some() {
+            "--host-mem"
+        } else if configs.iter().any(|c| c.limit.is_some()) {
+            "a memory limit"
+        } else if idle_victims {
+            "--swap-victims idle (the policy feeds the swappers the dirty log)"
+        } else {
+            return Ok(None);
+        };
+        let how = if args.policy.is_some() { "drop --policy off" } else { "add --policy on" };
+        return Err(format!("{what} needs the free-memory policy: {how}"));
+    }
+    let mut opts = PolicyOptions { feed_dirty_log: idle_victims, ..PolicyOptions::default() };
     if let Some(h) = &args.host_mem {
         opts.host_mem = h.clone();
     }
-    opts.victims = args.swap_victims;
     Ok(Some(opts))
 }
 

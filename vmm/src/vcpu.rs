@@ -23,8 +23,8 @@ pub const HALT_SLEEP: Duration = Duration::from_millis(2);
 pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
     let run = vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run;
     // SAFETY: `run` points to this vCPU's kvm_run mapping, alive as long as `vcpu`,
-    // which outlives the registration (unregistered below before `vcpu` drops).
-    vm.run.register(cpu, unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) });
+    // which outlives the slot (dropped below, on this thread, before `vcpu`).
+    let slot = unsafe { vm.run.register_vcpu(cpu, std::ptr::addr_of_mut!((*run).immediate_exit)) };
     // Accesses no device owns: counted, logged at most once per interval (a set of
     // the addresses seen would grow with whatever the guest tries).
     let unhandled = GuestErrors::new(format!("{}: vCPU {cpu}", vm.name));
@@ -48,7 +48,7 @@ pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
         Ok(stats) => vm.add_stats(&stats),
         Err(e) => log::warn!("{}: vCPU {cpu}: cannot read KVM statistics: {e}", vm.name),
     }
-    vm.run.unregister(cpu);
+    drop(slot);
 }
 
 /// Handles one exit; returns how the VM ends if it does.

@@ -12,29 +12,32 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use guest_abi::{guest_state, BALLOON_MMIO_BASE, VIF_BASE_GPA};
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use swapd::SwapStats;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootParams};
 use crate::config::{Kernel, VmConfig};
-use crate::console::Console;
+use crate::console::{self, Console, GuestStep};
 use crate::control::{self, GuestProgress};
 use crate::devices::bus::Bus;
 use crate::devices::guest_errors::GuestErrors;
 use crate::devices::serial::{SerialPort, PORT_BASE, PORT_COUNT};
+use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::worker::Worker;
 use crate::devices::virtio::Interrupt;
 use crate::kvm_stats;
 use crate::loader;
+use crate::memory::slots::MemorySlots;
 use crate::memory::GuestRam;
 use crate::reclaim::swap::SwapSlot;
-use crate::run_control::{Mode, RunControl};
 use crate::vcpu;
 use crate::x86::{pvm, regs, Backend};
+use pagestate::{Mode, PauseError, PauseGuard, RunControl};
 
 /// Queues of the balloon at most (inflate, deflate, stats, reporting).
 const BALLOON_QUEUES: u32 = 4;
@@ -49,6 +52,60 @@ pub enum Ending {
     Error(String),
     /// Stopped from outside (interrupt, time limit, shutdown of the host process).
     Stopped(String),
+}
+
+/// What a VM is doing, as the control API reports it (`vm_stats`). Serialized as
+/// `"running"`, `"paused"`, `"stopping"`, or, once it ended, `{"exited": CODE}`,
+/// `{"failed": "why"}`, `{"stopped": "why"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Its vCPUs run guest code.
+    Running,
+    /// Its vCPUs are held out of the guest (page sharing, the swapper, a pause).
+    Paused,
+    /// It is being stopped; its ending is not recorded yet.
+    Stopping,
+    /// The guest ended with this exit code.
+    Exited(u32),
+    /// The VMM stopped it because something went wrong (triple fault, KVM error,
+    /// hang, a damaged swap slot).
+    Failed(String),
+    /// Stopped from outside (interrupt, time limit, end of the host process).
+    Stopped(String),
+}
+
+impl VmState {
+    /// The state of a VM whose vCPUs are in `mode`, and which ended as `ending`.
+    fn new(mode: Mode, ending: Option<Ending>) -> VmState {
+        match (ending, mode) {
+            (Some(Ending::GuestExit(code)), _) => VmState::Exited(code),
+            (Some(Ending::Error(e)), _) => VmState::Failed(e),
+            (Some(Ending::Stopped(why)), _) => VmState::Stopped(why),
+            (None, Mode::Running) => VmState::Running,
+            (None, Mode::Paused) => VmState::Paused,
+            (None, Mode::Stopping) => VmState::Stopping,
+        }
+    }
+}
+
+/// A VM's memory figures and counters (the control API's `vm_stats`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmStats {
+    /// What it is doing.
+    pub state: VmState,
+    /// Guest RAM, MiB.
+    pub mem_mib: f64,
+    /// Guest RAM resident in host memory, MiB (proportional: `Pss`).
+    pub guest_rss_mib: f64,
+    /// Guest RAM in the balloon, MiB (none without a balloon device).
+    pub ballooned_mib: Option<f64>,
+    /// What the guest publishes on its control page.
+    pub guest: GuestProgress,
+    /// The balloon's counters (none without a balloon device).
+    pub balloon: Option<BalloonSnapshot>,
+    /// The host swapper's counters, if the VM has one.
+    pub swap: Option<SwapStats>,
 }
 
 /// The state of a VM that its vCPU threads share.
@@ -140,25 +197,18 @@ impl VmShared {
     }
 
     /// Memory figures and counters, for the control API.
-    pub fn stats(&self) -> serde_json::Value {
+    pub fn stats(&self) -> VmStats {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        let state = match self.ending() {
-            Some(Ending::GuestExit(c)) => format!("exited({c})"),
-            Some(Ending::Error(e)) => format!("failed: {e}"),
-            Some(Ending::Stopped(w)) => format!("stopped: {w}"),
-            None => format!("{:?}", self.run.mode()).to_lowercase(),
-        };
         let balloon = self.balloon.as_ref().map(|b| b.lock().unwrap().snapshot());
-        serde_json::json!({
-            "state": state,
-            "mem_mib": mib(self.ram.size()),
-            "guest_rss_mib": mib(self.ram.resident_bytes()),
-            "ballooned_mib": balloon.as_ref().map(|b| mib(b.ballooned_pages * guest_abi::PAGE_SIZE)),
-            "guest": self.progress(),
-            "balloon": balloon,
-            "swap": self.swap.stats(),
-            "swap_policy": self.swap.policy_stats(),
-        })
+        VmStats {
+            state: VmState::new(self.run.mode(), self.ending()),
+            mem_mib: mib(self.ram.size()),
+            guest_rss_mib: mib(self.ram.resident_bytes()),
+            ballooned_mib: balloon.as_ref().map(|b| mib(b.ballooned_pages * guest_abi::PAGE_SIZE)),
+            guest: self.progress(),
+            balloon,
+            swap: self.swap.stats(),
+        }
     }
 
     /// The guest reached its first instruction.
@@ -205,17 +255,16 @@ pub struct VmReport {
     /// Every KVM vCPU counter, summed over vCPUs.
     #[serde(skip)]
     pub kvm: BTreeMap<String, u64>,
-    /// The JSON step results the test guest printed (objects with an `op`).
+    /// The step results the test guest printed.
     #[serde(skip)]
-    pub steps: Vec<serde_json::Value>,
+    pub steps: Vec<GuestStep>,
     /// The host swapper's counters, if swapping was on.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub swap: Option<swapd::SwapStats>,
+    pub swap: Option<SwapStats>,
 }
 
 /// A running (or finished) VM.
 pub struct Vm {
-    shared: Arc<VmShared>,
     config: VmConfig,
     backend: Backend,
     t0: Instant,
@@ -225,7 +274,9 @@ pub struct Vm {
     balloon_notify: Option<Vec<EventFd>>,
     workers: Vec<Worker>,
     last_progress: (u64, Instant),
-    vm_fd: Arc<VmFd>,
+    slots: Arc<MemorySlots>,
+    /// Last: the RAM (in `shared`) outlives the VM fd held by `slots`.
+    shared: Arc<VmShared>,
 }
 
 /// Opens `/dev/kvm` with an error a user can act on.
@@ -249,21 +300,11 @@ impl Vm {
         config.validate()?;
         let ctx = |m: String| format!("vm {}: {m}", config.name);
         let image = loader::kernel_bytes(&config.kernel).map_err(ctx)?;
-        let vm_fd = kvm.create_vm().map_err(|e| ctx(format!("KVM_CREATE_VM failed: {e}")))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(|e| ctx(format!("KVM_CREATE_VM failed: {e}")))?);
         let ram = Arc::new(GuestRam::new(config.mem, config.host_pages).map_err(|e| ctx(e.to_string()))?);
-        for (slot, (gpa, host, len)) in ram.host_ranges().into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: gpa,
-                memory_size: len,
-                userspace_addr: host,
-            };
-            // SAFETY: the host range is guest RAM mapped by `ram`, which lives in
-            // VmShared as long as the VM fd (dropped after the vCPU threads end).
-            unsafe { vm_fd.set_user_memory_region(region) }
-                .map_err(|e| ctx(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
-        }
+        // SAFETY: `ram` lives in VmShared, which the Vm holds until after its VM fd
+        // and slots (fields dropped in order, `shared` last).
+        let slots = unsafe { MemorySlots::register(vm_fd.clone(), &ram) }.map_err(|e| ctx(e.to_string()))?;
 
         let cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| ctx(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
@@ -337,7 +378,7 @@ impl Vm {
             pending_vcpus: vcpus,
             threads: Vec::new(),
             last_progress: (0, Instant::now()),
-            vm_fd: Arc::new(vm_fd),
+            slots: Arc::new(slots),
         })
     }
 
@@ -381,9 +422,9 @@ impl Vm {
         &self.shared.console
     }
 
-    /// The KVM VM handle (memory slot `i` is region `i` of [`GuestRam::host_ranges`]).
-    pub fn vm_fd(&self) -> &Arc<VmFd> {
-        &self.vm_fd
+    /// Its KVM memory slots (dirty logging).
+    pub fn memory_slots(&self) -> &Arc<MemorySlots> {
+        &self.slots
     }
 
     /// Its RAM.
@@ -406,16 +447,11 @@ impl Vm {
         self.shared.progress()
     }
 
-    /// Pulls every vCPU out of the guest and keeps it out; returns how long that
-    /// took, or `None` if the VM is ending or did not settle in time.
-    pub fn pause(&self) -> Option<Duration> {
-        self.shared.run.pause(Duration::from_secs(5))
-    }
-
-    /// Ends a pause of [`Vm::pause`]; the VM runs again once no other pause (page
-    /// sharing's, another thread's) holds it.
-    pub fn resume(&self) {
-        self.shared.run.resume();
+    /// Pulls every vCPU out of the guest and keeps it out until the guard drops; the
+    /// VM then runs again once no other pause (page sharing's, another thread's)
+    /// holds it. Fails if the VM is ending or did not settle within 5 s.
+    pub fn pause(&self) -> Result<PauseGuard, PauseError> {
+        self.shared.run.pause_guard(Duration::from_secs(5))
     }
 
     /// Stops the VM from outside.
@@ -503,14 +539,7 @@ impl Vm {
             guest_rss_mib: self.shared.ram.resident_bytes() as f64 / (1 << 20) as f64,
             counters: kvm_stats::REPORTED.iter().map(|&k| (k.to_string(), kvm.get(k).copied().unwrap_or(0))).collect(),
             kvm,
-            steps: self
-                .shared
-                .console
-                .lines()
-                .iter()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|v| v.get("op").is_some())
-                .collect(),
+            steps: console::steps(&self.shared.console.lines()),
             swap,
         }
     }
@@ -534,6 +563,13 @@ pub struct CommandOutput {
     pub status: u32,
     /// The console lines printed while it ran.
     pub lines: Vec<String>,
+}
+
+impl CommandOutput {
+    /// The step results among its lines.
+    pub fn steps(&self) -> Vec<GuestStep> {
+        console::steps(&self.lines)
+    }
 }
 
 /// Creates the balloon behind a virtio-mmio window at [`BALLOON_MMIO_BASE`], with

@@ -19,6 +19,11 @@ use common::TempDir;
 use vmm::api::listener::{Limits, ListenError};
 use vmm::api::server::{Server, Targets};
 
+/// No VMs: the socket layer is the subject.
+fn no_vms() -> Targets {
+    Targets { vms: Vec::new(), tps: None, policy: None }
+}
+
 fn limits() -> Limits {
     Limits {
         max_connections: 4,
@@ -33,7 +38,7 @@ fn server(dir: &TempDir) -> Server {
 }
 
 fn server_with(dir: &TempDir, limits: Limits) -> Server {
-    Server::with_limits(&dir.0.join("api.sock"), Targets { vms: Vec::new(), tps: None }, limits).unwrap()
+    Server::with_limits(&dir.0.join("api.sock"), no_vms(), limits).unwrap()
 }
 
 /// Sends `line` and reads one response line.
@@ -178,7 +183,7 @@ fn the_socket_is_private_and_replaces_only_a_stale_socket() {
     let path = dir.0.join("api.sock");
     // A regular file is never replaced.
     std::fs::write(&path, b"precious").unwrap();
-    let err = Server::with_limits(&path, Targets { vms: Vec::new(), tps: None }, limits()).err().unwrap();
+    let err = Server::with_limits(&path, no_vms(), limits()).err().unwrap();
     assert!(matches!(err, ListenError::NotASocket(_)), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     std::fs::remove_file(&path).unwrap();
@@ -188,7 +193,7 @@ fn the_socket_is_private_and_replaces_only_a_stale_socket() {
     let s = server(&dir);
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     // A live one is not.
-    let err = Server::with_limits(&path, Targets { vms: Vec::new(), tps: None }, limits()).err().unwrap();
+    let err = Server::with_limits(&path, no_vms(), limits()).err().unwrap();
     assert!(matches!(err, ListenError::InUse(_)), "{err}");
     still_serves(&s);
     drop(s);
@@ -209,7 +214,7 @@ fn default_sockets_left_by_dead_processes_are_removed() {
     let not_a_socket = dir.0.join(format!("vmm-{}.sock", u32::MAX));
     std::fs::write(&not_a_socket, b"x").unwrap();
     let ours = dir.0.join(format!("vmm-{}.sock", std::process::id()));
-    let s = Server::with_limits(&ours, Targets { vms: Vec::new(), tps: None }, limits()).unwrap();
+    let s = Server::with_limits(&ours, no_vms(), limits()).unwrap();
     assert!(!stale.exists(), "the dead process's socket is still there");
     assert!(not_a_socket.exists(), "a file that is not a socket was removed");
     still_serves(&s);

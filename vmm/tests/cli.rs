@@ -3,16 +3,32 @@
 
 use std::process::{Command, Output};
 
+use guest_abi::workload::Op;
+use vmm::console::GuestStep;
+
 fn vmm(args: &[&str]) -> Output {
     assert!(std::path::Path::new("/dev/kvm").exists(), "these tests boot real guests and need /dev/kvm");
     Command::new(env!("CARGO_BIN_EXE_vmm")).args(args).output().expect("run vmm")
 }
 
+/// The JSON lines on stdout (console lines without their `[NAME] ` label).
+fn stdout_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim_start_matches(|c| c != '{').to_string()).collect()
+}
+
+/// The summaries and other JSON objects on stdout.
 fn stdout_json(out: &Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim_start_matches(|c| c != '{')).ok())
-        .collect()
+    stdout_lines(out).iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).collect()
+}
+
+/// The guests' step results on stdout.
+fn stdout_steps(out: &Output) -> Vec<GuestStep> {
+    vmm::console::steps(&stdout_lines(out))
+}
+
+/// The first summary line of `kind` (`vm` or `host`) among `lines`.
+fn summary<'a>(lines: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    lines.iter().find(|l| l["summary"] == kind).unwrap_or_else(|| panic!("no {kind} summary line"))
 }
 
 fn stderr(out: &Output) -> String {
@@ -24,13 +40,13 @@ fn default_run_boots_the_builtin_guest() {
     let out = vmm(&["--log-level", "warn", "run"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let lines = stdout_json(&out);
-    let vm = lines.iter().find(|l| l["summary"] == "vm").expect("vm summary");
+    let vm = summary(&lines, "vm");
     assert_eq!(vm["exit_code"], 0);
     for key in ["exits", "insn_emulation", "first_output_ms", "first_insn_ms", "wall_ms"] {
         assert!(vm.get(key).is_some_and(|v| !v.is_null()), "summary lacks {key}: {vm}");
     }
     assert!(lines.iter().any(|l| l["summary"] == "host"));
-    assert!(lines.iter().any(|l| l["op"] == "verify" && l["bad"] == 0));
+    assert!(stdout_steps(&out).iter().any(|s| s.op == Op::Verify && s.bad == Some(0)));
 }
 
 #[test]
@@ -158,17 +174,45 @@ fn swapping_runs_under_a_limit_and_cleans_up() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let lines = stdout_json(&out);
-    let vm = lines.iter().find(|l| l["summary"] == "vm").expect("vm summary");
+    let vm = summary(&lines, "vm");
     assert!(vm["swap"]["pages_out"].as_u64().unwrap() > 0, "a VM over its limit is swapped: {vm}");
     assert!(vm["swap"]["prefetch_hits"].is_u64(), "{vm}");
-    assert!(lines.iter().any(|l| l["op"] == "verify" && l["bad"] == 0));
-    let host = lines.iter().find(|l| l["summary"] == "host").expect("host summary");
-    assert!(host["swap_policy"]["ticks"].as_u64().unwrap() > 0, "{host}");
+    assert!(stdout_steps(&out).iter().any(|s| s.op == Op::Verify && s.bad == Some(0)));
+    let host = summary(&lines, "host");
+    assert!(host["policy"]["ticks"].as_u64().unwrap() > 0, "{host}");
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert!(left.is_empty(), "swap files left behind: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 
+    // The policy's settings without the policy: one line saying how to turn it on.
     let out = vmm(&["run", "--host-mem", "1G"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("--swap"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--host-mem needs the free-memory policy: add --policy on"), "{}", stderr(&out));
+    let out = vmm(&["run", "--swap-dir", d, "--policy", "off", "--limit", "24M"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("drop --policy off"), "{}", stderr(&out));
+}
+
+#[test]
+fn the_policy_runs_on_the_balloon_alone() {
+    let out = vmm(&[
+        "--log-level",
+        "warn",
+        "run",
+        "--mem",
+        "128M",
+        "--policy",
+        "on",
+        "--host-mem",
+        "1G",
+        "--workload",
+        "alloc 16M unique; idle 300ms; exit 0",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = stdout_json(&out);
+    let vm = summary(&lines, "vm");
+    assert!(vm.get("swap").is_none(), "no swapper without --swap: {vm}");
+    let host = summary(&lines, "host");
+    assert!(host["policy"]["ticks"].as_u64().unwrap() > 0, "{host}");
+    assert_eq!(host["policy"]["state"], "high", "{host}");
 }

@@ -18,12 +18,14 @@
 //! | `0x100000..`        | the guest kernel image; free RAM starts at `kernel_end` |
 //! | `3 GiB..4 GiB`      | MMIO hole (devices); RAM above 3 GiB continues at 4 GiB |
 //!
-//! Two modules hold what both sides must compute identically: [`workload`], the
-//! parser of the guest's workload language (the VMM validates a workload before it
-//! boots), and [`content`], the content of every page the workload writes.
+//! Three modules hold what both sides must compute or read identically: [`workload`],
+//! the parser of the guest's workload language (the VMM validates a workload before
+//! it boots), [`content`], the content of every page the workload writes, and
+//! [`step`], the result line the guest prints for each step.
 #![no_std]
 
 pub mod content;
+pub mod step;
 pub mod workload;
 
 /// GPA of the GDT the VMM installs.
@@ -56,6 +58,9 @@ pub const PAGE_SIZE: u64 = 4096;
 /// COM1: a 16550 UART. The test guest writes whole lines with `rep outsb`
 /// (one exit per line instead of one per byte).
 pub const SERIAL_PORT: u16 = 0x3f8;
+/// Longest line the test guest prints, newline included: each line is one JSON
+/// object, built in a buffer of this size.
+pub const CONSOLE_LINE_MAX: usize = 400;
 /// `out` of a 32-bit value ends the VM; the value is the exit code of `vmm run`.
 pub const EXIT_PORT: u16 = 0x501;
 /// The first thing the test guest does: one `out` here, so the VMM can time the

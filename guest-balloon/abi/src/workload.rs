@@ -21,6 +21,8 @@
 
 use core::fmt;
 
+use serde::{Deserialize, Serialize};
+
 use crate::PAGE_SIZE;
 
 /// Most steps a [`Program`] holds (a `repeat` header counts as one). A full
@@ -91,19 +93,67 @@ pub enum Step {
     Fault,
 }
 
+/// A step's keyword: what a step is, without its argument. The `op` of a step's
+/// result line ([`crate::step::StepResult`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// `alloc`.
+    Alloc,
+    /// `touch`.
+    Touch,
+    /// `verify`.
+    Verify,
+    /// `free`.
+    Free,
+    /// `idle`.
+    Idle,
+    /// `spin`.
+    Spin,
+    /// `repeat` (never reported: its body's steps are).
+    Repeat,
+    /// `exit`.
+    Exit,
+    /// `fault`.
+    Fault,
+}
+
+impl Op {
+    /// The keyword as written in a workload.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Alloc => "alloc",
+            Op::Touch => "touch",
+            Op::Verify => "verify",
+            Op::Free => "free",
+            Op::Idle => "idle",
+            Op::Spin => "spin",
+            Op::Repeat => "repeat",
+            Op::Exit => "exit",
+            Op::Fault => "fault",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Step {
     /// The step's keyword.
-    pub fn op(&self) -> &'static str {
+    pub fn op(&self) -> Op {
         match self {
-            Step::Alloc { .. } => "alloc",
-            Step::Touch { .. } => "touch",
-            Step::Verify => "verify",
-            Step::Free { .. } => "free",
-            Step::Idle { .. } => "idle",
-            Step::Spin { .. } => "spin",
-            Step::Repeat { .. } => "repeat",
-            Step::Exit { .. } => "exit",
-            Step::Fault => "fault",
+            Step::Alloc { .. } => Op::Alloc,
+            Step::Touch { .. } => Op::Touch,
+            Step::Verify => Op::Verify,
+            Step::Free { .. } => Op::Free,
+            Step::Idle { .. } => Op::Idle,
+            Step::Spin { .. } => Op::Spin,
+            Step::Repeat { .. } => Op::Repeat,
+            Step::Exit { .. } => Op::Exit,
+            Step::Fault => Op::Fault,
         }
     }
 
@@ -119,6 +169,41 @@ impl Step {
 /// Displays a step's argument; see [`Step::arg`].
 #[derive(Clone, Copy, Debug)]
 pub struct Arg(Step);
+
+/// Longest argument of a parsed step in canonical form, in bytes: `alloc` of the
+/// largest size in KiB with the largest seed (`18014398509481980K
+/// shared:18446744073709551615`) is 46.
+pub const ARG_MAX: usize = 48;
+
+impl Arg {
+    /// The argument as text in `buf`, without allocating (the guest has no heap).
+    /// Text longer than [`ARG_MAX`] (no parsed step has one) is cut short.
+    pub fn to_str(self, buf: &mut [u8; ARG_MAX]) -> &str {
+        let mut out = Cursor { buf, len: 0 };
+        let _ = fmt::write(&mut out, format_args!("{self}"));
+        let len = out.len;
+        // Only whole characters are copied, so the bytes are UTF-8.
+        core::str::from_utf8(&buf[..len]).unwrap_or_default()
+    }
+}
+
+/// Formats into a fixed buffer, stopping at the first piece that does not fit.
+struct Cursor<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl fmt::Write for Cursor<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
 
 impl fmt::Display for Arg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -159,7 +244,7 @@ impl fmt::Display for Size {
 
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.op())?;
+        f.write_str(self.op().as_str())?;
         match self.arg() {
             Some(arg) => write!(f, " {arg}"),
             None => Ok(()),
@@ -586,7 +671,20 @@ mod tests {
         );
         assert_eq!(Program::parse(&canonical).unwrap().steps(), p.steps());
         let alloc = p.steps()[2];
-        assert_eq!((alloc.op(), format!("{}", alloc.arg().unwrap())), ("alloc", "1536M shared:16".into()));
+        assert_eq!((alloc.op(), format!("{}", alloc.arg().unwrap())), (Op::Alloc, "1536M shared:16".into()));
         assert!(Step::Verify.arg().is_none());
+    }
+
+    #[test]
+    fn the_longest_argument_fits_its_buffer() {
+        let text = "alloc 18446744073709547520 shared:18446744073709551615; idle 18446744073709551615us";
+        let mut buf = [0; ARG_MAX];
+        let alloc = steps(text)[0].arg().unwrap();
+        assert_eq!(alloc.to_str(&mut buf), "18014398509481980K shared:18446744073709551615");
+        let idle = steps(text)[1].arg().unwrap();
+        assert_eq!(idle.to_str(&mut buf), "18446744073709551615us");
+        // Text that does not fit (no parsed step has any) is cut, never overrun.
+        let huge = Step::Alloc { pages: (1 << 62) - 1, kind: Kind::Shared(u64::MAX) }.arg().unwrap();
+        assert_eq!(huge.to_str(&mut buf), "18446744073709551612K shared:");
     }
 }

@@ -1,5 +1,5 @@
 //! The workload interpreter: runs a parsed `guest_abi::workload::Program` and prints
-//! one JSON line per step.
+//! one JSON line per step (a `guest_abi::step::StepResult`).
 //!
 //! The interpreter owns the guest's memory state: the frame allocator and the set
 //! of allocated pages with what each must hold. Page work is handed to all vCPUs
@@ -19,11 +19,12 @@ use core::hint::black_box;
 
 use guest_abi::content;
 use guest_abi::guest_state;
-use guest_abi::workload::{Kind, Program, Step};
+use guest_abi::step::{Outcome, StepResult};
+use guest_abi::workload::{self, Kind, Program, Step, ARG_MAX};
 
 use crate::balloon::Balloon;
 use crate::clock::Clock;
-use crate::console::Line;
+use crate::console::{self, Line};
 use crate::control::Control;
 use crate::mm::frame_alloc::FrameAllocator;
 use crate::{arch, smp, system};
@@ -38,6 +39,8 @@ const UNMAPPED: u64 = 2 << 39;
 
 /// The VM-wide facts the interpreter needs.
 pub struct Machine {
+    /// This VM's index in its host process (every result line names it).
+    pub vm: u32,
     /// vCPUs sharing page work.
     pub cpus: u32,
     /// Seed of `unique` and touched contents.
@@ -170,30 +173,18 @@ impl Interpreter {
         self.publish();
         self.poll_devices();
 
-        let mut line = self.step_line(seq, step);
-        if let Some(arg) = step.arg() {
-            line.str("arg", arg);
-        }
-        for (key, value) in [("pages", report.pages), ("bad", report.bad), ("first_bad_pfn", report.first_bad_pfn)] {
-            if let Some(v) = value {
-                line.num(key, v);
-            }
-        }
-        line.num("us", us).str("result", if report.failed { "fail" } else { "ok" });
-        if let Some(error) = report.error {
-            line.str("error", error);
-        }
-        line.emit();
+        let outcome = if report.failed { Outcome::Fail } else { Outcome::Ok };
+        let mut arg = [0; ARG_MAX];
+        let mut result = self.result(seq, step.op(), outcome);
+        result.arg = step.arg().map(|a| a.to_str(&mut arg));
+        (result.pages, result.bad, result.first_bad_pfn) = (report.pages, report.bad, report.first_bad_pfn);
+        (result.us, result.error) = (Some(us), report.error);
+        console::print(&result);
     }
 
-    /// `{"vm":N,"seq":S,"step":K,"op":...` for the step being finished.
-    fn step_line(&self, seq: Option<u32>, step: Step) -> Line {
-        let mut line = Line::vm();
-        if let Some(seq) = seq {
-            line.num("seq", seq as u64);
-        }
-        line.num("step", self.steps_done).str("op", step.op());
-        line
+    /// The result of the step being finished, with its identity filled in.
+    fn result<'a>(&self, seq: Option<u32>, op: workload::Op, outcome: Outcome) -> StepResult<&'a str> {
+        StepResult::new(self.machine.vm, seq, self.steps_done, op, outcome)
     }
 
     fn publish(&self) {
@@ -320,12 +311,10 @@ impl Interpreter {
         };
         self.steps_done += 1;
         self.publish();
-        let mut line = self.step_line(seq, Step::Exit { code: code as u8 });
-        line.num("code", code as u64);
-        if self.failed_steps > 0 {
-            line.num("failed_steps", self.failed_steps);
-        }
-        line.str("result", "ok").emit();
+        let mut result = self.result(seq, workload::Op::Exit, Outcome::Ok);
+        result.code = Some(code);
+        result.failed_steps = Some(self.failed_steps).filter(|&n| n > 0);
+        console::print(&result);
         self.machine.control.set_state(guest_state::EXITING);
         system::exit(code)
     }

@@ -1,15 +1,13 @@
-//! Test harness: guest-like anonymous memory, a VmControl whose pause really parks
+//! Test harness: guest-like anonymous memory, VMs whose pause really holds the
 //! "vCPU" writer threads, and page patterns.
 
-use std::any::Any;
-use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use swapd::anon::AnonMap;
-use swapd::pagemap::{Pagemap, PM_PRESENT};
-use swapd::{Region, VmControl};
+use pagestate::anon::{AnonMap, MemoryVm};
+use pagestate::pagemap::Pagemap;
+use pagestate::Region;
 
 pub const PAGE: usize = 4096;
 
@@ -50,9 +48,7 @@ impl Mem {
 
     /// Whether a page is resident (pagemap present bit).
     pub fn present(&self, page: usize) -> bool {
-        let mut e = [0u64];
-        Pagemap::open().unwrap().read(self.base + page * PAGE, &mut e).unwrap();
-        e[0] & PM_PRESENT != 0
+        Pagemap::open().unwrap().one(self.base + page * PAGE).unwrap().present()
     }
 }
 
@@ -93,108 +89,22 @@ pub fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-#[derive(Default)]
-pub struct Inner {
-    pause_req: AtomicBool,
-    state: Mutex<(usize, usize)>, // (active writers, parked writers)
-    cv: Condvar,
-    pub pauses: AtomicU64,
-    pub ending: AtomicBool,
-    /// Negative control: pause returns at once without parking anybody.
-    pub broken_pause: AtomicBool,
-    pub skip: Mutex<HashSet<u64>>,
-    pub fatal: Mutex<Vec<String>>,
-    pub fatal_cv: Condvar,
+/// A VM over `mem` (at guest-physical `GPA`) as the swapper sees it: a real pause,
+/// no vCPUs (the test's writer threads stand for them, writing through
+/// [`MemoryVm::write`]).
+pub fn test_vm(name: &str, mem: &Mem, gpa: u64) -> Arc<MemoryVm> {
+    let _ = env_logger::builder().is_test(true).try_init();
+    MemoryVm::new(name, vec![mem.region(gpa)])
 }
 
-/// A VM stand-in: writer threads call `checkpoint` between writes; `pause` parks
-/// them all before returning (so no write is in flight while the guard lives).
-#[derive(Clone, Default)]
-pub struct TestVm(pub Arc<Inner>);
-
-struct Guard(Arc<Inner>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _g = self.0.state.lock().unwrap();
-        self.0.pause_req.store(false, SeqCst);
-        self.0.cv.notify_all();
-    }
-}
-
-impl TestVm {
-    pub fn new() -> TestVm {
-        let _ = env_logger::builder().is_test(true).try_init();
-        TestVm::default()
-    }
-
-    /// A writer thread starts.
-    pub fn enter(&self) {
-        self.0.state.lock().unwrap().0 += 1;
-    }
-
-    /// A writer thread ends.
-    pub fn leave(&self) {
-        let mut s = self.0.state.lock().unwrap();
-        s.0 -= 1;
-        self.0.cv.notify_all();
-    }
-
-    /// Called by writers between operations: parks while a pause is requested.
-    pub fn checkpoint(&self) {
-        if !self.0.pause_req.load(SeqCst) {
-            return;
+/// Waits until a reclaimer reported a fatal error on `vm`; returns the first.
+pub fn wait_fatal(vm: &MemoryVm) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(e) = vm.fatal_errors().first() {
+            return e.clone();
         }
-        let mut s = self.0.state.lock().unwrap();
-        s.1 += 1;
-        self.0.cv.notify_all();
-        while self.0.pause_req.load(SeqCst) {
-            s = self.0.cv.wait(s).unwrap();
-        }
-        s.1 -= 1;
-    }
-
-    pub fn fatal_errors(&self) -> Vec<String> {
-        self.0.fatal.lock().unwrap().clone()
-    }
-
-    /// Wait until fatal has been called (the test ends by timeout if never).
-    pub fn wait_fatal(&self) -> String {
-        let mut f = self.0.fatal.lock().unwrap();
-        while f.is_empty() {
-            f = self.0.fatal_cv.wait(f).unwrap();
-        }
-        f[0].clone()
-    }
-}
-
-impl VmControl for TestVm {
-    fn pause(&self) -> Option<Box<dyn Any>> {
-        if self.0.ending.load(SeqCst) {
-            return None;
-        }
-        if self.0.broken_pause.load(SeqCst) {
-            return Some(Box::new(()));
-        }
-        let mut s = self.0.state.lock().unwrap();
-        // One pauser at a time (the swapper serialises its batches anyway).
-        while self.0.pause_req.load(SeqCst) {
-            s = self.0.cv.wait(s).unwrap();
-        }
-        self.0.pause_req.store(true, SeqCst);
-        while s.1 < s.0 {
-            s = self.0.cv.wait(s).unwrap();
-        }
-        self.0.pauses.fetch_add(1, SeqCst);
-        Some(Box::new(Guard(self.0.clone())))
-    }
-
-    fn skip_page(&self, gpa: u64) -> bool {
-        self.0.skip.lock().unwrap().contains(&gpa)
-    }
-
-    fn fatal(&self, error: String) {
-        self.0.fatal.lock().unwrap().push(error);
-        self.0.fatal_cv.notify_all();
+        assert!(Instant::now() < deadline, "no fatal error reported");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmm::config::VmConfig;
+use vmm::console::GuestStep;
 use vmm::host::{self, HostReport};
 use vmm::reclaim::sharing::PageSharing;
 use vmm::vm::Vm;
@@ -33,14 +34,18 @@ pub struct Run {
 }
 
 impl Run {
-    /// The JSON objects VM `vm` printed.
+    /// The JSON objects VM `vm` printed (its events: `boot`, `serving`, ...).
     pub fn json(&self, vm: usize) -> Vec<Value> {
-        parse_lines(&self.consoles[vm])
+        self.consoles[vm]
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(Value::is_object)
+            .collect()
     }
 
-    /// The step lines (with an "op") VM `vm` printed.
-    pub fn steps(&self, vm: usize) -> Vec<Value> {
-        self.json(vm).into_iter().filter(|v| v.get("op").is_some()).collect()
+    /// The step results VM `vm` printed.
+    pub fn steps(&self, vm: usize) -> Vec<GuestStep> {
+        vmm::console::steps(&self.consoles[vm])
     }
 
     /// The exit code of VM `vm`, panicking with its console if the VMM stopped it.
@@ -48,11 +53,6 @@ impl Run {
         let r = &self.report.vms[vm];
         r.exit_code.unwrap_or_else(|| panic!("{} did not exit: {:?}\n{}", r.vm, r.error, self.consoles[vm].join("\n")))
     }
-}
-
-/// Parses every line that is a JSON object.
-pub fn parse_lines(lines: &[String]) -> Vec<Value> {
-    lines.iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(Value::is_object).collect()
 }
 
 /// Runs `configs` to their end (2 minutes at most).

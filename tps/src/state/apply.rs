@@ -1,9 +1,14 @@
 //! Applying a batch, with the VMs it touches paused: re-check every page, then
 //! `mmap`/`madvise` runs of pages, keeping the counts and the VMA model true.
 
-use super::{guest, is_zero, Remapped, State};
+use pagestate::page::{copy_page, is_zero};
+
+use super::{Remapped, State};
 use crate::batch::{Batch, Op, Target};
-use crate::pagemap::{Backing, PageInfo};
+use pagestate::discard::dontneed;
+use pagestate::pagemap::{Backing, PageInfo};
+use pagestate::residency::is_mapped;
+
 use crate::region::Slot;
 use crate::remap::{self, Advice};
 use crate::{Page, PAGE_SIZE};
@@ -83,25 +88,28 @@ impl State {
             i = j;
         }
         let mut ok = vec![false; ops.len()];
+        let mut copies = self.copies.take().expect("applying is not re-entered");
         for (k, op) in ops.iter().enumerate() {
             let Some(r) = self.regions.get(op.region, op.region_id) else {
                 continue;
             };
             let mergeable = matches!(r.slot(op.page), Slot::Anon | Slot::Pool { broken: true, .. });
             let resident = infos[k].backing() == Backing::Anon;
-            ok[k] = mergeable
-                && resident
-                && match op.target {
-                    // SAFETY: registered, resident, and its writers are paused.
-                    Target::Zero => is_zero(unsafe { guest(op.addr()) }),
-                    Target::Pool(p) => {
-                        self.pool.get(p).is_some() && batch.content(p) == Some(unsafe { guest(op.addr()) })
-                    }
+            if mergeable && resident {
+                // SAFETY: a resident page of a registered region (mapped while the state
+                // lock is held); every writer of its VM is paused, so the copy is what
+                // the remap will keep.
+                unsafe { copy_page(op.addr(), &mut copies.page) };
+                ok[k] = match op.target {
+                    Target::Zero => is_zero(&copies.page),
+                    Target::Pool(p) => self.pool.get(p).is_some() && batch.content(p) == Some(&copies.page),
                 };
+            }
             if !ok[k] {
                 self.stats.race_aborts += 1;
             }
         }
+        self.copies = Some(copies);
         ok
     }
 
@@ -123,7 +131,7 @@ impl State {
             return;
         }
         let result = match first.target {
-            Target::Zero if !in_pool_vma => remap::discard(addr, len),
+            Target::Zero if !in_pool_vma => dontneed(addr, len),
             // DONTNEED inside a pool mapping would bring the pool page back.
             Target::Zero => remap::map_anon(addr, len, advice),
             Target::Pool(idx) => remap::map_pool(addr, len, self.pool.fd(), idx as u64 * PAGE_SIZE as u64, advice),
@@ -163,7 +171,7 @@ impl State {
     /// put anonymous memory back and the content into it.
     fn recover(&mut self, run: &[Op], batch: &Batch, advice: Advice, remapped: &mut Vec<Remapped>) {
         let (addr, len) = (run[0].addr(), run.len() * PAGE_SIZE);
-        if remap::is_mapped(addr, len) {
+        if is_mapped(addr, len) {
             return; // the old mapping, and its content, are still there
         }
         log::error!("tps: a failed mmap left {addr:#x}+{len:#x} unmapped; restoring its content");
@@ -195,26 +203,27 @@ fn op_content<'a>(op: &Op, batch: &'a Batch) -> Option<&'a Page> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::pagemap::PageMap;
     use crate::pass::Chunk;
-    use crate::testutil::anon;
     use crate::Region;
+    use pagestate::anon::AnonMap;
+    use pagestate::pagemap::Pagemap;
 
     /// Ops planned onto a pool page that is freed before the batch is applied (here
     /// by a `reset_range`) must not land on a new page that reuses its index.
     #[test]
     fn a_pool_page_freed_during_a_batch_is_not_reused_by_it() {
-        let m = anon(8);
-        let fill = |i: usize| unsafe { std::ptr::write_bytes((m.addr + i * PAGE_SIZE) as *mut u8, 7, PAGE_SIZE) };
+        let m = AnonMap::pages(8);
+        // SAFETY: fills page `i` of the test mapping.
+        let fill = |i: usize| unsafe { std::ptr::write_bytes((m.addr() + i * PAGE_SIZE) as *mut u8, 7, PAGE_SIZE) };
         // No replicas: page 2 joins the pool page itself.
         let mut st = State::new(&Config { run_replicas: 0, ..Config::default() }).unwrap();
-        st.add_region(&Region { vm: 0, gpa: 0, host_addr: m.addr, len: m.len }).unwrap();
+        st.add_region(&Region { vm: 0, gpa: 0, host_addr: m.addr(), len: m.len() }).unwrap();
         let region = st.pass_regions()[0];
-        let pagemap = PageMap::open().unwrap();
+        let pagemap = Pagemap::open().unwrap();
         let mut seen = 0;
         let mut plan = |st: &mut State, first, pages, batch: &mut Batch| {
             let mut infos = vec![PageInfo::default(); pages];
-            pagemap.read(m.addr + first * PAGE_SIZE, &mut infos).unwrap();
+            pagemap.read(m.addr() + first * PAGE_SIZE, &mut infos).unwrap();
             st.plan_chunk(&Chunk { region, first, pages }, &mut infos, &vec![false; pages], &mut seen, batch);
         };
         let mut batch = Batch::default();
@@ -230,7 +239,7 @@ mod tests {
         // page is freed while the batch is pending.
         plan(&mut st, 2, 1, &mut batch);
         assert_eq!(batch.ops[0].target, Target::Pool(old));
-        st.reset_range(m.addr, 2 * PAGE_SIZE, &mut Vec::new()).unwrap();
+        st.reset_range(m.addr(), 2 * PAGE_SIZE, &mut Vec::new()).unwrap();
         assert!(st.pool.get(old).is_none());
         // The same batch goes on and needs a new pool page for the same content.
         (5..7).for_each(fill);
@@ -240,7 +249,7 @@ mod tests {
         st.apply(&mut batch);
         assert_eq!(st.stats.race_aborts, 1, "page 2's op: its pool page is gone");
         let mut infos = vec![PageInfo::default(); 7];
-        pagemap.read(m.addr, &mut infos).unwrap();
+        pagemap.read(m.addr(), &mut infos).unwrap();
         assert_eq!(infos[2].backing(), Backing::Anon, "page 2 left private");
         assert!(infos[5..7].iter().all(|i| i.backing() != Backing::Anon), "pages 5, 6 shared");
         assert_eq!((st.stats.pool_mapped_pages, st.pool.mapped_pages()), (2, 1));

@@ -1,10 +1,13 @@
 //! Planning, while the guests run: classify each page, look its hash up, compare,
 //! write new pool pages, and record what to do in the batch.
 
-use super::{guest, is_zero, State};
+use pagestate::page::{copy_page, is_zero};
+
+use super::{Copies, State};
 use crate::batch::{Batch, Op, Target};
 use crate::hash_table::Entry;
-use crate::pagemap::{Backing, PageInfo};
+use pagestate::pagemap::{Backing, PageInfo};
+
 use crate::pass::{Chunk, PassRegion};
 use crate::region::Slot;
 use crate::Page;
@@ -74,8 +77,6 @@ impl State {
             return;
         }
         self.stats.pages_hashed += 1;
-        // SAFETY: a page of a registered region, checked above.
-        let g = unsafe { guest(addr) };
         let op = Op {
             region: host,
             region_id: chunk.region.id,
@@ -84,16 +85,29 @@ impl State {
             gpa: chunk.gpa(i),
             target: Target::Zero,
         };
+        let mut copies = self.copies.take().expect("planning is not re-entered");
+        // SAFETY: a resident page of a registered region (checked above), which stays
+        // mapped while the state lock is held. The guest may be writing it: the copy is
+        // a hint, checked again under the pause.
+        unsafe { copy_page(addr, &mut copies.page) };
+        self.plan_page(op, &mut copies, batch);
+        self.copies = Some(copies);
+    }
+
+    /// Plans what to do with the page of `op`, whose copy is `copies.page`.
+    fn plan_page(&mut self, op: Op, copies: &mut Copies, batch: &mut Batch) {
+        let g = &copies.page;
         if is_zero(g) {
             batch.push(op);
             return;
         }
+        let addr = op.addr();
         let domain = self.domain(op.vm);
         let key = Self::hash(g, domain);
         match self.table.get(key) {
             None => self.table.set(key, Entry::Hint(addr)),
             Some(Entry::Hint(h)) if h == addr => self.table.set(key, Entry::Hint(addr)),
-            Some(Entry::Hint(h)) => self.match_hint(h, key, domain, op, g, batch),
+            Some(Entry::Hint(h)) => self.match_hint(h, key, domain, op, g, &mut copies.hint, batch),
             Some(Entry::Pool(p)) => self.join(p, key, domain, op, g, batch),
         }
     }
@@ -110,8 +124,9 @@ impl State {
         }
     }
 
-    /// The op for hint `h` if it still holds the content of `key` and can be merged.
-    fn hint_op(&self, h: usize, key: u64, domain: u64, batch: &Batch) -> Option<Op> {
+    /// The op for hint `h` if it still holds the content of `key` and can be merged;
+    /// `copy` then holds a copy of it.
+    fn hint_op(&self, h: usize, key: u64, domain: u64, batch: &Batch, copy: &mut Page) -> Option<Op> {
         let r = self.regions.find(h)?;
         let page = r.page_of(h)?;
         let mergeable = matches!(r.slot(page), Slot::Anon | Slot::Pool { broken: true, .. });
@@ -121,8 +136,10 @@ impl State {
         if self.pagemap.one(h).ok()?.backing() != Backing::Anon {
             return None;
         }
-        // SAFETY: `h` is in a registered region.
-        (Self::hash(unsafe { guest(h) }, domain) == key).then(|| Op {
+        // SAFETY: `h` is a resident page of a registered region (checked above), which
+        // stays mapped while the state lock is held; the copy is a hint.
+        unsafe { copy_page(h, copy) };
+        (Self::hash(copy, domain) == key).then(|| Op {
             region: r.host_addr,
             region_id: r.id,
             page,
@@ -133,14 +150,14 @@ impl State {
     }
 
     /// A page matches hint `h`: both go onto a new pool page if `h` is unchanged.
-    fn match_hint(&mut self, h: usize, key: u64, domain: u64, op: Op, g: &Page, batch: &mut Batch) {
-        let Some(hop) = self.hint_op(h, key, domain, batch) else {
+    #[allow(clippy::too_many_arguments)]
+    fn match_hint(&mut self, h: usize, key: u64, domain: u64, op: Op, g: &Page, hint: &mut Page, batch: &mut Batch) {
+        let Some(hop) = self.hint_op(h, key, domain, batch, hint) else {
             self.stats.stale_hints += 1;
             self.table.set(key, Entry::Hint(op.addr()));
             return;
         };
-        // SAFETY: `h` is in a registered region.
-        if unsafe { guest(h) } != g {
+        if hint != g {
             self.stats.hash_collisions += 1;
             return;
         }
@@ -231,34 +248,34 @@ impl State {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::pagemap::PageMap;
     use crate::pass::Chunk;
-    use crate::testutil::anon;
     use crate::{Region, PAGE_SIZE};
+    use pagestate::anon::AnonMap;
+    use pagestate::pagemap::Pagemap;
 
     /// A chunk's pagemap is read without the lock; a `reset_range` between that
     /// read and the plan must not make the plan read (and so fault in) the pages
     /// it dropped.
     #[test]
     fn a_reset_after_the_pagemap_read_is_seen() {
-        let m = anon(8);
+        let m = AnonMap::pages(8);
         for i in 0..8 {
             // SAFETY: our own mapping; pages 0..4 zero, 4..8 unique.
-            unsafe { std::ptr::write_bytes((m.addr + i * PAGE_SIZE) as *mut u8, (i / 4 * (i + 1)) as u8, PAGE_SIZE) };
+            unsafe { std::ptr::write_bytes((m.addr() + i * PAGE_SIZE) as *mut u8, (i / 4 * (i + 1)) as u8, PAGE_SIZE) };
         }
         let mut st = State::new(&Config::default()).unwrap();
-        st.add_region(&Region { vm: 0, gpa: 0, host_addr: m.addr, len: m.len }).unwrap();
+        st.add_region(&Region { vm: 0, gpa: 0, host_addr: m.addr(), len: m.len() }).unwrap();
         let chunk = Chunk { region: st.pass_regions()[0], first: 0, pages: 8 };
-        let pagemap = PageMap::open().unwrap();
+        let pagemap = Pagemap::open().unwrap();
         let mut infos = vec![PageInfo::default(); 8];
-        pagemap.read(m.addr, &mut infos).unwrap();
+        pagemap.read(m.addr(), &mut infos).unwrap();
         assert!(infos.iter().all(|i| i.backing() == Backing::Anon));
         let mut seen = st.resets;
 
-        st.reset_range(m.addr, m.len, &mut Vec::new()).unwrap();
+        st.reset_range(m.addr(), m.len(), &mut Vec::new()).unwrap();
         let mut batch = Batch::default();
         st.plan_chunk(&chunk, &mut infos, &[false; 8], &mut seen, &mut batch);
-        pagemap.read(m.addr, &mut infos).unwrap();
+        pagemap.read(m.addr(), &mut infos).unwrap();
         assert!(infos.iter().all(|i| !i.present()), "a dropped page was read: {infos:?}");
         assert!(batch.is_empty() && st.stats.pages_hashed == 0);
         assert_eq!(seen, st.resets);

@@ -1,14 +1,15 @@
-//! Helpers shared by the integration tests: guest-RAM-like memory, page contents, a
-//! `VmControl` that records what the scanner asks, and pagemap/VMA probes.
+//! Helpers shared by the integration tests: guest-RAM-like memory, page contents, VMs
+//! as the scanner sees them (a real pause, a recorded `RamChanges`), and
+//! pagemap/VMA probes.
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::any::Any;
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Condvar, Mutex};
+use std::io;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tps::{Region, Scanner, VmControl, PAGE_SIZE};
+use pagestate::anon::MemoryVm;
+use pagestate::{GuestVm, Region, SwapHooks, PAGE_SIZE};
+use tps::{Scanner, VmId};
 
 /// Generous bound for "a few passes": only a hang would take this long.
 pub const PASS_TIMEOUT: Duration = Duration::from_secs(120);
@@ -26,9 +27,11 @@ impl GuestMem {
         let len = (pages + 2) * PAGE_SIZE;
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a fresh anonymous mapping; the result is checked.
         let base = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, -1, 0) };
         assert_ne!(base, libc::MAP_FAILED);
         let base = base as usize;
+        // SAFETY: advice and protections on the mapping just made.
         unsafe {
             assert_eq!(libc::madvise(base as *mut _, len, libc::MADV_NOHUGEPAGE), 0);
             libc::mprotect(base as *mut _, PAGE_SIZE, libc::PROT_NONE);
@@ -37,8 +40,8 @@ impl GuestMem {
         Self { addr: base + PAGE_SIZE, pages }
     }
 
-    pub fn region(&self, vm: u32) -> Region {
-        Region { vm, gpa: 0x10_0000, host_addr: self.addr, len: self.pages * PAGE_SIZE }
+    pub fn region(&self) -> Region {
+        Region { gpa: 0x10_0000, host_addr: self.addr, len: self.pages * PAGE_SIZE }
     }
 
     pub fn page(&self, i: usize) -> usize {
@@ -65,6 +68,7 @@ impl GuestMem {
 
 impl Drop for GuestMem {
     fn drop(&mut self) {
+        // SAFETY: unmaps the test mapping and its guard pages, no longer used.
         unsafe { libc::munmap((self.addr - PAGE_SIZE) as *mut _, (self.pages + 2) * PAGE_SIZE) };
     }
 }
@@ -83,100 +87,91 @@ pub fn word(key: u64, i: usize) -> u64 {
 pub fn fill(addr: usize, key: u64) {
     let p = addr as *mut u64;
     for i in 0..PAGE_SIZE / 8 {
+        // SAFETY: `addr` is a page of test memory.
         unsafe { p.add(i).write_volatile(word(key, i)) };
     }
 }
 
 pub fn holds(addr: usize, key: u64) -> bool {
     let p = addr as *const u64;
+    // SAFETY: `addr` is a page of test memory.
     (0..PAGE_SIZE / 8).all(|i| unsafe { p.add(i).read_volatile() } == word(key, i))
 }
 
-/// What the writers of a VM's memory (standing for its vCPUs) pass through; a pause
-/// closes it and waits for the writers inside to leave.
-#[derive(Default)]
-pub struct Gate {
-    /// (pauses held, writers inside)
-    state: Mutex<(u32, u32)>,
-    cv: Condvar,
-    pub pauses: AtomicU64,
+/// Records the new mappings the scanner announces on one VM's `RamChanges` (where
+/// the swapper would be told).
+struct RemapLog {
+    id: VmId,
+    rec: Arc<Recorder>,
 }
 
-impl Gate {
-    pub fn enter(&self) {
-        let mut s = self.state.lock().unwrap();
-        while s.0 > 0 {
-            s = self.cv.wait(s).unwrap();
-        }
-        s.1 += 1;
-    }
-
-    pub fn leave(&self) {
-        let mut s = self.state.lock().unwrap();
-        s.1 -= 1;
-        if s.1 == 0 {
-            self.cv.notify_all();
-        }
-    }
-
-    /// Runs `f` as a guest write.
-    pub fn write<R>(&self, f: impl FnOnce() -> R) -> R {
-        self.enter();
-        let r = f();
-        self.leave();
-        r
-    }
-
-    /// Closes the gate until the returned guard drops.
-    pub fn pause(self: &Arc<Self>) -> Box<dyn Any> {
-        self.pauses.fetch_add(1, Relaxed);
-        let mut s = self.state.lock().unwrap();
-        s.0 += 1;
-        while s.1 > 0 {
-            s = self.cv.wait(s).unwrap();
-        }
-        Box::new(Paused(self.clone()))
+impl SwapHooks for RemapLog {
+    fn forget(&self, _gpa: u64, _len: u64) {}
+    fn remapped(&self, host_addr: usize, len: usize) -> io::Result<()> {
+        self.rec.remapped.lock().unwrap().push((self.id, host_addr, len));
+        Ok(())
     }
 }
 
-struct Paused(Arc<Gate>);
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        self.0.state.lock().unwrap().0 -= 1;
-        self.0.cv.notify_all();
-    }
-}
-
-/// Records the scanner's calls; its pause holds the test's guest writes (`gate`).
+/// The VMs of a test (real pauses, no vCPUs: the test's writer threads stand for
+/// them and write through [`MemoryVm::write`]) and what the scanner did to them.
 #[derive(Default)]
 pub struct Recorder {
-    pub gate: Arc<Gate>,
-    pub skip: Mutex<HashSet<(u32, u64)>>,
-    pub remapped: Mutex<Vec<(u32, usize, usize)>>,
-    pub gone: Mutex<HashSet<u32>>,
+    /// New mappings announced: (VM, address, length).
+    pub remapped: Mutex<Vec<(VmId, usize, usize)>>,
+    vms: Mutex<Vec<Registered>>,
 }
 
-impl VmControl for Recorder {
-    fn pause(&self, vm: u32) -> Option<Box<dyn Any>> {
-        (!self.gone.lock().unwrap().contains(&vm)).then(|| self.gate.pause())
+/// A VM of the test and the hooks recording its remaps (kept alive with it).
+type Registered = (Arc<MemoryVm>, Arc<dyn SwapHooks>);
+
+impl Recorder {
+    /// A VM over `m`, not yet given to a scanner; VMs are numbered in creation order,
+    /// which must be the order they are given to the scanner.
+    pub fn vm(self: &Arc<Self>, m: &GuestMem) -> Arc<MemoryVm> {
+        self.vm_over(m.region())
     }
 
-    fn skip_page(&self, vm: u32, gpa: u64) -> bool {
-        self.skip.lock().unwrap().contains(&(vm, gpa))
+    /// A VM over `region`, not yet given to a scanner.
+    pub fn vm_over(self: &Arc<Self>, region: Region) -> Arc<MemoryVm> {
+        let mut vms = self.vms.lock().unwrap();
+        let id = vms.len() as VmId;
+        let vm = MemoryVm::new(&format!("vm{id}"), vec![region]);
+        let log: Arc<dyn SwapHooks> = Arc::new(RemapLog { id, rec: self.clone() });
+        vm.changes().attach_swapper(Arc::downgrade(&log)).unwrap();
+        vms.push((vm.clone(), log));
+        vm
     }
 
-    fn remapped(&self, vm: u32, host_addr: usize, len: usize) {
-        self.remapped.lock().unwrap().push((vm, host_addr, len));
+    /// A VM over `m`, given to `s`.
+    pub fn add(self: &Arc<Self>, s: &Scanner, m: &GuestMem) -> Arc<MemoryVm> {
+        let vm = self.vm(m);
+        let id = s.add_vm(vm.clone()).unwrap();
+        assert_eq!(self.at(id).name(), vm.name(), "VMs are given to the scanner in creation order");
+        vm
+    }
+
+    /// VM `id`.
+    pub fn at(&self, id: VmId) -> Arc<MemoryVm> {
+        self.vms.lock().unwrap()[id as usize].0.clone()
+    }
+
+    /// Runs `f` as a guest write of VM `id`.
+    pub fn write<R>(&self, id: VmId, f: impl FnOnce() -> R) -> R {
+        self.at(id).write(f)
+    }
+
+    /// Pauses obtained over all VMs.
+    pub fn pauses(&self) -> u64 {
+        self.vms.lock().unwrap().iter().map(|(vm, _)| vm.run().pause_stats().0).sum()
     }
 }
 
 /// A scanner with no rate limit, and its recorder.
 pub fn fast_scanner(cfg: impl FnOnce(&mut tps::Config)) -> (Scanner, Arc<Recorder>) {
-    let rec = Arc::new(Recorder::default());
     let mut config = tps::Config { pages_per_sec: 0, ..tps::Config::default() };
     cfg(&mut config);
-    (Scanner::start(config, rec.clone()).unwrap(), rec)
+    (Scanner::start(config).unwrap(), Arc::default())
 }
 
 /// Waits for `n` more full passes (so that every page was seen after the last write).

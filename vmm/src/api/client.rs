@@ -4,7 +4,20 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use super::{Request, Response};
+use serde::Deserialize;
+
+use super::{Reply, Request, Response};
+
+/// A response as it arrives: its result is typed once the request says which
+/// [`Reply`] it is.
+#[derive(Deserialize)]
+struct Received {
+    ok: bool,
+    #[serde(default)]
+    result: Option<serde_json::Value>,
+    #[serde(default)]
+    error: Option<String>,
+}
 
 /// Sends `req` to the socket at `path` and returns the response.
 pub fn send(path: &Path, req: &Request) -> Result<Response, String> {
@@ -15,5 +28,8 @@ pub fn send(path: &Path, req: &Request) -> Result<Response, String> {
     writeln!(stream, "{text}").map_err(|e| format!("sending the request: {e}"))?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).map_err(|e| format!("reading the response: {e}"))?;
-    serde_json::from_str(&line).map_err(|e| format!("bad response {line:?}: {e}"))
+    let bad = |e: serde_json::Error| format!("bad response {line:?}: {e}");
+    let received: Received = serde_json::from_str(&line).map_err(bad)?;
+    let result = received.result.map(|r| Reply::decode(req, r)).transpose().map_err(bad)?;
+    Ok(Response { ok: received.ok, result, error: received.error })
 }

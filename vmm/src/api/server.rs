@@ -8,6 +8,7 @@
 //! by a disconnect is not executed. Nothing a client does stops the server or the
 //! VMM, or keeps other clients from being served.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,15 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-
 use super::listener::{self, Limits, Line, LineReader, ListenError};
-use super::{Request, Response};
+use super::{BalloonTarget, CommandResult, ConsoleLine, Reply, Request, Response, SwapStatsResult};
 use crate::config::parse_size;
 use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
-use crate::devices::virtio::balloon::Balloon;
-use crate::reclaim::sharing::{self, PageSharing};
+use crate::devices::virtio::balloon::{Balloon, TargetMode};
+use crate::reclaim::policy::PolicyCounters;
+use crate::reclaim::sharing::PageSharing;
 use crate::vm::VmShared;
 
 /// How long `balloon_stats` waits for the guest to answer with fresh statistics.
@@ -38,11 +38,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `path` (mode 0600) for requests about `vms` and their page sharing.
-    /// A stale socket left by a dead process is replaced; a live one, or a file
-    /// that is not a socket, is an error.
-    pub fn start(path: &Path, vms: Vec<Arc<VmShared>>, tps: Option<Arc<PageSharing>>) -> Result<Server, ListenError> {
-        Server::with_limits(path, Targets { vms, tps }, Limits::default())
+    /// Listens on `path` (mode 0600) for requests about `vms`, their page sharing
+    /// and their free-memory policy. A stale socket left by a dead process is
+    /// replaced; a live one, or a file that is not a socket, is an error.
+    pub fn start(
+        path: &Path,
+        vms: Vec<Arc<VmShared>>,
+        tps: Option<Arc<PageSharing>>,
+        policy: Option<PolicyCounters>,
+    ) -> Result<Server, ListenError> {
+        Server::with_limits(path, Targets { vms, tps, policy }, Limits::default())
     }
 
     /// Like [`Server::start`], with explicit client limits.
@@ -89,6 +94,8 @@ pub struct Targets {
     pub vms: Vec<Arc<VmShared>>,
     /// Page sharing, if on.
     pub tps: Option<Arc<PageSharing>>,
+    /// The free-memory policy's counters, if it runs.
+    pub policy: Option<PolicyCounters>,
 }
 
 /// Counts a connection while its thread runs.
@@ -192,12 +199,11 @@ fn select<'a>(vms: &'a [Arc<VmShared>], name: Option<&str>) -> Result<Vec<&'a Ar
     }
 }
 
-fn per_vm(vms: &[&Arc<VmShared>], f: impl Fn(&VmShared) -> Result<Value, String>) -> Result<Value, String> {
-    let mut out = serde_json::Map::new();
-    for vm in vms {
-        out.insert(vm.name.clone(), f(vm)?);
-    }
-    Ok(Value::Object(out))
+fn per_vm<T>(
+    vms: &[&Arc<VmShared>],
+    f: impl Fn(&VmShared) -> Result<T, String>,
+) -> Result<BTreeMap<String, T>, String> {
+    vms.iter().map(|vm| Ok((vm.name.clone(), f(vm)?))).collect()
 }
 
 /// Asks the guest for fresh statistics and waits up to [`FRESH_STATS_WAIT`] for
@@ -206,9 +212,8 @@ fn per_vm(vms: &[&Arc<VmShared>], f: impl Fn(&VmShared) -> Result<Value, String>
 fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
     let before = dev.lock().unwrap().snapshot().stats_updates;
     let mut asked = false;
-    if v.run.device_enter() {
+    if let Some(_busy) = v.run.device_guard() {
         asked = dev.lock().unwrap().request_stats();
-        v.run.device_exit();
         v.run.wake();
     }
     let deadline = Instant::now() + FRESH_STATS_WAIT;
@@ -221,11 +226,11 @@ fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
     }
 }
 
-fn run(req: Request, targets: &Targets) -> Result<Value, String> {
+fn run(req: Request, targets: &Targets) -> Result<Reply, String> {
     let vms = &targets.vms[..];
     let tps = || targets.tps.as_ref().ok_or("page sharing is off (start vmm run with --tps on)");
     match req {
-        Request::Vms => Ok(json!(vms.iter().map(|v| &v.name).collect::<Vec<_>>())),
+        Request::Vms => Ok(Reply::Vms(vms.iter().map(|v| v.name.clone()).collect())),
         Request::BalloonSet { size, vm } => {
             let bytes = parse_size(&size)?;
             let targets = select(vms, vm.as_deref())?;
@@ -240,40 +245,51 @@ fn run(req: Request, targets: &Targets) -> Result<Value, String> {
                 let dev = v.balloon.as_ref().expect("checked above");
                 dev.lock().unwrap().set_target(bytes)?;
                 v.run.wake();
-                Ok(json!({ "target_bytes": bytes }))
+                Ok(BalloonTarget { target_bytes: bytes, target_mode: TargetMode::Pinned })
             })
+            .map(Reply::BalloonSet)
+        }
+        Request::BalloonAuto { vm } => {
+            let targets = select(vms, vm.as_deref())?;
+            if let Some(v) = targets.iter().find(|v| v.balloon.is_none()) {
+                return Err(format!("vm {} has no balloon device", v.name));
+            }
+            let set = per_vm(&targets, |v| {
+                let mut dev = v.balloon.as_ref().expect("checked above").lock().unwrap();
+                dev.release_target();
+                let s = dev.snapshot();
+                Ok(BalloonTarget { target_bytes: s.target_pages * guest_abi::PAGE_SIZE, target_mode: s.target_mode })
+            })?;
+            Ok(Reply::BalloonAuto(set))
         }
         Request::BalloonStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| {
             let dev = v.balloon.as_ref().ok_or_else(|| format!("vm {} has no balloon device", v.name))?;
-            serde_json::to_value(fresh_balloon_stats(v, dev)).map_err(|e| e.to_string())
-        }),
-        Request::VmStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.stats())),
+            Ok(fresh_balloon_stats(v, dev))
+        })
+        .map(Reply::BalloonStats),
+        Request::VmStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.stats())).map(Reply::VmStats),
         Request::Command { vm, workload, timeout_s } => {
             let target = select(vms, Some(&vm))?[0];
             let timeout =
                 Duration::try_from_secs_f64(timeout_s.unwrap_or(60.0)).map_err(|e| format!("bad timeout: {e}"))?;
             let out = target.run_command(&workload, timeout)?;
-            let lines: Vec<Value> = out
-                .lines
-                .iter()
-                .map(|l| serde_json::from_str(l).unwrap_or_else(|_| Value::String(l.clone())))
-                .collect();
-            Ok(json!({ "status": out.status, "lines": lines }))
+            let lines = out.lines.iter().map(|l| ConsoleLine::parse(l)).collect();
+            Ok(Reply::Command(CommandResult { status: out.status, lines }))
         }
-        Request::TpsStats => Ok(sharing::stats_json(&tps()?.stats())),
-        Request::TpsSet { options } => {
-            let config = tps()?.set_options(&options)?;
-            serde_json::to_value(config).map_err(|e| e.to_string())
-        }
+        Request::TpsStats => Ok(Reply::TpsStats(tps()?.stats().into())),
+        Request::TpsSet { options } => Ok(Reply::TpsSet(tps()?.set_options(&options)?)),
         Request::SwapOut { size, vm } => {
             let bytes = parse_size(&size)?;
-            crate::reclaim::swap::swap_out(select(vms, Some(&vm))?[0], bytes)
+            crate::reclaim::swap::swap_out(select(vms, Some(&vm))?[0], bytes).map(Reply::SwapOut)
         }
         Request::SwapStats { vm } => {
-            let targets = select(vms, vm.as_deref())?;
-            let policy = targets.iter().find_map(|v| v.swap.policy_stats());
-            let per = per_vm(&targets, |v| Ok(json!(v.swap.stats())))?;
-            Ok(json!({ "policy": policy, "vms": per }))
+            let vms = per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.swap.stats()))?;
+            Ok(Reply::SwapStats(SwapStatsResult { vms }))
+        }
+        Request::PolicyStats => {
+            let policy =
+                targets.policy.as_ref().ok_or("the free-memory policy is off (start vmm run with --policy on)")?;
+            Ok(Reply::PolicyStats(policy.get()))
         }
     }
 }

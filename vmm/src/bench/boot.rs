@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use guest_abi::workload::Op;
 use serde::Serialize;
 
 use super::{median, print_table};
@@ -113,9 +114,9 @@ fn measure(b: &BootBench, pages: HostPages) -> Result<ModeResult, String> {
         let alloc_us = vm
             .steps
             .iter()
-            .find(|s| s["op"] == "alloc")
-            .and_then(|s| s["us"].as_f64())
-            .ok_or("no alloc step in the guest's output")?;
+            .find(|s| s.op == Op::Alloc)
+            .and_then(|s| s.us)
+            .ok_or("no alloc step in the guest's output")? as f64;
         cols[0].push(vm.first_insn_ms.unwrap_or(f64::NAN));
         cols[1].push(vm.first_output_ms.unwrap_or(f64::NAN));
         cols[2].push(alloc_us / 1e3);
@@ -140,7 +141,8 @@ fn measure(b: &BootBench, pages: HostPages) -> Result<ModeResult, String> {
 /// Time for the host to write every page of `bytes` of fresh anonymous memory.
 fn host_populate_ms(bytes: u64, pages: HostPages) -> f64 {
     let ram = crate::memory::GuestRam::new(bytes.max(crate::memory::MIN_MEM), pages).expect("map benchmark memory");
-    let (_, host, len) = ram.host_ranges()[0];
+    let r = ram.host_regions()[0];
+    let (host, len) = (r.host_addr as u64, r.len as u64);
     let t = Instant::now();
     for off in (0..len.min(bytes)).step_by(4096) {
         // SAFETY: `host + off` lies inside the mapping owned by `ram`.

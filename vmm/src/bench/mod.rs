@@ -15,6 +15,8 @@ pub mod tps;
 
 use std::time::{Duration, Instant};
 
+use guest_abi::workload::Op;
+
 use crate::config::VmConfig;
 use crate::host;
 use crate::vm::Vm;
@@ -56,14 +58,9 @@ pub fn wait_serving(vm: &Vm, limit: Duration) -> Result<(), String> {
 /// no bad page.
 pub fn verify(vm: &Vm, limit: Duration) -> Result<(), String> {
     let out = vm.run_command("verify", limit)?;
-    let bad = out
-        .lines
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["op"] == "verify")
-        .map(|v| v["bad"].as_u64().unwrap_or(u64::MAX));
+    let bad = out.steps().into_iter().find(|s| s.op == Op::Verify).map(|s| s.bad);
     match (out.status, bad) {
-        (0, Some(0)) => Ok(()),
+        (0, Some(Some(0))) => Ok(()),
         _ => Err(format!("vm {}: verify failed: {:?}", vm.name(), out.lines)),
     }
 }

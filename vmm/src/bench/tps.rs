@@ -245,7 +245,7 @@ fn shutdown(vms: Vec<Vm>, sharing: Option<&PageSharing>) {
 fn measure_tps(b: &TpsBench, achievable: f64) -> Result<Outcome, String> {
     let mut vms = boot(b)?;
     // Register the RAM with scanning off, so that "before" precedes every merge.
-    let sharing = PageSharing::start(tps::Config { enabled: false, ..b.tps.clone() }, &vms);
+    let sharing = PageSharing::start(tps::Config { enabled: false, ..b.tps.clone() }, &vms).map_err(|e| e.to_string());
     let sharing = match sharing {
         Ok(s) => s,
         Err(e) => {
@@ -300,9 +300,9 @@ fn converge_ksm(b: &TpsBench, vms: &[Vm], achievable: f64, pages_to_scan: u64) -
     ksm_write("pages_to_scan", &pages_to_scan.to_string())?;
     ksm_write("sleep_millisecs", "20")?;
     for vm in vms {
-        for (_, host, len) in vm.ram().host_ranges() {
+        for r in vm.ram().host_regions() {
             // SAFETY: guest RAM owned by the VM; MADV_MERGEABLE changes no content.
-            if unsafe { libc::madvise(host as *mut libc::c_void, len as usize, libc::MADV_MERGEABLE) } != 0 {
+            if unsafe { libc::madvise(r.host_addr as *mut libc::c_void, r.len, libc::MADV_MERGEABLE) } != 0 {
                 return Err(format!("madvise(MADV_MERGEABLE): {}", std::io::Error::last_os_error()));
             }
         }

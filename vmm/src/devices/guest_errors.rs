@@ -152,8 +152,12 @@ impl GuestErrors {
     }
 
     /// The kinds seen so far and their counts.
-    pub fn by_kind(&self) -> BTreeMap<&'static str, u64> {
-        GuestErrorKind::ALL.iter().map(|&k| (k.name(), self.count(k))).filter(|&(_, n)| n > 0).collect()
+    pub fn by_kind(&self) -> BTreeMap<String, u64> {
+        GuestErrorKind::ALL
+            .iter()
+            .filter(|&&k| self.count(k) > 0)
+            .map(|&k| (k.name().to_string(), self.count(k)))
+            .collect()
     }
 }
 
@@ -207,7 +211,7 @@ pub(crate) mod tests {
         errors.report(GuestErrorKind::Buffer, "one buffer");
         assert_eq!(errors.count(GuestErrorKind::Chain), 100_000);
         assert_eq!(errors.total(), 100_001);
-        assert_eq!(errors.by_kind(), BTreeMap::from([("buffer", 1), ("chain", 100_000)]));
+        assert_eq!(errors.by_kind(), BTreeMap::from([("buffer".to_string(), 1), ("chain".to_string(), 100_000)]));
         assert_eq!(guest_lines("rate-test"), 2, "one line per kind");
         std::thread::sleep(Duration::from_millis(350));
         errors.report(GuestErrorKind::Chain, "after the interval");

@@ -2,145 +2,55 @@
 //! covers the RAM of every VM (`--tps`), which is what lets identical pages of
 //! different VMs be merged.
 //!
-//! The scanner needs three things from the VMM ([`tps::VmControl`]), given here:
-//! - **pause**: the VM's [`RunControl::reclaim_guard`], which parks every vCPU
-//!   outside `KVM_RUN`, waits for the device threads to leave guest memory, and
-//!   keeps the swapper's evictions of that VM out while a batch is merged; pauses
-//!   nest, so a merge batch and an API pause never resume each other's VM early;
-//! - **skip_page**: pages in the balloon (one bit each, read without a lock) and the
-//!   first megabyte (boot information, the control page that the VMM writes without
-//!   pausing the VM, PVM's VIF areas written by the host kernel, page tables);
-//! - **remapped**: the hook where a reclaimer that watches guest RAM through a
-//!   userfaultfd (the swapper) must re-register each new mapping.
+//! The scanner sees each VM through its [`ReclaimView`]: it pauses the VM with its
+//! reclaim guard for each merge batch, leaves its off-limits pages alone, and
+//! attaches itself to the VM's `RamChanges`, so that every discard of guest RAM (the
+//! balloon's) reaches it: on a shared page a bare `MADV_DONTNEED` would bring back
+//! the pool's content, not zeros.
 //!
-//! Freeing guest pages must reset the scanner's view: on a shared page a bare
-//! `MADV_DONTNEED` would bring back the pool's content, not zeros. Every VM's
-//! [`GuestRam::discard`] is therefore routed to [`tps::Scanner::reset_range`].
-//!
-//! Ownership: the scanner holds the VMs' [`RunControl`]s, balloon bitmaps and RAM
-//! (so that RAM stays mapped while registered); a VM's RAM holds the scanner only
-//! weakly, which keeps the two from holding each other alive.
-
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+//! Ownership: the scanner holds the views (and so the RAM, which stays mapped while
+//! registered); a VM's `RamChanges` holds the scanner only weakly, which keeps the
+//! two from holding each other alive.
 
 use guest_abi::PAGE_SIZE;
+use serde::{Deserialize, Serialize};
 
+use super::guest::ReclaimView;
 use crate::config::{parse_duration, parse_size};
-use crate::devices::virtio::balloon::pages::BalloonedPages;
-use crate::memory::{Discarder, GuestRam};
-use crate::run_control::RunControl;
-use crate::vm::{Vm, VmShared};
-
-/// How long a merge batch waits for a VM to settle before skipping it.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// What the scanner knows of one VM; indexed by the VM's number in the process.
-struct Guest {
-    name: String,
-    /// The VM (for its swapper); None in unit tests of bare RAM.
-    vm: Option<Arc<VmShared>>,
-    run: Arc<RunControl>,
-    ballooned: Option<Arc<BalloonedPages>>,
-    /// Keeps the RAM mapped as long as the scanner may touch it.
-    _ram: Arc<GuestRam>,
-    removed: AtomicBool,
-}
-
-/// The VMs, as the scanner sees them. Fixed at start: no lock on any path.
-struct Guests(Vec<Guest>);
-
-impl tps::VmControl for Guests {
-    fn pause(&self, vm: u32) -> Option<Box<dyn std::any::Any>> {
-        let guest = self.0.get(vm as usize)?;
-        match guest.run.reclaim_guard(PAUSE_TIMEOUT) {
-            Some(g) => Some(Box::new(g)),
-            None => {
-                log::debug!("tps: {} did not pause (ending, or busy beyond {PAUSE_TIMEOUT:?})", guest.name);
-                None
-            }
-        }
-    }
-
-    fn skip_page(&self, vm: u32, gpa: u64) -> bool {
-        let Some(guest) = self.0.get(vm as usize) else {
-            return true;
-        };
-        super::off_limits(guest.ballooned.as_deref(), gpa)
-    }
-
-    fn remapped(&self, vm: u32, host_addr: usize, len: usize) {
-        // The range is a new VMA, registered with no userfaultfd: the VM's swapper
-        // (if any) registers it again.
-        if let Some(shared) = self.0.get(vm as usize).and_then(|g| g.vm.as_ref()) {
-            if let Err(e) = crate::reclaim::swap::remapped(shared, host_addr, len) {
-                log::warn!("tps: {e}");
-            }
-        }
-    }
-}
-
-/// Guest RAM discards, routed to the scanner.
-struct ResetThroughScanner(Weak<tps::Scanner>);
-
-impl Discarder for ResetThroughScanner {
-    fn discard(&self, host_addr: usize, len: usize) -> std::io::Result<()> {
-        let scanner = self.0.upgrade().ok_or_else(|| std::io::Error::other("page sharing has been shut down"))?;
-        scanner.reset_range(host_addr, len).map_err(std::io::Error::other)
-    }
-}
+use crate::vm::Vm;
 
 /// Page sharing for the VMs of one host process.
 pub struct PageSharing {
-    scanner: Arc<tps::Scanner>,
-    guests: Arc<Guests>,
+    scanner: tps::Scanner,
+    /// The scanner's number of each VM, in the order given to `start`.
+    ids: Vec<tps::VmId>,
 }
 
 impl PageSharing {
-    /// Starts the scanner over `vms` (VM `i` of the slice is tps VM `i`), created and
-    /// not yet ended; registers their RAM and routes their discards through it.
-    pub fn start(config: tps::Config, vms: &[Vm]) -> Result<PageSharing, String> {
-        let guests = Arc::new(Guests(
-            vms.iter()
-                .map(|vm| Guest {
-                    name: vm.name().to_string(),
-                    vm: Some(vm.shared().clone()),
-                    run: vm.shared().run.clone(),
-                    ballooned: vm.balloon().map(|b| b.lock().unwrap().ballooned().clone()),
-                    _ram: vm.ram().clone(),
-                    removed: AtomicBool::new(false),
-                })
-                .collect(),
-        ));
-        let scanner = Arc::new(tps::Scanner::start(config, guests.clone()).map_err(|e| e.to_string())?);
-        for (i, vm) in vms.iter().enumerate() {
-            for (gpa, host_addr, len) in vm.ram().host_ranges() {
-                let region = tps::Region { vm: i as u32, gpa, host_addr: host_addr as usize, len: len as usize };
-                scanner.add_region(region).map_err(|e| format!("vm {}: {e}", vm.name()))?;
-            }
-            if !vm.ram().set_discarder(Arc::new(ResetThroughScanner(Arc::downgrade(&scanner)))) {
-                return Err(format!("vm {}: its RAM is already covered by page sharing", vm.name()));
-            }
+    /// Starts the scanner over `vms`, created and not yet ended: it covers their RAM
+    /// and receives their discards.
+    pub fn start(config: tps::Config, vms: &[Vm]) -> Result<PageSharing, tps::Error> {
+        let scanner = tps::Scanner::start(config)?;
+        let mut ids = Vec::with_capacity(vms.len());
+        for vm in vms {
+            ids.push(scanner.add_vm(ReclaimView::of(vm.shared()))?);
             if vm.ram().host_pages() == crate::memory::HostPages::Thp {
                 log::warn!("vm {}: page sharing splits the transparent huge pages of its RAM", vm.name());
             }
         }
-        Ok(PageSharing { scanner, guests })
+        Ok(PageSharing { scanner, ids })
     }
 
-    /// VM `index` has ended: its shares are dropped. Call it once its vCPU threads
-    /// have left their loops; later calls do nothing.
+    /// VM `index` (of the slice given to `start`) has ended: its shares are dropped.
+    /// Call it once its vCPU threads have left their loops; later calls do nothing.
     pub fn vm_ended(&self, index: usize) {
-        if let Some(g) = self.guests.0.get(index) {
-            if !g.removed.swap(true, Ordering::AcqRel) {
-                self.scanner.remove_vm(index as u32);
-            }
+        if let Some(&id) = self.ids.get(index) {
+            self.scanner.remove_vm(id);
         }
     }
 
     /// The scanner (for waiting on passes, changing the configuration).
-    pub fn scanner(&self) -> &Arc<tps::Scanner> {
+    pub fn scanner(&self) -> &tps::Scanner {
         &self.scanner
     }
 
@@ -165,13 +75,25 @@ impl PageSharing {
     }
 }
 
-/// The counters as JSON, with the two figures people look for first.
-pub fn stats_json(s: &tps::Stats) -> serde_json::Value {
-    let mut v = serde_json::to_value(s).expect("stats serialise");
-    let obj = v.as_object_mut().expect("an object");
-    obj.insert("saved_mib".into(), (s.bytes_saved as f64 / (1u64 << 20) as f64).into());
-    obj.insert("cpu_ms".into(), (s.cpu_ns as f64 / 1e6).into());
-    v
+/// The scanner's counters as reported (the control API's `tps_stats`, the summary
+/// of `vmm run`), with the two figures people look for first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TpsStats {
+    /// The counters.
+    #[serde(flatten)]
+    pub counters: tps::Stats,
+    /// `bytes_saved` in MiB.
+    pub saved_mib: f64,
+    /// `cpu_ns` in milliseconds.
+    pub cpu_ms: f64,
+}
+
+impl From<tps::Stats> for TpsStats {
+    fn from(counters: tps::Stats) -> TpsStats {
+        let saved_mib = counters.bytes_saved as f64 / (1u64 << 20) as f64;
+        let cpu_ms = counters.cpu_ns as f64 / 1e6;
+        TpsStats { counters, saved_mib, cpu_ms }
+    }
 }
 
 /// Parses `--tps` options on top of `base`: `on`, `off`, `rate=PAGES_PER_S` or
@@ -222,9 +144,14 @@ fn parse_rate(v: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::memory::HostPages;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use pagestate::RunControl;
     use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::memory::{GuestRam, HostPages};
 
     #[test]
     fn options_parse_and_errors_are_one_line() {
@@ -248,29 +175,16 @@ mod tests {
     fn discards_of_shared_pages_read_zero() {
         let rams: Vec<Arc<GuestRam>> =
             (0..2).map(|_| Arc::new(GuestRam::new(32 << 20, HostPages::Small).unwrap())).collect();
-        let guests = Arc::new(Guests(
-            rams.iter()
-                .enumerate()
-                .map(|(i, ram)| Guest {
-                    name: format!("vm{i}"),
-                    vm: None,
-                    run: Arc::new(RunControl::new(1)),
-                    ballooned: None,
-                    _ram: ram.clone(),
-                    removed: AtomicBool::new(false),
-                })
-                .collect(),
-        ));
         let config = tps::Config { pages_per_sec: 0, ..tps::Config::default() };
-        let scanner = Arc::new(tps::Scanner::start(config, guests).unwrap());
+        let scanner = tps::Scanner::start(config).unwrap();
         let page = [0x5au8; 4096];
         let pages = 256u64;
         for (i, ram) in rams.iter().enumerate() {
             for p in 0..pages {
                 ram.mem().write_slice(&page, GuestAddress((1 << 20) + p * PAGE_SIZE)).unwrap();
             }
-            let (gpa, host, len) = ram.host_ranges()[0];
-            scanner.add_region(tps::Region { vm: i as u32, gpa, host_addr: host as usize, len: len as usize }).unwrap();
+            let view = ReclaimView::of_ram(&format!("vm{i}"), ram.clone(), Arc::new(RunControl::new(0)));
+            scanner.add_vm(view).unwrap();
         }
         // Two passes from now: the first may have started before VM 1 was added,
         // and passes over VM 0 alone may have ended while VM 1 was being written.
@@ -279,7 +193,6 @@ mod tests {
         assert!(scanner.stats().pool_mapped_pages >= 2 * pages, "{:?}", scanner.stats());
         // Without the scanner's reset the discarded page would read 0x5a again.
         let (target, other) = (&rams[0], &rams[1]);
-        target.set_discarder(Arc::new(ResetThroughScanner(Arc::downgrade(&scanner))));
         target.discard(1 << 20, pages * PAGE_SIZE).unwrap();
         let mut back = [1u8; 4096];
         for p in 0..pages {

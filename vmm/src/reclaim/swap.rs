@@ -1,82 +1,35 @@
-//! The host swapper of each VM: a [`swapd::Swapper`] per VM, wired to the VM.
-//!
-//! - **Pause** is the VM's [`RunControl`](crate::run_control::RunControl) pause: no
-//!   vCPU in the guest and no device thread at work until the guard drops. Pauses
-//!   nest, so eviction batches, the policy's low-state pause and other reclaim code
-//!   never resume the VM under each other.
-//! - **Skip**: ballooned pages (one bit test in the balloon's ballooned set): their
-//!   host memory is already gone and the guest promised not to use them; and the
-//!   low megabyte, as page sharing does: it holds the control page, which the VMM
-//!   writes without pausing the VM (a command posted between an eviction's copy and
-//!   its discard would be lost), and PVM's VIF areas, which the host kernel writes.
-//! - **Fatal**: a slot that cannot be read or fails its checksum ends the VM with
-//!   [`Ending::Error`]: the guest never receives wrong data.
-//! - **Balloon discards** go through [`GuestRam::discard`](crate::memory::GuestRam::discard),
-//!   whose hook makes the swapper forget those pages first, so a ballooned page that
-//!   was swapped out reads zeros instead of coming back from the file.
-//! - **Remaps**: page sharing replaces mappings of guest RAM; it must call
-//!   [`remapped`] afterwards so the new mappings are registered with the userfaultfd.
+//! The host swapper of each VM: a [`swapd::Swapper`] per VM, over the VM's
+//! [`ReclaimView`]: the swapper pauses the VM with its reclaim guard for each
+//! eviction batch, leaves its off-limits pages alone (the low megabyte holds the
+//! control page, which the VMM writes without pausing the VM: a command posted
+//! between an eviction's copy and its discard would be lost), ends the VM on a slot
+//! that fails its checksum (the guest never receives wrong data), and attaches itself
+//! to the VM's `RamChanges`: a ballooned page that was swapped out is forgotten (it
+//! reads zeros instead of coming back from the file), and a mapping page sharing
+//! replaced is registered again with the userfaultfd.
 //!
 //! The swap file `NAME.vswp` lives in the swap directory from VM creation to the end
 //! of [`Vm::finish`](crate::vm::Vm::finish); stale files of crashed runs are removed
 //! when a run starts. See `docs/swap.md`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
-use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use swapd::{SwapError, SwapStats, Swapper, VictimPolicy};
 
-use swapd::{PolicyConfig, PolicyStats, SwapError, SwapStats, Swapper, VictimPolicy, VmControl};
-
-use super::policy::{PolicyThread, PolicyVm};
-use crate::devices::virtio::balloon::pages::BalloonedPages;
-use crate::vm::{Ending, Vm, VmShared};
+use super::guest::ReclaimView;
+use crate::memory::slots::MemorySlots;
+use crate::vm::{Vm, VmShared};
 
 /// Default swap directory.
 pub const DEFAULT_DIR: &str = "/var/tmp/vmm";
-
-/// How long an eviction batch waits for the VM to pause.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Where the policy learns how much host memory is free.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HostMemChoice {
-    /// The real host: `/proc/meminfo` (default).
-    Host,
-    /// The memory cgroup this process runs in.
-    Cgroup,
-    /// A budget in bytes: free = budget - guest RAM resident for every VM.
-    Budget(u64),
-}
-
-impl HostMemChoice {
-    /// Parses `host`, `cgroup` or a size (`2G`).
-    pub fn parse(text: &str) -> Result<HostMemChoice, String> {
-        match text {
-            "host" => Ok(HostMemChoice::Host),
-            "cgroup" => Ok(HostMemChoice::Cgroup),
-            size => match crate::config::parse_size(size) {
-                Ok(0) => Err("--host-mem must be more than 0".into()),
-                Ok(b) => Ok(HostMemChoice::Budget(b)),
-                Err(e) => Err(format!("--host-mem: {e} (or host, cgroup)")),
-            },
-        }
-    }
-}
 
 /// Swapping options of a run (`vmm run --swap ...`).
 #[derive(Clone, Debug)]
 pub struct SwapOptions {
     /// Directory of the swap files.
     pub dir: PathBuf,
-    /// Host memory source of the policy.
-    pub host_mem: HostMemChoice,
-    /// Policy period.
-    pub tick: Duration,
-    /// Thresholds and amounts of the policy.
-    pub policy: PolicyConfig,
     /// Victim choice of every swapper.
     pub victims: VictimPolicy,
 }
@@ -84,13 +37,7 @@ pub struct SwapOptions {
 impl SwapOptions {
     /// Defaults with swap files in `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> SwapOptions {
-        SwapOptions {
-            dir: dir.into(),
-            host_mem: HostMemChoice::Host,
-            tick: Duration::from_millis(100),
-            policy: PolicyConfig::default(),
-            victims: VictimPolicy::Random,
-        }
+        SwapOptions { dir: dir.into(), victims: VictimPolicy::Random }
     }
 }
 
@@ -98,7 +45,6 @@ impl SwapOptions {
 #[derive(Default)]
 pub struct SwapSlot {
     swapper: RwLock<Option<Arc<Swapper>>>,
-    policy: RwLock<Option<Arc<Mutex<PolicyStats>>>>,
 }
 
 impl SwapSlot {
@@ -112,15 +58,6 @@ impl SwapSlot {
         self.get().map(|s| s.stats())
     }
 
-    /// The process's free-memory policy counters, if a policy runs.
-    pub fn policy_stats(&self) -> Option<PolicyStats> {
-        self.policy.read().unwrap_or_else(|p| p.into_inner()).as_ref().map(|p| p.lock().unwrap().clone())
-    }
-
-    pub(crate) fn set_policy(&self, stats: Arc<Mutex<PolicyStats>>) {
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Some(stats);
-    }
-
     /// Drops the swapper (its file is removed once no request still holds it) and
     /// returns its final counters. Call when the VM's vCPUs are out for good.
     pub fn close(&self) -> Option<SwapStats> {
@@ -129,68 +66,25 @@ impl SwapSlot {
     }
 }
 
-/// What the swapper of one VM needs from it. Holds the VM weakly: the VM owns its
-/// swapper, not the other way round.
-struct VmHooks {
-    vm: Weak<VmShared>,
-    run: Arc<crate::run_control::RunControl>,
-    ballooned: Option<Arc<BalloonedPages>>,
-}
-
-impl VmControl for VmHooks {
-    fn pause(&self) -> Option<Box<dyn std::any::Any>> {
-        self.run.reclaim_guard(PAUSE_TIMEOUT).map(|g| Box::new(g) as Box<dyn std::any::Any>)
-    }
-
-    fn skip_page(&self, gpa: u64) -> bool {
-        super::off_limits(self.ballooned.as_deref(), gpa)
-    }
-
-    fn fatal(&self, error: String) {
-        if let Some(vm) = self.vm.upgrade() {
-            vm.end(Ending::Error(format!("host swap: {error}")));
-        }
-    }
-}
-
 /// KVM's dirty log of one VM's memory slots, for idle-aware victim choice: once
 /// per policy period the bitmaps (which `KVM_GET_DIRTY_LOG` clears) go to the
 /// swapper's `note_dirty`, which ages the pages not written since.
-///
-/// Logging makes the first write to each page in a period fault into KVM (a write
-/// protection fault, handled in the kernel), which is its cost to the guest.
 pub struct DirtyLog {
-    fd: Arc<VmFd>,
-    /// (KVM slot, guest-physical address, length) of each slot.
-    slots: Vec<(u32, u64, u64)>,
+    slots: Arc<MemorySlots>,
 }
 
 impl DirtyLog {
     /// Turns dirty logging on for every memory slot of `vm`.
     pub fn enable(vm: &Vm) -> Result<DirtyLog, String> {
-        let mut slots = Vec::new();
-        for (slot, (gpa, host, len)) in vm.ram().host_ranges().into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: KVM_MEM_LOG_DIRTY_PAGES,
-                guest_phys_addr: gpa,
-                memory_size: len,
-                userspace_addr: host,
-            };
-            // SAFETY: the same slot, addresses and length as Vm::create registered
-            // (guest RAM that lives as long as the VM fd); only the flags change.
-            unsafe { vm.vm_fd().set_user_memory_region(region) }
-                .map_err(|e| format!("vm {}: dirty logging on slot {slot}: {e}", vm.name()))?;
-            slots.push((slot as u32, gpa, len));
-        }
-        Ok(DirtyLog { fd: vm.vm_fd().clone(), slots })
+        let slots = vm.memory_slots().clone();
+        slots.enable_dirty_log().map_err(|e| format!("vm {}: {e}", vm.name()))?;
+        Ok(DirtyLog { slots })
     }
 
     /// Reads (and clears) every slot's dirty bitmap into `sw`.
     pub fn feed(&self, sw: &Swapper) -> Result<(), String> {
-        for &(slot, gpa, len) in &self.slots {
-            let bitmap = self.fd.get_dirty_log(slot, len as usize).map_err(|e| format!("KVM_GET_DIRTY_LOG: {e}"))?;
-            sw.note_dirty(&bitmap, gpa);
+        for slot in self.slots.dirty_log().map_err(|e| e.to_string())? {
+            sw.note_dirty(&slot.bitmap, slot.gpa);
         }
         Ok(())
     }
@@ -206,67 +100,41 @@ pub fn prepare_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Gives `vm` a swapper: creates `DIR/NAME.vswp` and the fault thread, and makes
-/// balloon discards forget swapped copies.
+/// Gives `vm` a swapper: creates `DIR/NAME.vswp` and the fault thread; from now on
+/// the VM's discards and remaps reach it.
 pub fn attach(vm: &Arc<VmShared>, opts: &SwapOptions) -> Result<(), String> {
-    let regions = vm
-        .ram
-        .host_ranges()
-        .into_iter()
-        .map(|(gpa, host, len)| swapd::Region { gpa, host_addr: host as usize, len: len as usize })
-        .collect();
-    let hooks = VmHooks {
-        vm: Arc::downgrade(vm),
-        run: vm.run.clone(),
-        ballooned: vm.balloon.as_ref().map(|b| b.lock().unwrap().ballooned().clone()),
-    };
     let mut cfg = swapd::Config::new(&opts.dir);
     cfg.victims = opts.victims;
     cfg.seed = crate::vm::random_seed();
-    let swapper = Arc::new(
-        Swapper::with_config(&vm.name, regions, Arc::new(hooks), cfg).map_err(|e| format!("vm {}: {e}", vm.name))?,
-    );
-    let weak = Arc::downgrade(&swapper);
-    vm.ram.on_discard(Arc::new(move |gpa, len| {
-        if let Some(sw) = weak.upgrade() {
-            sw.forget(gpa, len);
-        }
-    }));
+    let swapper = Arc::new(Swapper::new(ReclaimView::of(vm), cfg).map_err(|e| format!("vm {}: {e}", vm.name))?);
     *vm.swap.swapper.write().unwrap_or_else(|p| p.into_inner()) = Some(swapper);
     Ok(())
 }
 
-/// Turns swapping on for a run: prepares the directory, attaches a swapper to
-/// every VM (before any starts) and starts the free-memory policy over them.
-pub fn start(vms: &[Vm], opts: &SwapOptions) -> Result<PolicyThread, String> {
+/// Turns swapping on for a run: prepares the directory and attaches a swapper to
+/// every VM (before any starts). The free-memory policy, which decides what to
+/// evict, starts separately ([`super::policy::PolicyThread`]).
+pub fn start(vms: &[Vm], opts: &SwapOptions) -> Result<(), String> {
     prepare_dir(&opts.dir)?;
-    for vm in vms {
-        attach(vm.shared(), opts)?;
-    }
-    let mut members = Vec::new();
-    for vm in vms {
-        let dirty = match opts.victims {
-            VictimPolicy::Idle => Some(DirtyLog::enable(vm)?),
-            VictimPolicy::Random => None,
-        };
-        members.push(PolicyVm { vm: vm.shared().clone(), limit: vm.config().limit, dirty });
-    }
-    PolicyThread::start(members, opts)
+    vms.iter().try_for_each(|vm| attach(vm.shared(), opts))
 }
 
-/// Page sharing calls this after it replaced the mapping of `[host_addr, host_addr +
-/// len)` of `vm`'s guest RAM: the new mapping is registered with the VM's
-/// userfaultfd, so pages evicted from it later fault back in. A no-op without a
-/// swapper.
-pub fn remapped(vm: &VmShared, host_addr: usize, len: usize) -> Result<(), String> {
-    match vm.swap.get() {
-        Some(sw) => sw.reregister(host_addr, len).map_err(|e| format!("vm {}: {e}", vm.name)),
-        None => Ok(()),
-    }
+/// What an eviction asked for through the control API (`swap_out`) did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapOutResult {
+    /// Pages asked for.
+    pub asked_pages: u64,
+    /// Pages taken out of guest memory (written to the swap file, or zero pages
+    /// dropped).
+    pub reclaimed_pages: u64,
+    /// Why eviction stopped early, if it did.
+    pub error: Option<String>,
+    /// Pages of the VM in its swap file now.
+    pub swapped_pages: u64,
 }
 
 /// Evicts up to `bytes` of `vm`'s memory now (`vmm ctl swap out`); returns what it did.
-pub fn swap_out(vm: &VmShared, bytes: u64) -> Result<serde_json::Value, String> {
+pub fn swap_out(vm: &VmShared, bytes: u64) -> Result<SwapOutResult, String> {
     let sw = vm.swap.get().ok_or_else(|| format!("vm {} has no swapper (run with --swap)", vm.name))?;
     // An explicit request retries an eviction stopped by an earlier write error.
     sw.resume_eviction();
@@ -274,28 +142,13 @@ pub fn swap_out(vm: &VmShared, bytes: u64) -> Result<serde_json::Value, String> 
     let (reclaimed, error) = match sw.swap_out(pages) {
         Ok(n) => (n, None),
         Err(e @ SwapError::Write { reclaimed, .. }) => (reclaimed, Some(e.to_string())),
-        Err(e @ SwapError::Stopped { .. }) => (0, Some(e.to_string())),
+        Err(e @ (SwapError::Stopped { .. } | SwapError::PauseTimedOut { .. })) => (0, Some(e.to_string())),
         Err(e) => return Err(format!("vm {}: {e}", vm.name)),
     };
-    let stats = sw.stats();
-    Ok(serde_json::json!({
-        "asked_pages": pages,
-        "reclaimed_pages": reclaimed,
-        "error": error,
-        "swapped_pages": stats.slots_used,
-    }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_mem_choices() {
-        assert_eq!(HostMemChoice::parse("host").unwrap(), HostMemChoice::Host);
-        assert_eq!(HostMemChoice::parse("cgroup").unwrap(), HostMemChoice::Cgroup);
-        assert_eq!(HostMemChoice::parse("2G").unwrap(), HostMemChoice::Budget(2 << 30));
-        assert!(HostMemChoice::parse("0").is_err());
-        assert!(HostMemChoice::parse("lots").unwrap_err().contains("cgroup"));
-    }
+    Ok(SwapOutResult {
+        asked_pages: pages as u64,
+        reclaimed_pages: reclaimed as u64,
+        error,
+        swapped_pages: sw.stats().slots_used,
+    })
 }

@@ -176,8 +176,8 @@ impl RingLayout {
     }
 }
 
-/// Checks that no ring of `queues` (index, layout; each already [checked]
-/// (RingLayout::check)) overlaps another one, of the same queue or another.
+/// Checks that no ring of `queues` (index, layout; each already passed
+/// [`RingLayout::check`]) overlaps another one, of the same queue or another.
 pub fn check_disjoint(queues: &[(usize, RingLayout)]) -> Result<(), QueueConfigError> {
     let areas: Vec<(usize, Ring, u64, u64)> =
         queues.iter().flat_map(|&(q, l)| l.areas().map(|(r, a, n)| (q, r, a, a + n))).collect();

@@ -24,11 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pagestate::RunControl;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{VirtioDevice, Work};
-use crate::run_control::RunControl;
 
 /// Longest the worker works without waiting for a notification or resting.
 pub const BUSY_LIMIT: Duration = Duration::from_millis(10);
@@ -66,11 +66,8 @@ impl Worker {
             let mut busy_since: Option<Instant> = None;
             // Runs `f` on the device under the gate; None if the VM is stopping.
             let with_device = |f: &mut dyn FnMut(&mut D)| {
-                if !run.device_enter() {
-                    return None;
-                }
+                let _gate = run.device_guard()?;
                 f(&mut device.lock().unwrap());
-                run.device_exit();
                 Some(())
             };
             loop {

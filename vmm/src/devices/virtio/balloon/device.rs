@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -104,6 +105,19 @@ impl Default for BalloonConfig {
     }
 }
 
+/// Who moves a balloon's target. A target the user sets belongs to the user until
+/// handed back: the free-memory policy must never undo it 100 ms later.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetMode {
+    /// The free-memory policy may move it, when one runs: from boot (the boot
+    /// `size` is where it starts), and again after [`Balloon::release_target`].
+    #[default]
+    Auto,
+    /// Set by the user ([`Balloon::set_target`]): the policy leaves it alone.
+    Pinned,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
     Inflate,
@@ -144,6 +158,7 @@ pub struct Balloon {
     interrupt: Arc<Interrupt>,
     config_generation: Arc<AtomicU32>,
     num_pages: u32,
+    mode: TargetMode,
     actual: u32,
     poison: u32,
     acked: u64,
@@ -179,6 +194,7 @@ impl Balloon {
             interrupt,
             config_generation,
             num_pages,
+            mode: TargetMode::Auto,
             actual: 0,
             poison: 0,
             acked: 0,
@@ -197,16 +213,48 @@ impl Balloon {
         &self.ballooned
     }
 
-    /// Sets the target size in bytes; the guest sees the new `num_pages` and
-    /// inflates or deflates towards it.
+    /// The user's target, in bytes: the guest sees the new `num_pages` and
+    /// inflates or deflates towards it, and the target is pinned (the free-memory
+    /// policy leaves it alone) until [`Balloon::release_target`].
     pub fn set_target(&mut self, bytes: u64) -> Result<(), String> {
         check_size(bytes, self.ram.size())?;
         let pages = bytes / guest_abi::PAGE_SIZE;
-        self.num_pages = pages as u32;
+        self.write_target(pages);
+        self.mode = TargetMode::Pinned;
+        log::info!("{}: balloon target {} ({} pages, pinned)", self.name, crate::config::format_size(bytes), pages);
+        Ok(())
+    }
+
+    /// The free-memory policy's target, in pages (at most the VM's memory): set
+    /// unless the user pinned the target. Returns whether it was set. Checking and
+    /// setting under the device's lock means a user's target set between the
+    /// policy's reading and its writing is never overwritten.
+    pub fn set_auto_target(&mut self, pages: u64) -> bool {
+        if self.mode == TargetMode::Pinned {
+            return false;
+        }
+        let pages = pages.min(self.ram.size() / guest_abi::PAGE_SIZE);
+        if pages != self.num_pages as u64 {
+            self.write_target(pages);
+            log::debug!("{}: balloon target {pages} pages (policy)", self.name);
+        }
+        true
+    }
+
+    /// Hands a pinned target back to the free-memory policy, which moves it from
+    /// where it is at its next tick.
+    pub fn release_target(&mut self) {
+        if self.mode == TargetMode::Pinned {
+            log::info!("{}: balloon target handed back to the policy", self.name);
+        }
+        self.mode = TargetMode::Auto;
+    }
+
+    /// Publishes a new target to the guest (a configuration change interrupt).
+    fn write_target(&mut self, pages: u64) {
+        self.num_pages = pages.min(u32::MAX as u64) as u32;
         self.config_generation.fetch_add(1, Ordering::AcqRel);
         self.interrupt.raise(INT_CONFIG);
-        log::info!("{}: balloon target {} ({} pages)", self.name, crate::config::format_size(bytes), pages);
-        Ok(())
     }
 
     /// Hands the statistics buffer back to the guest so it sends fresh numbers;
@@ -234,6 +282,7 @@ impl Balloon {
     pub fn snapshot(&self) -> BalloonSnapshot {
         BalloonSnapshot {
             target_pages: self.num_pages as u64,
+            target_mode: self.mode,
             actual_pages: self.actual as u64,
             ballooned_pages: self.ballooned.count(),
             guest_errors: self.errors.total(),

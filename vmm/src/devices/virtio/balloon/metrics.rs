@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use super::device::TargetMode;
 
 /// Monotonic counters of one balloon device.
 #[derive(Default)]
@@ -65,10 +67,12 @@ pub fn stat_name(tag: u16) -> Option<&'static str> {
 }
 
 /// A consistent view for reports.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct BalloonSnapshot {
     /// Requested balloon size, pages.
     pub target_pages: u64,
+    /// Whether the user pinned that target or the free-memory policy may move it.
+    pub target_mode: TargetMode,
     /// Size the driver reports (`actual`), pages.
     pub actual_pages: u64,
     /// Pages the host holds as ballooned.
@@ -99,7 +103,7 @@ pub struct BalloonSnapshot {
     /// configuration, register accesses, ...), each counted.
     pub guest_errors: u64,
     /// The same by kind (see [`crate::devices::guest_errors::GuestErrorKind`]).
-    pub guest_error_kinds: BTreeMap<&'static str, u64>,
+    pub guest_error_kinds: BTreeMap<String, u64>,
     /// The driver broke a ring: the device serves nothing until it is reset.
     pub needs_reset: bool,
     /// Features the driver accepted.

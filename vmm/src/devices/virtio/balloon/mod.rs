@@ -17,7 +17,7 @@ pub mod queues;
 #[cfg(test)]
 mod tests;
 
-pub use device::{Balloon, BalloonConfig};
+pub use device::{Balloon, BalloonConfig, TargetMode};
 
 /// virtio device ID of the balloon.
 pub const DEVICE_ID: u32 = 5;

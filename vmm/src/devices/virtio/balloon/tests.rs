@@ -9,7 +9,7 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::device::SLICE_CHAINS;
-use super::{features, BalloonConfig};
+use super::{features, BalloonConfig, TargetMode};
 use crate::devices::bus::BusDevice;
 use crate::devices::guest_errors::tests::{guest_lines, install_capture};
 use crate::devices::guest_errors::GuestErrorKind;
@@ -474,4 +474,27 @@ fn linked_descriptors_cover_one_buffer() {
     h.make_available(0, 5);
     h.serve(0);
     assert_eq!((h.byte(0x1050), h.byte(0x1051)), (0, 0));
+}
+
+#[test]
+fn a_user_target_pins_the_balloon_until_released() {
+    let h = Rig::new(32 * MIB, BalloonConfig::default(), "t/pin");
+    let target = |h: &Rig| {
+        let s = h.dev.lock().unwrap().snapshot();
+        (s.target_pages, s.target_mode)
+    };
+    // From boot the policy may move it; past the VM's memory is capped.
+    assert!(h.dev.lock().unwrap().set_auto_target(100));
+    assert_eq!(target(&h), (100, TargetMode::Auto));
+    assert!(h.dev.lock().unwrap().set_auto_target(u64::MAX));
+    assert_eq!(target(&h).0, 32 * MIB / guest_abi::PAGE_SIZE);
+    // The user's target pins it: the policy's is refused.
+    h.dev.lock().unwrap().set_target(MIB).unwrap();
+    assert!(!h.dev.lock().unwrap().set_auto_target(100));
+    assert_eq!(target(&h), (256, TargetMode::Pinned));
+    // Handed back: the policy moves it from where it is.
+    h.dev.lock().unwrap().release_target();
+    assert_eq!(target(&h), (256, TargetMode::Auto));
+    assert!(h.dev.lock().unwrap().set_auto_target(0));
+    assert_eq!(target(&h), (0, TargetMode::Auto));
 }

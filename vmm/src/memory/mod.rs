@@ -6,13 +6,19 @@
 //! which is the situation the reclaim mechanisms exist for.
 //!
 //! Layout (x86): RAM starts at GPA 0; beyond [`MMIO_HOLE_START`] it continues at
-//! [`MMIO_HOLE_END`], leaving the hole for devices.
+//! [`MMIO_HOLE_END`], leaving the hole for devices. Each region is one KVM memory
+//! slot ([`slots`]).
+//!
+//! Every path that frees guest pages (balloon inflation, free page reporting) goes
+//! through [`GuestRam::discard`], which hands the range to the VM's
+//! [`RamChanges`]: the one ordered path that tells the reclaimers (the swapper
+//! forgets, page sharing frees shared pages correctly).
 
-use std::fmt;
-use std::io::{BufRead, BufReader};
-use std::sync::{Arc, OnceLock, RwLock};
+pub mod slots;
 
 use guest_abi::{MemRegion, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
+use pagestate::residency::smaps_sum;
+use pagestate::{RamChanges, Region};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
@@ -34,22 +40,45 @@ pub enum HostPages {
     Thp,
 }
 
-/// Errors creating guest RAM.
-#[derive(Debug)]
+/// Errors creating or changing guest RAM.
+#[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The size is out of range or not page aligned.
+    #[error("{0}")]
     BadSize(String),
     /// The host refused the mapping.
+    #[error("cannot map guest memory: {0}")]
     Mmap(String),
-}
-
-impl fmt::Display for MemoryError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MemoryError::BadSize(m) => write!(f, "{m}"),
-            MemoryError::Mmap(m) => write!(f, "cannot map guest memory: {m}"),
-        }
-    }
+    /// A range to discard that is not page aligned or not inside one RAM region.
+    #[error("{gpa:#x}+{len:#x} is not a page-aligned range of guest RAM")]
+    BadRange {
+        /// Its guest-physical start.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// Freeing the range failed.
+    #[error("discarding guest RAM {gpa:#x}+{len:#x}: {source}")]
+    Discard {
+        /// Its guest-physical start.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// The host's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM refused a memory slot change.
+    #[error("memory slot {slot}: {what}: {source}")]
+    Slot {
+        /// The slot.
+        slot: u32,
+        /// What was asked of KVM.
+        what: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// Checks a requested guest RAM size.
@@ -86,31 +115,19 @@ pub fn layout(bytes: u64) -> Vec<MemRegion> {
     }
 }
 
-/// Frees host pages of guest RAM when a plain `MADV_DONTNEED` is not enough: with
-/// page sharing on, a shared page is a mapping of the sharing pool, where DONTNEED
-/// brings the pool's content back instead of zeros.
-pub trait Discarder: Send + Sync {
-    /// Makes `[host_addr, host_addr + len)` read zeros and frees its host memory.
-    fn discard(&self, host_addr: usize, len: usize) -> std::io::Result<()>;
-}
-
 /// A VM's RAM: the vm-memory view used to read and write it, plus the facts the
-/// reclaim code needs (host ranges, page size policy).
+/// reclaim code needs (host regions, page size policy, the discard path).
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     regions: Vec<MemRegion>,
+    /// Where each region is mapped in this process.
+    host_regions: Vec<Region>,
     host_pages: HostPages,
-    /// Set once page sharing covers this RAM: every discard goes through it.
-    discarder: OnceLock<Arc<dyn Discarder>>,
     /// `PROT_NONE` pages just below each region (see [`guard_below`]).
     guards: Vec<usize>,
-    /// Told of every discard first (see [`DiscardHook`]).
-    discard_hooks: RwLock<Vec<DiscardHook>>,
+    /// Who hears of discards and remaps of this RAM, in order.
+    changes: RamChanges,
 }
-
-/// Told `(gpa, len)` before [`GuestRam::discard`] drops a range (the swapper forgets
-/// its copies of those pages, so they are not faulted back from its file).
-pub type DiscardHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 impl GuestRam {
     /// Maps `bytes` of guest RAM (anonymous, private, not reserved).
@@ -141,14 +158,14 @@ impl GuestRam {
                 })?);
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        Ok(GuestRam {
-            mem,
-            regions,
-            host_pages,
-            discarder: OnceLock::new(),
-            guards,
-            discard_hooks: RwLock::new(Vec::new()),
-        })
+        let host_regions = mem
+            .iter()
+            .map(|r| {
+                let host = mem.get_host_address(r.start_addr()).expect("region start is mapped");
+                Region { gpa: r.start_addr().0, host_addr: host as usize, len: r.len() as usize }
+            })
+            .collect();
+        Ok(GuestRam { mem, regions, host_regions, host_pages, guards, changes: RamChanges::default() })
     }
 
     /// The vm-memory view of guest RAM.
@@ -171,16 +188,15 @@ impl GuestRam {
         self.host_pages
     }
 
-    /// `(guest address, host address, length)` of every region, for KVM memory slots
-    /// and host-side page operations.
-    pub fn host_ranges(&self) -> Vec<(u64, u64, u64)> {
-        self.mem
-            .iter()
-            .map(|r| {
-                let host = self.mem.get_host_address(r.start_addr()).expect("region start is mapped");
-                (r.start_addr().0, host as u64, r.len())
-            })
-            .collect()
+    /// Every region with where it is mapped in this process, for KVM memory slots and
+    /// host-side page operations.
+    pub fn host_regions(&self) -> &[Region] {
+        &self.host_regions
+    }
+
+    /// The path by which discards and remaps of this RAM reach the reclaimers.
+    pub fn changes(&self) -> &RamChanges {
+        &self.changes
     }
 
     /// True if `[gpa, gpa + len)` lies inside one RAM region.
@@ -188,40 +204,20 @@ impl GuestRam {
         gpa.checked_add(len).is_some_and(|end| self.regions.iter().any(|r| gpa >= r.base && end <= r.base + r.size))
     }
 
-    /// Routes every later [`GuestRam::discard`] through `discarder`; false if one
-    /// was already set.
-    pub fn set_discarder(&self, discarder: Arc<dyn Discarder>) -> bool {
-        self.discarder.set(discarder).is_ok()
-    }
-
-    /// Calls `hook` before every later [`GuestRam::discard`].
-    pub fn on_discard(&self, hook: DiscardHook) {
-        self.discard_hooks.write().unwrap_or_else(|p| p.into_inner()).push(hook);
-    }
-
     /// Frees the host memory behind `[gpa, gpa + len)` (page aligned, inside one
     /// region): the guest reads zeros there next time. Every path that frees guest
-    /// pages (balloon inflation, free page reporting) comes here.
-    pub fn discard(&self, gpa: u64, len: u64) -> std::io::Result<()> {
-        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || !self.contains(gpa, len) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{gpa:#x}+{len:#x} is not a page-aligned range of guest RAM"),
-            ));
+    /// pages (balloon inflation, free page reporting) comes here; the range goes on
+    /// through [`RamChanges::discard`], which tells the reclaimers in order.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 || !self.contains(gpa, len) {
+            return Err(MemoryError::BadRange { gpa, len });
         }
-        let host = self.mem.get_host_address(GuestAddress(gpa)).map_err(std::io::Error::other)?;
-        for hook in self.discard_hooks.read().unwrap_or_else(|p| p.into_inner()).iter() {
-            hook(gpa, len);
-        }
-        if let Some(d) = self.discarder.get() {
-            return d.discard(host as usize, len as usize);
-        }
-        // SAFETY: the range lies inside one mapping of guest RAM owned by `self`;
-        // dropping its pages is what the caller asks for.
-        if unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+        let host = self.mem.get_host_address(GuestAddress(gpa)).map_err(|_| MemoryError::BadRange { gpa, len })?;
+        self.changes.discard(gpa, host as usize, len as usize).map_err(|source| MemoryError::Discard {
+            gpa,
+            len,
+            source,
+        })
     }
 
     /// Bytes of guest RAM resident in host memory: the proportional set size (`Pss`
@@ -241,8 +237,8 @@ impl GuestRam {
     }
 
     fn smaps(&self, field: &str) -> u64 {
-        let ranges: Vec<(u64, u64)> = self.host_ranges().iter().map(|&(_, h, l)| (h, h + l)).collect();
-        smaps_sum(field, |start, end| ranges.iter().any(|&(s, e)| start >= s && end <= e)).unwrap_or(0)
+        let inside = |start: usize, end: usize| self.host_regions.iter().any(|r| r.contains_host(start, end - start));
+        smaps_sum(field, inside).unwrap_or(0)
     }
 }
 
@@ -273,47 +269,6 @@ fn guard_below(start: usize) -> Option<usize> {
         )
     };
     (p as usize == at).then_some(at)
-}
-
-/// Sums the `field` (e.g. `Rss:`, `Pss:`) of the mappings of this process selected
-/// by `select(start, end)`.
-pub fn smaps_sum(field: &str, select: impl Fn(u64, u64) -> bool) -> std::io::Result<u64> {
-    let file = std::fs::File::open("/proc/self/smaps")?;
-    let mut total = 0u64;
-    let mut selected = false;
-    for line in BufReader::new(file).lines() {
-        let line = line?;
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((s, e)) = range.split_once('-') {
-                if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
-                    selected = select(s, e);
-                    continue;
-                }
-            }
-        }
-        if selected {
-            if let Some(kb) = line.strip_prefix(field) {
-                total += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
-            }
-        }
-    }
-    Ok(total)
-}
-
-/// Resident memory of the whole process in bytes: `Pss` of `/proc/self/smaps_rollup`,
-/// which counts a page shared by several mappings once, like
-/// [`GuestRam::resident_bytes`] (`VmRSS` would count shared guest pages once per
-/// mapping).
-pub fn process_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/smaps_rollup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Pss:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -352,15 +307,29 @@ mod tests {
         assert!(ram.contains(0, 32 << 20) && !ram.contains(u64::MAX, 2));
     }
 
+    /// Stands for a swapper: records the ranges it is told to forget.
+    #[derive(Default)]
+    struct Forgets(std::sync::Mutex<Vec<(u64, u64)>>);
+
+    impl pagestate::SwapHooks for Forgets {
+        fn forget(&self, gpa: u64, len: u64) {
+            self.0.lock().unwrap().push((gpa, len));
+        }
+        fn remapped(&self, _host_addr: usize, _len: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
-    fn discard_hooks_see_each_valid_range() {
+    fn each_valid_discard_reaches_the_reclaimers() {
         let ram = GuestRam::new(32 << 20, HostPages::Small).unwrap();
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let s2 = seen.clone();
-        ram.on_discard(Arc::new(move |gpa, len| s2.lock().unwrap().push((gpa, len))));
+        let seen = std::sync::Arc::new(Forgets::default());
+        let hooks: std::sync::Arc<dyn pagestate::SwapHooks> = seen.clone();
+        ram.changes().attach_swapper(std::sync::Arc::downgrade(&hooks)).unwrap();
         ram.discard(PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
         assert!(ram.discard(1, PAGE_SIZE).is_err());
-        assert_eq!(*seen.lock().unwrap(), vec![(PAGE_SIZE, 2 * PAGE_SIZE)]);
+        assert!(ram.discard(PAGE_SIZE, 0).is_err());
+        assert_eq!(*seen.0.lock().unwrap(), vec![(PAGE_SIZE, 2 * PAGE_SIZE)]);
     }
 
     #[test]

@@ -1,23 +1,28 @@
-//! Stopping, pausing and waking a VM's vCPUs from other threads.
+//! The pause: holding every writer of a VM's memory still, so that a reclaimer can
+//! change how a page is backed without losing a write.
 //!
-//! Reclaim code must be able to hold every writer of guest memory: a paused VM has
-//! no vCPU inside `KVM_RUN`. A vCPU is pulled out of the guest by setting its
+//! [`RunControl`] steers a VM's vCPU threads (run, pause, stop, wake) and gates its
+//! device threads. A paused VM has no vCPU inside `KVM_RUN` and no device thread
+//! touching guest memory. A vCPU is pulled out of the guest by setting its
 //! `kvm_run.immediate_exit` and then sending it a signal: the flag covers the window
 //! just before `KVM_RUN` is entered (the signal alone could land before it and be
-//! lost), the signal covers a vCPU already running guest code. The vCPU thread
-//! clears the flag, then reads the requested mode, so no request is missed.
+//! lost), the signal covers a vCPU already running guest code. The vCPU thread clears
+//! the flag, then reads the requested mode, so no request is missed.
 //!
-//! Device threads bracket their work on guest memory with
-//! [`RunControl::device_enter`]/[`RunControl::device_exit`]; a pause also waits for
-//! them, and holds them while it lasts.
+//! Every hold is a guard that ends it when dropped, so a panic or an early return
+//! cannot leave a VM paused or a pause waiting forever:
+//! - [`PauseGuard`] ([`RunControl::pause_guard`]): a plain pause (the policy holding a
+//!   VM in the low state, the control API, tests). Pauses nest: the VM runs again when
+//!   the last guard drops (a count of pausers, not a flag).
+//! - [`ReclaimGuard`] ([`RunControl::reclaim_guard`]): a pause that is also exclusive
+//!   among reclaimers, for page sharing's merges and the swapper's evictions: one never
+//!   works on pages another is halfway through.
+//! - [`DeviceGuard`] ([`RunControl::device_guard`]): a device thread at work on guest
+//!   memory; a pause waits for it and holds new ones off.
+//! - [`VcpuSlot`] ([`RunControl::register_vcpu`]): a vCPU thread in its run loop.
 //!
 //! Halted vCPUs (`hlt` exits, no interrupt controller) sleep on the same condition
 //! variable and are woken by any mode change or an explicit [`RunControl::wake`].
-//!
-//! Pauses nest: page sharing, the swapper and the control API may each pause a VM
-//! at the same time, and the VM runs again only when the last of them resumes it
-//! (a count of pausers, not a flag, so that no pauser resumes a VM another one still
-//! needs held). [`RunControl::pause_guard`] pairs the two calls.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
@@ -63,6 +68,9 @@ struct State {
     pausers: u32,
     /// A reclaimer holds [`RunControl::reclaim_guard`].
     reclaiming: bool,
+    /// Pauses obtained so far, and how long the vCPUs took to leave the guest.
+    pauses: u64,
+    pause_wait_ns: u64,
 }
 
 /// Mode and wake-up state shared by a VM's vCPU threads and everyone steering them.
@@ -90,27 +98,30 @@ impl RunControl {
                 devices_busy: 0,
                 pausers: 0,
                 reclaiming: false,
+                pauses: 0,
+                pause_wait_ns: 0,
             }),
             changed: Condvar::new(),
         }
     }
 
-    /// Called by vCPU thread `cpu` before its loop; `immediate_exit` points into its
-    /// `kvm_run` mapping, which outlives the registration.
-    pub fn register(&self, cpu: u32, immediate_exit: *mut u8) {
+    /// Registers the calling thread as vCPU `cpu`, before its run loop; the returned
+    /// slot unregisters it when dropped (when the thread leaves its loop). While
+    /// registered, pauses and stops kick this thread out of `KVM_RUN` by writing
+    /// `*immediate_exit` and signalling the thread.
+    ///
+    /// # Safety
+    /// `immediate_exit` must point to the `immediate_exit` byte of this vCPU's
+    /// `kvm_run` mapping (or to any byte that stays valid and that only this
+    /// `RunControl` writes concurrently), and stay valid until the returned slot is
+    /// dropped. The calling thread must not exit before it drops the slot.
+    pub unsafe fn register_vcpu(self: &Arc<Self>, cpu: u32, immediate_exit: *mut u8) -> VcpuSlot {
         let mut s = self.state.lock().unwrap();
         // SAFETY: pthread_self has no preconditions.
-        s.slots[cpu as usize] =
-            Slot { thread: Some(unsafe { libc::pthread_self() }), immediate_exit: immediate_exit as usize };
+        let thread = unsafe { libc::pthread_self() };
+        s.slots[cpu as usize] = Slot { thread: Some(thread), immediate_exit: immediate_exit as usize };
         s.alive += 1;
-    }
-
-    /// Called by vCPU thread `cpu` when it leaves its loop.
-    pub fn unregister(&self, cpu: u32) {
-        let mut s = self.state.lock().unwrap();
-        s.slots[cpu as usize].thread = None;
-        s.alive -= 1;
-        self.changed.notify_all();
+        VcpuSlot { run: self.clone(), cpu }
     }
 
     /// Called by a vCPU thread before each `KVM_RUN`: clears its immediate-exit flag,
@@ -163,14 +174,13 @@ impl RunControl {
     }
 
     /// Pauses the VM: returns once no vCPU is in the guest and no device thread is at
-    /// work, or `None` if it was stopping or did not settle within `timeout`. Every
-    /// `Some` must be paired with one [`RunControl::resume`]; pauses by several
-    /// threads nest.
-    pub fn pause(&self, timeout: Duration) -> Option<Duration> {
+    /// work. Every success must be paired with one [`RunControl::resume`] (the guards
+    /// do it); pauses by several threads nest.
+    fn pause(&self, timeout: Duration) -> Result<Duration, PauseError> {
         let start = Instant::now();
         let mut s = self.state.lock().unwrap();
         if s.mode == Mode::Stopping {
-            return None;
+            return Err(PauseError::Ending);
         }
         s.pausers += 1;
         if s.mode == Mode::Running {
@@ -180,15 +190,26 @@ impl RunControl {
         let (mut s, _) =
             self.changed.wait_timeout_while(s, timeout, |s| s.mode == Mode::Paused && !Self::quiet(s)).unwrap();
         if s.mode == Mode::Paused && Self::quiet(&s) {
-            return Some(start.elapsed());
+            let waited = start.elapsed();
+            s.pauses += 1;
+            s.pause_wait_ns += waited.as_nanos() as u64;
+            return Ok(waited);
         }
+        let stopping = s.mode == Mode::Stopping;
         self.release(&mut s);
-        None
+        if stopping {
+            Err(PauseError::Ending)
+        } else {
+            Err(PauseError::TimedOut { waited: start.elapsed() })
+        }
     }
 
-    /// Pauses like [`RunControl::pause`]; the VM resumes when the guard drops.
-    pub fn pause_guard(self: &Arc<Self>, timeout: Duration) -> Option<PauseGuard> {
-        self.pause(timeout).map(|_| PauseGuard(self.clone()))
+    /// Pauses the VM until the guard drops: returns once no vCPU is in the guest and
+    /// no device thread is at work. Fails if the VM is stopping, or did not settle
+    /// within `timeout` (then nothing is held).
+    pub fn pause_guard(self: &Arc<Self>, timeout: Duration) -> Result<PauseGuard, PauseError> {
+        let waited = self.pause(timeout)?;
+        Ok(PauseGuard { run: self.clone(), waited })
     }
 
     /// Pauses the VM for a reclaimer that changes how guest memory is backed (page
@@ -198,22 +219,26 @@ impl RunControl {
     /// sharing's compare and its remap, or remapped between the swapper's copy and
     /// its discard). Plain pauses (the policy holding a VM, the API) do not exclude
     /// reclaimers. None if the VM is stopping, or if another reclaimer or the VM
-    /// itself did not let go within `timeout`.
-    pub fn reclaim_guard(self: &Arc<Self>, timeout: Duration) -> Option<ReclaimGuard> {
-        let deadline = Instant::now() + timeout;
+    /// itself did not let go within `timeout`; then nothing is held.
+    pub fn reclaim_guard(self: &Arc<Self>, timeout: Duration) -> Result<ReclaimGuard, PauseError> {
+        let start = Instant::now();
         {
             let s = self.state.lock().unwrap();
             let (mut s, _) =
                 self.changed.wait_timeout_while(s, timeout, |s| s.reclaiming && s.mode != Mode::Stopping).unwrap();
-            if s.reclaiming || s.mode == Mode::Stopping {
-                return None;
+            if s.mode == Mode::Stopping {
+                return Err(PauseError::Ending);
+            }
+            if s.reclaiming {
+                return Err(PauseError::TimedOut { waited: start.elapsed() });
             }
             s.reclaiming = true;
         }
         // Dropping the guard unpaused gives the exclusion back.
         let mut guard = ReclaimGuard { run: self.clone(), paused: false };
-        guard.paused = self.pause(deadline.saturating_duration_since(Instant::now())).is_some();
-        guard.paused.then_some(guard)
+        self.pause(timeout.saturating_sub(start.elapsed()))?;
+        guard.paused = true;
+        Ok(guard)
     }
 
     /// No vCPU in the guest and no device thread at work.
@@ -221,29 +246,22 @@ impl RunControl {
         s.parked >= s.alive && s.devices_busy == 0
     }
 
-    /// A device thread is about to touch guest memory: waits while the VM is
-    /// paused; false if the VM is stopping. Pair with [`RunControl::device_exit`].
-    pub fn device_enter(&self) -> bool {
+    /// A device thread is about to touch guest memory: waits while the VM is paused,
+    /// then holds pauses off until the guard drops. None if the VM is stopping.
+    pub fn device_guard(&self) -> Option<DeviceGuard<'_>> {
         let mut s = self.state.lock().unwrap();
         while s.mode == Mode::Paused {
             s = self.changed.wait(s).unwrap();
         }
         if s.mode == Mode::Stopping {
-            return false;
+            return None;
         }
         s.devices_busy += 1;
-        true
-    }
-
-    /// The device thread is done with guest memory for now.
-    pub fn device_exit(&self) {
-        let mut s = self.state.lock().unwrap();
-        s.devices_busy -= 1;
-        self.changed.notify_all();
+        Some(DeviceGuard(self))
     }
 
     /// Ends one pause; the vCPUs run again when no other pause holds the VM.
-    pub fn resume(&self) {
+    fn resume(&self) {
         let mut s = self.state.lock().unwrap();
         self.release(&mut s);
     }
@@ -254,6 +272,13 @@ impl RunControl {
             s.mode = Mode::Running;
             self.changed.notify_all();
         }
+    }
+
+    /// Pauses obtained so far (every kind), and the total time the vCPUs and device
+    /// threads took to let go.
+    pub fn pause_stats(&self) -> (u64, Duration) {
+        let s = self.state.lock().unwrap();
+        (s.pauses, Duration::from_nanos(s.pause_wait_ns))
     }
 
     /// Waits until every vCPU thread has left its loop.
@@ -285,12 +310,64 @@ impl RunControl {
     }
 }
 
+/// Why a pause was not obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PauseError {
+    /// The VM is stopping (or stopped): nothing to hold.
+    #[error("the VM is ending")]
+    Ending,
+    /// Another reclaimer held the VM, or a vCPU or device thread did not let go, for
+    /// the whole timeout. The VM runs on; the caller may try again.
+    #[error("the VM did not pause within {:.1}s (another reclaimer or a busy device held it)", waited.as_secs_f64())]
+    TimedOut {
+        /// How long the caller waited.
+        waited: Duration,
+    },
+}
+
 /// A pause of a VM, ended when dropped (see [`RunControl::pause_guard`]).
-pub struct PauseGuard(Arc<RunControl>);
+pub struct PauseGuard {
+    run: Arc<RunControl>,
+    waited: Duration,
+}
+
+impl PauseGuard {
+    /// How long the pause took to settle (every vCPU out of the guest).
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
 
 impl Drop for PauseGuard {
     fn drop(&mut self) {
-        self.0.resume();
+        self.run.resume();
+    }
+}
+
+/// A device thread at work on guest memory (see [`RunControl::device_guard`]).
+pub struct DeviceGuard<'a>(&'a RunControl);
+
+impl Drop for DeviceGuard<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap();
+        s.devices_busy -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
+/// A vCPU thread registered with its VM's [`RunControl`] (see
+/// [`RunControl::register_vcpu`]); unregistered when dropped.
+pub struct VcpuSlot {
+    run: Arc<RunControl>,
+    cpu: u32,
+}
+
+impl Drop for VcpuSlot {
+    fn drop(&mut self) {
+        let mut s = self.run.state.lock().unwrap();
+        s.slots[self.cpu as usize].thread = None;
+        s.alive -= 1;
+        self.run.changed.notify_all();
     }
 }
 
@@ -321,12 +398,14 @@ mod tests {
     fn vcpu(run: Arc<RunControl>, turns: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             let flag = Box::leak(Box::new(0u8));
-            run.register(0, flag);
+            // SAFETY: a leaked byte stays valid forever; this thread drops the slot
+            // before it ends.
+            let slot = unsafe { run.register_vcpu(0, flag) };
             while run.may_run(0) {
                 turns.fetch_add(1, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_micros(200));
             }
-            run.unregister(0);
+            drop(slot);
         })
     }
 
@@ -357,7 +436,8 @@ mod tests {
         }
         run.stop();
         t.join().unwrap();
-        assert!(run.pause(Duration::from_millis(10)).is_none(), "a stopping VM cannot be paused");
+        assert_eq!(run.pause_guard(Duration::from_millis(10)).err(), Some(PauseError::Ending), "a stopping VM");
+        assert_eq!(run.reclaim_guard(Duration::from_millis(10)).err(), Some(PauseError::Ending));
     }
 
     #[test]
@@ -390,13 +470,29 @@ mod tests {
     #[test]
     fn a_pause_that_does_not_settle_is_withdrawn() {
         let run = Arc::new(RunControl::new(1));
-        assert!(run.device_enter());
-        assert!(run.pause(Duration::from_millis(20)).is_none(), "a busy device thread holds the pause off");
+        let device = run.device_guard().expect("a running VM lets devices in");
+        let refused = run.pause_guard(Duration::from_millis(20));
+        assert!(matches!(refused, Err(PauseError::TimedOut { .. })), "a busy device thread holds the pause off");
         assert_eq!(run.mode(), Mode::Running);
-        run.device_exit();
-        assert!(run.pause(Duration::from_secs(1)).is_some());
-        run.resume();
+        drop(device);
+        let pause = run.pause_guard(Duration::from_secs(1)).expect("pause once the device is done");
+        assert_eq!(run.mode(), Mode::Paused);
+        drop(pause);
         assert_eq!(run.mode(), Mode::Running);
+        run.stop();
+        assert!(run.device_guard().is_none(), "no device work on a stopping VM");
+    }
+
+    #[test]
+    fn a_panic_inside_device_work_releases_the_gate() {
+        let run = Arc::new(RunControl::new(1));
+        let r = run.clone();
+        let worker = std::thread::spawn(move || {
+            let _busy = r.device_guard().expect("running");
+            panic!("device bug");
+        });
+        assert!(worker.join().is_err());
+        assert!(run.pause_guard(Duration::from_secs(1)).is_ok(), "the panicking device thread let go");
     }
 
     #[test]
@@ -404,19 +500,20 @@ mod tests {
         let run = Arc::new(RunControl::new(1));
         let plain = run.pause_guard(Duration::from_secs(1)).expect("plain pause");
         let a = run.reclaim_guard(Duration::from_secs(1)).expect("a reclaimer next to a plain pause");
-        assert!(run.reclaim_guard(Duration::from_millis(20)).is_none(), "a second reclaimer waits");
+        let second = run.reclaim_guard(Duration::from_millis(20));
+        assert!(matches!(second, Err(PauseError::TimedOut { .. })), "a second reclaimer waits");
         let waiter = {
             let run = run.clone();
-            std::thread::spawn(move || run.reclaim_guard(Duration::from_secs(5)).is_some())
+            std::thread::spawn(move || run.reclaim_guard(Duration::from_secs(5)).is_ok())
         };
         std::thread::sleep(Duration::from_millis(20));
         drop(a);
         assert!(waiter.join().unwrap(), "the waiting reclaimer got its turn");
         drop(plain);
         assert_eq!(run.mode(), Mode::Running, "every pause was given back");
-        assert!(run.device_enter());
-        assert!(run.reclaim_guard(Duration::from_millis(20)).is_none(), "a busy device thread holds it off");
-        run.device_exit();
-        assert!(run.reclaim_guard(Duration::from_secs(1)).is_some(), "a failed attempt left nothing held");
+        let device = run.device_guard().expect("running");
+        assert!(run.reclaim_guard(Duration::from_millis(20)).is_err(), "a busy device thread holds it off");
+        drop(device);
+        assert!(run.reclaim_guard(Duration::from_secs(1)).is_ok(), "a failed attempt left nothing held");
     }
 }
