@@ -11,6 +11,10 @@
 //! the guest prints a line with one string `out`, waits with `hlt`, and polls shared
 //! memory instead of taking interrupts.
 //!
+//! It can also be packaged as a bzImage and booted through Linux's boot protocol:
+//! [`linux_boot`] then reads the zero page and the ACPI tables into the same boot
+//! information.
+//!
 //! Modules: [`entry`] (first instructions, stacks), [`boot`] (the BSP's life),
 //! [`smp`] (work split across vCPUs), [`workload`] (the interpreter), [`mm`]
 //! (frames), [`balloon`] (the virtio-balloon driver) over [`virtio`] (virtio-mmio
@@ -26,6 +30,7 @@ mod clock;
 mod console;
 mod control;
 mod entry;
+mod linux_boot;
 mod mm;
 mod panic;
 mod smp;

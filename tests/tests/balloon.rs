@@ -3,12 +3,15 @@
 //! reporting frees what the guest freed, and an allocation that would fail takes
 //! pages back from the balloon. Targets are set through the control API handler,
 //! the code `vmm ctl` reaches (vmm/tests/balloon_ctl.rs drives the binary itself).
+//! Each test runs twice: with the test guest booted through the VMM's own protocol
+//! (`elf::*`) and as a bzImage through the Linux boot protocol, finding its balloon
+//! through ACPI (`bzimage::*`).
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{guest, start, wait_serving};
+use common::{guest, on_both_boot_paths, start, via, wait_serving, Boot, Running};
 use guest_abi::workload::Op;
 use vmm::api::{server, Reply, Request};
 use vmm::console::GuestStep;
@@ -24,15 +27,15 @@ fn snapshot(vm: &Vm) -> BalloonSnapshot {
 }
 
 /// Sends `req` to the control API's handler for `vm`; returns its result.
-fn api(vm: &Vm, req: Request) -> Reply {
+fn api(vm: &Running, req: Request) -> Reply {
     let what = format!("{req:?}");
-    let resp = server::handle(req, &server::Targets { vms: vec![vm.shared().clone()], tps: None, policy: None });
+    let resp = server::handle(req, vm.host().shared());
     assert!(resp.ok, "{what}: {:?}", resp.error);
     resp.result.expect("a result")
 }
 
 /// Sets the balloon target through the control API.
-fn set_target(vm: &Vm, size: &str) {
+fn set_target(vm: &Running, size: &str) {
     api(vm, Request::BalloonSet { size: size.into(), vm: None });
 }
 
@@ -69,12 +72,11 @@ fn no_reporting() -> Option<BalloonConfig> {
     Some(BalloonConfig { free_page_reporting: false, ..BalloonConfig::default() })
 }
 
-#[test]
-fn inflating_frees_host_memory_and_deflating_returns_the_pages() {
+fn inflating_frees_host_memory_and_deflating_returns_the_pages(boot: Boot) {
     // Touch all but ~2 MiB of the guest's free memory, keep 104 MiB of it: the
     // rest is free in the guest but resident on the host, which only the balloon
     // can get back here.
-    let mut c = guest("inflate", 256 * MIB, "alloc 250M unique; free 146M; verify");
+    let mut c = via(boot, guest("inflate", 256 * MIB, "alloc 250M unique; free 146M; verify"));
     c.vcpus = 2;
     c.balloon = no_reporting();
     let vm = start(c);
@@ -115,9 +117,8 @@ fn inflating_frees_host_memory_and_deflating_returns_the_pages() {
     verify_ok(&vm, kept + target);
 }
 
-#[test]
-fn free_page_reporting_frees_what_the_guest_freed() {
-    let vm = start(guest("report", 256 * MIB, "alloc 200M unique; verify"));
+fn free_page_reporting_frees_what_the_guest_freed(boot: Boot) {
+    let vm = start(via(boot, guest("report", 256 * MIB, "alloc 200M unique; verify")));
     wait_serving(&vm);
     let rss_before = vm.ram().resident_bytes();
     assert!(rss_before >= 195 * MIB, "{} MiB resident", rss_before / MIB);
@@ -134,9 +135,8 @@ fn free_page_reporting_frees_what_the_guest_freed() {
     verify_ok(&vm, 200 * MIB / PAGE);
 }
 
-#[test]
-fn an_allocation_beyond_what_is_left_deflates_the_balloon() {
-    let vm = start(guest("oom", 256 * MIB, "alloc 64M unique"));
+fn an_allocation_beyond_what_is_left_deflates_the_balloon(boot: Boot) {
+    let vm = start(via(boot, guest("oom", 256 * MIB, "alloc 64M unique")));
     wait_serving(&vm);
     set_target(&vm, "160M");
     let target = 160 * MIB / PAGE;
@@ -160,9 +160,8 @@ fn an_allocation_beyond_what_is_left_deflates_the_balloon() {
     assert_eq!(stats.get("direct_reclaims"), Some(&(want - free)), "{stats:?}");
 }
 
-#[test]
-fn without_deflate_on_oom_the_balloon_keeps_its_pages() {
-    let mut c = guest("no-oom", 256 * MIB, "alloc 64M unique");
+fn without_deflate_on_oom_the_balloon_keeps_its_pages(boot: Boot) {
+    let mut c = via(boot, guest("no-oom", 256 * MIB, "alloc 64M unique"));
     c.balloon = Some(BalloonConfig { deflate_on_oom: false, ..BalloonConfig::default() });
     let vm = start(c);
     wait_serving(&vm);
@@ -177,12 +176,12 @@ fn without_deflate_on_oom_the_balloon_keeps_its_pages() {
     verify_ok(&vm, 64 * MIB / PAGE);
 }
 
-#[test]
-fn a_busy_guest_follows_the_target_and_keeps_its_data() {
+fn a_busy_guest_follows_the_target_and_keeps_its_data(boot: Boot) {
     // Two vCPUs rewrite and check their pages while the balloon inflates and
     // deflates underneath: the driver polls between steps and must never give away
     // (or take back into use too early) a frame the workload relies on.
-    let mut c = guest("busy", 256 * MIB, "alloc 64M unique; repeat 150 { touch 8M; verify; idle 1ms }; exit 0");
+    let mut c =
+        via(boot, guest("busy", 256 * MIB, "alloc 64M unique; repeat 150 { touch 8M; verify; idle 1ms }; exit 0"));
     c.vcpus = 2;
     let vm = start(c);
     for (size, pages) in [("128M", 128 * MIB / PAGE), ("32M", 32 * MIB / PAGE), ("160M", 160 * MIB / PAGE)] {
@@ -197,3 +196,11 @@ fn a_busy_guest_follows_the_target_and_keeps_its_data() {
     let s = snapshot(&vm);
     assert_eq!((s.ballooned_pages, s.touched_pages, s.guest_errors), (160 * MIB / PAGE, 0, 0), "{s:?}");
 }
+
+on_both_boot_paths!(
+    inflating_frees_host_memory_and_deflating_returns_the_pages,
+    free_page_reporting_frees_what_the_guest_freed,
+    an_allocation_beyond_what_is_left_deflates_the_balloon,
+    without_deflate_on_oom_the_balloon_keeps_its_pages,
+    a_busy_guest_follows_the_target_and_keeps_its_data,
+);

@@ -118,7 +118,7 @@ fn shared_seeds_give_identical_pages_across_vms_and_unique_pages_differ() {
         guest("y", 64 * MIB, "alloc 4M shared:9; alloc 4M unique"),
     ];
     let vms: Vec<_> = configs.into_iter().map(start).collect();
-    vms.iter().for_each(wait_serving);
+    vms.iter().for_each(|vm| wait_serving(vm));
     let (x, y) = (page_hashes(&vms[0]), page_hashes(&vms[1]));
     let common = x.iter().filter(|h| y.contains(h)).count();
     // 1024 shared pages in common (plus zero pages); the 1024 unique ones differ.

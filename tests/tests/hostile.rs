@@ -15,7 +15,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -23,9 +22,9 @@ use std::time::{Duration, Instant};
 use common::{require_kvm, temp_file, tiny_elf};
 use guest_abi::BALLOON_MMIO_BASE;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::api::{client, server::Server, Request};
+use vmm::api::{client, Request};
 use vmm::config::{Kernel, VmConfig};
-use vmm::host;
+use vmm::host::{Host, HostOptions, HostReport};
 use vmm::vm::Vm;
 
 std::arch::global_asm!(
@@ -224,9 +223,10 @@ fn set_up(desc0: u64) -> Vec<Op> {
     p
 }
 
-/// A hostile VM, created but not started, with its guest memory laid out.
+/// A hostile VM on a host serving the control socket, created but not started,
+/// with its guest memory laid out.
 struct Hostile {
-    vm: Vm,
+    host: Host,
 }
 
 impl Hostile {
@@ -242,9 +242,27 @@ impl Hostile {
         c.kernel = Kernel::Path(temp_file(&format!("{name}.elf"), &tiny_elf(&code)));
         c.workload = String::new();
         c.hang_timeout = Duration::from_secs(600);
-        let vm = host::create_all(&[c], Instant::now()).expect("create VM").pop().unwrap();
-        vm.ram().mem().write_slice(&vec![PATTERN; DATA_LEN as usize], GuestAddress(DATA)).unwrap();
-        Hostile { vm }
+        let sock = std::env::temp_dir().join(format!("vmm-hostile-{}-{name}.sock", std::process::id()));
+        let opts = HostOptions { api_socket: Some(sock), ..HostOptions::default() };
+        let host = Host::create(&[c], Instant::now(), opts).expect("create the VM");
+        host.vms()[0].ram().mem().write_slice(&vec![PATTERN; DATA_LEN as usize], GuestAddress(DATA)).unwrap();
+        Hostile { host }
+    }
+
+    fn vm(&self) -> &Vm {
+        &self.host.vms()[0]
+    }
+
+    fn start(&mut self) {
+        self.host.start().expect("start");
+    }
+
+    fn sock(&self) -> &std::path::Path {
+        self.host.api_socket().expect("a control socket")
+    }
+
+    fn finish(self) -> HostReport {
+        self.host.finish()
     }
 
     /// GPA of operation `i` of the program.
@@ -253,11 +271,11 @@ impl Hostile {
     }
 
     fn write<T: vm_memory::ByteValued>(&self, gpa: u64, v: T) {
-        self.vm.ram().mem().write_obj(v, GuestAddress(gpa)).unwrap();
+        self.vm().ram().mem().write_obj(v, GuestAddress(gpa)).unwrap();
     }
 
     fn read<T: vm_memory::ByteValued>(&self, gpa: u64) -> T {
-        self.vm.ram().mem().read_obj(GuestAddress(gpa)).unwrap()
+        self.vm().ram().mem().read_obj(GuestAddress(gpa)).unwrap()
     }
 
     fn desc(&self, q: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -280,7 +298,7 @@ impl Hostile {
         let mut page = vec![0u8; 4096];
         (DATA / 4096..(DATA + DATA_LEN) / 4096)
             .filter(|&pfn| {
-                self.vm.ram().mem().read_slice(&mut page, GuestAddress(pfn * 4096)).unwrap();
+                self.vm().ram().mem().read_slice(&mut page, GuestAddress(pfn * 4096)).unwrap();
                 page.iter().any(|&b| b != PATTERN)
             })
             .collect()
@@ -398,11 +416,9 @@ impl Latencies {
     }
 }
 
-/// For `how_long`, asks the real control socket for `vm_stats` and `balloon_stats`
-/// in turn and pauses the VM every 50 ms, timing each.
-fn probe_control_path(vm: &Vm, how_long: Duration) -> Latencies {
-    let sock = PathBuf::from(format!("/tmp/vmm-hostile-{}.sock", std::process::id()));
-    let server = Server::start(&sock, vec![vm.shared().clone()], None, None).expect("API server");
+/// For `how_long`, asks the host's control socket for `vm_stats` and
+/// `balloon_stats` in turn and pauses the VM every 50 ms, timing each.
+fn probe_control_path(h: &Hostile, how_long: Duration) -> Latencies {
     let stop = AtomicBool::new(false);
     let mut lat = Latencies::default();
     std::thread::scope(|s| {
@@ -411,12 +427,11 @@ fn probe_control_path(vm: &Vm, how_long: Duration) -> Latencies {
             let mut balloon_stats = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let r = client::send(server.path(), &Request::VmStats { vm: None }).expect("vm_stats answers");
+                let r = client::send(h.sock(), &Request::VmStats { vm: None }).expect("vm_stats answers");
                 assert!(r.ok, "{r:?}");
                 vm_stats.push(t.elapsed());
                 let t = Instant::now();
-                let r =
-                    client::send(server.path(), &Request::BalloonStats { vm: None }).expect("balloon_stats answers");
+                let r = client::send(h.sock(), &Request::BalloonStats { vm: None }).expect("balloon_stats answers");
                 assert!(r.ok, "{r:?}");
                 balloon_stats.push(t.elapsed());
             }
@@ -426,7 +441,7 @@ fn probe_control_path(vm: &Vm, how_long: Duration) -> Latencies {
         while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
             let t = Instant::now();
-            let pause = vm.pause().expect("the VM pauses");
+            let pause = h.vm().pause().expect("the VM pauses");
             lat.pause.push(t.elapsed());
             drop(pause);
         }
@@ -471,19 +486,18 @@ fn a_chain_flood_leaves_memory_log_and_control_path_bounded() {
     }
     h.fill_avail(3, |_| 0);
 
-    let mut vm = h.vm;
+    let mut h = h;
     reset_peak_rss();
     let base_rss = peak_rss();
-    vm.start().expect("start");
-    let lat = probe_control_path(&vm, ATTACK);
+    h.start();
+    let lat = probe_control_path(&h, ATTACK);
     let peak = peak_rss();
-    let rounds: u64 = vm.ram().mem().read_obj(GuestAddress(RESULTS)).unwrap();
-    let snap = vm.balloon().unwrap().lock().unwrap().snapshot();
-    vm.stop("test over");
-    let h = Hostile { vm };
+    let rounds: u64 = h.vm().ram().mem().read_obj(GuestAddress(RESULTS)).unwrap();
+    let snap = h.vm().balloon().unwrap().lock().unwrap().snapshot();
+    h.vm().stop("test over");
     let changed = h.changed_data_pages();
     let (loud, queue_lines) = CountingLogger::counts("flood");
-    let report = host::finish_all(vec![h.vm]);
+    let report = h.finish();
     assert_eq!(report.vms[0].error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
 
     let grown = peak.saturating_sub(base_rss);
@@ -534,18 +548,17 @@ fn a_scattered_inflate_deflate_loop_leaves_the_control_path_bounded() {
         h.desc(q, 0, BUFFERS, 1024, 0, 0);
         h.fill_avail(q, |_| 0);
     }
-    let mut vm = h.vm;
+    let mut h = h;
     reset_peak_rss();
     let base_rss = peak_rss();
-    vm.start().expect("start");
-    let lat = probe_control_path(&vm, ATTACK);
+    h.start();
+    let lat = probe_control_path(&h, ATTACK);
     let peak = peak_rss();
-    let snap = vm.balloon().unwrap().lock().unwrap().snapshot();
-    vm.stop("test over");
-    let h = Hostile { vm };
+    let snap = h.vm().balloon().unwrap().lock().unwrap().snapshot();
+    h.vm().stop("test over");
     let changed = h.changed_data_pages();
     let (loud, _) = CountingLogger::counts("scatter");
-    let report = host::finish_all(vec![h.vm]);
+    let report = h.finish();
     assert_eq!(report.vms[0].error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
 
     lat.print("scattered inflate/deflate");
@@ -611,15 +624,14 @@ fn only_the_pages_the_guest_offered_are_freed() {
     h.desc(3, 3, 64 * MIB, 0x1000, 2, 0);
     h.fill_avail(3, |i| [0, 2][i as usize % 2]);
 
-    let resident_before = h.vm.ram().resident_bytes();
-    let mut vm = h.vm;
-    vm.start().expect("start");
-    assert!(vm.wait(Duration::from_secs(30)).is_some(), "the guest did not finish");
-    let snap = vm.balloon().unwrap().lock().unwrap().snapshot();
-    let h = Hostile { vm };
+    let resident_before = h.vm().ram().resident_bytes();
+    let mut h = h;
+    h.start();
+    assert!(h.vm().wait(Duration::from_secs(30)).is_some(), "the guest did not finish");
+    let snap = h.vm().balloon().unwrap().lock().unwrap().snapshot();
     let changed = h.changed_data_pages();
-    let resident_after = h.vm.ram().resident_bytes();
-    let report = host::finish_all(vec![h.vm]);
+    let resident_after = h.vm().ram().resident_bytes();
+    let report = h.finish();
     assert_eq!(report.vms[0].exit_code, Some(0), "{:?}", report.vms[0].error);
 
     let mut want: Vec<u64> = good.iter().map(|&p| p as u64).collect();
@@ -671,24 +683,27 @@ fn a_register_storm_is_counted_and_refused_not_logged() {
     h.fill_avail(0, |_| 0);
     h.write(avail(0) + 2, 1u16);
 
-    let mut vm = h.vm;
+    let mut h = h;
     reset_peak_rss();
     let base_rss = peak_rss();
-    vm.start().expect("start");
-    let lat = probe_control_path(&vm, Duration::from_secs(1));
+    h.start();
+    let lat = probe_control_path(&h, Duration::from_secs(1));
     let deadline = Instant::now() + Duration::from_secs(120);
-    while vm.ram().mem().read_obj::<u16>(GuestAddress(RESULTS + 16)).unwrap() != 1 {
-        assert!(Instant::now() < deadline && vm.ending().is_none(), "the guest did not finish: {:?}", vm.ending());
+    while h.vm().ram().mem().read_obj::<u16>(GuestAddress(RESULTS + 16)).unwrap() != 1 {
+        assert!(
+            Instant::now() < deadline && h.vm().ending().is_none(),
+            "the guest did not finish: {:?}",
+            h.vm().ending()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let peak = peak_rss();
-    let snap = vm.balloon().unwrap().lock().unwrap().snapshot();
-    vm.stop("test over");
-    let h = Hostile { vm };
+    let snap = h.vm().balloon().unwrap().lock().unwrap().snapshot();
+    h.vm().stop("test over");
     let status: u32 = h.read(RESULTS);
     let changed = h.changed_data_pages();
     let (loud, queue_lines) = CountingLogger::counts("storm");
-    let report = host::finish_all(vec![h.vm]);
+    let report = h.finish();
     assert_eq!(report.vms[0].error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
 
     lat.print("register storm");

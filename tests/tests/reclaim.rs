@@ -14,84 +14,78 @@
 //!   that balloon until `balloon_auto` hands it back.
 //!
 //! docs/architecture.md ("Reclaimers together") gives the argument these tests check.
+//! Each test runs with the test guest booted through the VMM's own protocol
+//! (`elf::*`) and as a bzImage through the Linux boot protocol (`bzimage::*`).
 
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{change_sharing, converge, guest, require_kvm, two_vcpu_guests, wait_serving, TempDir};
+use common::{
+    change_sharing, converge, guest, on_both_boot_paths, start_on, two_vcpu_guests, via, wait_serving, Boot, Running,
+    TempDir,
+};
 use guest_abi::workload::Op;
 use guest_abi::PAGE_SIZE;
 use swapd::SwapStats;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use vmm::api::server::{handle, Targets};
+use vmm::api::server::handle;
 use vmm::api::{Reply, Request};
 use vmm::config::VmConfig;
 use vmm::console::GuestStep;
 use vmm::devices::virtio::balloon::metrics::BalloonSnapshot;
 use vmm::devices::virtio::balloon::pages::resident_pages;
 use vmm::devices::virtio::balloon::{BalloonConfig, TargetMode};
-use vmm::host;
-use vmm::reclaim::policy::{HostMemChoice, PolicyOptions, PolicyThread};
+use vmm::host::HostOptions;
+use vmm::reclaim::policy::{HostMemChoice, PolicyOptions};
 use vmm::reclaim::sharing::{PageSharing, TpsStats};
-use vmm::reclaim::swap::{self, SwapOptions};
+use vmm::reclaim::swap::SwapOptions;
 use vmm::vm::Vm;
 
 const MIB: u64 = 1 << 20;
 const PAGES_PER_MIB: u64 = MIB / PAGE_SIZE;
 
 /// Serving VMs under one page-sharing scanner (created off), each with a swapper.
-struct Host {
-    vms: Vec<Vm>,
-    sharing: PageSharing,
+struct Reclaiming {
+    running: Running,
     _dir: TempDir,
 }
 
-impl Host {
-    fn start(name: &str, configs: &[VmConfig]) -> Host {
-        require_kvm();
+impl Reclaiming {
+    fn start(name: &str, configs: &[VmConfig]) -> Reclaiming {
         let dir = TempDir::new(name);
-        let mut vms = host::create_all(configs, Instant::now()).expect("create VMs");
         let off = tps::Config { enabled: false, pages_per_sec: 1 << 18, ..tps::Config::default() };
-        let sharing = PageSharing::start(off, &vms).expect("start page sharing");
-        for vm in &vms {
-            swap::attach(vm.shared(), &SwapOptions::new(&dir.0)).expect("attach a swapper");
-        }
-        for vm in &mut vms {
-            vm.start().expect("start");
-        }
-        vms.iter().for_each(wait_serving);
-        Host { vms, sharing, _dir: dir }
+        let opts = HostOptions { tps: Some(off), swap: Some(SwapOptions::new(&dir.0)), ..HostOptions::default() };
+        let running = start_on(configs, opts);
+        running.host().vms().iter().for_each(wait_serving);
+        Reclaiming { running, _dir: dir }
+    }
+
+    fn vms(&self) -> &[Vm] {
+        self.running.host().vms()
+    }
+
+    fn sharing(&self) -> &PageSharing {
+        self.running.host().sharing().expect("page sharing is on")
     }
 
     fn set_sharing(&self, change: impl FnOnce(&mut tps::Config)) {
-        change_sharing(&self.sharing, change);
+        change_sharing(self.sharing(), change);
     }
 
     fn converge(&self) -> tps::Stats {
-        converge(&self.sharing)
+        converge(self.sharing())
     }
 
     fn swapper(&self, vm: usize) -> std::sync::Arc<swapd::Swapper> {
-        self.vms[vm].shared().swap.get().expect("a swapper")
+        self.running.host().swapper(vm).expect("a swapper")
     }
 
     /// Swap counters with the VM paused (no fault in flight).
     fn swap_stats(&self, vm: usize) -> SwapStats {
-        let vm = &self.vms[vm];
-        let _pause = vm.pause().expect("pause");
-        vm.shared().swap.stats().unwrap()
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        for (i, vm) in self.vms.drain(..).enumerate() {
-            vm.stop("test over");
-            vm.finish();
-            self.sharing.vm_ended(i);
-        }
+        let _pause = self.vms()[vm].pause().expect("pause");
+        self.swapper(vm).stats()
     }
 }
 
@@ -115,8 +109,7 @@ fn balloon(vm: &Vm) -> BalloonSnapshot {
 }
 
 fn set_balloon(vm: &Vm, bytes: u64) {
-    vm.balloon().expect("a balloon").lock().unwrap().set_target(bytes).expect("balloon target");
-    vm.shared().run.wake();
+    vm.shared().set_balloon_target(bytes).expect("balloon target");
 }
 
 /// Waits until `done` holds; a VM that ended, or `limit` passing, fails the test.
@@ -166,11 +159,18 @@ impl Drop for StopOnDrop<'_> {
 ///
 /// At the end every guest verifies with no bad page, no VM ended, and the counters
 /// show that each mechanism acted on pages the others were working on.
-#[test]
-fn every_reclaimer_at_once_loses_no_write() {
+/// The copies of the stress test (one per boot path) take turns within a test
+/// process (`cargo test`; .config/nextest.toml does it for nextest's processes):
+/// two at once on a 2-core machine starve each other's pauses past the swapper's
+/// 5 s limit.
+static ONE_STRESS_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn every_reclaimer_at_once_loses_no_write(boot: Boot) {
+    let _turn = ONE_STRESS_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     const RUN: Duration = Duration::from_secs(25);
-    let configs = two_vcpu_guests(&["s0", "s1"], 256 * MIB, "alloc 16M shared:3");
-    let h = Host::start("stress", &configs);
+    let configs: Vec<VmConfig> =
+        two_vcpu_guests(&["s0", "s1"], 256 * MIB, "alloc 16M shared:3").into_iter().map(|c| via(boot, c)).collect();
+    let h = Reclaiming::start("stress", &configs);
     h.set_sharing(|c| {
         c.enabled = true;
         c.pages_per_sec = 0;
@@ -182,7 +182,7 @@ fn every_reclaimer_at_once_loses_no_write() {
                  free 20M }; verify";
     let (rounds, evictions, balloon_flips) = std::thread::scope(|s| {
         let guests: Vec<_> = h
-            .vms
+            .vms()
             .iter()
             .map(|vm| {
                 let stop = &stop;
@@ -199,7 +199,7 @@ fn every_reclaimer_at_once_loses_no_write() {
                 })
             })
             .collect();
-        let evictors: Vec<_> = (0..h.vms.len())
+        let evictors: Vec<_> = (0..h.vms().len())
             .map(|i| {
                 let (sw, stop) = (h.swapper(i), &stop);
                 s.spawn(move || {
@@ -219,7 +219,7 @@ fn every_reclaimer_at_once_loses_no_write() {
             let mut flips = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 let size = if flips % 2 == 0 { 96 * MIB } else { 0 };
-                h.vms.iter().for_each(|vm| set_balloon(vm, size));
+                h.vms().iter().for_each(|vm| set_balloon(vm, size));
                 flips += 1;
                 std::thread::sleep(Duration::from_millis(300));
             }
@@ -230,16 +230,16 @@ fn every_reclaimer_at_once_loses_no_write() {
         (rounds, evictions, ballooner.join().unwrap())
     });
     let ran = t0.elapsed();
-    h.vms.iter().for_each(|vm| set_balloon(vm, 0));
-    wait_for(&h.vms, "balloons deflated", Duration::from_secs(60), || {
-        h.vms.iter().all(|vm| balloon(vm).actual_pages == 0)
+    h.vms().iter().for_each(|vm| set_balloon(vm, 0));
+    wait_for(h.vms(), "balloons deflated", Duration::from_secs(60), || {
+        h.vms().iter().all(|vm| balloon(vm).actual_pages == 0)
     });
-    for vm in &h.vms {
+    for vm in h.vms() {
         verify(vm);
         assert!(vm.ending().is_none(), "{}: {:?}", vm.name(), vm.ending());
     }
 
-    let t = h.sharing.stats();
+    let t = h.sharing().stats();
     eprintln!(
         "ran {:.1}s: rounds {rounds:?}, eviction calls {evictions:?}, balloon flips {balloon_flips}",
         ran.as_secs_f64()
@@ -247,10 +247,10 @@ fn every_reclaimer_at_once_loses_no_write() {
     eprintln!("tps: {}", serde_json::to_string(&TpsStats::from(t.clone())).unwrap());
     assert!(t.merges > 0 && t.broken_shares > 0 && t.zero_pages_freed > 0, "page sharing acted: {t:?}");
     assert_eq!(t.errors, 0, "{t:?}");
-    for i in 0..h.vms.len() {
-        let (s, b) = (h.swap_stats(i), balloon(&h.vms[i]));
-        eprintln!("{}: swap {}", h.vms[i].name(), serde_json::to_string(&s).unwrap());
-        eprintln!("{}: balloon {}", h.vms[i].name(), serde_json::to_string(&b).unwrap());
+    for i in 0..h.vms().len() {
+        let (s, b) = (h.swap_stats(i), balloon(&h.vms()[i]));
+        eprintln!("{}: swap {}", h.vms()[i].name(), serde_json::to_string(&s).unwrap());
+        eprintln!("{}: balloon {}", h.vms()[i].name(), serde_json::to_string(&b).unwrap());
         assert!(s.pages_out > 0 && s.pages_in > 0, "swapped out and faulted back in: {s:?}");
         assert!(s.skipped_shared > 0, "the swapper met pages shared by page sharing: {s:?}");
         assert_eq!(
@@ -268,16 +268,18 @@ fn every_reclaimer_at_once_loses_no_write() {
 /// the swapper passes over it (writing it would cost I/O for memory that is shared,
 /// and discarding it frees nothing). A share the guest broke by writing is a
 /// private copy inside the pool's mapping, which the swapper must leave alone too.
-#[test]
-fn shared_pages_stay_out_of_the_swap_file() {
-    let h = Host::start(
+fn shared_pages_stay_out_of_the_swap_file(boot: Boot) {
+    let h = Reclaiming::start(
         "shared",
-        &[guest("a", 128 * MIB, "alloc 32M shared:7"), guest("b", 128 * MIB, "alloc 32M shared:7")],
+        &[
+            via(boot, guest("a", 128 * MIB, "alloc 32M shared:7")),
+            via(boot, guest("b", 128 * MIB, "alloc 32M shared:7")),
+        ],
     );
     let t = h.converge();
     assert!(t.pool_mapped_pages >= 2 * 32 * PAGES_PER_MIB, "{t:?}");
     h.set_sharing(|c| c.enabled = false);
-    let (vm, sw) = (&h.vms[0], h.swapper(0));
+    let (vm, sw) = (&h.vms()[0], h.swapper(0));
     let pages = vm.ram().size() / PAGE_SIZE;
     // Read every page once from the host: a pool page is only present in the page
     // tables of this process once something accessed it (the guest may not have
@@ -294,7 +296,7 @@ fn shared_pages_stay_out_of_the_swap_file() {
     // The guest reads its shared pages without a single fault on them, and they are
     // still shared.
     verify(vm);
-    assert_eq!(h.sharing.stats().pool_mapped_pages, t.pool_mapped_pages);
+    assert_eq!(h.sharing().stats().pool_mapped_pages, t.pool_mapped_pages);
 
     // Rewriting breaks the shares: private copies now, but inside the pool's
     // mappings, where a discard would bring the pool's page back instead of
@@ -306,7 +308,7 @@ fn shared_pages_stay_out_of_the_swap_file() {
     assert!(s.skipped_vma - before.skipped_vma >= 32 * PAGES_PER_MIB, "{s:?}");
     assert_eq!(verify(vm), 32 * PAGES_PER_MIB);
     assert_eq!((s.fault_errors, s.checksum_errors), (0, 0), "{s:?}");
-    assert_eq!(verify(&h.vms[1]), 32 * PAGES_PER_MIB);
+    assert_eq!(verify(&h.vms()[1]), 32 * PAGES_PER_MIB);
 }
 
 /// Whether page `pfn` of `vm` is present and mapped from a file (page sharing's
@@ -327,19 +329,18 @@ fn is_shared(vm: &Vm, pfn: u64) -> bool {
 /// (nothing is read back from the file for them), nothing fills them in behind the
 /// balloon's back (not even the swapper's zero fill ahead of a fault on the page
 /// below), and after deflating the guest uses them again with its data intact.
-#[test]
-fn ballooned_pages_leave_the_swap_file_and_stay_untouched() {
-    let mut c = guest("bs", 256 * MIB, "alloc 160M unique; free 128M");
+fn ballooned_pages_leave_the_swap_file_and_stay_untouched(boot: Boot) {
+    let mut c = via(boot, guest("bs", 256 * MIB, "alloc 160M unique; free 128M"));
     c.balloon = Some(BalloonConfig { free_page_reporting: false, ..BalloonConfig::default() });
-    let h = Host::start("balloon", &[c]);
-    let (vm, sw) = (&h.vms[0], h.swapper(0));
+    let h = Reclaiming::start("balloon", &[c]);
+    let (vm, sw) = (&h.vms()[0], h.swapper(0));
     sw.swap_out((vm.ram().size() / PAGE_SIZE) as usize).expect("evict");
     let used = h.swap_stats(0).slots_used;
     assert!(used >= 150 * PAGES_PER_MIB, "the freed pages are in the file: {used} slots");
 
     let target = 192 * MIB;
     set_balloon(vm, target);
-    wait_for(&h.vms, "inflate", Duration::from_secs(60), || balloon(vm).actual_pages == target / PAGE_SIZE);
+    wait_for(h.vms(), "inflate", Duration::from_secs(60), || balloon(vm).actual_pages == target / PAGE_SIZE);
     let ballooned = vm.balloon().unwrap().lock().unwrap().ballooned().pfns();
     assert!(ballooned.iter().all(|&p| !sw.is_swapped(p * PAGE_SIZE)), "a ballooned page kept its slot");
     let s = h.swap_stats(0);
@@ -353,7 +354,7 @@ fn ballooned_pages_leave_the_swap_file_and_stay_untouched() {
     // with zeros by the swapper, and so are the missing pages that follow it: not
     // those in the balloon.
     set_balloon(vm, target / 2);
-    wait_for(&h.vms, "deflate half", Duration::from_secs(60), || balloon(vm).actual_pages == target / 2 / PAGE_SIZE);
+    wait_for(h.vms(), "deflate half", Duration::from_secs(60), || balloon(vm).actual_pages == target / 2 / PAGE_SIZE);
     let set = vm.balloon().unwrap().lock().unwrap().ballooned().clone();
     let host = |pfn: u64| vm.ram().mem().get_host_address(GuestAddress(pfn * PAGE_SIZE)).unwrap();
     let edges: Vec<u64> = (1..vm.ram().size() / PAGE_SIZE - 1)
@@ -368,7 +369,7 @@ fn ballooned_pages_leave_the_swap_file_and_stay_untouched() {
     assert_eq!(resident_in_balloon(vm), 0, "pages in the balloon were filled in");
 
     set_balloon(vm, 0);
-    wait_for(&h.vms, "deflate", Duration::from_secs(60), || balloon(vm).actual_pages == 0);
+    wait_for(h.vms(), "deflate", Duration::from_secs(60), || balloon(vm).actual_pages == 0);
     let b = balloon(vm);
     assert_eq!((b.touched_pages, b.guest_errors), (0, 0), "{b:?}");
     command(vm, "alloc 128M dup");
@@ -380,10 +381,9 @@ fn ballooned_pages_leave_the_swap_file_and_stay_untouched() {
 /// pausing the VM, so no reclaimer may drop it: a command posted between an
 /// eviction's copy and its discard would be lost. Page sharing leaves the low
 /// megabyte alone; the swapper must too.
-#[test]
-fn the_control_page_is_never_evicted() {
-    let h = Host::start("control", &[guest("ctl", 64 * MIB, "alloc 4M unique")]);
-    let (vm, sw) = (&h.vms[0], h.swapper(0));
+fn the_control_page_is_never_evicted(boot: Boot) {
+    let h = Reclaiming::start("control", &[via(boot, guest("ctl", 64 * MIB, "alloc 4M unique"))]);
+    let (vm, sw) = (&h.vms()[0], h.swapper(0));
     let low: Vec<u64> = (0..guest_abi::KERNEL_MIN_GPA / PAGE_SIZE).map(|p| p * PAGE_SIZE).collect();
     assert_eq!(sw.swap_out_gpas(&low).expect("evict"), 0, "pages of the low megabyte were evicted");
     assert!(!sw.is_swapped(guest_abi::CONTROL_PAGE_GPA));
@@ -397,34 +397,38 @@ fn the_control_page_is_never_evicted() {
 
 /// Serving guests that touched 160 MiB and freed 128 MiB of it, without free page
 /// reporting: the freed memory stays resident until their balloons take it.
-fn guests_with_freed_memory(names: &[&str]) -> Vec<Vm> {
-    require_kvm();
+fn guests_with_freed_memory(boot: Boot, names: &[&str], swap: Option<&TempDir>) -> Running {
     let configs: Vec<VmConfig> = names
         .iter()
         .map(|n| {
-            let mut c = guest(n, 256 * MIB, "alloc 160M unique; free 128M");
+            let mut c = via(boot, guest(n, 256 * MIB, "alloc 160M unique; free 128M"));
             c.balloon = Some(BalloonConfig { free_page_reporting: false, ..BalloonConfig::default() });
             c
         })
         .collect();
-    let mut vms = host::create_all(&configs, Instant::now()).expect("create VMs");
-    for vm in &mut vms {
-        vm.start().expect("start");
-    }
-    vms.iter().for_each(wait_serving);
-    vms
-}
-
-/// Starts the free-memory policy over `vms` with a host-memory budget that leaves
-/// `free_permille` of it free now.
-fn policy_with_free(vms: &[Vm], free_permille: u64) -> PolicyThread {
-    let resident: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
-    let opts = PolicyOptions {
-        host_mem: HostMemChoice::Budget(resident * 1000 / (1000 - free_permille)),
+    // The policy watches a budget far above what the guests fill: it takes nothing
+    // until `policy_with_free` sets the budget.
+    let policy = PolicyOptions {
+        host_mem: HostMemChoice::Budget(1 << 40),
         tick: Duration::from_millis(50),
         ..PolicyOptions::default()
     };
-    PolicyThread::start(vms, &opts).expect("start the policy")
+    let swap = swap.map(|d| SwapOptions::new(&d.0));
+    let running = start_on(&configs, HostOptions { swap, policy: Some(policy), ..HostOptions::default() });
+    running.host().vms().iter().for_each(wait_serving);
+    running
+}
+
+/// Sets the policy's host-memory budget so that `free_permille` of it is free now.
+fn policy_with_free(running: &Running, free_permille: u64) {
+    let resident: u64 = running.host().vms().iter().map(|vm| vm.ram().resident_bytes()).sum();
+    let policy = running.host().shared().policy().expect("the policy runs");
+    policy.set_budget(resident * 1000 / (1000 - free_permille)).expect("a budget");
+}
+
+/// The policy's counters now.
+fn policy_stats(running: &Running) -> policy::PolicyStats {
+    running.host().shared().policy_stats().expect("the policy runs")
 }
 
 /// Waits until every balloon has reached its target and some pages were given.
@@ -439,66 +443,60 @@ fn states_entered(p: &policy::PolicyStats) -> Vec<&'static str> {
     p.history.iter().map(|c| c.to.name()).collect()
 }
 
-/// Every guest still holds its 32 MiB intact and never touched a ballooned page.
-fn verify_and_finish(vms: Vec<Vm>) {
-    for vm in vms {
-        assert_eq!(balloon(&vm).touched_pages, 0);
-        assert_eq!(verify(&vm), 32 * PAGES_PER_MIB);
-        vm.stop("test over");
-        vm.finish();
+/// The policy stops; every guest still holds its 32 MiB intact and never touched a
+/// ballooned page.
+fn verify_and_finish(mut running: Running) {
+    running.host_mut().stop_policy();
+    for vm in running.host().vms() {
+        assert_eq!(balloon(vm).touched_pages, 0);
+        assert_eq!(verify(vm), 32 * PAGES_PER_MIB);
     }
 }
 
 /// The free-memory policy in its soft state inflates the guests' balloons through
 /// their drivers, and swaps nothing: two guests that touched and freed most of their
 /// memory, under a host-memory budget set so that 3% of it is free.
-#[test]
-fn the_soft_state_inflates_the_guest_balloons_without_swapping() {
+fn the_soft_state_inflates_the_guest_balloons_without_swapping(boot: Boot) {
     let dir = TempDir::new("soft");
-    let vms = guests_with_freed_memory(&["p0", "p1"]);
-    swap::start(&vms, &SwapOptions::new(&dir.0)).expect("start swapping");
-    let policy = policy_with_free(&vms, 30);
-    wait_inflated(&vms);
-    let p = policy.stats();
+    let mut running = guests_with_freed_memory(boot, &["p0", "p1"], Some(&dir));
+    policy_with_free(&running, 30);
+    wait_inflated(running.host().vms());
+    let p = running.host_mut().stop_policy().expect("the policy ran");
     let states = states_entered(&p);
     assert!(states.contains(&"soft"), "{states:?}");
     assert!(!states.contains(&"hard") && !states.contains(&"low"), "{states:?}");
     assert_eq!(p.swap_pages_asked, 0, "{p:?}");
-    drop(policy);
-    for vm in &vms {
-        let s = vm.shared().swap.stats().unwrap();
+    for (i, vm) in running.host().vms().iter().enumerate() {
+        let s = running.host().swapper(i).expect("a swapper").stats();
         assert_eq!(s.pages_out + s.zero_pages_elided, 0, "{}: {s:?}", vm.name());
     }
-    verify_and_finish(vms);
+    verify_and_finish(running);
 }
 
 /// Without swappers the policy still runs, on the balloon alone: in the low state
 /// (0.5% of the budget free) it asks the balloons for everything up to 6% free and
 /// pauses nobody (a pause frees nothing without eviction).
-#[test]
-fn without_swappers_the_policy_balloons_in_the_low_state() {
-    let vms = guests_with_freed_memory(&["b0", "b1"]);
-    let policy = policy_with_free(&vms, 5);
-    wait_inflated(&vms);
-    let p = policy.stats();
+fn without_swappers_the_policy_balloons_in_the_low_state(boot: Boot) {
+    let running = guests_with_freed_memory(boot, &["b0", "b1"], None);
+    policy_with_free(&running, 5);
+    wait_inflated(running.host().vms());
+    let p = policy_stats(&running);
     assert_eq!(states_entered(&p).first(), Some(&"low"), "{p:?}");
     assert!(p.balloon_pages_asked > 0, "{p:?}");
     assert_eq!((p.swap_pages_asked, p.pauses_asked), (0, 0), "{p:?}");
-    drop(policy);
-    verify_and_finish(vms);
+    verify_and_finish(running);
 }
 
 /// A balloon target set through the control API pins that balloon: the policy,
 /// which deflates every balloon it owns while memory is plentiful, leaves it
 /// alone tick after tick, and deflates it once `balloon_auto` hands it back.
-#[test]
-fn an_api_target_pins_the_balloon_until_handed_back() {
-    let vms = guests_with_freed_memory(&["pin"]);
+fn an_api_target_pins_the_balloon_until_handed_back(boot: Boot) {
+    let running = guests_with_freed_memory(boot, &["pin"], None);
+    let vms = running.host().vms();
     // Three quarters of the budget free: the high state, deflating.
-    let policy = policy_with_free(&vms, 750);
-    let api = Targets { vms: vec![vms[0].shared().clone()], tps: None, policy: Some(policy.counters()) };
+    policy_with_free(&running, 750);
     let call = |req: Request| {
-        let resp = handle(req.clone(), &api);
+        let resp = handle(req.clone(), running.host().shared());
         assert!(resp.ok, "{req:?}: {:?}", resp.error);
         resp.result.unwrap()
     };
@@ -507,11 +505,11 @@ fn an_api_target_pins_the_balloon_until_handed_back() {
     };
     assert_eq!(set["pin"].target_mode, TargetMode::Pinned);
     let pinned = 32 * PAGES_PER_MIB;
-    wait_for(&vms, "the pinned target to be reached", Duration::from_secs(60), || {
+    wait_for(vms, "the pinned target to be reached", Duration::from_secs(60), || {
         balloon(&vms[0]).ballooned_pages == pinned
     });
-    let ticks = policy.stats().ticks;
-    wait_for(&vms, "ten policy ticks", Duration::from_secs(60), || policy.stats().ticks >= ticks + 10);
+    let ticks = policy_stats(&running).ticks;
+    wait_for(vms, "ten policy ticks", Duration::from_secs(60), || policy_stats(&running).ticks >= ticks + 10);
     let b = balloon(&vms[0]);
     assert_eq!((b.target_pages, b.ballooned_pages, b.target_mode), (pinned, pinned, TargetMode::Pinned));
     let Reply::PolicyStats(p) = call(Request::PolicyStats) else { panic!("a policy_stats reply") };
@@ -523,12 +521,22 @@ fn an_api_target_pins_the_balloon_until_handed_back() {
     };
     assert_eq!(auto["pin"].target_mode, TargetMode::Auto);
     assert_eq!(auto["pin"].target_bytes, 32 * MIB, "handing back leaves the target where it is");
-    wait_for(&vms, "the policy to deflate the balloon", Duration::from_secs(60), || {
+    wait_for(vms, "the policy to deflate the balloon", Duration::from_secs(60), || {
         let b = balloon(&vms[0]);
         b.target_pages == 0 && b.ballooned_pages == 0
     });
-    drop(policy);
-    let off = handle(Request::PolicyStats, &Targets { policy: None, ..api });
+    let without = common::create(&[guest("nopolicy", 32 * MIB, "exit 0")]).expect("a host without a policy");
+    let off = handle(Request::PolicyStats, without.shared());
     assert!(!off.ok && off.error.unwrap().contains("--policy on"));
-    verify_and_finish(vms);
+    verify_and_finish(running);
 }
+
+on_both_boot_paths!(
+    every_reclaimer_at_once_loses_no_write,
+    shared_pages_stay_out_of_the_swap_file,
+    ballooned_pages_leave_the_swap_file_and_stay_untouched,
+    the_control_page_is_never_evicted,
+    the_soft_state_inflates_the_guest_balloons_without_swapping,
+    without_swappers_the_policy_balloons_in_the_low_state,
+    an_api_target_pins_the_balloon_until_handed_back,
+);

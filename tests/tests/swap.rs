@@ -10,15 +10,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{guest, start, wait_serving, TempDir};
+use common::{guest, start_on, wait_serving, Running, TempDir};
 use guest_abi::step::Outcome;
 use guest_abi::workload::Op;
-use swapd::SwapStats;
-use vmm::api::server::{handle, Targets};
+use swapd::{SwapStats, Swapper};
+use vmm::api::server::handle;
 use vmm::api::{Reply, Request};
 use vmm::console::GuestStep;
-use vmm::reclaim::policy::{HostMemChoice, PolicyOptions, PolicyThread};
-use vmm::reclaim::swap::{self, SwapOptions};
+use vmm::host::HostOptions;
+use vmm::reclaim::policy::{HostMemChoice, PolicyOptions};
+use vmm::reclaim::swap::SwapOptions;
 use vmm::vm::{Ending, Vm};
 
 const MIB: u64 = 1 << 20;
@@ -46,13 +47,17 @@ impl Drop for Tmpfs {
 }
 
 /// Starts one VM running `boot` (which must leave it serving) with a swapper in `dir`.
-fn swapping_vm(name: &str, mem: u64, vcpus: u32, boot: &str, dir: &Path) -> Vm {
+fn swapping_vm(name: &str, mem: u64, vcpus: u32, boot: &str, dir: &Path) -> Running {
     let mut c = guest(name, mem, boot);
     c.vcpus = vcpus;
-    let vm = start(c);
-    swap::attach(vm.shared(), &SwapOptions::new(dir)).expect("attach a swapper");
+    let vm = start_on(&[c], HostOptions { swap: Some(SwapOptions::new(dir)), ..HostOptions::default() });
     wait_serving(&vm);
     vm
+}
+
+/// The swapper of the only VM of `vm`'s host.
+fn swapper(vm: &Running) -> Arc<Swapper> {
+    vm.host().swapper(0).expect("the VM has a swapper")
 }
 
 /// Runs a command; returns its step results, panicking with its lines if it failed.
@@ -77,13 +82,13 @@ fn assert_verified(steps: &[GuestStep]) -> usize {
     verifies.len()
 }
 
-fn stats(vm: &Vm) -> SwapStats {
-    vm.shared().swap.stats().expect("the VM has a swapper")
+fn stats(vm: &Running) -> SwapStats {
+    swapper(vm).stats()
 }
 
 /// The counters with the VM paused, so that no fault is in flight while they are
 /// read (a serving guest keeps touching its own pages).
-fn settled_stats(vm: &Vm) -> SwapStats {
+fn settled_stats(vm: &Running) -> SwapStats {
     let _pause = vm.pause().expect("pause");
     stats(vm)
 }
@@ -95,7 +100,7 @@ fn evicted_pages_of_a_running_guest_come_back_intact() {
     let file = dir.0.join("evict.vswp");
     assert!(file.exists(), "the swap file is created with the swapper");
     let rss_before = vm.ram().resident_bytes();
-    let sw = vm.shared().swap.get().unwrap();
+    let sw = swapper(&vm);
     let want = (64 * MIB / PAGE) as usize;
     let reclaimed = sw.swap_out(want).expect("evict 64 MiB");
     assert_eq!(reclaimed, want, "the guest holds more than 64 MiB resident");
@@ -134,7 +139,7 @@ fn evicted_pages_of_a_running_guest_come_back_intact() {
     assert_eq!(vm.wait(Duration::from_secs(30)), Some(Ending::GuestExit(0)));
     drop(sw);
     let report = vm.finish();
-    let final_stats = report.swap.expect("the exit report carries the swap counters");
+    let final_stats = report.vms[0].swap.clone().expect("the exit report carries the swap counters");
     assert_eq!(final_stats.pages_out, s.pages_out);
     assert!(!file.exists(), "the swap file is removed when the VM ends");
 }
@@ -146,7 +151,7 @@ fn evicted_pages_of_a_running_guest_come_back_intact() {
 fn no_guest_write_is_lost_while_evicting() {
     let dir = TempDir::new("race");
     let vm = Arc::new(swapping_vm("race", 128 * MIB, 2, "alloc 16M unique", &dir.0));
-    let sw = vm.shared().swap.get().unwrap();
+    let sw = swapper(&vm);
     let guest = {
         let vm = vm.clone();
         std::thread::spawn(move || command(&vm, "repeat 12 { touch 4M; verify }"))
@@ -170,10 +175,10 @@ fn no_guest_write_is_lost_while_evicting() {
 fn zero_pages_are_discarded_without_being_written() {
     let dir = TempDir::new("zero");
     let vm = swapping_vm("zero", 128 * MIB, 1, "alloc 32M zero; alloc 4M unique", &dir.0);
-    let sw = vm.shared().swap.get().unwrap();
+    let sw = swapper(&vm);
     // Through the control API, as `vmm ctl swap out 128M --vm zero` does.
-    let vms = Targets { vms: vec![vm.shared().clone()], tps: None, policy: None };
-    let resp = handle(Request::SwapOut { size: "128M".into(), vm: "zero".into() }, &vms);
+    let vms = vm.host().shared();
+    let resp = handle(Request::SwapOut { size: "128M".into(), vm: "zero".into() }, vms);
     assert!(resp.ok, "{:?}", resp.error);
     let Some(Reply::SwapOut(out)) = resp.result else { panic!("not a swap_out result: {resp:?}") };
     let reclaimed = out.reclaimed_pages;
@@ -188,10 +193,10 @@ fn zero_pages_are_discarded_without_being_written() {
     assert!(sw.file_allocated_bytes() <= (s.pages_out + 256) * PAGE, "file uses {} bytes", sw.file_allocated_bytes());
     assert!(vm.ram().resident_bytes() < 4 * MIB, "RSS {} KiB", vm.ram().resident_bytes() >> 10);
     assert_verified(&command(&vm, "verify"));
-    let resp = handle(Request::SwapStats { vm: None }, &vms);
+    let resp = handle(Request::SwapStats { vm: None }, vms);
     let Some(Reply::SwapStats(stats)) = resp.result else { panic!("not a swap_stats result: {resp:?}") };
     assert_eq!(stats.vms["zero"].as_ref().map(|s| s.zero_pages_elided), Some(s.zero_pages_elided));
-    let resp = handle(Request::SwapOut { size: "1M".into(), vm: "nope".into() }, &vms);
+    let resp = handle(Request::SwapOut { size: "1M".into(), vm: "nope".into() }, vms);
     assert!(!resp.ok && resp.error.unwrap().contains("no VM named"));
 }
 
@@ -201,11 +206,11 @@ fn zero_pages_are_discarded_without_being_written() {
 fn discarding_a_swapped_page_forgets_its_slot() {
     let dir = TempDir::new("forget");
     let vm = swapping_vm("forget", 64 * MIB, 1, "alloc 8M unique", &dir.0);
-    let sw = vm.shared().swap.get().unwrap();
+    let sw = swapper(&vm);
     sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
     // The serving guest faults its own pages back in now and then; hold it still so
     // that the slot count changes only by the discard.
-    let _still = vm.shared().run.pause_guard(Duration::from_secs(5)).expect("pause");
+    let _still = vm.shared().run().pause_guard(Duration::from_secs(5)).expect("pause");
     let ram = vm.ram();
     let gpa = (0..ram.size() / PAGE).map(|p| p * PAGE).rev().find(|&g| sw.is_swapped(g)).expect("a swapped page");
     let used = stats(&vm).slots_used;
@@ -224,7 +229,7 @@ fn a_full_swap_disk_stops_eviction_and_the_guest_runs_on() {
     let dir = TempDir::new("enospc");
     let _mnt = Tmpfs::mount(&dir.0, "4m");
     let vm = swapping_vm("enospc", 128 * MIB, 1, "alloc 32M unique", &dir.0);
-    let sw = vm.shared().swap.get().unwrap();
+    let sw = swapper(&vm);
     let err = sw.swap_out((32 * MIB / PAGE) as usize).expect_err("4 MiB cannot hold 32 MiB");
     assert!(err.to_string().contains("No space left"), "{err}");
     let s = stats(&vm);
@@ -255,48 +260,43 @@ fn a_full_swap_disk_stops_eviction_and_the_guest_runs_on() {
 fn a_host_memory_budget_drives_balloon_then_swap() {
     let dir = TempDir::new("policy");
     let configs: Vec<_> = ["p0", "p1"].iter().map(|n| guest(n, 512 * MIB, "alloc 8M unique")).collect();
-    common::require_kvm();
-    let mut vms = vmm::host::create_all(&configs, Instant::now()).expect("create VMs");
-    for vm in &mut vms {
-        vm.start().expect("start");
-    }
-    swap::start(&vms, &SwapOptions::new(&dir.0)).expect("start swapping");
-    let opts = PolicyOptions {
+    let policy = PolicyOptions {
         host_mem: HostMemChoice::Budget(320 * MIB),
         tick: Duration::from_millis(50),
         ..PolicyOptions::default()
     };
-    let policy = PolicyThread::start(&vms, &opts).expect("start the policy");
-    for vm in &vms {
-        wait_serving(vm);
-    }
-    let vms: Vec<Arc<Vm>> = vms.into_iter().map(Arc::new).collect();
+    let running = start_on(
+        &configs,
+        HostOptions { swap: Some(SwapOptions::new(&dir.0)), policy: Some(policy), ..HostOptions::default() },
+    );
+    let host = running.host();
+    let vms = host.vms();
+    vms.iter().for_each(wait_serving);
+    let pages_out = || -> u64 { (0..vms.len()).map(|i| host.swapper(i).expect("a swapper").stats().pages_out).sum() };
     // 2 x 180 MiB more, 1 MiB at a time: the budget's 2% bands (6.4 MiB) are wider
     // than what both guests add in one policy tick.
-    let workers: Vec<_> = vms
-        .iter()
-        .map(|vm| {
-            let vm = vm.clone();
-            std::thread::spawn(move || command(&vm, "repeat 180 { alloc 1M unique; idle 20ms }; verify"))
-        })
-        .collect();
     let (mut first_target, mut first_swap) = (None, None);
-    while workers.iter().any(|w| !w.is_finished()) {
-        let now = Instant::now();
-        let target: u64 = vms.iter().map(|vm| vm.balloon().unwrap().lock().unwrap().snapshot().target_pages).sum();
-        let out: u64 = vms.iter().map(|vm| stats(vm).pages_out).sum();
-        if target > 0 && first_target.is_none() {
-            first_target = Some(now);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = vms
+            .iter()
+            .map(|vm| s.spawn(move || command(vm, "repeat 180 { alloc 1M unique; idle 20ms }; verify")))
+            .collect();
+        while workers.iter().any(|w| !w.is_finished()) {
+            let now = Instant::now();
+            let target: u64 = vms.iter().map(|vm| vm.balloon().unwrap().lock().unwrap().snapshot().target_pages).sum();
+            if target > 0 && first_target.is_none() {
+                first_target = Some(now);
+            }
+            if pages_out() > 0 && first_swap.is_none() {
+                first_swap = Some(now);
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        if out > 0 && first_swap.is_none() {
-            first_swap = Some(now);
+        for w in workers {
+            assert_eq!(assert_verified(&w.join().expect("guest commands")), 1);
         }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    for w in workers {
-        assert_eq!(assert_verified(&w.join().expect("guest commands")), 1);
-    }
-    let p = policy.stats();
+    });
+    let p = host.shared().policy_stats().expect("the policy runs");
     let to: Vec<&str> = p.history.iter().map(|c| c.to.name()).collect();
     let soft = to.iter().position(|&s| s == "soft").unwrap_or_else(|| panic!("never soft: {to:?}"));
     // Guests that allocate faster than one tick's band can pass hard on the way to
@@ -307,14 +307,12 @@ fn a_host_memory_budget_drives_balloon_then_swap() {
     let (first_target, first_swap) =
         (first_target.expect("no balloon target set"), first_swap.expect("nothing swapped"));
     assert!(first_target <= first_swap, "the balloon is asked before pages are swapped");
-    let out: u64 = vms.iter().map(|vm| stats(vm).pages_out).sum();
-    assert!(out > 0);
+    assert!(pages_out() > 0);
     let ballooned: u64 = vms.iter().map(|vm| vm.balloon().unwrap().lock().unwrap().snapshot().ballooned_pages).sum();
     if vms.iter().any(|vm| vm.balloon().unwrap().lock().unwrap().snapshot().features != 0) {
         assert!(ballooned > 0, "a guest with a balloon driver gave pages");
     }
-    drop(policy);
-    for vm in &vms {
+    for vm in vms {
         assert!(vm.ending().is_none(), "{:?}", vm.ending());
         assert_verified(&command(vm, "verify"));
     }
@@ -328,7 +326,7 @@ fn a_corrupt_slot_stops_the_vm_with_an_error() {
     use std::os::unix::fs::FileExt;
     let dir = TempDir::new("corrupt");
     let vm = swapping_vm("corrupt", 64 * MIB, 1, "alloc 8M unique", &dir.0);
-    let sw = vm.shared().swap.get().unwrap();
+    let sw = swapper(&vm);
     sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
     let pages = stats(&vm).slots_used;
     let file = std::fs::OpenOptions::new().write(true).open(sw.file_path()).unwrap();
@@ -342,7 +340,7 @@ fn a_corrupt_slot_stops_the_vm_with_an_error() {
         Some(Ending::Error(e)) => assert!(e.contains("host swap"), "{e}"),
         other => panic!("expected an error ending, got {other:?}"),
     }
-    let report = vm.finish();
+    let report = vm.finish().vms.remove(0);
     let s = report.swap.unwrap();
     assert!(s.checksum_errors > 0, "{s:?}");
     assert!(report.error.unwrap().contains("host swap"));

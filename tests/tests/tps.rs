@@ -7,13 +7,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{change_sharing, converge, guest, require_kvm, two_vcpu_guests, wait_serving};
+use common::{change_sharing, converge, guest, require_kvm, start_on, two_vcpu_guests, wait_serving, Running};
 use guest_abi::content::{self, Page};
 use guest_abi::workload::{Kind, Op};
 use guest_abi::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::console::GuestStep;
-use vmm::host;
+use vmm::host::{self, HostOptions, WatchLimits};
 use vmm::reclaim::sharing::{PageSharing, TpsStats};
 use vmm::vm::Vm;
 
@@ -22,59 +22,49 @@ const PAGES_PER_MIB: u64 = MIB / PAGE_SIZE;
 
 /// Serving VMs under one scanner, created with scanning off so that the figures
 /// "before" are taken before any merge.
-struct Host {
-    vms: Vec<Vm>,
-    sharing: PageSharing,
-}
+struct Shared(Running);
 
-impl Host {
-    fn start(configs: &[vmm::config::VmConfig]) -> Host {
-        require_kvm();
-        let mut vms = host::create_all(configs, Instant::now()).expect("create VMs");
+impl Shared {
+    fn start(configs: &[vmm::config::VmConfig]) -> Shared {
         // 1 GiB/s: a pass over these VMs takes well under a second.
         let off = tps::Config { enabled: false, pages_per_sec: 1 << 18, ..tps::Config::default() };
-        let sharing = PageSharing::start(off, &vms).expect("start page sharing");
-        for vm in &mut vms {
-            vm.start().expect("start");
-        }
-        vms.iter().for_each(wait_serving);
-        Host { vms, sharing }
+        let running = start_on(configs, HostOptions { tps: Some(off), ..HostOptions::default() });
+        running.host().vms().iter().for_each(wait_serving);
+        Shared(running)
+    }
+
+    fn vms(&self) -> &[Vm] {
+        self.0.host().vms()
+    }
+
+    fn sharing(&self) -> &PageSharing {
+        self.0.host().sharing().expect("page sharing is on")
     }
 
     fn set(&self, change: impl FnOnce(&mut tps::Config)) {
-        change_sharing(&self.sharing, change);
+        change_sharing(self.sharing(), change);
     }
 
     fn converge(&self) -> tps::Stats {
-        converge(&self.sharing)
+        converge(self.sharing())
     }
 
     /// Host memory holding the guests' RAM: private pages plus the pool.
     fn resident_mib(&self) -> f64 {
-        self.sharing.guest_memory_bytes(&self.vms) as f64 / MIB as f64
+        self.0.host().shared().guest_memory_bytes() as f64 / MIB as f64
     }
 
     fn run(&self, vm: usize, cmd: &str) -> Vec<GuestStep> {
-        let out = self.vms[vm].run_command(cmd, Duration::from_secs(120)).expect("command");
+        let out = self.vms()[vm].run_command(cmd, Duration::from_secs(120)).expect("command");
         assert_eq!(out.status, 0, "{cmd} failed in vm {vm}: {:?}", out.lines);
         out.steps()
     }
 
     fn verify_all(&self) {
-        for vm in 0..self.vms.len() {
+        for vm in 0..self.vms().len() {
             let steps = self.run(vm, "verify");
             let v = steps.iter().find(|s| s.op == Op::Verify).expect("a verify line");
             assert_eq!(v.bad, Some(0), "vm {vm}: {v:?}");
-        }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        for (i, vm) in self.vms.drain(..).enumerate() {
-            vm.stop("test over");
-            vm.finish();
-            self.sharing.vm_ended(i);
         }
     }
 }
@@ -85,7 +75,7 @@ fn assert_between(what: &str, value: f64, lo: f64, hi: f64) {
 
 #[test]
 fn two_vms_with_the_same_pages_keep_one_copy() {
-    let h = Host::start(&[guest("a", 128 * MIB, "alloc 64M shared:7"), guest("b", 128 * MIB, "alloc 64M shared:7")]);
+    let h = Shared::start(&[guest("a", 128 * MIB, "alloc 64M shared:7"), guest("b", 128 * MIB, "alloc 64M shared:7")]);
     let before = h.resident_mib();
     let s = h.converge();
     let fall = before - h.resident_mib();
@@ -97,7 +87,7 @@ fn two_vms_with_the_same_pages_keep_one_copy() {
 
 #[test]
 fn zero_and_duplicate_pages_of_one_vm_are_freed() {
-    let h = Host::start(&[guest("zd", 256 * MIB, "alloc 64M zero; alloc 64M dup")]);
+    let h = Shared::start(&[guest("zd", 256 * MIB, "alloc 64M zero; alloc 64M dup")]);
     let before = h.resident_mib();
     let s = h.converge();
     let fall = before - h.resident_mib();
@@ -110,7 +100,7 @@ fn zero_and_duplicate_pages_of_one_vm_are_freed() {
 
 #[test]
 fn rewriting_half_of_the_shared_pages_breaks_those_shares_only() {
-    let h = Host::start(&[guest("a", 128 * MIB, "alloc 64M shared:7"), guest("b", 128 * MIB, "alloc 64M shared:7")]);
+    let h = Shared::start(&[guest("a", 128 * MIB, "alloc 64M shared:7"), guest("b", 128 * MIB, "alloc 64M shared:7")]);
     let s0 = h.converge();
     let shared = h.resident_mib();
     h.run(0, "touch 32M");
@@ -130,7 +120,7 @@ fn rewriting_half_of_the_shared_pages_breaks_those_shares_only() {
 #[test]
 fn no_write_is_lost_while_the_scanner_merges_under_the_guests() {
     let configs = two_vcpu_guests(&["a", "b"], 128 * MIB, "alloc 8M shared:3");
-    let h = Host::start(&configs);
+    let h = Shared::start(&configs);
     h.set(|c| {
         c.enabled = true;
         c.pages_per_sec = 0;
@@ -139,7 +129,7 @@ fn no_write_is_lost_while_the_scanner_merges_under_the_guests() {
     const ROUNDS: usize = 8;
     let round = "repeat 10 { alloc 8M shared:7; alloc 4M zero; alloc 4M dup; touch 6M; verify; free 16M }; verify";
     std::thread::scope(|s| {
-        for vm in 0..h.vms.len() {
+        for vm in 0..h.vms().len() {
             let h = &h;
             s.spawn(move || {
                 for _ in 0..ROUNDS {
@@ -193,13 +183,13 @@ fn find_shared_pages(vm: &Vm, seed: u64, pages: u64) -> u64 {
 /// copies keep their content, and the pages come back usable.
 #[test]
 fn pages_freed_after_being_shared_read_zero() {
-    let h = Host::start(&[guest("a", 128 * MIB, "alloc 16M shared:7"), guest("b", 128 * MIB, "alloc 16M shared:7")]);
+    let h = Shared::start(&[guest("a", 128 * MIB, "alloc 16M shared:7"), guest("b", 128 * MIB, "alloc 16M shared:7")]);
     let s = h.converge();
     assert!(s.pool_mapped_pages >= 2 * 16 * PAGES_PER_MIB, "{s:?}");
     let pages = 16 * PAGES_PER_MIB;
-    let gpa = find_shared_pages(&h.vms[0], 7, pages);
+    let gpa = find_shared_pages(&h.vms()[0], 7, pages);
     h.run(0, "free 16M");
-    let vm = &h.vms[0];
+    let vm = &h.vms()[0];
     let ballooned = vm.balloon().expect("a balloon").lock().unwrap().ballooned().clone();
     (gpa / PAGE_SIZE..(gpa / PAGE_SIZE + pages)).for_each(|pfn| assert!(ballooned.insert(pfn)));
     vm.ram().discard(gpa, pages * PAGE_SIZE).expect("discard");
@@ -220,9 +210,9 @@ fn pages_freed_after_being_shared_read_zero() {
 /// scanner faults nothing in, and leaves ballooned pages alone even when resident.
 #[test]
 fn never_touched_and_ballooned_pages_are_left_alone() {
-    let h = Host::start(&[guest("big", 1 << 30, "alloc 16M dup")]);
+    let h = Shared::start(&[guest("big", 1 << 30, "alloc 16M dup")]);
     let before = h.resident_mib();
-    let vm = &h.vms[0];
+    let vm = &h.vms()[0];
     let ballooned = vm.balloon().expect("a balloon").lock().unwrap().ballooned().clone();
     // Put the first 4 MiB of the dup pages in the balloon, resident.
     let dup_pfns = frames_with(vm, content::DUP_KEY);
@@ -243,7 +233,7 @@ fn never_touched_and_ballooned_pages_are_left_alone() {
 
 #[test]
 fn sharing_within_each_vm_only_keeps_vms_apart() {
-    let h = Host::start(&[guest("a", 128 * MIB, "alloc 32M shared:7"), guest("b", 128 * MIB, "alloc 32M shared:7")]);
+    let h = Shared::start(&[guest("a", 128 * MIB, "alloc 32M shared:7"), guest("b", 128 * MIB, "alloc 32M shared:7")]);
     h.set(|c| c.cross_vm = false);
     let before = h.resident_mib();
     let s = h.converge();
@@ -258,22 +248,22 @@ fn sharing_within_each_vm_only_keeps_vms_apart() {
 fn a_pause_holds_while_merge_batches_pause_and_resume_the_vm() {
     let mut c = guest("held", 128 * MIB, "alloc 8M shared:3");
     c.vcpus = 2;
-    let h = Host::start(&[c]);
+    let h = Shared::start(&[c]);
     h.set(|c| {
         c.enabled = true;
         c.pages_per_sec = 0;
         c.max_batch = 16;
     });
-    let vm = &h.vms[0];
+    let vm = &h.vms()[0];
     let (mut held, mut batches_while_held) = (0, 0);
     std::thread::scope(|s| {
         let worker = s.spawn(|| h.run(0, "repeat 40 { alloc 8M dup; alloc 8M shared:5; touch 4M; verify; free 16M }"));
         while !worker.is_finished() {
             std::thread::sleep(Duration::from_millis(15));
             let Ok(pause) = vm.pause() else { continue };
-            let (heartbeat, batches) = (vm.progress().heartbeat, h.sharing.stats().batches);
+            let (heartbeat, batches) = (vm.progress().heartbeat, h.sharing().stats().batches);
             std::thread::sleep(Duration::from_millis(30));
-            batches_while_held += h.sharing.stats().batches - batches;
+            batches_while_held += h.sharing().stats().batches - batches;
             assert_eq!(vm.progress().heartbeat, heartbeat, "the guest ran during a pause");
             held += 1;
             drop(pause);
@@ -291,11 +281,11 @@ fn host_run_shares_and_reports_its_counters() {
     require_kvm();
     let workload = "alloc 16M shared:7; alloc 8M zero; idle 1500ms; verify; exit 0";
     let configs = [guest("a", 64 * MIB, workload), guest("b", 64 * MIB, workload)];
-    let opts = host::RunOptions {
+    let opts = HostOptions {
         tps: Some(tps::Config { pages_per_sec: 1 << 18, ..tps::Config::default() }),
-        ..host::RunOptions::default()
+        ..HostOptions::default()
     };
-    let report = host::run(&configs, Instant::now(), opts).expect("run");
+    let report = host::run(&configs, Instant::now(), opts, WatchLimits::default()).expect("run");
     assert!(report.vms.iter().all(|vm| vm.exit_code == Some(0)), "{:?}", report.vms);
     let s = report.tps.expect("page sharing counters in the report");
     assert!(s.full_passes >= 1 && s.regions == 2, "{s:?}");

@@ -19,6 +19,9 @@ pub const DEFAULT_WORKLOAD: &str =
 pub enum ConsoleTarget {
     /// The VMM's stdout, each line prefixed with `[NAME] ` when several VMs run.
     Stdout,
+    /// The VMM's stdout, and its stdin typed into the guest's COM1: an interactive
+    /// console (one VM only), e.g. a Linux guest's shell.
+    Stdio,
     /// A file of its own.
     File(PathBuf),
     /// Nowhere but the in-memory log (library users and tests).
@@ -30,8 +33,27 @@ pub enum ConsoleTarget {
 pub enum Kernel {
     /// The test guest embedded in the vmm binary.
     Builtin,
-    /// An x86-64 ELF file.
+    /// The same test guest packaged as a bzImage, booted through the Linux boot
+    /// protocol (`--kernel builtin:bzimage`).
+    BuiltinBzImage,
+    /// A kernel file: an x86-64 ELF, a Linux vmlinux or a bzImage.
     Path(PathBuf),
+}
+
+impl Kernel {
+    /// What `--kernel VALUE` (or `kernel = "VALUE"` in a config file) names.
+    pub fn from_arg(value: PathBuf) -> Kernel {
+        if value.as_os_str() == "builtin:bzimage" {
+            Kernel::BuiltinBzImage
+        } else {
+            Kernel::Path(value)
+        }
+    }
+
+    /// Whether this is the built-in test guest, in either form.
+    pub fn is_builtin(&self) -> bool {
+        matches!(self, Kernel::Builtin | Kernel::BuiltinBzImage)
+    }
 }
 
 /// One VM, fully specified.
@@ -58,6 +80,11 @@ pub struct VmConfig {
     /// Most guest RAM the VM may keep resident (bytes; ESX "limit"): above it the
     /// free-memory policy reclaims from it whatever the host's state.
     pub limit: Option<u64>,
+    /// Kernel command line for the Linux boot protocol (Linux: replaces the
+    /// default; test guest as a bzImage: goes before the VMM's parameters).
+    pub cmdline: Option<String>,
+    /// Initrd for the Linux boot protocol.
+    pub initrd: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -74,6 +101,8 @@ impl VmConfig {
             hang_timeout: Duration::from_secs(30),
             balloon: Some(BalloonConfig::default()),
             limit: None,
+            cmdline: None,
+            initrd: None,
         }
     }
 
@@ -90,7 +119,7 @@ impl VmConfig {
         if self.workload.len() > guest_abi::CMDLINE_MAX {
             return Err(ctx(format!("workload is {} bytes, at most {}", self.workload.len(), guest_abi::CMDLINE_MAX)));
         }
-        if self.kernel == Kernel::Builtin {
+        if self.kernel.is_builtin() {
             check_workload(&self.workload).map_err(|e| ctx(format!("bad workload: {e}")))?;
         }
         if let Some(balloon) = &self.balloon {
@@ -191,7 +220,8 @@ pub struct VmEntry {
     pub kernel: Option<PathBuf>,
     /// Boot workload.
     pub workload: Option<String>,
-    /// `"stdout"` or a file path (relative to the config file).
+    /// `"stdout"`, `"stdio"` (stdin goes to the guest too) or a file path
+    /// (relative to the config file).
     pub console: Option<String>,
     /// `"small"` (4 KiB, default) or `"thp"`.
     pub host_pages: Option<HostPages>,
@@ -199,6 +229,10 @@ pub struct VmEntry {
     pub hang_timeout: Option<String>,
     /// Resident memory limit, e.g. `"192M"` (needs swapping on).
     pub limit: Option<String>,
+    /// Kernel command line (Linux boot protocol).
+    pub cmdline: Option<String>,
+    /// Initrd path (relative to the config file).
+    pub initrd: Option<PathBuf>,
 }
 
 impl VmEntry {
@@ -214,6 +248,8 @@ impl VmEntry {
             host_pages: self.host_pages.or(defaults.host_pages),
             hang_timeout: self.hang_timeout.or_else(|| defaults.hang_timeout.clone()),
             limit: self.limit.or_else(|| defaults.limit.clone()),
+            cmdline: self.cmdline.or_else(|| defaults.cmdline.clone()),
+            initrd: self.initrd.or_else(|| defaults.initrd.clone()),
         }
     }
 
@@ -229,7 +265,10 @@ impl VmEntry {
             base.vcpus = v;
         }
         if let Some(k) = &self.kernel {
-            base.kernel = Kernel::Path(dir.join(k));
+            base.kernel = match Kernel::from_arg(k.clone()) {
+                Kernel::Path(p) => Kernel::Path(dir.join(p)),
+                other => other,
+            };
         }
         if let Some(w) = &self.workload {
             base.workload = w.clone();
@@ -237,6 +276,7 @@ impl VmEntry {
         if let Some(c) = &self.console {
             base.console = match c.as_str() {
                 "stdout" => ConsoleTarget::Stdout,
+                "stdio" => ConsoleTarget::Stdio,
                 path => ConsoleTarget::File(dir.join(path)),
             };
         }
@@ -248,6 +288,12 @@ impl VmEntry {
         }
         if let Some(l) = &self.limit {
             base.limit = Some(parse_size(l)?);
+        }
+        if let Some(c) = &self.cmdline {
+            base.cmdline = Some(c.clone());
+        }
+        if let Some(i) = &self.initrd {
+            base.initrd = Some(dir.join(i));
         }
         Ok(base)
     }

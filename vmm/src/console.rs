@@ -51,7 +51,7 @@ impl Console {
     /// Opens the console for VM `name`; `label` prefixes stdout lines with `[name] `.
     pub fn new(target: &ConsoleTarget, name: &str, label: bool) -> io::Result<Arc<Console>> {
         let sink = match target {
-            ConsoleTarget::Stdout => Sink::Stdout(label.then(|| format!("[{name}] "))),
+            ConsoleTarget::Stdout | ConsoleTarget::Stdio => Sink::Stdout(label.then(|| format!("[{name}] "))),
             ConsoleTarget::File(p) => Sink::File(
                 File::create(p).map_err(|e| io::Error::new(e.kind(), format!("console file {}: {e}", p.display())))?,
             ),

@@ -23,10 +23,8 @@ use std::time::{Duration, Instant};
 use crate::bench::{print_table, verify, wait, wait_serving};
 use crate::config::VmConfig;
 use crate::devices::virtio::balloon::BalloonConfig;
-use crate::host::{self, HostReport};
-use crate::reclaim::sharing::PageSharing;
+use crate::host::{Host, HostOptions, HostReport};
 use crate::reclaim::swap::{self, SwapOptions};
-use crate::vm::Vm;
 
 /// What the demo boots.
 #[derive(Clone, Debug)]
@@ -101,34 +99,32 @@ pub fn run(opts: &DemoOptions, t0: Instant) -> Result<HostReport, String> {
     for c in &configs {
         c.validate()?;
     }
-    let mut vms = host::create_all(&configs, t0)?;
-    let sharing = PageSharing::start(tps::Config { enabled: false, ..tps::Config::default() }, &vms)
-        .map_err(|e| e.to_string())?;
-    swap::prepare_dir(&opts.swap_dir)?;
-    for vm in &vms {
-        swap::attach(vm.shared(), &SwapOptions::new(&opts.swap_dir))?;
-    }
-    for vm in &mut vms {
-        vm.start()?;
-    }
-    let result = phases(opts, &vms, &sharing);
+    // Page sharing covers the VMs from the start, scanning off until its phase.
+    let reclaimers = HostOptions {
+        tps: Some(tps::Config { enabled: false, ..tps::Config::default() }),
+        swap: Some(SwapOptions::new(&opts.swap_dir)),
+        ..HostOptions::default()
+    };
+    let mut host = Host::create(&configs, t0, reclaimers).map_err(|e| e.to_string())?;
+    let result = host.start().map_err(|e| e.to_string()).and_then(|()| phases(opts, &host));
     if let Err(e) = &result {
-        vms.iter().for_each(|vm| vm.stop(&format!("demo failed: {e}")));
+        host.stop_all(&format!("demo failed: {e}"));
     }
-    for vm in &vms {
+    for vm in host.vms() {
         vm.wait(Duration::from_secs(10));
     }
-    let report = host::finish_with_sharing(vms, Some(&sharing));
+    let report = host.finish();
     let phases = result?;
     print_summary(opts, &phases);
     Ok(report)
 }
 
-fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<Phase>, String> {
+fn phases(opts: &DemoOptions, host: &Host) -> Result<Vec<Phase>, String> {
+    let (vms, sharing) = (host.vms(), host.sharing().expect("page sharing is on"));
     let mut out = Vec::new();
     let mut mark = Instant::now();
     let mut phase = |name, note: String, out: &mut Vec<Phase>| {
-        let p = Phase { name, guest_mib: sharing.guest_memory_bytes(vms) as f64 / MIB, ms: ms_since(mark), note };
+        let p = Phase { name, guest_mib: host.shared().guest_memory_bytes() as f64 / MIB, ms: ms_since(mark), note };
         println!("demo: {:<12} guest RAM held {:>7.1} MiB  ({} ms) {}", p.name, p.guest_mib, p.ms as u64, p.note);
         out.push(p);
         mark = Instant::now();
@@ -156,9 +152,7 @@ fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<P
     sharing.set_options("rate=25600")?;
 
     for vm in vms {
-        let dev = vm.balloon().ok_or_else(|| format!("vm {} has no balloon device", vm.name()))?;
-        dev.lock().unwrap().set_target(opts.balloon)?;
-        vm.shared().run.wake();
+        vm.shared().set_balloon_target(opts.balloon).map_err(|e| e.to_string())?;
     }
     let want = opts.balloon / guest_abi::PAGE_SIZE;
     for vm in vms {
@@ -168,19 +162,21 @@ fn phases(opts: &DemoOptions, vms: &[Vm], sharing: &PageSharing) -> Result<Vec<P
     phase("balloon", format!("each guest gave {} MiB to its balloon", opts.balloon >> 20), &mut out);
 
     let mut written = 0;
-    for vm in vms {
-        let r = swap::swap_out(vm.shared(), opts.swap)?;
+    for (i, vm) in vms.iter().enumerate() {
+        let sw = host.swapper(i).expect("every VM has a swapper");
+        let r = swap::swap_out(&sw, opts.swap)?;
         if let Some(e) = r.error {
             return Err(format!("vm {}: eviction stopped: {e}", vm.name()));
         }
-        written += vm.shared().swap.stats().map_or(0, |s| s.pages_out);
+        written += sw.stats().pages_out;
     }
     phase("swap", format!("{written} pages written to the VMs' .vswp files in {}", opts.swap_dir.display()), &mut out);
 
     for vm in vms {
         verify(vm, PHASE_LIMIT)?;
     }
-    let faulted: u64 = vms.iter().filter_map(|vm| vm.shared().swap.stats()).map(|s| s.pages_in + s.prefetched).sum();
+    let faulted: u64 =
+        (0..vms.len()).filter_map(|i| host.swapper(i)).map(|sw| sw.stats()).map(|s| s.pages_in + s.prefetched).sum();
     phase("verify", format!("every guest page holds what its guest wrote; {faulted} pages read back"), &mut out);
 
     for vm in vms {

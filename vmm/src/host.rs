@@ -1,9 +1,32 @@
-//! A host process running several VMs at once (`vmm run --vms N` or a config file):
-//! creates them all before starting any, starts them together, watches them
-//! (hangs, time limit, interruption) and collects their reports.
+//! A host process running several VMs at once, and everything that reclaims their
+//! memory: [`Host`].
 //!
-//! One process hosting every VM is what lets page sharing merge pages across VMs:
-//! with `--tps` one scanner covers them all ([`PageSharing`]).
+//! One process hosting every VM is what lets page sharing merge pages across VMs.
+//! A `Host` owns the VMs, the page-sharing scanner over all of them, a swapper per
+//! VM, the free-memory policy thread and the control socket, starts them in one
+//! order and tears them down in one order. `vmm run`, the demo, the benchmarks and
+//! the tests all build their VMs through it.
+//!
+//! **Start** ([`Host::create`], then [`Host::start`]):
+//! 1. every VM is created (RAM, memory slots, vCPUs, kernel, devices), none runs;
+//! 2. page sharing covers every VM's RAM (and attaches to its `RamChanges`);
+//! 3. the swap directory is cleaned of dead runs' files, each VM gets a swapper;
+//! 4. the policy thread starts over the VMs and their swappers;
+//! 5. the control socket opens;
+//! 6. [`Host::start`] starts every VM's device and vCPU threads.
+//!
+//! **Teardown** ([`Host::finish`]), each step for the reason given:
+//! 1. the policy thread stops: no balloon target, eviction or pause is issued any
+//!    more, and the pauses it held are released;
+//! 2. the control socket closes: no request reaches a VM that is going away;
+//! 3. the figures that need every VM alive are taken (page sharing's counters, the
+//!    guest memory held, the process's memory);
+//! 4. for each VM: it is stopped and its vCPUs leave the guest; then its swapper
+//!    goes (a vCPU blocked on a page whose slot is bad is released by closing the
+//!    userfaultfd, and the swap file is removed once nothing can fault on it); then
+//!    its threads are joined and it reports; then page sharing forgets it (its pool
+//!    references are dropped only once nothing runs in it);
+//! 5. the scanner stops, and the VMs' memory is unmapped last.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,16 +34,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use swapd::Swapper;
 
 use crate::api::server::Server;
 use crate::config::VmConfig;
-use crate::reclaim::policy::{PolicyOptions, PolicyThread};
+use crate::reclaim::policy::{PolicyHandle, PolicyOptions, PolicyThread, PolicyVm};
 use crate::reclaim::sharing::PageSharing;
-use crate::reclaim::swap::{self, SwapOptions};
-use crate::vm::{open_kvm, Vm, VmReport};
+use crate::reclaim::swap::{self, SwapOptions, SwapSlot};
+use crate::vm::{open_kvm, Vm, VmReport, VmShared};
 
 /// How often the host checks its VMs.
 const TICK: Duration = Duration::from_millis(20);
+
+/// How long a VM's vCPUs get to leave the guest at teardown before its swapper goes.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// Everything `vmm run` reports at the end.
 #[derive(Debug, Serialize)]
@@ -43,21 +70,268 @@ pub struct HostReport {
     pub policy: Option<policy::PolicyStats>,
 }
 
-/// Options of a run.
-#[derive(Default)]
-pub struct RunOptions<'a> {
-    /// Stop every VM after this long.
-    pub timeout: Option<Duration>,
-    /// Set from outside (e.g. SIGINT) to stop every VM.
-    pub interrupted: Option<&'a AtomicBool>,
-    /// Serve the control API on this Unix socket.
-    pub api_socket: Option<PathBuf>,
+/// What a host runs besides its VMs.
+#[derive(Clone, Debug, Default)]
+pub struct HostOptions {
     /// Page sharing over all the VMs, with this configuration (None: off).
     pub tps: Option<tps::Config>,
     /// A host swapper for every VM (None: off).
     pub swap: Option<SwapOptions>,
     /// The free-memory policy over every VM (None: off).
     pub policy: Option<PolicyOptions>,
+    /// Serve the control API on this Unix socket.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// How [`Host::watch`] decides to stop the VMs from outside.
+#[derive(Default)]
+pub struct WatchLimits<'a> {
+    /// Stop every VM after this long.
+    pub timeout: Option<Duration>,
+    /// Set from outside (e.g. SIGINT) to stop every VM.
+    pub interrupted: Option<&'a AtomicBool>,
+}
+
+/// Why a host could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// Two VMs share a name, or a configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// A VM could not be created or started.
+    #[error("{0}")]
+    Vm(String),
+    /// Page sharing could not cover the VMs.
+    #[error("page sharing: {0}")]
+    Sharing(#[from] tps::Error),
+    /// The swap directory or a swapper could not be set up.
+    #[error("{0}")]
+    Swap(String),
+    /// The free-memory policy could not start.
+    #[error("free-memory policy: {0}")]
+    Policy(#[from] crate::reclaim::policy::PolicyError),
+    /// The control socket could not be opened.
+    #[error("control API: {0}")]
+    Api(#[from] crate::api::listener::ListenError),
+}
+
+/// What the control API, the demo and the tests see of a host: its VMs and their
+/// reclaimers, fixed when the host is created.
+pub struct HostShared {
+    vms: Vec<Arc<VmShared>>,
+    sharing: Option<PageSharing>,
+    /// The swapper of VM `i`, while it has one.
+    swappers: Vec<SwapSlot>,
+    policy: Option<PolicyHandle>,
+}
+
+impl HostShared {
+    /// The VMs, in configuration order.
+    pub fn vms(&self) -> &[Arc<VmShared>] {
+        &self.vms
+    }
+
+    /// The VM called `name`, with its index.
+    pub fn vm(&self, name: &str) -> Option<(usize, &Arc<VmShared>)> {
+        self.vms.iter().enumerate().find(|(_, v)| v.name() == name)
+    }
+
+    /// Page sharing, if on.
+    pub fn sharing(&self) -> Option<&PageSharing> {
+        self.sharing.as_ref()
+    }
+
+    /// The swapper of VM `index`, if it has one (and has not ended).
+    pub fn swapper(&self, index: usize) -> Option<Arc<Swapper>> {
+        self.swappers.get(index).and_then(SwapSlot::get)
+    }
+
+    /// The free-memory policy, if it runs.
+    pub fn policy(&self) -> Option<&PolicyHandle> {
+        self.policy.as_ref()
+    }
+
+    /// The free-memory policy's counters and state history, if it runs.
+    pub fn policy_stats(&self) -> Option<policy::PolicyStats> {
+        self.policy.as_ref().map(PolicyHandle::stats)
+    }
+
+    /// Host memory holding the guests' RAM now: their private pages plus page
+    /// sharing's pool, or without page sharing their `Pss`.
+    pub fn guest_memory_bytes(&self) -> u64 {
+        match &self.sharing {
+            Some(s) => s.guest_memory_bytes(self.vms.iter().map(|v| &**v.ram())),
+            None => self.vms.iter().map(|v| v.ram().resident_bytes()).sum(),
+        }
+    }
+}
+
+/// VMs and the reclaimers over them, started and torn down together.
+pub struct Host {
+    vms: Vec<Vm>,
+    shared: Arc<HostShared>,
+    policy: Option<PolicyThread>,
+    api: Option<Server>,
+}
+
+impl Host {
+    /// Creates every VM of `configs` and the reclaimers `opts` asks for; nothing runs
+    /// yet. `t0` is the reference time of the boot figures. The first error undoes
+    /// everything.
+    pub fn create(configs: &[VmConfig], t0: Instant, opts: HostOptions) -> Result<Host, HostError> {
+        crate::config::check_unique_names(configs).map_err(HostError::Config)?;
+        let kvm = open_kvm().map_err(HostError::Vm)?;
+        let label = configs.len() > 1;
+        let vms = configs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Vm::create(&kvm, c, i as u32, t0, label))
+            .collect::<Result<Vec<Vm>, String>>()
+            .map_err(HostError::Vm)?;
+        let sharing = opts.tps.map(|c| PageSharing::start(c, &vms)).transpose()?;
+        let swappers: Vec<SwapSlot> = vms.iter().map(|_| SwapSlot::default()).collect();
+        if let Some(s) = &opts.swap {
+            swap::prepare_dir(&s.dir).map_err(HostError::Swap)?;
+            for (vm, slot) in vms.iter().zip(&swappers) {
+                slot.set(swap::attach(vm.shared(), s).map_err(HostError::Swap)?);
+            }
+        }
+        let policy = match &opts.policy {
+            Some(p) => {
+                let members = vms
+                    .iter()
+                    .zip(&swappers)
+                    .map(|(vm, slot)| PolicyVm {
+                        vm: vm.shared().clone(),
+                        swapper: slot.get(),
+                        limit: vm.config().limit,
+                        slots: vm.memory_slots().clone(),
+                    })
+                    .collect();
+                Some(PolicyThread::start(members, p)?)
+            }
+            None => None,
+        };
+        let shared = Arc::new(HostShared {
+            vms: vms.iter().map(|vm| vm.shared().clone()).collect(),
+            sharing,
+            swappers,
+            policy: policy.as_ref().map(PolicyThread::handle),
+        });
+        let api = match &opts.api_socket {
+            Some(path) => Some(Server::start(path, shared.clone())?),
+            None => None,
+        };
+        Ok(Host { vms, shared, policy, api })
+    }
+
+    /// Starts every VM's device and vCPU threads.
+    pub fn start(&mut self) -> Result<(), HostError> {
+        self.vms.iter_mut().try_for_each(Vm::start).map_err(HostError::Vm)
+    }
+
+    /// The VMs, in configuration order.
+    pub fn vms(&self) -> &[Vm] {
+        &self.vms
+    }
+
+    /// What the control API sees: the VMs and their reclaimers.
+    pub fn shared(&self) -> &Arc<HostShared> {
+        &self.shared
+    }
+
+    /// Page sharing, if on.
+    pub fn sharing(&self) -> Option<&PageSharing> {
+        self.shared.sharing()
+    }
+
+    /// The swapper of VM `index`, if it has one.
+    pub fn swapper(&self, index: usize) -> Option<Arc<Swapper>> {
+        self.shared.swapper(index)
+    }
+
+    /// The control socket, if one is served.
+    pub fn api_socket(&self) -> Option<&std::path::Path> {
+        self.api.as_ref().map(Server::path)
+    }
+
+    /// Watches the VMs until every one has ended: ends a guest that stopped making
+    /// progress (hang timeout), stops them all on interruption or at the time limit.
+    pub fn watch(&mut self, limits: WatchLimits) {
+        let deadline = limits.timeout.map(|t| Instant::now() + t);
+        loop {
+            let now = Instant::now();
+            for vm in &mut self.vms {
+                vm.check_hang(now);
+            }
+            if limits.interrupted.is_some_and(|f| f.load(Ordering::Relaxed)) {
+                self.stop_all("interrupted");
+            }
+            if deadline.is_some_and(|d| now >= d) {
+                let t = limits.timeout.unwrap_or_default().as_secs_f64();
+                self.stop_all(&format!("time limit of {t:.1}s reached"));
+            }
+            if self.vms.iter().all(|vm| vm.ending().is_some()) {
+                return;
+            }
+            std::thread::sleep(TICK);
+        }
+    }
+
+    /// Stops the free-memory policy early (no more balloon targets, evictions or
+    /// pauses; the pauses it held are released), e.g. to hold the guests still for
+    /// checks; returns its last counters. Teardown skips it then.
+    pub fn stop_policy(&mut self) -> Option<policy::PolicyStats> {
+        let thread = self.policy.take()?;
+        let stats = thread.stats();
+        drop(thread);
+        Some(stats)
+    }
+
+    /// Stops every VM that still runs.
+    pub fn stop_all(&self, why: &str) {
+        self.vms.iter().filter(|vm| vm.ending().is_none()).for_each(|vm| vm.stop(why));
+    }
+
+    /// Tears everything down in the order of the module documentation and reports.
+    /// VMs still running are stopped.
+    pub fn finish(self) -> HostReport {
+        let Host { vms, shared, policy, api } = self;
+        let policy = policy.map(|p| {
+            let stats = p.stats();
+            drop(p);
+            stats
+        });
+        drop(api);
+        let tps = shared.sharing().map(PageSharing::stats);
+        let pss: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
+        let guest = shared.guest_memory_bytes();
+        let overhead = pagestate::residency::process_rss().saturating_sub(pss);
+        let reports = vms
+            .into_iter()
+            .enumerate()
+            .map(|(i, vm)| {
+                vm.stop("finished by its host");
+                vm.wait_exited(EXIT_WAIT);
+                let swap = shared.swappers[i].close();
+                let mut report = vm.finish();
+                report.swap = swap;
+                if let Some(s) = shared.sharing() {
+                    s.vm_ended(i);
+                }
+                report
+            })
+            .collect();
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        HostReport {
+            vms: reports,
+            process_rss_mib: mib(overhead + guest),
+            guest_rss_mib: mib(guest),
+            vmm_overhead_mib: mib(overhead),
+            tps,
+            policy,
+        }
+    }
 }
 
 /// Set by SIGINT or SIGTERM once [`install_interrupt_handler`] has run.
@@ -80,92 +354,14 @@ pub fn install_interrupt_handler() -> &'static AtomicBool {
     &INTERRUPTED
 }
 
-/// Creates, starts and runs the VMs to their end. `t0` is the reference time of the
-/// boot figures.
-pub fn run(configs: &[VmConfig], t0: Instant, opts: RunOptions) -> Result<HostReport, String> {
-    let mut vms = create_all(configs, t0)?;
-    let sharing = opts.tps.map(|c| PageSharing::start(c, &vms)).transpose().map_err(|e| e.to_string())?.map(Arc::new);
-    if let Some(s) = &opts.swap {
-        swap::start(&vms, s)?;
+/// `vmm run`: creates, starts and watches the VMs to their end, then tears down.
+pub fn run(configs: &[VmConfig], t0: Instant, opts: HostOptions, limits: WatchLimits) -> Result<HostReport, HostError> {
+    let mut host = Host::create(configs, t0, opts)?;
+    if let Err(e) = host.start() {
+        host.stop_all(&format!("start failed: {e}"));
+        host.finish();
+        return Err(e);
     }
-    let policy = opts.policy.map(|p| PolicyThread::start(&vms, &p)).transpose().map_err(|e| e.to_string())?;
-    let _api = match &opts.api_socket {
-        Some(path) => Some(
-            Server::start(
-                path,
-                vms.iter().map(|vm| vm.shared().clone()).collect(),
-                sharing.clone(),
-                policy.as_ref().map(PolicyThread::counters),
-            )
-            .map_err(|e| e.to_string())?,
-        ),
-        None => None,
-    };
-    for vm in &mut vms {
-        vm.start()?;
-    }
-    let deadline = opts.timeout.map(|t| Instant::now() + t);
-    loop {
-        let now = Instant::now();
-        for vm in &mut vms {
-            vm.check_hang(now);
-        }
-        if opts.interrupted.is_some_and(|f| f.load(Ordering::Relaxed)) {
-            vms.iter().for_each(|vm| vm.stop("interrupted"));
-        }
-        if deadline.is_some_and(|d| now >= d) {
-            let t = opts.timeout.unwrap_or_default().as_secs_f64();
-            vms.iter().for_each(|vm| vm.stop(&format!("time limit of {t:.1}s reached")));
-        }
-        if vms.iter().all(|vm| vm.ending().is_some()) {
-            break;
-        }
-        std::thread::sleep(TICK);
-    }
-    let policy = policy.map(|p| p.stats());
-    Ok(HostReport { policy, ..finish_with_sharing(vms, sharing.as_deref()) })
-}
-
-/// Creates every VM (none runs yet); the first error aborts all.
-pub fn create_all(configs: &[VmConfig], t0: Instant) -> Result<Vec<Vm>, String> {
-    crate::config::check_unique_names(configs)?;
-    let kvm = open_kvm()?;
-    let label = configs.len() > 1;
-    configs.iter().enumerate().map(|(i, c)| Vm::create(&kvm, c, i as u32, t0, label)).collect()
-}
-
-/// Reports of ended VMs plus the process's memory figures.
-pub fn finish_all(vms: Vec<Vm>) -> HostReport {
-    finish_with_sharing(vms, None)
-}
-
-/// [`finish_all`] for VMs covered by `sharing`: its counters, taken while every VM
-/// still holds its shares, go into the report, and each VM leaves it once its
-/// threads are gone. (An ended VM is never paused, so nothing is merged in it
-/// meanwhile.)
-pub fn finish_with_sharing(vms: Vec<Vm>, sharing: Option<&PageSharing>) -> HostReport {
-    let tps = sharing.map(PageSharing::stats);
-    let pss: u64 = vms.iter().map(|vm| vm.ram().resident_bytes()).sum();
-    let overhead = pagestate::residency::process_rss().saturating_sub(pss);
-    let guest = sharing.map_or(pss, |s| s.guest_memory_bytes(&vms));
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let reports = vms
-        .into_iter()
-        .enumerate()
-        .map(|(i, vm)| {
-            let report = vm.finish();
-            if let Some(s) = sharing {
-                s.vm_ended(i);
-            }
-            report
-        })
-        .collect();
-    HostReport {
-        vms: reports,
-        process_rss_mib: mib(overhead + guest),
-        guest_rss_mib: mib(guest),
-        vmm_overhead_mib: mib(overhead),
-        tps,
-        policy: None,
-    }
+    host.watch(limits);
+    Ok(host.finish())
 }

@@ -9,14 +9,17 @@
 //! - [`memory`]: guest RAM (anonymous, private, 4 KiB host pages by default), its
 //!   residency, and the discard route every reclaimer frees guest pages through;
 //! - [`x86`], [`loader`], [`boot`]: long mode, page tables, PVM specifics, kernel
-//!   image and boot information;
-//! - [`devices`], [`console`]: port I/O devices (16550 console, system ports) and
-//!   the virtio-mmio balloon with its worker thread;
-//! - [`vcpu`], [`kvm_stats`]: vCPU threads and exits (their pause, resume and stop
-//!   are `pagestate::RunControl`, shared with the reclaimers); KVM's binary
-//!   statistics;
-//! - [`vm`], [`control`]: one VM and its run-time command channel;
-//! - [`host`]: several VMs in one process;
+//!   image and boot information; [`linux`]: the Linux boot protocol (bzImage,
+//!   vmlinux, zero page, ACPI, in-kernel irqchip), also used by the test guest
+//!   packaged as a bzImage;
+//! - [`devices`], [`console`], [`console_input`]: port I/O devices (16550 console,
+//!   system ports) and the virtio-mmio balloon with its worker thread;
+//! - [`vm`], [`control`], [`kvm_stats`]: one VM (its vCPU threads and exits; what
+//!   other threads share of it, `VmShared`; their pause, resume and stop are
+//!   `pagestate::RunControl`, shared with the reclaimers), its run-time command
+//!   channel, KVM's binary statistics;
+//! - [`host`]: the VMs of one process and everything that reclaims their memory,
+//!   started and torn down in one order;
 //! - [`reclaim`]: page sharing over the VMs of the process, a host swapper per VM,
 //!   and the free-memory policy thread that drives balloons and swappers;
 //! - [`api`]: the control socket (`vmm ctl`);
@@ -30,14 +33,15 @@ pub mod bench;
 pub mod boot;
 pub mod config;
 pub mod console;
+pub mod console_input;
 pub mod control;
 pub mod demo;
 pub mod devices;
 pub mod host;
 pub mod kvm_stats;
+pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod reclaim;
-pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -29,6 +29,7 @@ pub struct LoadedKernel {
 pub fn kernel_bytes(kernel: &Kernel) -> Result<Vec<u8>, String> {
     match kernel {
         Kernel::Builtin => Ok(BUILTIN_GUEST.to_vec()),
+        Kernel::BuiltinBzImage => crate::linux::guest_image::bzimage(BUILTIN_GUEST).map_err(|e| e.to_string()),
         Kernel::Path(p) => read_file(p),
     }
 }

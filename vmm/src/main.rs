@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use vmm::api::Request;
 use vmm::config::{self, ConsoleTarget, Kernel, VmConfig};
 use vmm::devices::virtio::balloon::BalloonConfig;
-use vmm::host::{self, RunOptions};
+use vmm::host::{self, HostOptions, WatchLimits};
 use vmm::memory::HostPages;
 use vmm::reclaim::policy::{HostMemChoice, PolicyOptions};
 use vmm::reclaim::sharing;
@@ -145,19 +145,33 @@ struct RunArgs {
     #[arg(long, default_value_t = 1, value_name = "N", conflicts_with = "config")]
     vms: u32,
     /// TOML file listing VMs ([[vm]] with name, mem, vcpus, workload, kernel,
-    /// console, host_pages, hang_timeout; [defaults] for all). Command-line values
+    /// cmdline, initrd, console, host_pages, hang_timeout; [defaults] for all). Command-line values
     /// are the defaults of the file.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// An x86-64 ELF kernel to boot instead of the built-in test guest.
+    /// A kernel to boot instead of the built-in test guest: an x86-64 ELF of the
+    /// VMM's protocol, a Linux bzImage or vmlinux (hosts with VMX/SVM only; see
+    /// docs/linux.md), or builtin:bzimage (the test guest through the Linux boot
+    /// protocol).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Kernel command line for a bzImage or vmlinux (default for Linux: "console=ttyS0
+    /// reboot=k pci=off i8042.noaux i8042.nomux i8042.dumbkbd").
+    #[arg(long, value_name = "TEXT")]
+    cmdline: Option<String>,
+    /// Initrd (initramfs) for a bzImage or vmlinux.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
     /// The test guest's boot workload.
     #[arg(long, value_name = "PROGRAM", default_value = config::DEFAULT_WORKLOAD)]
     workload: String,
     /// Write each VM's console to DIR/NAME.log instead of stdout.
     #[arg(long, value_name = "DIR")]
     console_dir: Option<PathBuf>,
+    /// stdout (default), or stdio: stdin is typed into the guest's serial console
+    /// too (one VM; e.g. a Linux shell).
+    #[arg(long, value_name = "stdout|stdio", conflicts_with = "console_dir", value_parser = parse_console)]
+    console: Option<ConsoleTarget>,
     /// Back guest RAM with transparent huge pages (default: 4 KiB pages, which is
     /// what reclamation works on).
     #[arg(long)]
@@ -218,6 +232,14 @@ fn parse_victims(text: &str) -> Result<swapd::VictimPolicy, String> {
         "random" => Ok(swapd::VictimPolicy::Random),
         "idle" => Ok(swapd::VictimPolicy::Idle),
         _ => Err(format!("{text:?}: expected random or idle")),
+    }
+}
+
+fn parse_console(text: &str) -> Result<ConsoleTarget, String> {
+    match text {
+        "stdout" => Ok(ConsoleTarget::Stdout),
+        "stdio" => Ok(ConsoleTarget::Stdio),
+        _ => Err(format!("{text:?}: expected stdout or stdio")),
     }
 }
 
@@ -421,18 +443,10 @@ fn run(args: RunArgs, t0: Instant) -> Result<u8, String> {
     let api_socket = args.api_sock.clone().unwrap_or_else(|| vmm::api::default_socket(std::process::id()));
     let swap = swap_options(&args);
     let policy = policy_options(&args, &configs, swap.as_ref())?;
-    let report = host::run(
-        &configs,
-        t0,
-        RunOptions {
-            timeout: args.timeout,
-            interrupted: Some(interrupted),
-            api_socket: Some(api_socket),
-            tps: Some(args.tps.clone()).filter(|c| c.enabled),
-            swap,
-            policy,
-        },
-    )?;
+    let opts =
+        HostOptions { tps: Some(args.tps.clone()).filter(|c| c.enabled), swap, policy, api_socket: Some(api_socket) };
+    let limits = WatchLimits { timeout: args.timeout, interrupted: Some(interrupted) };
+    let report = host::run(&configs, t0, opts, limits).map_err(|e| e.to_string())?;
     Ok(print_report(&report))
 }
 
@@ -544,8 +558,10 @@ fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
     let mut base = VmConfig::new("vm0", args.mem);
     base.vcpus = args.vcpus;
     base.workload = args.workload.clone();
-    base.kernel = args.kernel.clone().map_or(Kernel::Builtin, Kernel::Path);
-    base.console = ConsoleTarget::Stdout;
+    base.kernel = args.kernel.clone().map_or(Kernel::Builtin, Kernel::from_arg);
+    base.cmdline = args.cmdline.clone();
+    base.initrd = args.initrd.clone();
+    base.console = args.console.clone().unwrap_or(ConsoleTarget::Stdout);
     base.host_pages = if args.thp { HostPages::Thp } else { HostPages::Small };
     base.hang_timeout = args.hang_timeout;
     base.limit = args.limit;
@@ -567,6 +583,9 @@ fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, String> {
     }
     for c in &configs {
         c.validate()?;
+    }
+    if configs.len() > 1 && configs.iter().any(|c| c.console == ConsoleTarget::Stdio) {
+        return Err("an interactive console (stdio) takes one VM: stdin can only go to one guest".into());
     }
     Ok(configs)
 }

@@ -11,17 +11,20 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
 
 use common::TempDir;
 use vmm::api::listener::{Limits, ListenError};
-use vmm::api::server::{Server, Targets};
+use vmm::api::server::Server;
+use vmm::host::{Host, HostOptions, HostShared};
 
-/// No VMs: the socket layer is the subject.
-fn no_vms() -> Targets {
-    Targets { vms: Vec::new(), tps: None, policy: None }
+/// A host with no VMs: the socket layer is the subject.
+fn no_vms() -> Arc<HostShared> {
+    let host = Host::create(&[], Instant::now(), HostOptions::default()).expect("a host without VMs");
+    host.shared().clone()
 }
 
 fn limits() -> Limits {

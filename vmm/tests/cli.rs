@@ -77,7 +77,8 @@ fn bad_input_gets_one_line_errors() {
         (&["run", "--mem", "lots"], "bad size"),
         (&["run", "--vcpus", "0"], "vcpus"),
         (&["run", "--workload", "alloc 1M purple"], "bad workload"),
-        (&["run", "--kernel", "/etc/hostname"], "not an x86-64 ELF"),
+        (&["run", "--kernel", "/etc/hostname"], "not a kernel this VMM boots"),
+        (&["run", "--kernel", "builtin:bzimage", "--initrd", "/nonexistent/initrd"], "cannot read initrd"),
         (&["run", "--kernel", "/nonexistent/kernel"], "cannot read kernel"),
         (&["run", "--config", "/nonexistent.toml"], "cannot read config"),
     ];

@@ -25,6 +25,7 @@
 #![no_std]
 
 pub mod content;
+pub mod linux;
 pub mod step;
 pub mod workload;
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmm::config::VmConfig;
 use vmm::console::GuestStep;
-use vmm::host::{self, HostReport};
+use vmm::host::{Host, HostOptions, HostReport, WatchLimits};
 use vmm::reclaim::sharing::PageSharing;
 use vmm::vm::Vm;
 
@@ -36,11 +36,7 @@ pub struct Run {
 impl Run {
     /// The JSON objects VM `vm` printed (its events: `boot`, `serving`, ...).
     pub fn json(&self, vm: usize) -> Vec<Value> {
-        self.consoles[vm]
-            .iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(Value::is_object)
-            .collect()
+        json_objects(&self.consoles[vm])
     }
 
     /// The step results VM `vm` printed.
@@ -55,24 +51,22 @@ impl Run {
     }
 }
 
+/// The console lines that are JSON objects (the guest's events, not its steps).
+pub fn json_objects(lines: &[String]) -> Vec<Value> {
+    lines.iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(Value::is_object).collect()
+}
+
 /// Runs `configs` to their end (2 minutes at most).
 pub fn run(configs: &[VmConfig]) -> Run {
-    require_kvm();
-    let t0 = Instant::now();
-    let mut vms = host::create_all(configs, t0).expect("create VMs");
-    for vm in &mut vms {
-        vm.start().expect("start");
+    let mut running = start_on(configs, HostOptions::default());
+    let host = running.0.as_mut().expect("a host");
+    host.watch(WatchLimits { timeout: Some(Duration::from_secs(120)), ..WatchLimits::default() });
+    let consoles: Vec<Vec<String>> = host.vms().iter().map(|vm| vm.console().lines()).collect();
+    let report = running.finish();
+    for vm in &report.vms {
+        let limit = vm.error.as_deref().is_some_and(|e| e.contains("time limit"));
+        assert!(!limit, "{} did not finish within 2 minutes", vm.vm);
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while vms.iter().any(|vm| vm.ending().is_none()) {
-        assert!(Instant::now() < deadline, "VMs did not finish within 2 minutes");
-        for vm in &mut vms {
-            vm.check_hang(Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let consoles: Vec<Vec<String>> = vms.iter().map(|vm| vm.console().lines()).collect();
-    let report = host::finish_all(vms);
     for (c, vm) in consoles.iter().zip(&report.vms) {
         // Trailing partial lines are flushed at finish; nothing else is lost.
         assert!(!c.is_empty() || vm.exit_code.is_none(), "{}: empty console", vm.vm);
@@ -85,13 +79,64 @@ pub fn run_one(config: VmConfig) -> Run {
     run(&[config])
 }
 
-/// Starts one VM and returns it running (for run-time commands).
-pub fn start(config: VmConfig) -> Vm {
+/// VMs running on a [`Host`], torn down (in the host's order) when dropped. With
+/// one VM it reads as that VM.
+pub struct Running(Option<Host>);
+
+impl Running {
+    /// The host.
+    pub fn host(&self) -> &Host {
+        self.0.as_ref().expect("a host until finished")
+    }
+
+    /// The host, to change it.
+    pub fn host_mut(&mut self) -> &mut Host {
+        self.0.as_mut().expect("a host until finished")
+    }
+
+    /// VM `i`.
+    pub fn vm(&self, i: usize) -> &Vm {
+        &self.host().vms()[i]
+    }
+
+    /// Tears everything down now and reports.
+    pub fn finish(mut self) -> HostReport {
+        self.0.take().expect("a host").finish()
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Vm;
+    fn deref(&self) -> &Vm {
+        self.vm(0)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(host) = self.0.take() {
+            host.finish();
+        }
+    }
+}
+
+/// Creates `configs` on a host with no reclaimer, none started (the error as the
+/// user would read it).
+pub fn create(configs: &[VmConfig]) -> Result<Host, String> {
+    Host::create(configs, Instant::now(), HostOptions::default()).map_err(|e| e.to_string())
+}
+
+/// Creates `configs` on a host with the reclaimers of `opts` and starts them.
+pub fn start_on(configs: &[VmConfig], opts: HostOptions) -> Running {
     require_kvm();
-    let mut vms = host::create_all(&[config], Instant::now()).expect("create VM");
-    let mut vm = vms.pop().unwrap();
-    vm.start().expect("start");
-    vm
+    let mut host = Host::create(configs, Instant::now(), opts).expect("create the VMs");
+    host.start().expect("start");
+    Running(Some(host))
+}
+
+/// Starts one VM and returns it running (for run-time commands).
+pub fn start(config: VmConfig) -> Running {
+    start_on(&[config], HostOptions::default())
 }
 
 /// Waits until the guest of `vm` serves run-time commands.
@@ -186,3 +231,43 @@ pub fn converge(sharing: &PageSharing) -> tps::Stats {
     assert!(sharing.scanner().wait_passes(passes + 2, Duration::from_secs(120)), "no full pass");
     sharing.stats()
 }
+
+/// How the test guest is booted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// Its ELF through the VMM's own protocol.
+    Elf,
+    /// Packaged as a bzImage, through the Linux boot protocol (zero page, e820,
+    /// command line, ACPI).
+    BzImage,
+}
+
+/// `config` booted the way `boot` says.
+pub fn via(boot: Boot, mut config: VmConfig) -> VmConfig {
+    if boot == Boot::BzImage {
+        config.kernel = vmm::config::Kernel::BuiltinBzImage;
+    }
+    config
+}
+
+/// Runs each named test function (`fn name(boot: Boot)`) twice, as `elf::name` and
+/// `bzimage::name`: through the VMM's own boot protocol and through Linux's.
+#[allow(unused_macros)] // each test binary uses a different subset
+macro_rules! on_both_boot_paths {
+    ($($name:ident),* $(,)?) => {
+        mod elf {
+            $(#[test]
+            fn $name() {
+                super::$name(super::common::Boot::Elf)
+            })*
+        }
+        mod bzimage {
+            $(#[test]
+            fn $name() {
+                super::$name(super::common::Boot::BzImage)
+            })*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_boot_paths;

@@ -8,6 +8,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -191,27 +193,35 @@ impl HostMemSource for Cgroup {
 }
 
 /// A configured budget (`--host-mem 2G`): free = budget - memory resident for the
-/// VMs (given by a callback, e.g. the sum of the VMs' guest RAM residency).
+/// VMs (given by a callback, e.g. the sum of the VMs' guest RAM residency). The
+/// budget can be changed while the policy runs (through [`Budget::handle`]): a
+/// scenario that tightens the host step by step, a test that sets it once the guests
+/// have filled their memory.
 pub struct Budget {
-    bytes: u64,
+    bytes: Arc<AtomicU64>,
     resident: Box<dyn Fn() -> u64 + Send>,
 }
 
 impl Budget {
     /// A budget of `bytes`, of which `resident()` bytes are used.
     pub fn new(bytes: u64, resident: impl Fn() -> u64 + Send + 'static) -> Budget {
-        Budget { bytes, resident: Box::new(resident) }
+        Budget { bytes: Arc::new(AtomicU64::new(bytes)), resident: Box::new(resident) }
+    }
+
+    /// The budget itself: a store changes it from the next sample on.
+    pub fn handle(&self) -> Arc<AtomicU64> {
+        self.bytes.clone()
     }
 }
 
 impl HostMemSource for Budget {
     fn sample(&mut self) -> Result<HostMem, HostMemError> {
-        let used = (self.resident)();
-        Ok(HostMem { total_bytes: self.bytes, free_bytes: self.bytes.saturating_sub(used) })
+        let (bytes, used) = (self.bytes.load(Ordering::Relaxed), (self.resident)());
+        Ok(HostMem { total_bytes: bytes, free_bytes: bytes.saturating_sub(used) })
     }
 
     fn describe(&self) -> String {
-        format!("budget of {} MiB", self.bytes >> 20)
+        format!("budget of {} MiB", self.bytes.load(Ordering::Relaxed) >> 20)
     }
 }
 
@@ -273,6 +283,9 @@ mod tests {
         assert_eq!(b.sample().unwrap(), HostMem { total_bytes: 2 * GIB, free_bytes: GIB / 2 });
         used.store(3 * GIB, Relaxed);
         assert_eq!(b.sample().unwrap().free_bytes, 0);
+        b.handle().store(4 * GIB, Relaxed);
+        assert_eq!(b.sample().unwrap(), HostMem { total_bytes: 4 * GIB, free_bytes: GIB }, "a changed budget");
+        assert_eq!(b.describe(), "budget of 4096 MiB");
 
         // The real ones on this machine answer sensibly.
         let h = MemInfo::new().sample().unwrap();

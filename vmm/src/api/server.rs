@@ -23,8 +23,7 @@ use crate::config::parse_size;
 use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, TargetMode};
-use crate::reclaim::policy::PolicyCounters;
-use crate::reclaim::sharing::PageSharing;
+use crate::host::HostShared;
 use crate::vm::VmShared;
 
 /// How long `balloon_stats` waits for the guest to answer with fresh statistics.
@@ -38,20 +37,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `path` (mode 0600) for requests about `vms`, their page sharing
-    /// and their free-memory policy. A stale socket left by a dead process is
-    /// replaced; a live one, or a file that is not a socket, is an error.
-    pub fn start(
-        path: &Path,
-        vms: Vec<Arc<VmShared>>,
-        tps: Option<Arc<PageSharing>>,
-        policy: Option<PolicyCounters>,
-    ) -> Result<Server, ListenError> {
-        Server::with_limits(path, Targets { vms, tps, policy }, Limits::default())
+    /// Listens on `path` (mode 0600) for requests about the VMs of `host` and their
+    /// reclaimers. A stale socket left by a dead process is replaced; a live one, or
+    /// a file that is not a socket, is an error.
+    pub fn start(path: &Path, host: Arc<HostShared>) -> Result<Server, ListenError> {
+        Server::with_limits(path, host, Limits::default())
     }
 
     /// Like [`Server::start`], with explicit client limits.
-    pub fn with_limits(path: &Path, targets: Targets, limits: Limits) -> Result<Server, ListenError> {
+    pub fn with_limits(path: &Path, host: Arc<HostShared>, limits: Limits) -> Result<Server, ListenError> {
         listener::claim(path)?;
         if path.file_name() == super::default_socket(std::process::id()).file_name() {
             for stale in listener::remove_stale_siblings(path.parent().unwrap_or(Path::new("."))) {
@@ -61,10 +55,9 @@ impl Server {
         let socket = listener::bind_private(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        let targets = Arc::new(targets);
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(socket, targets, limits, stop2))
+            .spawn(move || accept_loop(socket, host, limits, stop2))
             .map_err(|source| ListenError::Io { what: "starting the thread for", path: path.to_path_buf(), source })?;
         log::info!("control API on {}", path.display());
         Ok(Server { path: path.to_path_buf(), stop, thread: Some(thread) })
@@ -88,16 +81,6 @@ impl Drop for Server {
     }
 }
 
-/// What requests act on.
-pub struct Targets {
-    /// The VMs of the process.
-    pub vms: Vec<Arc<VmShared>>,
-    /// Page sharing, if on.
-    pub tps: Option<Arc<PageSharing>>,
-    /// The free-memory policy's counters, if it runs.
-    pub policy: Option<PolicyCounters>,
-}
-
 /// Counts a connection while its thread runs.
 struct Slot(Arc<AtomicUsize>);
 
@@ -107,7 +90,7 @@ impl Drop for Slot {
     }
 }
 
-fn accept_loop(socket: UnixListener, targets: Arc<Targets>, limits: Limits, stop: Arc<AtomicBool>) {
+fn accept_loop(socket: UnixListener, host: Arc<HostShared>, limits: Limits, stop: Arc<AtomicBool>) {
     let active = Arc::new(AtomicUsize::new(0));
     let mut last_error_logged: Option<Instant> = None;
     for stream in socket.incoming() {
@@ -132,10 +115,10 @@ fn accept_loop(socket: UnixListener, targets: Arc<Targets>, limits: Limits, stop
             continue;
         }
         let slot = Slot(active.clone());
-        let targets = targets.clone();
+        let host = host.clone();
         let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
             let _slot = slot;
-            serve(stream, &targets, limits)
+            serve(stream, &host, limits)
         });
         if let Err(e) = spawned {
             log::warn!("control API: cannot serve a connection: {e}");
@@ -150,7 +133,7 @@ fn refuse(mut stream: UnixStream, limits: &Limits) {
     let _ = writeln!(stream, "{}", serde_json::to_string(&why).expect("responses serialise"));
 }
 
-fn serve(stream: UnixStream, targets: &Targets, limits: Limits) {
+fn serve(stream: UnixStream, host: &HostShared, limits: Limits) {
     let Ok(mut out) = stream.try_clone() else { return };
     if out.set_write_timeout(Some(limits.write_timeout)).is_err() {
         return;
@@ -163,7 +146,7 @@ fn serve(stream: UnixStream, targets: &Targets, limits: Limits) {
                     .map_err(|e| e.to_string())
                     .and_then(|text| serde_json::from_str::<Request>(text.trim()).map_err(|e| e.to_string()));
                 match request {
-                    Ok(req) => (handle(req, targets), false),
+                    Ok(req) => (handle(req, host), false),
                     Err(e) => (Response::err(format!("bad request: {e}")), false),
                 }
             }
@@ -182,7 +165,7 @@ fn serve(stream: UnixStream, targets: &Targets, limits: Limits) {
 }
 
 /// Handles one request.
-pub fn handle(req: Request, vms: &Targets) -> Response {
+pub fn handle(req: Request, vms: &HostShared) -> Response {
     match run(req, vms) {
         Ok(v) => Response::ok(v),
         Err(e) => Response::err(e),
@@ -192,8 +175,8 @@ pub fn handle(req: Request, vms: &Targets) -> Response {
 fn select<'a>(vms: &'a [Arc<VmShared>], name: Option<&str>) -> Result<Vec<&'a Arc<VmShared>>, String> {
     match name {
         None => Ok(vms.iter().collect()),
-        Some(n) => vms.iter().find(|v| v.name == n).map(|v| vec![v]).ok_or_else(|| {
-            let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+        Some(n) => vms.iter().find(|v| v.name() == n).map(|v| vec![v]).ok_or_else(|| {
+            let names: Vec<&str> = vms.iter().map(|v| v.name()).collect();
             format!("no VM named {n:?} (VMs: {})", names.join(", "))
         }),
     }
@@ -203,7 +186,7 @@ fn per_vm<T>(
     vms: &[&Arc<VmShared>],
     f: impl Fn(&VmShared) -> Result<T, String>,
 ) -> Result<BTreeMap<String, T>, String> {
-    vms.iter().map(|vm| Ok((vm.name.clone(), f(vm)?))).collect()
+    vms.iter().map(|vm| Ok((vm.name().to_string(), f(vm)?))).collect()
 }
 
 /// Asks the guest for fresh statistics and waits up to [`FRESH_STATS_WAIT`] for
@@ -212,9 +195,9 @@ fn per_vm<T>(
 fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
     let before = dev.lock().unwrap().snapshot().stats_updates;
     let mut asked = false;
-    if let Some(_busy) = v.run.device_guard() {
+    if let Some(_busy) = v.run().device_guard() {
         asked = dev.lock().unwrap().request_stats();
-        v.run.wake();
+        v.run().wake();
     }
     let deadline = Instant::now() + FRESH_STATS_WAIT;
     loop {
@@ -226,48 +209,50 @@ fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
     }
 }
 
-fn run(req: Request, targets: &Targets) -> Result<Reply, String> {
-    let vms = &targets.vms[..];
-    let tps = || targets.tps.as_ref().ok_or("page sharing is off (start vmm run with --tps on)");
+fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
+    let vms = host.vms();
+    let tps = || host.sharing().ok_or("page sharing is off (start vmm run with --tps on)");
+    let swapper_of = |v: &VmShared| host.vm(v.name()).and_then(|(i, _)| host.swapper(i));
     match req {
-        Request::Vms => Ok(Reply::Vms(vms.iter().map(|v| v.name.clone()).collect())),
+        Request::Vms => Ok(Reply::Vms(vms.iter().map(|v| v.name().to_string()).collect())),
         Request::BalloonSet { size, vm } => {
             let bytes = parse_size(&size)?;
             let targets = select(vms, vm.as_deref())?;
             // Check every VM before changing any.
             for v in &targets {
-                if v.balloon.is_none() {
-                    return Err(format!("vm {} has no balloon device", v.name));
+                if v.balloon().is_none() {
+                    return Err(format!("vm {} has no balloon device", v.name()));
                 }
-                check_size(bytes, v.ram.size()).map_err(|e| format!("vm {}: {e}", v.name))?;
+                check_size(bytes, v.ram().size()).map_err(|e| format!("vm {}: {e}", v.name()))?;
             }
             per_vm(&targets, |v| {
-                let dev = v.balloon.as_ref().expect("checked above");
-                dev.lock().unwrap().set_target(bytes)?;
-                v.run.wake();
+                v.set_balloon_target(bytes).map_err(|e| e.to_string())?;
                 Ok(BalloonTarget { target_bytes: bytes, target_mode: TargetMode::Pinned })
             })
             .map(Reply::BalloonSet)
         }
         Request::BalloonAuto { vm } => {
             let targets = select(vms, vm.as_deref())?;
-            if let Some(v) = targets.iter().find(|v| v.balloon.is_none()) {
-                return Err(format!("vm {} has no balloon device", v.name));
+            if let Some(v) = targets.iter().find(|v| v.balloon().is_none()) {
+                return Err(format!("vm {} has no balloon device", v.name()));
             }
             let set = per_vm(&targets, |v| {
-                let mut dev = v.balloon.as_ref().expect("checked above").lock().unwrap();
-                dev.release_target();
-                let s = dev.snapshot();
+                let s = v.release_balloon_target().map_err(|e| e.to_string())?;
                 Ok(BalloonTarget { target_bytes: s.target_pages * guest_abi::PAGE_SIZE, target_mode: s.target_mode })
             })?;
             Ok(Reply::BalloonAuto(set))
         }
         Request::BalloonStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| {
-            let dev = v.balloon.as_ref().ok_or_else(|| format!("vm {} has no balloon device", v.name))?;
+            let dev = v.balloon().ok_or_else(|| format!("vm {} has no balloon device", v.name()))?;
             Ok(fresh_balloon_stats(v, dev))
         })
         .map(Reply::BalloonStats),
-        Request::VmStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.stats())).map(Reply::VmStats),
+        Request::VmStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| {
+            let mut stats = v.stats();
+            stats.swap = swapper_of(v).map(|sw| sw.stats());
+            Ok(stats)
+        })
+        .map(Reply::VmStats),
         Request::Command { vm, workload, timeout_s } => {
             let target = select(vms, Some(&vm))?[0];
             let timeout =
@@ -280,16 +265,17 @@ fn run(req: Request, targets: &Targets) -> Result<Reply, String> {
         Request::TpsSet { options } => Ok(Reply::TpsSet(tps()?.set_options(&options)?)),
         Request::SwapOut { size, vm } => {
             let bytes = parse_size(&size)?;
-            crate::reclaim::swap::swap_out(select(vms, Some(&vm))?[0], bytes).map(Reply::SwapOut)
+            let v = select(vms, Some(&vm))?[0];
+            let sw = swapper_of(v).ok_or_else(|| format!("vm {} has no swapper (run with --swap)", v.name()))?;
+            crate::reclaim::swap::swap_out(&sw, bytes).map(Reply::SwapOut)
         }
         Request::SwapStats { vm } => {
-            let vms = per_vm(&select(vms, vm.as_deref())?, |v| Ok(v.swap.stats()))?;
+            let vms = per_vm(&select(vms, vm.as_deref())?, |v| Ok(swapper_of(v).map(|sw| sw.stats())))?;
             Ok(Reply::SwapStats(SwapStatsResult { vms }))
         }
         Request::PolicyStats => {
-            let policy =
-                targets.policy.as_ref().ok_or("the free-memory policy is off (start vmm run with --policy on)")?;
-            Ok(Reply::PolicyStats(policy.get()))
+            let policy = host.policy_stats().ok_or("the free-memory policy is off (start vmm run with --policy on)")?;
+            Ok(Reply::PolicyStats(policy))
         }
     }
 }

@@ -9,8 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{median, print_table, wait, wait_serving, with_vm};
+use super::{median, print_table, wait, wait_serving, with_host};
 use crate::config::{format_size, VmConfig};
+use crate::host::HostOptions;
 use crate::vm::Vm;
 
 /// Parameters of the balloon benchmark.
@@ -112,7 +113,7 @@ fn measure(b: &BalloonBench, per_page: bool) -> Result<Sample, String> {
     balloon.free_page_reporting = false; // measure the balloon alone
     balloon.per_page_discard = per_page;
     cfg.balloon = Some(balloon);
-    with_vm(cfg, |vm| inflate_and_deflate(b, vm))
+    with_host(cfg, HostOptions::default(), |host| inflate_and_deflate(b, &host.vms()[0]))
 }
 
 fn inflate_and_deflate(b: &BalloonBench, vm: &Vm) -> Result<Sample, String> {
@@ -129,8 +130,7 @@ fn inflate_and_deflate(b: &BalloonBench, vm: &Vm) -> Result<Sample, String> {
     let dev = vm.balloon().ok_or("the VM has no balloon")?.clone();
     let target = b.inflate / guest_abi::PAGE_SIZE;
     let t = Instant::now();
-    dev.lock().unwrap().set_target(b.inflate)?;
-    vm.shared().run.wake();
+    vm.shared().set_balloon_target(b.inflate).map_err(|e| e.to_string())?;
     wait(vm, "to inflate its balloon", Duration::from_secs(300), || {
         let s = dev.lock().unwrap().snapshot();
         s.ballooned_pages >= target && s.actual_pages >= target
@@ -140,8 +140,7 @@ fn inflate_and_deflate(b: &BalloonBench, vm: &Vm) -> Result<Sample, String> {
     let s = dev.lock().unwrap().snapshot();
     let (discard_calls, discard_ms) = (s.discard_calls, s.discard_ms);
     let t = Instant::now();
-    dev.lock().unwrap().set_target(0)?;
-    vm.shared().run.wake();
+    vm.shared().set_balloon_target(0).map_err(|e| e.to_string())?;
     wait(vm, "to deflate its balloon", Duration::from_secs(300), || {
         let s = dev.lock().unwrap().snapshot();
         s.ballooned_pages == 0 && s.actual_pages == 0

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{median, print_table};
 use crate::config::{format_size, VmConfig};
-use crate::host::{self, RunOptions};
+use crate::host::{self, HostOptions, WatchLimits};
 use crate::memory::HostPages;
 
 /// Parameters of the boot benchmark.
@@ -102,11 +102,8 @@ fn measure(b: &BootBench, pages: HostPages) -> Result<ModeResult, String> {
         cfg.workload = format!("alloc {} unique; exit 0", b.alloc);
         cfg.host_pages = pages;
         let t0 = Instant::now();
-        let report = host::run(
-            &[cfg.clone()],
-            t0,
-            RunOptions { timeout: Some(Duration::from_secs(300)), ..Default::default() },
-        )?;
+        let limits = WatchLimits { timeout: Some(Duration::from_secs(300)), ..Default::default() };
+        let report = host::run(&[cfg.clone()], t0, HostOptions::default(), limits).map_err(|e| e.to_string())?;
         let vm = &report.vms[0];
         if vm.exit_code != Some(0) {
             return Err(format!("benchmark guest failed: {:?}", vm.error));

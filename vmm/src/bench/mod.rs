@@ -18,18 +18,19 @@ use std::time::{Duration, Instant};
 use guest_abi::workload::Op;
 
 use crate::config::VmConfig;
-use crate::host;
+use crate::host::{Host, HostOptions};
 use crate::vm::Vm;
 
-/// Boots one VM of `config`, hands it to `f`, and stops it afterwards whatever `f`
-/// returned.
-pub fn with_vm<T>(config: VmConfig, f: impl FnOnce(&Vm) -> Result<T, String>) -> Result<T, String> {
-    let mut vms = host::create_all(&[config], Instant::now())?;
-    let mut vm = vms.pop().expect("one VM");
-    vm.start()?;
-    let result = f(&vm);
-    vm.stop("benchmark done");
-    let _ = vm.finish();
+/// Boots one VM of `config` (with the reclaimers of `opts`) on a [`Host`], hands
+/// them to `f`, and tears everything down afterwards whatever `f` returned.
+pub fn with_host<T>(
+    config: VmConfig,
+    opts: HostOptions,
+    f: impl FnOnce(&Host) -> Result<T, String>,
+) -> Result<T, String> {
+    let mut host = Host::create(&[config], Instant::now(), opts).map_err(|e| e.to_string())?;
+    let result = host.start().map_err(|e| e.to_string()).and_then(|()| f(&host));
+    host.finish();
     result
 }
 

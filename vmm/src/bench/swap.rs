@@ -20,11 +20,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{print_table, verify, wait_serving, with_vm};
+use super::{print_table, verify, wait_serving, with_host};
 use crate::config::{format_size, VmConfig};
 use crate::devices::virtio::balloon::BalloonConfig;
+use crate::host::{Host, HostOptions};
 use crate::reclaim::swap::{self as vm_swap, DirtyLog, SwapOptions};
-use crate::vm::Vm;
 
 /// Parameters of the swap benchmark.
 pub struct SwapBench {
@@ -155,13 +155,16 @@ fn measure(b: &SwapBench, guest_order: bool) -> Result<Sample, String> {
     // Room for the data, the guest's bookkeeping and its kernel.
     let mut cfg = VmConfig::new("swapbench", b.evict + (b.evict / 8).max(64 << 20));
     cfg.workload = format!("alloc {} unique", b.evict);
-    with_vm(cfg, |vm| evict_and_read(b, vm, guest_order))
+    let opts = HostOptions { swap: Some(SwapOptions::new(&b.dir)), ..HostOptions::default() };
+    with_host(cfg, opts, |host| evict_and_read(host, guest_order))
 }
 
-fn evict_and_read(b: &SwapBench, vm: &Vm, guest_order: bool) -> Result<Sample, String> {
+/// The swapper registers guest RAM with its userfaultfd at the first eviction: the
+/// guest fills its memory at full speed before.
+fn evict_and_read(host: &Host, guest_order: bool) -> Result<Sample, String> {
+    let vm = &host.vms()[0];
     wait_serving(vm, Duration::from_secs(600))?;
-    vm_swap::attach(vm.shared(), &SwapOptions::new(&b.dir))?;
-    let sw = vm.shared().swap.get().expect("attached");
+    let sw = host.swapper(0).expect("a swapper");
     let resident = vm.ram().resident_bytes() / guest_abi::PAGE_SIZE;
     let t = Instant::now();
     let reclaimed = if guest_order {
@@ -213,14 +216,16 @@ pub fn victim_faults(dir: &Path, policy: swapd::VictimPolicy) -> Result<VictimSa
     // The freed 240 MiB must stay resident (a guest that does not report its free
     // memory): that is what idle victims should find.
     cfg.balloon = Some(BalloonConfig { free_page_reporting: false, ..BalloonConfig::default() });
-    with_vm(cfg, |vm| {
+    let mut swap = SwapOptions::new(dir);
+    swap.victims = policy;
+    with_host(cfg, HostOptions { swap: Some(swap), ..HostOptions::default() }, |host| {
+        let vm = &host.vms()[0];
         wait_serving(vm, Duration::from_secs(600))?;
-        let mut opts = SwapOptions::new(dir);
-        opts.victims = policy;
-        vm_swap::attach(vm.shared(), &opts)?;
-        let sw = vm.shared().swap.get().expect("attached");
+        let sw = host.swapper(0).expect("a swapper");
         let log = match policy {
-            swapd::VictimPolicy::Idle => Some(DirtyLog::enable(vm)?),
+            swapd::VictimPolicy::Idle => {
+                Some(DirtyLog::enable(vm.memory_slots().clone()).map_err(|e| format!("dirty log: {e}"))?)
+            }
             swapd::VictimPolicy::Random => None,
         };
         // The guest keeps its 16 MiB hot while the host reads the dirty log.
@@ -228,14 +233,14 @@ pub fn victim_faults(dir: &Path, policy: swapd::VictimPolicy) -> Result<VictimSa
             let guest = s.spawn(|| vm.run_command("repeat 10 { touch 16M; idle 50ms }", Duration::from_secs(600)));
             while !guest.is_finished() {
                 if let Some(l) = &log {
-                    l.feed(&sw)?;
+                    l.feed(&sw).map_err(|e| format!("dirty log: {e}"))?;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
             guest.join().expect("command thread").map(|_| ())
         })?;
         if let Some(l) = &log {
-            l.feed(&sw)?;
+            l.feed(&sw).map_err(|e| format!("dirty log: {e}"))?;
         }
         // What the guest pays afterwards: pages read back from the file while it
         // rewrites and checks its 16 MiB (hot pages that were evicted, and any of

@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::{median, print_table};
 use crate::config::{format_size, VmConfig};
-use crate::host;
-use crate::reclaim::sharing::PageSharing;
+use crate::host::{self, Host, HostOptions};
 use crate::vm::Vm;
 
 /// Parameters of the page sharing benchmark.
@@ -193,8 +192,10 @@ pub fn run(b: &TpsBench) -> Result<(), String> {
     Ok(())
 }
 
-/// Boots the VMs and waits until each has written its content mix.
-fn boot(b: &TpsBench) -> Result<Vec<Vm>, String> {
+/// Boots the VMs on a host (with page sharing covering them, scanning off when
+/// `sharing` is set, so that "before" precedes every merge) and waits until each has
+/// written its content mix.
+fn boot(b: &TpsBench, sharing: bool) -> Result<Host, String> {
     let q = format_size(b.size / 4);
     let h = format_size(b.size / 2);
     let configs: Vec<VmConfig> = (0..b.vms)
@@ -206,16 +207,24 @@ fn boot(b: &TpsBench) -> Result<Vec<Vm>, String> {
             c
         })
         .collect();
-    let mut vms = host::create_all(&configs, Instant::now())?;
-    for vm in &mut vms {
-        vm.start()?;
-    }
+    let tps = sharing.then(|| tps::Config { enabled: false, ..b.tps.clone() });
+    let mut host = Host::create(&configs, Instant::now(), HostOptions { tps, ..HostOptions::default() })
+        .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(600);
-    while vms.iter().any(|vm| vm.progress().state != guest_abi::guest_state::SERVING) {
-        check(&vms, deadline)?;
-        std::thread::sleep(POLL);
+    let booted = host.start().map_err(|e| e.to_string()).and_then(|()| {
+        while host.vms().iter().any(|vm| vm.progress().state != guest_abi::guest_state::SERVING) {
+            check(host.vms(), deadline)?;
+            std::thread::sleep(POLL);
+        }
+        Ok(())
+    });
+    match booted {
+        Ok(()) => Ok(host),
+        Err(e) => {
+            host.finish();
+            Err(e)
+        }
     }
-    Ok(vms)
 }
 
 /// Fails if a guest ended, the deadline passed or the user interrupted.
@@ -232,34 +241,17 @@ fn check(vms: &[Vm], deadline: Instant) -> Result<(), String> {
     Ok(())
 }
 
-fn shutdown(vms: Vec<Vm>, sharing: Option<&PageSharing>) {
-    for (i, vm) in vms.into_iter().enumerate() {
-        vm.stop("benchmark done");
-        vm.finish();
-        if let Some(s) = sharing {
-            s.vm_ended(i);
-        }
-    }
-}
-
 fn measure_tps(b: &TpsBench, achievable: f64) -> Result<Outcome, String> {
-    let mut vms = boot(b)?;
-    // Register the RAM with scanning off, so that "before" precedes every merge.
-    let sharing = PageSharing::start(tps::Config { enabled: false, ..b.tps.clone() }, &vms).map_err(|e| e.to_string());
-    let sharing = match sharing {
-        Ok(s) => s,
-        Err(e) => {
-            shutdown(std::mem::take(&mut vms), None);
-            return Err(e);
-        }
-    };
-    let result = converge_tps(b, &vms, &sharing, achievable);
-    shutdown(vms, Some(&sharing));
+    let host = boot(b, true)?;
+    let result = converge_tps(b, &host, achievable);
+    host.finish();
     result
 }
 
-fn converge_tps(b: &TpsBench, vms: &[Vm], sharing: &PageSharing, achievable: f64) -> Result<Outcome, String> {
-    let mut o = Outcome { before_mib: sharing.guest_memory_bytes(vms) as f64 / MIB, ..Outcome::default() };
+fn converge_tps(b: &TpsBench, host: &Host, achievable: f64) -> Result<Outcome, String> {
+    let (vms, sharing) = (host.vms(), host.sharing().expect("page sharing is on"));
+    let held = || host.shared().guest_memory_bytes() as f64 / MIB;
+    let mut o = Outcome { before_mib: held(), ..Outcome::default() };
     let s0 = sharing.stats();
     sharing.scanner().set_config(tps::Config { enabled: true, ..b.tps.clone() });
     let t0 = Instant::now();
@@ -281,15 +273,15 @@ fn converge_tps(b: &TpsBench, vms: &[Vm], sharing: &PageSharing, achievable: f64
     // The final figure after one more full pass.
     let passes = sharing.stats().full_passes;
     sharing.scanner().wait_passes(passes + 1, b.limit);
-    o.after_mib = sharing.guest_memory_bytes(vms) as f64 / MIB;
+    o.after_mib = held();
     o.wall_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok(o)
 }
 
 fn measure_ksm(b: &TpsBench, achievable: f64, pages_to_scan: u64) -> Result<Outcome, String> {
-    let vms = boot(b)?;
-    let result = converge_ksm(b, &vms, achievable, pages_to_scan);
-    shutdown(vms, None);
+    let host = boot(b, false)?;
+    let result = converge_ksm(b, host.vms(), achievable, pages_to_scan);
+    host.finish();
     ksm_write("run", "2")?; // unmerge what is left, so the next run starts clean
     result
 }

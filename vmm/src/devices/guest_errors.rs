@@ -7,7 +7,8 @@
 //! ([`LOG_INTERVAL`] by default). The first error of a kind is logged at once; later
 //! ones inside the interval are only counted, and the next line of that kind says how
 //! many were not logged. Devices and vCPU threads report guest errors here instead of
-//! logging them themselves. Lines go to the log target [`LOG_TARGET`], at `warn`.
+//! logging them themselves. Lines go to the log target [`LOG_TARGET`], at `warn`
+//! (accesses to unhandled ports, which PC guests make while probing, at `debug`).
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -46,13 +47,16 @@ pub enum GuestErrorKind {
     Buffer,
     /// A configuration-space access out of range or with an impossible value.
     Config,
-    /// An access to a guest-physical address or port that no device owns.
+    /// An access to a guest-physical address that no device owns.
     Unmapped,
+    /// An access to a port that no device owns. PC guests probe ports as a matter
+    /// of course (Linux looks for serial ports, timers, ...): logged at `debug`.
+    Port,
 }
 
 impl GuestErrorKind {
     /// Every kind, in counter order.
-    pub const ALL: [GuestErrorKind; 10] = [
+    pub const ALL: [GuestErrorKind; 11] = [
         GuestErrorKind::Features,
         GuestErrorKind::StatusOrder,
         GuestErrorKind::QueueConfig,
@@ -63,6 +67,7 @@ impl GuestErrorKind {
         GuestErrorKind::Buffer,
         GuestErrorKind::Config,
         GuestErrorKind::Unmapped,
+        GuestErrorKind::Port,
     ];
 
     /// Name in logs and counters.
@@ -78,6 +83,15 @@ impl GuestErrorKind {
             GuestErrorKind::Buffer => "buffer",
             GuestErrorKind::Config => "config",
             GuestErrorKind::Unmapped => "unmapped",
+            GuestErrorKind::Port => "port",
+        }
+    }
+
+    /// Level of its log lines.
+    pub fn level(self) -> log::Level {
+        match self {
+            GuestErrorKind::Port => log::Level::Debug,
+            _ => log::Level::Warn,
         }
     }
 }
@@ -130,10 +144,11 @@ impl GuestErrors {
         logged[i] = Some(Logged { at: now, count });
         drop(logged);
         if unlogged == 0 {
-            log::warn!(target: LOG_TARGET, "{}: guest error ({}): {detail}", self.source, kind.name());
+            log::log!(target: LOG_TARGET, kind.level(), "{}: guest error ({}): {detail}", self.source, kind.name());
         } else {
-            log::warn!(
+            log::log!(
                 target: LOG_TARGET,
+                kind.level(),
                 "{}: guest error ({}): {detail} ({unlogged} more of this kind since the last line were only counted)",
                 self.source,
                 kind.name()

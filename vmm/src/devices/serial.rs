@@ -1,13 +1,16 @@
 //! COM1: a 16550 UART (vm-superio) whose output goes to the VM's [`Console`].
 //!
-//! There is no interrupt controller: the guest polls the line status register (the
-//! transmitter is always empty) and writes whole lines with `rep outsb`, which KVM
-//! hands over in one exit.
+//! The test guest has no interrupt controller: it polls the line status register
+//! (the transmitter is always empty) and writes whole lines with `rep outsb`, which
+//! KVM hands over in one exit. A Linux guest has KVM's in-kernel irqchip, and its
+//! 8250 driver waits for the transmitter-empty interrupt: there the UART's interrupt
+//! line is an irqfd on GSI 4.
 
 use std::io;
 use std::sync::Arc;
 
 use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::Console;
 use crate::devices::bus::BusDevice;
@@ -17,13 +20,21 @@ pub const PORT_BASE: u16 = guest_abi::SERIAL_PORT;
 /// Number of I/O ports of a 16550.
 pub const PORT_COUNT: u16 = 8;
 
-/// Interrupt line of a VM without interrupt controller: raising it does nothing.
-pub struct NoInterrupt;
+/// The UART's interrupt line.
+pub enum IrqLine {
+    /// A VM without interrupt controller: raising it does nothing.
+    None,
+    /// An irqfd: raising it signals the eventfd (an edge on the UART's GSI).
+    Irqfd(EventFd),
+}
 
-impl Trigger for NoInterrupt {
+impl Trigger for IrqLine {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        Ok(())
+        match self {
+            IrqLine::None => Ok(()),
+            IrqLine::Irqfd(fd) => fd.write(1),
+        }
     }
 }
 
@@ -42,13 +53,21 @@ impl io::Write for ConsoleWriter {
 
 /// The UART with its console.
 pub struct SerialPort {
-    uart: Serial<NoInterrupt, vm_superio::serial::NoEvents, ConsoleWriter>,
+    uart: Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleWriter>,
 }
 
 impl SerialPort {
-    /// A UART printing to `console`.
-    pub fn new(console: Arc<Console>) -> Self {
-        SerialPort { uart: Serial::new(NoInterrupt, ConsoleWriter(console)) }
+    /// A UART printing to `console`, raising `irq`.
+    pub fn new(console: Arc<Console>, irq: IrqLine) -> Self {
+        SerialPort { uart: Serial::new(irq, ConsoleWriter(console)) }
+    }
+}
+
+impl SerialPort {
+    /// Puts bytes typed on the host into the receive FIFO (raising the receive
+    /// interrupt if the guest enabled it); returns how many fit (0 when full).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 }
 
@@ -67,5 +86,32 @@ impl BusDevice for SerialPort {
                 log::warn!("serial write: {e:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ConsoleTarget;
+
+    #[test]
+    fn typed_input_reaches_the_guest_and_raises_the_receive_interrupt() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let console = Console::new(&ConsoleTarget::Discard, "t", false).unwrap();
+        let mut port = SerialPort::new(console, IrqLine::Irqfd(irq.try_clone().unwrap()));
+        port.write(1, &[0x01]); // IER: received-data interrupt on
+        assert_eq!(port.enqueue_input(b"ls\n"), 3);
+        assert_eq!(irq.read().unwrap(), 1, "one interrupt for the input");
+        let mut got = [0u8; 1];
+        let mut typed = Vec::new();
+        for _ in 0..3 {
+            port.read(0, &mut got);
+            typed.push(got[0]);
+        }
+        assert_eq!(typed, b"ls\n");
+        let full = vec![b'x'; 100];
+        let first = port.enqueue_input(&full);
+        assert!(first < full.len() && first > 0, "the FIFO is bounded: {first}");
+        assert_eq!(port.enqueue_input(&full), 0, "full");
     }
 }

@@ -36,10 +36,10 @@ impl ReclaimView {
     /// The view of `vm`.
     pub fn of(vm: &Arc<VmShared>) -> Arc<ReclaimView> {
         Arc::new(ReclaimView {
-            name: vm.name.clone(),
-            ram: vm.ram.clone(),
-            run: vm.run.clone(),
-            ballooned: vm.balloon.as_ref().map(|b| b.lock().unwrap().ballooned().clone()),
+            name: vm.name().to_string(),
+            ram: vm.ram().clone(),
+            run: vm.run().clone(),
+            ballooned: vm.balloon().map(|b| b.lock().unwrap().ballooned().clone()),
             vm: Arc::downgrade(vm),
         })
     }

@@ -39,13 +39,15 @@ use policy::{
     BalloonInfo, Budget, Cgroup, Decision, HostMemError, HostMemSource, MemInfo, Policy, PolicyConfig, PolicyStats,
     VmMemInfo, VmPlan,
 };
-use swapd::SwapError;
+use swapd::{SwapError, Swapper};
 
 use pagestate::PauseGuard;
 
 use super::swap::DirtyLog;
 use crate::devices::virtio::balloon::TargetMode;
-use crate::vm::{Vm, VmShared};
+use crate::memory::slots::MemorySlots;
+use crate::memory::MemoryError;
+use crate::vm::VmShared;
 
 const PAGE: u64 = guest_abi::PAGE_SIZE;
 
@@ -118,30 +120,63 @@ pub enum PolicyError {
     #[error("--host-mem cgroup: {0}")]
     Cgroup(#[source] HostMemError),
     /// KVM's dirty log could not be turned on.
-    #[error("{0}")]
-    DirtyLog(String),
+    #[error("vm {0}: {1}")]
+    DirtyLog(String, #[source] MemoryError),
+    /// The budget can only be changed when the policy watches one (`--host-mem SIZE`).
+    #[error("the policy watches no budget (start it with --host-mem SIZE)")]
+    NoBudget,
+    /// A budget of nothing.
+    #[error("a host memory budget must be more than 0")]
+    ZeroBudget,
     /// The thread could not be created.
     #[error("cannot start the policy thread: {0}")]
     Spawn(#[source] std::io::Error),
 }
 
 /// One VM under the policy.
-struct PolicyVm {
-    vm: Arc<VmShared>,
+pub struct PolicyVm {
+    /// The VM.
+    pub vm: Arc<VmShared>,
+    /// Its swapper, if it has one.
+    pub swapper: Option<Arc<Swapper>>,
     /// Its configured limit in bytes.
+    pub limit: Option<u64>,
+    /// Its memory slots (whose dirty log feeds idle-aware victim choice).
+    pub slots: Arc<MemorySlots>,
+}
+
+/// A VM as the policy thread keeps it.
+struct Member {
+    vm: Arc<VmShared>,
+    swapper: Option<Arc<Swapper>>,
     limit: Option<u64>,
     /// Its dirty log, fed to its swapper every tick (idle-aware victims).
     dirty: Option<DirtyLog>,
 }
 
-/// A reader of the running policy's counters (for the control API).
+/// What others may see and change of the running policy (the control API, the
+/// host's owner): its counters, and the host-memory budget when it watches one.
 #[derive(Clone)]
-pub struct PolicyCounters(Arc<Mutex<PolicyStats>>);
+pub struct PolicyHandle {
+    counters: Arc<Mutex<PolicyStats>>,
+    budget: Option<Arc<AtomicU64>>,
+}
 
-impl PolicyCounters {
+impl PolicyHandle {
     /// The counters and state history as of the last tick.
-    pub fn get(&self) -> PolicyStats {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    pub fn stats(&self) -> PolicyStats {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets the host-memory budget the policy watches, from its next tick on.
+    pub fn set_budget(&self, bytes: u64) -> Result<(), PolicyError> {
+        let budget = self.budget.as_ref().ok_or(PolicyError::NoBudget)?;
+        if bytes == 0 {
+            return Err(PolicyError::ZeroBudget);
+        }
+        budget.store(bytes, Ordering::Relaxed);
+        log::info!("free-memory policy: budget set to {} MiB", bytes >> 20);
+        Ok(())
     }
 }
 
@@ -149,33 +184,37 @@ impl PolicyCounters {
 /// paused.
 pub struct PolicyThread {
     stop: Arc<AtomicBool>,
-    counters: PolicyCounters,
+    handle: PolicyHandle,
     thread: Option<JoinHandle<()>>,
 }
 
 impl PolicyThread {
-    /// Starts the thread over `vms` (their swappers, if any, attached already).
-    pub fn start(vms: &[Vm], opts: &PolicyOptions) -> Result<PolicyThread, PolicyError> {
+    /// Starts the thread over `vms`.
+    pub fn start(vms: Vec<PolicyVm>, opts: &PolicyOptions) -> Result<PolicyThread, PolicyError> {
         let resident = Arc::new(AtomicU64::new(0));
+        let mut budget = None;
         let source: Box<dyn HostMemSource> = match opts.host_mem {
             HostMemChoice::Host => Box::new(MemInfo::new()),
             HostMemChoice::Cgroup => Box::new(Cgroup::current().map_err(PolicyError::Cgroup)?),
             HostMemChoice::Budget(bytes) => {
                 let r = resident.clone();
-                Box::new(Budget::new(bytes, move || r.load(Ordering::Relaxed)))
+                let source = Budget::new(bytes, move || r.load(Ordering::Relaxed));
+                budget = Some(source.handle());
+                Box::new(source)
             }
         };
         let mut members = Vec::with_capacity(vms.len());
-        for vm in vms {
-            let dirty = if opts.feed_dirty_log && vm.shared().swap.get().is_some() {
-                Some(DirtyLog::enable(vm).map_err(PolicyError::DirtyLog)?)
-            } else {
-                None
+        for p in vms {
+            let dirty = match (&p.swapper, opts.feed_dirty_log) {
+                (Some(_), true) => {
+                    Some(DirtyLog::enable(p.slots).map_err(|e| PolicyError::DirtyLog(p.vm.name().to_string(), e))?)
+                }
+                _ => None,
             };
-            members.push(PolicyVm { vm: vm.shared().clone(), limit: vm.config().limit, dirty });
+            members.push(Member { vm: p.vm, swapper: p.swapper, limit: p.limit, dirty });
         }
         log::info!("free-memory policy: {} every {:?}", source.describe(), opts.tick);
-        let counters = PolicyCounters(Arc::new(Mutex::new(PolicyStats::default())));
+        let handle = PolicyHandle { counters: Arc::new(Mutex::new(PolicyStats::default())), budget };
         let stop = Arc::new(AtomicBool::new(false));
         let mut state = Loop {
             vms: members,
@@ -183,7 +222,7 @@ impl PolicyThread {
             source,
             resident,
             paused: HashMap::new(),
-            counters: counters.clone(),
+            counters: handle.counters.clone(),
             tick: opts.tick,
             last_error: None,
         };
@@ -192,17 +231,17 @@ impl PolicyThread {
             .name("policy".into())
             .spawn(move || state.run(&stop2))
             .map_err(PolicyError::Spawn)?;
-        Ok(PolicyThread { stop, counters, thread: Some(thread) })
+        Ok(PolicyThread { stop, handle, thread: Some(thread) })
     }
 
     /// The policy's counters and state history.
     pub fn stats(&self) -> PolicyStats {
-        self.counters.get()
+        self.handle.stats()
     }
 
-    /// A reader of the counters, for the control API.
-    pub fn counters(&self) -> PolicyCounters {
-        self.counters.clone()
+    /// What others may see and change of it (the control API, the host's owner).
+    pub fn handle(&self) -> PolicyHandle {
+        self.handle.clone()
     }
 }
 
@@ -216,14 +255,14 @@ impl Drop for PolicyThread {
 }
 
 struct Loop {
-    vms: Vec<PolicyVm>,
+    vms: Vec<Member>,
     policy: Policy,
     source: Box<dyn HostMemSource>,
     /// Guest RAM resident over all VMs (what a budget source subtracts).
     resident: Arc<AtomicU64>,
     /// Pauses held for the low state, by VM name.
     paused: HashMap<String, PauseGuard>,
-    counters: PolicyCounters,
+    counters: Arc<Mutex<PolicyStats>>,
     tick: Duration,
     last_error: Option<String>,
 }
@@ -240,16 +279,16 @@ impl Loop {
     }
 
     fn tick_once(&mut self) {
-        let live: Vec<&PolicyVm> = self.vms.iter().filter(|p| p.vm.ending().is_none()).collect();
-        self.paused.retain(|name, _| live.iter().any(|p| &p.vm.name == name));
+        let live: Vec<&Member> = self.vms.iter().filter(|p| p.vm.ending().is_none()).collect();
+        self.paused.retain(|name, _| live.iter().any(|p| p.vm.name() == name));
         for p in &live {
-            if let (Some(log), Some(sw)) = (&p.dirty, p.vm.swap.get()) {
-                if let Err(e) = log.feed(&sw) {
-                    log::warn!("{}: dirty log: {e}", p.vm.name);
+            if let (Some(log), Some(sw)) = (&p.dirty, &p.swapper) {
+                if let Err(e) = log.feed(sw) {
+                    log::warn!("{}: dirty log: {e}", p.vm.name());
                 }
             }
         }
-        let infos: Vec<VmMemInfo> = live.iter().map(|p| mem_info(&p.vm, p.limit)).collect();
+        let infos: Vec<VmMemInfo> = live.iter().map(|p| mem_info(p)).collect();
         self.resident.store(infos.iter().map(|v| v.resident_pages * PAGE).sum(), Ordering::Relaxed);
         let decision = match self.policy.tick_with(self.source.as_mut(), &infos) {
             Ok(d) => d,
@@ -262,11 +301,11 @@ impl Loop {
                 return;
             }
         };
-        *self.counters.0.lock().unwrap_or_else(|p| p.into_inner()) = self.policy.stats();
+        *self.counters.lock().unwrap_or_else(|p| p.into_inner()) = self.policy.stats();
         for p in &live {
-            if let Some(plan) = decision.vm(&p.vm.name) {
+            if let Some(plan) = decision.vm(p.vm.name()) {
                 set_balloon(&p.vm, plan);
-                let pause = evict(&p.vm, plan, &decision);
+                let pause = evict(p, plan, &decision);
                 hold_pause(&mut self.paused, &p.vm, pause, &decision);
             }
         }
@@ -275,16 +314,16 @@ impl Loop {
 
 /// Holds or releases the low state's pause of `vm`.
 fn hold_pause(paused: &mut HashMap<String, PauseGuard>, vm: &VmShared, pause: bool, d: &Decision) {
-    match (pause, paused.contains_key(&vm.name)) {
+    match (pause, paused.contains_key(vm.name())) {
         (true, false) => {
-            if let Ok(g) = vm.run.pause_guard(Duration::from_secs(2)) {
-                log::info!("{}: paused ({} state, {:.2}% free, above its target)", vm.name, d.state, d.free_pct);
-                paused.insert(vm.name.clone(), g);
+            if let Ok(g) = vm.run().pause_guard(Duration::from_secs(2)) {
+                log::info!("{}: paused ({} state, {:.2}% free, above its target)", vm.name(), d.state, d.free_pct);
+                paused.insert(vm.name().to_string(), g);
             }
         }
         (false, true) => {
-            paused.remove(&vm.name);
-            log::info!("{}: resumed ({} state, {:.2}% free)", vm.name, d.state, d.free_pct);
+            paused.remove(vm.name());
+            log::info!("{}: resumed ({} state, {:.2}% free)", vm.name(), d.state, d.free_pct);
         }
         _ => {}
     }
@@ -295,23 +334,19 @@ fn set_balloon(vm: &VmShared, plan: &VmPlan) {
     if plan.balloon_delta_pages == 0 {
         return;
     }
-    if let Some(b) = &vm.balloon {
-        if b.lock().unwrap().set_auto_target(plan.balloon_target_pages) {
-            vm.run.wake();
-        }
-    }
+    vm.set_policy_balloon_target(plan.balloon_target_pages);
 }
 
 /// Evicts what the plan asks for; returns whether the plan's pause may be held:
 /// pausing helps only while eviction can run.
-fn evict(vm: &VmShared, plan: &VmPlan, d: &Decision) -> bool {
-    let Some(sw) = vm.swap.get() else { return false };
+fn evict(p: &Member, plan: &VmPlan, d: &Decision) -> bool {
+    let (vm, Some(sw)) = (&p.vm, &p.swapper) else { return false };
     if plan.swap_pages > 0 {
         match sw.swap_out(plan.swap_pages as usize) {
-            Ok(n) => log::debug!("{}: swapped {n} of {} pages ({} state)", vm.name, plan.swap_pages, d.state),
+            Ok(n) => log::debug!("{}: swapped {n} of {} pages ({} state)", vm.name(), plan.swap_pages, d.state),
             Err(SwapError::Stopped { .. } | SwapError::Write { .. }) => return false,
             Err(SwapError::Ending { .. }) => {}
-            Err(e) => log::warn!("{}: eviction failed: {e}", vm.name),
+            Err(e) => log::warn!("{}: eviction failed: {e}", vm.name()),
         }
     }
     plan.pause && sw.stats().eviction_stopped.is_none()
@@ -319,9 +354,10 @@ fn evict(vm: &VmShared, plan: &VmPlan, d: &Decision) -> bool {
 
 /// What the policy needs to know of one VM this tick: read from the VM and its
 /// devices now, never remembered.
-fn mem_info(vm: &VmShared, limit: Option<u64>) -> VmMemInfo {
-    let mut info = VmMemInfo::new(&vm.name, vm.ram.size() / PAGE, vm.ram.resident_bytes() / PAGE);
-    info.balloon = vm.balloon.as_ref().map(|b| {
+fn mem_info(p: &Member) -> VmMemInfo {
+    let vm = &p.vm;
+    let mut info = VmMemInfo::new(vm.name(), vm.ram().size() / PAGE, vm.ram().resident_bytes() / PAGE);
+    info.balloon = vm.balloon().map(|b| {
         let s = b.lock().unwrap().snapshot();
         BalloonInfo {
             target_pages: s.target_pages,
@@ -329,8 +365,8 @@ fn mem_info(vm: &VmShared, limit: Option<u64>) -> VmMemInfo {
             pinned: s.target_mode == TargetMode::Pinned,
         }
     });
-    info.swap = vm.swap.get().is_some();
-    info.limit_pages = limit.map(|l| l / PAGE);
+    info.swap = p.swapper.is_some();
+    info.limit_pages = p.limit.map(|l| l / PAGE);
     info
 }
 

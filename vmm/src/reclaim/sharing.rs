@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::guest::ReclaimView;
 use crate::config::{parse_duration, parse_size};
+use crate::memory::GuestRam;
 use crate::vm::Vm;
 
 /// Page sharing for the VMs of one host process.
@@ -54,11 +55,11 @@ impl PageSharing {
         &self.scanner
     }
 
-    /// Host memory holding the RAM of `vms` (those it covers): their private pages
+    /// Host memory holding the guest RAM `rams` (those it covers): their private pages
     /// plus the pool. (`Pss` would miss pool pages that no guest page has faulted
     /// into its page tables since the merge.)
-    pub fn guest_memory_bytes(&self, vms: &[Vm]) -> u64 {
-        let private: u64 = vms.iter().map(|vm| vm.ram().private_bytes()).sum();
+    pub fn guest_memory_bytes<'a>(&self, rams: impl Iterator<Item = &'a GuestRam>) -> u64 {
+        let private: u64 = rams.map(GuestRam::private_bytes).sum();
         private + self.stats().pool_pages * PAGE_SIZE
     }
 
@@ -151,7 +152,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::memory::{GuestRam, HostPages};
+    use crate::memory::HostPages;
 
     #[test]
     fn options_parse_and_errors_are_one_line() {

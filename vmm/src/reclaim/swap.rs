@@ -20,7 +20,8 @@ use swapd::{SwapError, SwapStats, Swapper, VictimPolicy};
 
 use super::guest::ReclaimView;
 use crate::memory::slots::MemorySlots;
-use crate::vm::{Vm, VmShared};
+use crate::memory::MemoryError;
+use crate::vm::VmShared;
 
 /// Default swap directory.
 pub const DEFAULT_DIR: &str = "/var/tmp/vmm";
@@ -41,7 +42,8 @@ impl SwapOptions {
     }
 }
 
-/// A VM's swapper, once swapping is on (a field of [`VmShared`]).
+/// A VM's swapper, once swapping is on, until the VM ends (kept by the
+/// [`Host`](crate::host::Host)).
 #[derive(Default)]
 pub struct SwapSlot {
     swapper: RwLock<Option<Arc<Swapper>>>,
@@ -53,9 +55,9 @@ impl SwapSlot {
         self.swapper.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Its counters.
-    pub fn stats(&self) -> Option<SwapStats> {
-        self.get().map(|s| s.stats())
+    /// Gives the VM its swapper.
+    pub fn set(&self, swapper: Arc<Swapper>) {
+        *self.swapper.write().unwrap_or_else(|p| p.into_inner()) = Some(swapper);
     }
 
     /// Drops the swapper (its file is removed once no request still holds it) and
@@ -74,16 +76,15 @@ pub struct DirtyLog {
 }
 
 impl DirtyLog {
-    /// Turns dirty logging on for every memory slot of `vm`.
-    pub fn enable(vm: &Vm) -> Result<DirtyLog, String> {
-        let slots = vm.memory_slots().clone();
-        slots.enable_dirty_log().map_err(|e| format!("vm {}: {e}", vm.name()))?;
+    /// Turns dirty logging on for every memory slot of a VM.
+    pub fn enable(slots: Arc<MemorySlots>) -> Result<DirtyLog, MemoryError> {
+        slots.enable_dirty_log()?;
         Ok(DirtyLog { slots })
     }
 
     /// Reads (and clears) every slot's dirty bitmap into `sw`.
-    pub fn feed(&self, sw: &Swapper) -> Result<(), String> {
-        for slot in self.slots.dirty_log().map_err(|e| e.to_string())? {
+    pub fn feed(&self, sw: &Swapper) -> Result<(), MemoryError> {
+        for slot in self.slots.dirty_log()? {
             sw.note_dirty(&slot.bitmap, slot.gpa);
         }
         Ok(())
@@ -100,23 +101,14 @@ pub fn prepare_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Gives `vm` a swapper: creates `DIR/NAME.vswp` and the fault thread; from now on
-/// the VM's discards and remaps reach it.
-pub fn attach(vm: &Arc<VmShared>, opts: &SwapOptions) -> Result<(), String> {
+/// A swapper for `vm`: creates `DIR/NAME.vswp` and the fault thread; from now on
+/// the VM's discards and remaps reach it. The directory must be prepared
+/// ([`prepare_dir`]).
+pub fn attach(vm: &Arc<VmShared>, opts: &SwapOptions) -> Result<Arc<Swapper>, String> {
     let mut cfg = swapd::Config::new(&opts.dir);
     cfg.victims = opts.victims;
     cfg.seed = crate::vm::random_seed();
-    let swapper = Arc::new(Swapper::new(ReclaimView::of(vm), cfg).map_err(|e| format!("vm {}: {e}", vm.name))?);
-    *vm.swap.swapper.write().unwrap_or_else(|p| p.into_inner()) = Some(swapper);
-    Ok(())
-}
-
-/// Turns swapping on for a run: prepares the directory and attaches a swapper to
-/// every VM (before any starts). The free-memory policy, which decides what to
-/// evict, starts separately ([`super::policy::PolicyThread`]).
-pub fn start(vms: &[Vm], opts: &SwapOptions) -> Result<(), String> {
-    prepare_dir(&opts.dir)?;
-    vms.iter().try_for_each(|vm| attach(vm.shared(), opts))
+    Ok(Arc::new(Swapper::new(ReclaimView::of(vm), cfg).map_err(|e| format!("vm {}: {e}", vm.name()))?))
 }
 
 /// What an eviction asked for through the control API (`swap_out`) did.
@@ -133,9 +125,9 @@ pub struct SwapOutResult {
     pub swapped_pages: u64,
 }
 
-/// Evicts up to `bytes` of `vm`'s memory now (`vmm ctl swap out`); returns what it did.
-pub fn swap_out(vm: &VmShared, bytes: u64) -> Result<SwapOutResult, String> {
-    let sw = vm.swap.get().ok_or_else(|| format!("vm {} has no swapper (run with --swap)", vm.name))?;
+/// Evicts up to `bytes` of a VM's memory now with its swapper (`vmm ctl swap out`);
+/// returns what it did.
+pub fn swap_out(sw: &Swapper, bytes: u64) -> Result<SwapOutResult, String> {
     // An explicit request retries an eviction stopped by an earlier write error.
     sw.resume_eviction();
     let pages = bytes.div_ceil(guest_abi::PAGE_SIZE) as usize;
@@ -143,7 +135,7 @@ pub fn swap_out(vm: &VmShared, bytes: u64) -> Result<SwapOutResult, String> {
         Ok(n) => (n, None),
         Err(e @ SwapError::Write { reclaimed, .. }) => (reclaimed, Some(e.to_string())),
         Err(e @ (SwapError::Stopped { .. } | SwapError::PauseTimedOut { .. })) => (0, Some(e.to_string())),
-        Err(e) => return Err(format!("vm {}: {e}", vm.name)),
+        Err(e) => return Err(format!("vm {}: {e}", sw.name())),
     };
     Ok(SwapOutResult {
         asked_pages: pages as u64,

@@ -4,9 +4,12 @@
 //! Nothing before long mode runs natively on a PVM host (KVM would emulate it at
 //! ~0.5 M instructions/s), so the VMM does what firmware and a boot loader would:
 //! it builds the page tables ([`paging`]), a GDT and the long-mode registers
-//! ([`regs`]), and on PVM registers each vCPU's virtual-interrupt-flag area
+//! ([`regs`]), gives each vCPU its identity ([`cpuid`]), sets the MSRs Linux expects
+//! ([`msrs`]), and on PVM registers each vCPU's virtual-interrupt-flag area
 //! ([`pvm`]).
 
+pub mod cpuid;
+pub mod msrs;
 pub mod paging;
 pub mod pvm;
 pub mod regs;

@@ -58,6 +58,16 @@ pub fn entry_regs(entry: u64, boot_info: u64, cpu: u32) -> kvm_regs {
     kvm_regs { rip: entry, rdi: boot_info, rsi: cpu as u64, rflags: 0x2, rsp: 0, ..Default::default() }
 }
 
+/// General registers at a Linux boot protocol 64-bit entry: `rsi` = zero page, and
+/// `rdi` = vCPU index. The index is not part of Linux's protocol (Linux starts its
+/// application processors itself; for Linux only vCPU 0 runs this state); the test
+/// guest's bzImage has every vCPU started at the entry and takes its index from
+/// `rdi`, because on KVM's PVM backend CPUID leaf 1 shows the guest the host CPU's
+/// APIC ID rather than the VMM's per-vCPU table.
+pub fn linux_entry_regs(entry: u64, zero_page: u64, cpu: u32) -> kvm_regs {
+    kvm_regs { rip: entry, rsi: zero_page, rdi: cpu as u64, rflags: 0x2, ..Default::default() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

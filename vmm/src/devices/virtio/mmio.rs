@@ -6,7 +6,8 @@
 //! features, FEATURES_OK, queues, DRIVER_OK. Out of that order the write is refused
 //! and counted: a status write that clears a bit (only a reset, writing 0, may),
 //! sets a bit before the one it needs or an unknown bit; features written outside
-//! DRIVER..FEATURES_OK; queue registers written outside FEATURES_OK..DRIVER_OK. At
+//! DRIVER..FEATURES_OK; queue registers written outside FEATURES_OK..DRIVER_OK
+//! (but for a queue taken down, QueueReady 0, while not running). At
 //! DRIVER_OK it checks every ready queue ([`RingLayout::check`], [`check_disjoint`])
 //! and hands them to the device; a bad layout, or a device that refuses them, gets
 //! the device marked DEVICE_NEEDS_RESET instead of a running device. The same bit is
@@ -246,6 +247,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
             Ok(()) => {
                 self.active = true;
                 log::debug!("{}: activated with features {:#x}", self.name, self.driver_features);
+                // A driver may make buffers available, and notify, before DRIVER_OK
+                // (Linux's balloon primes its statistics queue so); the device may
+                // only use them from now on: one notification per queue for them.
+                for fd in &self.notify[..count] {
+                    let _ = fd.write(1);
+                }
             }
             Err(e) => self.fail(GuestErrorKind::QueueConfig, e),
         }
@@ -266,6 +273,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn write_queue_reg(&mut self, offset: u64, v: u32) {
+        if offset == 0x044 && v == 0 && self.status & STATUS_DRIVER_OK == 0 {
+            // Taking a queue down while the device is not running is harmless (Linux
+            // does it after a reset, when it deletes its queues).
+            if let Some(q) = self.selected() {
+                q.ready = false;
+            }
+            return;
+        }
         if self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED) != STATUS_FEATURES_OK {
             return self.report(
                 GuestErrorKind::QueueConfig,
@@ -367,13 +382,12 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             0x024 => self.driver_features_sel = v,
             0x030 => self.queue_sel = v,
             QUEUE_NOTIFY => match self.notify.get(v as usize) {
-                // Reached only where the ioeventfd is not registered.
-                Some(fd) if self.active => {
+                // Reached only where the ioeventfd is not registered. Before
+                // DRIVER_OK the device ignores it (activation notifies every queue).
+                Some(fd) => {
                     let _ = fd.write(1);
                 }
-                _ => {
-                    self.report(GuestErrorKind::Notify, format_args!("notify of queue {v} (inactive or no such queue)"))
-                }
+                None => self.report(GuestErrorKind::Notify, format_args!("notify of queue {v}, which does not exist")),
             },
             0x064 => self.interrupt.ack(v),
             0x070 => self.set_status(v),

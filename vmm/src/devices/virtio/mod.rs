@@ -3,9 +3,12 @@
 //! ([`worker`]) and the devices themselves ([`balloon`]).
 //!
 //! Notifications arrive through `KVM_IOEVENTFD` (a queue kick does not exit to
-//! userspace, which matters when an exit costs ~50 us). There is no interrupt
-//! controller on the hosts this project targets, so the device only records
-//! interrupt causes in `InterruptStatus`; the guest polls its used rings.
+//! userspace, which matters when an exit costs ~50 us). The test guest has no
+//! interrupt controller: the device records interrupt causes in `InterruptStatus`
+//! and the guest polls its used rings. A Linux guest has KVM's in-kernel irqchip:
+//! there the device also signals an irqfd after recording the cause (used buffers,
+//! or a configuration change such as a new balloon target), and the driver reads
+//! `InterruptStatus` and acknowledges through `InterruptACK`.
 //!
 //! Everything a guest writes is untrusted: [`virtqueue`] holds rings and chains to
 //! the spec's rules, devices do a bounded slice of work per call and say whether more
@@ -25,6 +28,7 @@ pub mod worker;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use virtqueue::Virtqueue;
+use vmm_sys_util::eventfd::EventFd;
 
 /// virtio 1.x feature bit: the device conforms to version 1.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
@@ -90,16 +94,29 @@ pub trait VirtioDevice: Send {
     }
 }
 
-/// Interrupt causes recorded for the guest (`InterruptStatus`/`InterruptACK`).
+/// Interrupt causes recorded for the guest (`InterruptStatus`/`InterruptACK`), and
+/// the irqfd that delivers them where the VM has an interrupt controller.
 #[derive(Default)]
 pub struct Interrupt {
     status: AtomicU32,
+    irqfd: Option<EventFd>,
 }
 
 impl Interrupt {
-    /// Records a cause.
+    /// Causes delivered through `irqfd` (`KVM_IRQFD` on the device's GSI).
+    pub fn with_irqfd(irqfd: EventFd) -> Self {
+        Interrupt { status: AtomicU32::new(0), irqfd: Some(irqfd) }
+    }
+
+    /// Records a cause, then signals the irqfd if there is one (the status is
+    /// visible before the guest's handler can run).
     pub fn raise(&self, cause: u32) {
         self.status.fetch_or(cause, Ordering::AcqRel);
+        if let Some(fd) = &self.irqfd {
+            // Fails only when the counter is full (EAGAIN), and then an interrupt
+            // is pending already: KVM consumes the counter as it injects.
+            let _ = fd.write(1);
+        }
     }
     /// Current causes.
     pub fn status(&self) -> u32 {

@@ -48,6 +48,8 @@ pub(crate) struct Rig {
     pub dev: Arc<Mutex<Balloon>>,
     pub mmio: MmioTransport<Balloon>,
     pub errors: Arc<GuestErrors>,
+    /// The queues' notification eventfds, as the worker would read them.
+    pub kicks: Vec<EventFd>,
     /// Queue size the driver set up.
     pub size: u16,
     /// Next free descriptor and avail index per queue.
@@ -69,9 +71,10 @@ impl Rig {
             errors.clone(),
             generation.clone(),
         )));
-        let notify = (0..4).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+        let notify: Vec<EventFd> = (0..4).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+        let kicks = notify.iter().map(|fd| fd.try_clone().unwrap()).collect();
         let mmio = MmioTransport::new(source, dev.clone(), ram.clone(), interrupt, errors.clone(), notify, generation);
-        Rig { ram, dev, mmio, errors, size: 0, next: vec![(0, 0); 4] }
+        Rig { ram, dev, mmio, errors, kicks, size: 0, next: vec![(0, 0); 4] }
     }
 
     /// A 32 MiB balloon negotiated with every feature it offers, queues of 16.

@@ -585,7 +585,9 @@ impl VirtioDevice for Balloon {
     }
 
     fn process_queue(&mut self, index: usize) -> Work {
-        if self.broken {
+        // Not running yet: buffers made available before DRIVER_OK are served once
+        // the driver sets it (the transport notifies every queue then).
+        if self.broken || self.queues.is_empty() {
             return Work::Done;
         }
         let role = match self.queues.get(index) {

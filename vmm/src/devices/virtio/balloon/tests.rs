@@ -328,10 +328,49 @@ fn status_changes_out_of_order_are_refused() {
 
     // FAILED stops a running device.
     let mut h = standard("t/status3");
+    data_pages(&h);
     h.set(REG_STATUS, RUNNING | STATUS_FAILED);
     assert_eq!(h.reg(REG_STATUS), RUNNING | STATUS_FAILED);
-    assert_eq!(h.dev.lock().unwrap().process_queue(0), Work::Done);
-    assert_eq!(h.errors.count(GuestErrorKind::Notify), 1, "its queues are gone");
+    let (a, l) = h.pfns(0, &[0x1000]);
+    h.post(0, &[(a, l, false)], None);
+    assert_eq!(h.byte(0x1000), 0xaa, "its queues are gone");
+}
+
+#[test]
+fn buffers_made_available_before_driver_ok_are_served_once_it_is_set() {
+    // What Linux's balloon driver does with its statistics queue: it posts the
+    // first buffer and notifies during probe, before DRIVER_OK.
+    let mut h = Rig::new(32 * MIB, BalloonConfig::default(), "t/early");
+    let feats = h.dev.lock().unwrap().features();
+    h.set(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    h.set(0x24, 0);
+    h.set(0x20, feats as u32);
+    h.set(0x24, 1);
+    h.set(0x20, (feats >> 32) as u32);
+    h.set(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    for q in 0..4 {
+        h.set_queue(q, layout(q, 16));
+    }
+    h.size = 16;
+    let mut entry = 4u16.to_le_bytes().to_vec();
+    entry.extend_from_slice(&(7u64 << 20).to_le_bytes());
+    h.ram.mem().write_slice(&entry, GuestAddress(BUFFERS)).unwrap();
+    h.desc(2, 0, BUFFERS, 10, 0, 0);
+    h.make_available(2, 0);
+    h.set(0x050, 2); // notify, before DRIVER_OK
+    assert_eq!(h.dev.lock().unwrap().process_queue(2), Work::Done, "not served before DRIVER_OK");
+    assert_eq!(h.dev.lock().unwrap().snapshot().stats_updates, 0);
+    while h.kicks[2].read().is_ok() {}
+    h.set(REG_STATUS, RUNNING);
+    assert_eq!(h.kicks[2].read().unwrap(), 1, "activation notifies the queue");
+    h.serve(2);
+    let snap = h.dev.lock().unwrap().snapshot();
+    assert_eq!(snap.guest_stats["free_memory"], 7 << 20);
+    // Linux takes its queues down after a reset: not an error either.
+    h.set(REG_STATUS, 0);
+    h.set(REG_QUEUE_SEL, 0);
+    h.set(0x044, 0);
+    assert_eq!(h.errors.total(), 0, "{:?}", h.errors.by_kind());
 }
 
 #[test]

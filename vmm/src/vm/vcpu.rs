@@ -24,11 +24,11 @@ pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
     let run = vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run;
     // SAFETY: `run` points to this vCPU's kvm_run mapping, alive as long as `vcpu`,
     // which outlives the slot (dropped below, on this thread, before `vcpu`).
-    let slot = unsafe { vm.run.register_vcpu(cpu, std::ptr::addr_of_mut!((*run).immediate_exit)) };
+    let slot = unsafe { vm.run().register_vcpu(cpu, std::ptr::addr_of_mut!((*run).immediate_exit)) };
     // Accesses no device owns: counted, logged at most once per interval (a set of
     // the addresses seen would grow with whatever the guest tries).
-    let unhandled = GuestErrors::new(format!("{}: vCPU {cpu}", vm.name));
-    while vm.run.may_run(cpu) {
+    let unhandled = GuestErrors::new(format!("{}: vCPU {cpu}", vm.name()));
+    while vm.run().may_run(cpu) {
         match vcpu.run() {
             Ok(exit) => {
                 if let Some(ending) = handle_exit(exit, cpu, &vm, &unhandled) {
@@ -43,46 +43,49 @@ pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
             Err(e) => vm.end(Ending::Error(format!("KVM_RUN failed on vCPU {cpu}: {e}{}", describe_regs(&vcpu)))),
         }
     }
-    vm.add_stats(&BTreeMap::from([("unhandled_accesses".to_string(), unhandled.total())]));
+    let unhandled_total = unhandled.count(GuestErrorKind::Unmapped) + unhandled.count(GuestErrorKind::Port);
+    vm.add_stats(&BTreeMap::from([("unhandled_accesses".to_string(), unhandled_total)]));
     match kvm_stats::read_vcpu_stats(&vcpu) {
         Ok(stats) => vm.add_stats(&stats),
-        Err(e) => log::warn!("{}: vCPU {cpu}: cannot read KVM statistics: {e}", vm.name),
+        Err(e) => log::warn!("{}: vCPU {cpu}: cannot read KVM statistics: {e}", vm.name()),
     }
     drop(slot);
 }
 
 /// Handles one exit; returns how the VM ends if it does.
 fn handle_exit(exit: VcpuExit, cpu: u32, vm: &VmShared, unhandled: &GuestErrors) -> Option<Ending> {
-    let unmapped = |what: std::fmt::Arguments| unhandled.report(GuestErrorKind::Unmapped, what);
     match exit {
         VcpuExit::IoOut(port, data) => match decode_out(port, data) {
             Some(SystemEvent::Exit(code)) => return Some(Ending::GuestExit(code)),
             Some(SystemEvent::BootMarker) => vm.mark_first_instruction(),
-            Some(SystemEvent::Kick) => vm.run.wake(),
+            Some(SystemEvent::Kick) => vm.run().wake(),
             None => {
-                if !vm.pio.write(port.into(), data) {
-                    unmapped(format_args!("write to unhandled port {port:#x} ignored"));
+                if !vm.pio().write(port.into(), data) {
+                    unhandled.report(GuestErrorKind::Port, format_args!("write to unhandled port {port:#x} ignored"));
                 }
             }
         },
         VcpuExit::IoIn(port, data) => {
-            if !vm.pio.read(port.into(), data) {
-                unmapped(format_args!("read of unhandled port {port:#x} returns all ones"));
+            if !vm.pio().read(port.into(), data) {
+                unhandled
+                    .report(GuestErrorKind::Port, format_args!("read of unhandled port {port:#x} returns all ones"));
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioRead(addr, data) => {
-            if !vm.mmio.read(addr, data) {
-                unmapped(format_args!("read of unmapped MMIO address {addr:#x} returns all ones"));
+            if !vm.mmio().read(addr, data) {
+                let what = format_args!("read of unmapped MMIO address {addr:#x} returns all ones");
+                unhandled.report(GuestErrorKind::Unmapped, what);
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
-            if !vm.mmio.write(addr, data) {
-                unmapped(format_args!("write to unmapped MMIO address {addr:#x} ignored"));
+            if !vm.mmio().write(addr, data) {
+                unhandled
+                    .report(GuestErrorKind::Unmapped, format_args!("write to unmapped MMIO address {addr:#x} ignored"));
             }
         }
-        VcpuExit::Hlt => vm.run.halt(HALT_SLEEP),
+        VcpuExit::Hlt => vm.run().halt(HALT_SLEEP),
         VcpuExit::Intr => {}
         VcpuExit::Shutdown => return Some(Ending::Error(format!("guest triple-faulted on vCPU {cpu}"))),
         VcpuExit::FailEntry(reason, hw_cpu) => {
