@@ -22,10 +22,12 @@ use std::time::{Duration, Instant};
 use common::{require_kvm, temp_file, tiny_elf};
 use guest_abi::BALLOON_MMIO_BASE;
 use vm_memory::{Bytes, GuestAddress};
+use vmm::api::BalloonSnapshot;
 use vmm::api::{client, Request};
 use vmm::config::{Kernel, VmConfig};
-use vmm::host::{Host, HostOptions, HostReport};
+use vmm::host::{Host, HostOptions};
 use vmm::vm::Vm;
+use vmm::vm::VmReport;
 
 std::arch::global_asm!(
     ".pushsection .rodata.vmm_hostile_guest,\"a\"",
@@ -226,6 +228,7 @@ fn set_up(desc0: u64) -> Vec<Op> {
 /// A hostile VM on a host serving the control socket, created but not started,
 /// with its guest memory laid out.
 struct Hostile {
+    name: String,
     host: Host,
 }
 
@@ -246,7 +249,7 @@ impl Hostile {
         let opts = HostOptions { api_socket: Some(sock), ..HostOptions::default() };
         let host = Host::create(&[c], Instant::now(), opts).expect("create the VM");
         host.vms()[0].ram().mem().write_slice(&vec![PATTERN; DATA_LEN as usize], GuestAddress(DATA)).unwrap();
-        Hostile { host }
+        Hostile { name: name.to_string(), host }
     }
 
     fn vm(&self) -> &Vm {
@@ -257,12 +260,37 @@ impl Hostile {
         self.host.start().expect("start");
     }
 
+    fn finish(self) -> VmReport {
+        self.host.finish().vms.remove(0)
+    }
+
     fn sock(&self) -> &std::path::Path {
         self.host.api_socket().expect("a control socket")
     }
 
-    fn finish(self) -> HostReport {
-        self.host.finish()
+    /// Starts the guest and probes the control path for `probe` while it attacks;
+    /// then, if `done` names the 16-bit flag the guest sets when it is through,
+    /// waits for it; then stops the VM. Returns what the host kept of the attack.
+    fn run_attack(mut self, probe: Duration, done: Option<u64>) -> Outcome {
+        reset_peak_rss();
+        let base_rss = peak_rss();
+        self.start();
+        let lat = probe_control_path(&self, probe);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while done.is_some_and(|flag| self.read::<u16>(flag) != 1) {
+            let ending = self.vm().ending();
+            assert!(Instant::now() < deadline && ending.is_none(), "the guest did not finish: {ending:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let grown = peak_rss().saturating_sub(base_rss);
+        let snap = self.vm().balloon().unwrap().lock().unwrap().snapshot();
+        self.vm().stop("test over");
+        let results = self.read(RESULTS);
+        let changed = self.changed_data_pages();
+        let (loud, queue_lines) = CountingLogger::counts(&self.name);
+        let report = self.finish();
+        assert_eq!(report.error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
+        Outcome { lat, grown, snap, results, changed, loud, queue_lines, report }
     }
 
     /// GPA of operation `i` of the program.
@@ -303,6 +331,25 @@ impl Hostile {
             })
             .collect()
     }
+}
+
+/// What an attack left behind.
+struct Outcome {
+    /// The control path's latencies during the attack.
+    lat: Latencies,
+    /// Peak RSS of the process during the attack, above its RSS before.
+    grown: u64,
+    /// The balloon's counters.
+    snap: BalloonSnapshot,
+    /// The 64-bit word at `RESULTS` (what the guest counted or read back).
+    results: u64,
+    /// Data pages that changed.
+    changed: Vec<u64>,
+    /// Warn+ log lines about the VM, and virtio-queue's lines.
+    loud: usize,
+    queue_lines: u64,
+    /// The VM's report.
+    report: VmReport,
 }
 
 /// Keeps the log lines that matter here: those at `warn` or worse (what `vmm run`
@@ -486,26 +533,15 @@ fn a_chain_flood_leaves_memory_log_and_control_path_bounded() {
     }
     h.fill_avail(3, |_| 0);
 
-    let mut h = h;
-    reset_peak_rss();
-    let base_rss = peak_rss();
-    h.start();
-    let lat = probe_control_path(&h, ATTACK);
-    let peak = peak_rss();
-    let rounds: u64 = h.vm().ram().mem().read_obj(GuestAddress(RESULTS)).unwrap();
-    let snap = h.vm().balloon().unwrap().lock().unwrap().snapshot();
-    h.vm().stop("test over");
-    let changed = h.changed_data_pages();
-    let (loud, queue_lines) = CountingLogger::counts("flood");
-    let report = h.finish();
-    assert_eq!(report.vms[0].error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
-
-    let grown = peak.saturating_sub(base_rss);
-    lat.print("chain flood");
+    let o = h.run_attack(ATTACK, None);
+    let (snap, rounds) = (&o.snap, o.results);
+    o.lat.print("chain flood");
     println!(
-        "chain flood: {rounds} guest rounds, guest errors {:?}, peak RSS +{} MiB, {loud} warn+ log lines, {queue_lines} virtio-queue lines",
+        "chain flood: {rounds} guest rounds, guest errors {:?}, peak RSS +{} MiB, {} warn+ log lines, {} virtio-queue lines",
         snap.guest_error_kinds,
-        grown >> 20
+        o.grown >> 20,
+        o.loud,
+        o.queue_lines
     );
     assert!(rounds > 10, "the guest barely ran: {rounds} rounds");
     assert!(snap.guest_error_kinds["chain"] > 1000, "{snap:?}");
@@ -513,14 +549,14 @@ fn a_chain_flood_leaves_memory_log_and_control_path_bounded() {
     assert!(snap.stats_updates > 1000, "{snap:?}");
     assert!(!snap.needs_reset, "every chain was refused or served without breaking the rings");
     assert_eq!((snap.inflated_pages, snap.reported_pages, snap.discard_calls), (0, 0, 0));
-    assert!(changed.is_empty(), "pages the guest never offered changed: {changed:x?}");
+    assert!(o.changed.is_empty(), "pages the guest never offered changed: {:x?}", o.changed);
     // Bounds (docs/security.md): no memory growth with the attack (it was 570 MB
-    // to 1.7 GB), a log line per kind per 10 s, the control path within a slice or
-    // two of the device (balloon_stats waits up to 500 ms for the guest by design).
-    assert!(grown < 64 * MIB, "peak RSS grew by {} MiB", grown >> 20);
-    assert!(loud <= 10, "{loud} lines:\n{}", CountingLogger::dump());
-    assert_eq!(queue_lines, 0);
-    lat.check_answered_during(ATTACK);
+    // to 1.7 GB), a log line per kind per 10 s, the control path answering
+    // throughout (balloon_stats waits up to 500 ms for the guest by design).
+    assert!(o.grown < 64 * MIB, "peak RSS grew by {} MiB", o.grown >> 20);
+    assert!(o.loud <= 10, "{} lines:\n{}", o.loud, CountingLogger::dump());
+    assert_eq!(o.queue_lines, 0);
+    o.lat.check_answered_during(ATTACK);
 }
 
 /// The most host work a guest can ask for per chain: 256 scattered PFNs (one
@@ -548,35 +584,24 @@ fn a_scattered_inflate_deflate_loop_leaves_the_control_path_bounded() {
         h.desc(q, 0, BUFFERS, 1024, 0, 0);
         h.fill_avail(q, |_| 0);
     }
-    let mut h = h;
-    reset_peak_rss();
-    let base_rss = peak_rss();
-    h.start();
-    let lat = probe_control_path(&h, ATTACK);
-    let peak = peak_rss();
-    let snap = h.vm().balloon().unwrap().lock().unwrap().snapshot();
-    h.vm().stop("test over");
-    let changed = h.changed_data_pages();
-    let (loud, _) = CountingLogger::counts("scatter");
-    let report = h.finish();
-    assert_eq!(report.vms[0].error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
-
-    lat.print("scattered inflate/deflate");
-    let grown = peak.saturating_sub(base_rss);
+    let o = h.run_attack(ATTACK, None);
+    let snap = &o.snap;
+    o.lat.print("scattered inflate/deflate");
     println!(
-        "scattered inflate/deflate: {} pages inflated, {} deflated, {} madvise calls ({:.0} ms in them), peak RSS +{} MiB, {loud} warn+ log lines",
+        "scattered inflate/deflate: {} pages inflated, {} deflated, {} madvise calls ({:.0} ms in them), peak RSS +{} MiB, {} warn+ log lines",
         snap.inflated_pages,
         snap.deflated_pages,
         snap.discard_calls,
         snap.discard_ms,
-        grown >> 20
+        o.grown >> 20,
+        o.loud
     );
     assert!(snap.inflated_pages >= 10 * 256, "the attack barely ran: {snap:?}");
     assert_eq!(snap.guest_errors, 0, "{snap:?}");
-    assert!(changed.iter().all(|p| offered.contains(p)), "pages the guest never offered changed");
-    assert!(grown < 64 * MIB, "peak RSS grew by {} MiB", grown >> 20);
-    assert_eq!(loud, 0, "{}", CountingLogger::dump());
-    lat.check_answered_during(ATTACK);
+    assert!(o.changed.iter().all(|p| offered.contains(p)), "pages the guest never offered changed");
+    assert!(o.grown < 64 * MIB, "peak RSS grew by {} MiB", o.grown >> 20);
+    assert_eq!(o.loud, 0, "{}", CountingLogger::dump());
+    o.lat.check_answered_during(ATTACK);
 }
 
 /// Valid and invalid chains side by side: the pages freed are exactly those of
@@ -632,7 +657,7 @@ fn only_the_pages_the_guest_offered_are_freed() {
     let changed = h.changed_data_pages();
     let resident_after = h.vm().ram().resident_bytes();
     let report = h.finish();
-    assert_eq!(report.vms[0].exit_code, Some(0), "{:?}", report.vms[0].error);
+    assert_eq!(report.exit_code, Some(0), "{:?}", report.error);
 
     let mut want: Vec<u64> = good.iter().map(|&p| p as u64).collect();
     want.extend((r1 / 4096..(r1 + MIB) / 4096).chain(r2 / 4096..(r2 + 0x1_0000) / 4096));
@@ -683,47 +708,26 @@ fn a_register_storm_is_counted_and_refused_not_logged() {
     h.fill_avail(0, |_| 0);
     h.write(avail(0) + 2, 1u16);
 
-    let mut h = h;
-    reset_peak_rss();
-    let base_rss = peak_rss();
-    h.start();
-    let lat = probe_control_path(&h, Duration::from_secs(1));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while h.vm().ram().mem().read_obj::<u16>(GuestAddress(RESULTS + 16)).unwrap() != 1 {
-        assert!(
-            Instant::now() < deadline && h.vm().ending().is_none(),
-            "the guest did not finish: {:?}",
-            h.vm().ending()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let peak = peak_rss();
-    let snap = h.vm().balloon().unwrap().lock().unwrap().snapshot();
-    h.vm().stop("test over");
-    let status: u32 = h.read(RESULTS);
-    let changed = h.changed_data_pages();
-    let (loud, queue_lines) = CountingLogger::counts("storm");
-    let report = h.finish();
-    assert_eq!(report.vms[0].error.as_deref(), Some("stopped: test over"), "the VM ran until stopped");
-
-    lat.print("register storm");
-    let grown = peak.saturating_sub(base_rss);
+    let o = h.run_attack(Duration::from_secs(1), Some(RESULTS + 16));
+    let (snap, status) = (&o.snap, o.results as u32);
+    let unhandled = o.report.kvm.get("unhandled_accesses");
+    o.lat.print("register storm");
     println!(
-        "register storm: guest errors {:?}, unhandled accesses {:?}, peak RSS +{} MiB, {loud} warn+ log lines",
+        "register storm: guest errors {:?}, unhandled accesses {unhandled:?}, peak RSS +{} MiB, {} warn+ log lines",
         snap.guest_error_kinds,
-        report.vms[0].kvm.get("unhandled_accesses"),
-        grown >> 20
+        o.grown >> 20,
+        o.loud
     );
     assert_eq!(status & 0x40, 0x40, "a misaligned ring gets DEVICE_NEEDS_RESET: status {status:#x}");
-    assert!(changed.is_empty(), "the descriptor at GPA 0 was used: {changed:x?}");
-    assert_eq!(report.vms[0].kvm.get("unhandled_accesses"), Some(&ROUNDS));
+    assert!(o.changed.is_empty(), "the descriptor at GPA 0 was used: {:x?}", o.changed);
+    assert_eq!(unhandled, Some(&ROUNDS));
     let kinds = &snap.guest_error_kinds;
     assert_eq!(kinds.get("register"), Some(&(2 * ROUNDS)), "{kinds:?}");
     assert_eq!(kinds.get("status_order"), Some(&ROUNDS), "{kinds:?}");
     assert_eq!(kinds.get("features"), Some(&ROUNDS), "{kinds:?}");
     assert_eq!(kinds.get("queue_config"), Some(&ROUNDS), "{kinds:?}");
-    assert!(loud <= 10, "{loud} lines:\n{}", CountingLogger::dump());
-    assert_eq!(queue_lines, 0);
-    assert!(grown < 64 * MIB, "peak RSS grew by {} MiB", grown >> 20);
-    lat.check_answered_during(Duration::from_secs(1));
+    assert!(o.loud <= 10, "{} lines:\n{}", o.loud, CountingLogger::dump());
+    assert_eq!(o.queue_lines, 0);
+    assert!(o.grown < 64 * MIB, "peak RSS grew by {} MiB", o.grown >> 20);
+    o.lat.check_answered_during(Duration::from_secs(1));
 }

@@ -121,9 +121,8 @@ impl Rig {
         self.set(REG_QUEUE_READY, 1);
     }
 
-    /// Negotiates `feats` (stops if FEATURES_OK does not stick), sets up the
-    /// queues `layouts`, sets DRIVER_OK; returns the status the driver reads.
-    pub fn negotiate(&mut self, feats: u64, layouts: &[RingLayout]) -> u32 {
+    /// Resets the device and negotiates `feats`; whether FEATURES_OK stuck.
+    pub fn negotiate_features(&mut self, feats: u64) -> bool {
         assert_eq!(self.reg(0), 0x7472_6976);
         assert_eq!(self.reg(8), 5);
         self.set(REG_STATUS, 0);
@@ -133,7 +132,13 @@ impl Rig {
         self.set(0x24, 1);
         self.set(0x20, (feats >> 32) as u32);
         self.set(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-        if self.reg(REG_STATUS) & STATUS_FEATURES_OK == 0 {
+        self.reg(REG_STATUS) & STATUS_FEATURES_OK != 0
+    }
+
+    /// Negotiates `feats` (stops if FEATURES_OK does not stick), sets up the
+    /// queues `layouts`, sets DRIVER_OK; returns the status the driver reads.
+    pub fn negotiate(&mut self, feats: u64, layouts: &[RingLayout]) -> u32 {
+        if !self.negotiate_features(feats) {
             return self.reg(REG_STATUS);
         }
         for (q, &l) in layouts.iter().enumerate() {

@@ -342,12 +342,7 @@ fn buffers_made_available_before_driver_ok_are_served_once_it_is_set() {
     // first buffer and notifies during probe, before DRIVER_OK.
     let mut h = Rig::new(32 * MIB, BalloonConfig::default(), "t/early");
     let feats = h.dev.lock().unwrap().features();
-    h.set(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    h.set(0x24, 0);
-    h.set(0x20, feats as u32);
-    h.set(0x24, 1);
-    h.set(0x20, (feats >> 32) as u32);
-    h.set(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    assert!(h.negotiate_features(feats));
     for q in 0..4 {
         h.set_queue(q, layout(q, 16));
     }
