@@ -5,7 +5,11 @@
 //! VM's memory (sparse by default; [`FileOptions::preallocate`] reserves the blocks
 //! up front as ESX does) and removed when the [`SwapFile`] is dropped. The header
 //! names the owning process (pid, its start time, the boot id), so a file left by a
-//! crashed run is recognised and removed by [`clean_stale`].
+//! crashed run is recognised and removed by [`clean_stale`]. The file is written
+//! under a temporary name (`.NAME.vswp.PID.tmp`) and linked to its own only once its
+//! header is complete, so a process killed at any moment leaves either a swap file
+//! with a header or a temporary file, both of which `clean_stale` removes once the
+//! process is gone.
 //!
 //! Checksums (crc32c of each slot's 4 KiB) live in memory only, in [`Slots`]: the
 //! file is never read by another run, and a checksum stored beside the data could
@@ -223,6 +227,19 @@ pub fn swap_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.{EXTENSION}"))
 }
 
+/// Where a swap file of process `pid` is written before it gets its name:
+/// `dir/.NAME.vswp.PID.tmp`.
+fn temp_path(dir: &Path, name: &str, pid: u32) -> PathBuf {
+    dir.join(format!(".{name}.{EXTENSION}.{pid}.tmp"))
+}
+
+/// The pid in a name made by [`temp_path`].
+fn temp_owner(file_name: &str) -> Option<u32> {
+    let rest = file_name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (_, pid) = rest.rsplit_once(&format!(".{EXTENSION}."))?;
+    pid.parse().ok()
+}
+
 /// Read the header of a file, None if it is not a swap file (or unreadable).
 pub fn read_header(path: &Path) -> Option<Header> {
     let f = File::open(path).ok()?;
@@ -231,27 +248,48 @@ pub fn read_header(path: &Path) -> Option<Header> {
     Header::decode(&b[..n])
 }
 
-/// Remove the swap files in `dir` whose owner is gone (crashed run). Files that
-/// are not swap files (wrong magic or checksum) and files of live processes are
-/// left alone. Returns the removed paths.
+/// Remove the swap files in `dir` whose owner is gone (crashed run), and the
+/// temporary files of swap files being created by a process that is gone. Files
+/// that are not swap files (wrong magic or checksum) and files of live processes
+/// are left alone. Returns the removed paths.
 pub fn clean_stale(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some(EXTENSION) {
-            continue;
-        }
-        match read_header(&path) {
-            Some(h) if !h.owner_alive() => {
-                log::info!("swapd: removing stale swap file {} (vm {}, pid {} gone)", path.display(), h.name, h.pid);
-                match std::fs::remove_file(&path) {
-                    Ok(()) => removed.push(path),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
+        let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let stale = if let Some(pid) = temp_owner(file_name) {
+            // No header to go by: the pid in the name (a reused pid keeps the file).
+            let gone = process_start(pid).is_none();
+            if gone {
+                log::info!("swapd: removing {} (swap file being created, pid {pid} gone)", path.display());
+            }
+            gone
+        } else if path.extension().and_then(|e| e.to_str()) == Some(EXTENSION) {
+            match read_header(&path) {
+                Some(h) if !h.owner_alive() => {
+                    log::info!(
+                        "swapd: removing stale swap file {} (vm {}, pid {} gone)",
+                        path.display(),
+                        h.name,
+                        h.pid
+                    );
+                    true
+                }
+                Some(_) => false,
+                None => {
+                    log::warn!("swapd: {} is not a swap file of this format; left alone", path.display());
+                    false
                 }
             }
-            Some(_) => {}
-            None => log::warn!("swapd: {} is not a swap file of this format; left alone", path.display()),
+        } else {
+            false
+        };
+        if stale {
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(removed)
@@ -294,11 +332,22 @@ impl SwapFile {
                 }
             }
         }
+        // The file is written under a temporary name and gets its own only once its
+        // header is complete: killed before that, a run leaves a temporary file that
+        // `clean_stale` removes once the process is gone; killed after, a swap file
+        // it recognises as stale (never a swap file without a header).
+        let tmp = temp_path(dir, name, std::process::id());
+        match std::fs::remove_file(&tmp) {
+            // Left by an earlier process with our pid.
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
             o.read(true).write(true).create_new(true).mode(0o600);
             o.custom_flags(libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 });
-            o.open(&path)
+            o.open(&tmp)
         };
         let (file, direct) = match open(opts.direct_io) {
             Ok(f) => (f, opts.direct_io),
@@ -306,9 +355,10 @@ impl SwapFile {
                 log::warn!("swapd: {} refuses O_DIRECT; using buffered I/O", dir.display());
                 (open(false)?, false)
             }
-            Err(e) => return Err(io::Error::new(e.kind(), format!("create {}: {e}", path.display()))),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("create {}: {e}", tmp.display()))),
         };
-        let sf = SwapFile { file, path, slots, direct };
+        // Until it has its name, dropping it removes the temporary file.
+        let mut sf = SwapFile { file, path: tmp, slots, direct };
         let mut hdr = AlignedBuf::new(HEADER_SIZE);
         Header::for_this_process(name, slots).encode(&mut hdr);
         sf.write_all_at(&hdr, 0)?;
@@ -326,6 +376,10 @@ impl SwapFile {
         } else {
             sf.file.set_len(size)?;
         }
+        // A hard link fails if the name was taken meanwhile (rename would replace it).
+        std::fs::hard_link(&sf.path, &path)
+            .map_err(|e| io::Error::new(e.kind(), format!("naming {} {}: {e}", sf.path.display(), path.display())))?;
+        let _ = std::fs::remove_file(std::mem::replace(&mut sf.path, path));
         Ok(sf)
     }
 
@@ -661,14 +715,24 @@ mod tests {
         std::fs::write(swap_path(&dir, "reboot"), &b3).unwrap();
         let live = SwapFile::create(&dir, "live", 8, FileOptions::default()).unwrap();
         std::fs::write(dir.join("foreign.vswp"), b"hello").unwrap();
+        // Killed while creating a swap file: no header yet, only the temporary name.
+        std::fs::write(temp_path(&dir, "half", dead_pid), b"").unwrap();
+        std::fs::write(temp_path(&dir, "busy", std::process::id()), b"").unwrap();
         std::fs::write(dir.join("other.txt"), &b).unwrap();
 
         let mut removed = clean_stale(&dir).unwrap();
         removed.sort();
-        let mut want = vec![swap_path(&dir, "crashed"), swap_path(&dir, "reboot"), swap_path(&dir, "reused")];
+        let mut want = vec![
+            swap_path(&dir, "crashed"),
+            swap_path(&dir, "reboot"),
+            swap_path(&dir, "reused"),
+            temp_path(&dir, "half", dead_pid),
+        ];
         want.sort();
         assert_eq!(removed, want);
         assert!(live.path().exists());
+        assert!(temp_path(&dir, "busy", std::process::id()).exists(), "a live process's file is kept");
+        std::fs::remove_file(temp_path(&dir, "busy", std::process::id())).unwrap();
         assert!(dir.join("foreign.vswp").exists());
         assert!(dir.join("other.txt").exists());
         // Creating over a stale file of the same name replaces it.

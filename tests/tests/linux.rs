@@ -24,8 +24,9 @@ use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC};
 use serde_json::Value;
 use vmm::api::{server, Reply, Request};
 use vmm::config::{Kernel, VmConfig};
+use vmm::devices::guest_errors::GuestErrors;
 use vmm::devices::virtio::balloon::{Balloon, BalloonConfig};
-use vmm::devices::virtio::{GuestErrors, Interrupt, INT_CONFIG};
+use vmm::devices::virtio::{Interrupt, INT_CONFIG};
 use vmm::linux::irqchip::{self, lapic_reg, set_lapic_reg};
 use vmm::linux::platform::{host_backend, BALLOON_GSI};
 use vmm::memory::{GuestRam, HostPages};
@@ -124,7 +125,7 @@ fn irqchip_pit_and_irqfds_are_created_and_a_balloon_interrupt_reaches_the_lapic(
     let irq = irqchip::irqfd(&vm, BALLOON_GSI).unwrap();
     let interrupt = Arc::new(Interrupt::with_irqfd(irq));
     let ram = Arc::new(GuestRam::new(64 * MIB, HostPages::Small).unwrap());
-    let errors = Arc::new(GuestErrors::default());
+    let errors = Arc::new(GuestErrors::new("t/balloon"));
     let mut balloon = Balloon::new(
         "t/balloon",
         BalloonConfig::default(),

@@ -112,7 +112,7 @@ pub enum HostError {
     Policy(#[from] crate::reclaim::policy::PolicyError),
     /// The control socket could not be opened.
     #[error("control API: {0}")]
-    Api(String),
+    Api(#[from] crate::api::listener::ListenError),
 }
 
 /// What the control API, the demo and the tests see of a host: its VMs and their
@@ -218,7 +218,7 @@ impl Host {
             policy: policy.as_ref().map(PolicyThread::handle),
         });
         let api = match &opts.api_socket {
-            Some(path) => Some(Server::start(path, shared.clone()).map_err(HostError::Api)?),
+            Some(path) => Some(Server::start(path, shared.clone())?),
             None => None,
         };
         Ok(Host { vms, shared, policy, api })

@@ -102,8 +102,10 @@ fn guest_statistics_round_trip_through_vmm_ctl() {
     // Inflate 32 MiB: the guest's own numbers show the frames gone.
     let set: BTreeMap<String, BalloonTarget> = ctl_ok(&r.sock, &["balloon", "set", "32M", "--vm", "vm0"]);
     assert_eq!(set["vm0"].target_bytes, 32 * MIB);
-    let vm = wait(&r, "inflate 32M", |v| v["vm0"].ballooned_mib == Some(32.0));
-    assert_eq!(vm["vm0"].balloon.as_ref().map(|b| b.actual_pages), Some(32 * MIB / 4096));
+    // The device holds the pages as soon as it took the buffers; the guest writes
+    // `actual` once it has seen them back: wait for both.
+    let actual = |v: &BTreeMap<String, VmStats>| v["vm0"].balloon.as_ref().map(|b| b.actual_pages);
+    wait(&r, "inflate 32M", |v| v["vm0"].ballooned_mib == Some(32.0) && actual(v) == Some(32 * MIB / 4096));
     let stats = balloon_stats(&r.sock);
     let now_free = *stats["vm0"].guest_stats.get("free_memory").expect("free_memory");
     assert_eq!(now_free, free - 32 * MIB, "fresh statistics after the inflate: {:?}", stats["vm0"]);

@@ -13,9 +13,11 @@
 //! [`Reply`]. A malformed request gets an error response; nothing a client sends
 //! can stop the VMM.
 //!
-//! [`server`] serves it inside `vmm run`; [`client`] is `vmm ctl`.
+//! [`server`] serves it inside `vmm run` over the socket of [`listener`], which
+//! also bounds what a client may hold; [`client`] is `vmm ctl`.
 
 pub mod client;
+pub mod listener;
 pub mod server;
 
 use std::collections::BTreeMap;

@@ -1,16 +1,23 @@
 //! Serves the control API inside `vmm run`: an accept thread, a thread per
 //! connection (a `command` request may wait on the guest for a long time).
+//!
+//! A client is untrusted input: the socket layer ([`listener`]) bounds what one
+//! can hold ([`Limits`]): connections at once (more are told so and dropped), the
+//! length of a request line and the time to send it, the time to take a response.
+//! Malformed JSON gets a one-line error and the connection stays usable; a line cut
+//! by a disconnect is not executed. Nothing a client does stops the server or the
+//! VMM, or keeps other clients from being served.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::listener::{self, Limits, Line, LineReader, ListenError};
 use super::{BalloonTarget, CommandResult, ConsoleLine, Reply, Request, Response, SwapStatsResult};
 use crate::config::parse_size;
 use crate::devices::virtio::balloon::device::check_size;
@@ -19,8 +26,6 @@ use crate::devices::virtio::balloon::{Balloon, TargetMode};
 use crate::host::HostShared;
 use crate::vm::VmShared;
 
-/// Longest request line accepted.
-const MAX_REQUEST: usize = 64 << 10;
 /// How long `balloon_stats` waits for the guest to answer with fresh statistics.
 const FRESH_STATS_WAIT: Duration = Duration::from_millis(500);
 
@@ -33,25 +38,27 @@ pub struct Server {
 
 impl Server {
     /// Listens on `path` (mode 0600) for requests about the VMs of `host` and their
-    /// reclaimers. A stale socket left by a dead process is replaced; a live one is an
-    /// error.
-    pub fn start(path: &Path, host: Arc<HostShared>) -> Result<Server, String> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(format!("{} is in use by another vmm", path.display()));
+    /// reclaimers. A stale socket left by a dead process is replaced; a live one, or
+    /// a file that is not a socket, is an error.
+    pub fn start(path: &Path, host: Arc<HostShared>) -> Result<Server, ListenError> {
+        Server::with_limits(path, host, Limits::default())
+    }
+
+    /// Like [`Server::start`], with explicit client limits.
+    pub fn with_limits(path: &Path, host: Arc<HostShared>, limits: Limits) -> Result<Server, ListenError> {
+        listener::claim(path)?;
+        if path.file_name() == super::default_socket(std::process::id()).file_name() {
+            for stale in listener::remove_stale_siblings(path.parent().unwrap_or(Path::new("."))) {
+                log::info!("removed the stale control socket {}", stale.display());
             }
-            std::fs::remove_file(path).map_err(|e| format!("removing stale socket {}: {e}", path.display()))?;
         }
-        let listener = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("chmod 0600 {}: {e}", path.display()))?;
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let socket = listener::bind_private(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(listener, host, stop2))
-            .map_err(|e| e.to_string())?;
+            .spawn(move || accept_loop(socket, host, limits, stop2))
+            .map_err(|source| ListenError::Io { what: "starting the thread for", path: path.to_path_buf(), source })?;
         log::info!("control API on {}", path.display());
         Ok(Server { path: path.to_path_buf(), stop, thread: Some(thread) })
     }
@@ -65,6 +72,8 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept thread up from its blocking accept.
+        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -72,46 +81,84 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(listener: UnixListener, vms: Arc<HostShared>, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let vms = vms.clone();
-                let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || serve(stream, &vms));
-                if let Err(e) = spawned {
-                    log::warn!("control API: cannot serve a connection: {e}");
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+/// Counts a connection while its thread runs.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn accept_loop(socket: UnixListener, host: Arc<HostShared>, limits: Limits, stop: Arc<AtomicBool>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut last_error_logged: Option<Instant> = None;
+    for stream in socket.incoming() {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let stream = match stream {
+            Ok(s) => s,
             Err(e) => {
-                log::warn!("control API: accept failed: {e}");
+                // Out of descriptors, say: wait a little, and say so now and then.
+                if last_error_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    log::warn!("control API: accept failed: {e}");
+                    last_error_logged = Some(Instant::now());
+                }
                 std::thread::sleep(Duration::from_millis(100));
+                continue;
             }
+        };
+        if active.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+            active.fetch_sub(1, Ordering::AcqRel);
+            refuse(stream, &limits);
+            continue;
+        }
+        let slot = Slot(active.clone());
+        let host = host.clone();
+        let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+            let _slot = slot;
+            serve(stream, &host, limits)
+        });
+        if let Err(e) = spawned {
+            log::warn!("control API: cannot serve a connection: {e}");
         }
     }
 }
 
-fn serve(stream: UnixStream, vms: &HostShared) {
-    let _ = stream.set_nonblocking(false);
+/// Tells a client over the connection limit why it is dropped.
+fn refuse(mut stream: UnixStream, limits: &Limits) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let why = Response::err(format!("too many connections ({} at most); try again", limits.max_connections));
+    let _ = writeln!(stream, "{}", serde_json::to_string(&why).expect("responses serialise"));
+}
+
+fn serve(stream: UnixStream, host: &HostShared, limits: Limits) {
     let Ok(mut out) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    if out.set_write_timeout(Some(limits.write_timeout)).is_err() {
+        return;
+    }
+    let mut reader = LineReader::new(stream, limits);
     loop {
-        line.clear();
-        match (&mut reader).take(MAX_REQUEST as u64 + 1).read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let response = if line.len() > MAX_REQUEST {
-            Response::err(format!("request longer than {MAX_REQUEST} bytes"))
-        } else {
-            match serde_json::from_str::<Request>(line.trim()) {
-                Ok(req) => handle(req, vms),
-                Err(e) => Response::err(format!("bad request: {e}")),
+        let (response, last) = match reader.next_line() {
+            Ok(Line::Request(bytes)) => {
+                let request = std::str::from_utf8(&bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| serde_json::from_str::<Request>(text.trim()).map_err(|e| e.to_string()));
+                match request {
+                    Ok(req) => (handle(req, host), false),
+                    Err(e) => (Response::err(format!("bad request: {e}")), false),
+                }
             }
+            Ok(Line::TooLong) => (Response::err(format!("request longer than {} bytes", limits.max_request)), true),
+            Ok(Line::TimedOut) => {
+                (Response::err(format!("no complete request within {:?}", limits.request_timeout)), true)
+            }
+            Ok(Line::Closed) | Err(_) => return,
         };
         let text = serde_json::to_string(&response).expect("responses serialise");
-        if writeln!(out, "{text}").is_err() || line.len() > MAX_REQUEST {
+        // A client that does not take its response within the write timeout is dropped.
+        if writeln!(out, "{text}").is_err() || last {
             return;
         }
     }

@@ -23,11 +23,12 @@ use crate::config::{ConsoleTarget, VmConfig};
 use crate::console::{self, Console, GuestStep};
 use crate::control::GuestProgress;
 use crate::devices::bus::Bus;
+use crate::devices::guest_errors::GuestErrors;
 use crate::devices::serial::{IrqLine, SerialPort, PORT_BASE, PORT_COUNT};
 use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::worker::Worker;
-use crate::devices::virtio::{GuestErrors, Interrupt};
+use crate::devices::virtio::Interrupt;
 use crate::kvm_stats;
 use crate::linux::platform::LinuxPlatform;
 use crate::linux::{kind, TestGuestParams};
@@ -433,7 +434,7 @@ fn attach_balloon(
     irqfd: Option<EventFd>,
 ) -> Result<(Arc<Mutex<Balloon>>, Vec<EventFd>), SetupError> {
     let interrupt = Arc::new(irqfd.map_or_else(Interrupt::default, Interrupt::with_irqfd));
-    let errors = Arc::new(GuestErrors::default());
+    let errors = Arc::new(GuestErrors::new(format!("{name}/balloon")));
     let generation = Arc::new(AtomicU32::new(0));
     let device = Arc::new(Mutex::new(Balloon::new(
         format!("{name}/balloon"),
@@ -457,7 +458,7 @@ fn attach_balloon(
     let transport = MmioTransport::new(
         format!("{name}/balloon"),
         device.clone(),
-        ram.mem().clone(),
+        ram.clone(),
         interrupt,
         errors,
         clones,

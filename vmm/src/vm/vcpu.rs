@@ -4,12 +4,13 @@
 //! console lines arrive as one string write, `hlt` sleeps on the host instead of
 //! spinning, and anything unexpected ends the VM with a clear reason.
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::devices::guest_errors::{GuestErrorKind, GuestErrors};
 use crate::devices::system::{decode_out, SystemEvent};
 use crate::kvm_stats;
 use crate::vm::{Ending, VmShared};
@@ -24,12 +25,13 @@ pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
     // SAFETY: `run` points to this vCPU's kvm_run mapping, alive as long as `vcpu`,
     // which outlives the slot (dropped below, on this thread, before `vcpu`).
     let slot = unsafe { vm.run().register_vcpu(cpu, std::ptr::addr_of_mut!((*run).immediate_exit)) };
-    // Addresses already logged as unhandled (log each once).
-    let mut unhandled = HashSet::new();
+    // Accesses no device owns: counted, logged at most once per interval (a set of
+    // the addresses seen would grow with whatever the guest tries).
+    let unhandled = GuestErrors::new(format!("{}: vCPU {cpu}", vm.name()));
     while vm.run().may_run(cpu) {
         match vcpu.run() {
             Ok(exit) => {
-                if let Some(ending) = handle_exit(exit, cpu, &vm, &mut unhandled) {
+                if let Some(ending) = handle_exit(exit, cpu, &vm, &unhandled) {
                     let ending = match ending {
                         Ending::Error(msg) => Ending::Error(format!("{msg}{}", describe_regs(&vcpu))),
                         other => other,
@@ -41,6 +43,8 @@ pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
             Err(e) => vm.end(Ending::Error(format!("KVM_RUN failed on vCPU {cpu}: {e}{}", describe_regs(&vcpu)))),
         }
     }
+    let unhandled_total = unhandled.count(GuestErrorKind::Unmapped) + unhandled.count(GuestErrorKind::Port);
+    vm.add_stats(&BTreeMap::from([("unhandled_accesses".to_string(), unhandled_total)]));
     match kvm_stats::read_vcpu_stats(&vcpu) {
         Ok(stats) => vm.add_stats(&stats),
         Err(e) => log::warn!("{}: vCPU {cpu}: cannot read KVM statistics: {e}", vm.name()),
@@ -49,37 +53,36 @@ pub fn run(mut vcpu: VcpuFd, cpu: u32, vm: Arc<VmShared>) {
 }
 
 /// Handles one exit; returns how the VM ends if it does.
-fn handle_exit(exit: VcpuExit, cpu: u32, vm: &VmShared, unhandled: &mut HashSet<u64>) -> Option<Ending> {
+fn handle_exit(exit: VcpuExit, cpu: u32, vm: &VmShared, unhandled: &GuestErrors) -> Option<Ending> {
     match exit {
         VcpuExit::IoOut(port, data) => match decode_out(port, data) {
             Some(SystemEvent::Exit(code)) => return Some(Ending::GuestExit(code)),
             Some(SystemEvent::BootMarker) => vm.mark_first_instruction(),
             Some(SystemEvent::Kick) => vm.run().wake(),
             None => {
-                if !vm.pio().write(port.into(), data) && unhandled.insert(port.into()) {
-                    log::debug!("{}: vCPU {cpu}: write to unhandled port {port:#x} ignored", vm.name());
+                if !vm.pio().write(port.into(), data) {
+                    unhandled.report(GuestErrorKind::Port, format_args!("write to unhandled port {port:#x} ignored"));
                 }
             }
         },
         VcpuExit::IoIn(port, data) => {
             if !vm.pio().read(port.into(), data) {
-                if unhandled.insert(port.into()) {
-                    log::debug!("{}: vCPU {cpu}: read of unhandled port {port:#x} returns all ones", vm.name());
-                }
+                unhandled
+                    .report(GuestErrorKind::Port, format_args!("read of unhandled port {port:#x} returns all ones"));
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioRead(addr, data) => {
             if !vm.mmio().read(addr, data) {
-                if unhandled.insert(addr) {
-                    log::warn!("{}: vCPU {cpu}: read of unmapped MMIO address {addr:#x} returns all ones", vm.name());
-                }
+                let what = format_args!("read of unmapped MMIO address {addr:#x} returns all ones");
+                unhandled.report(GuestErrorKind::Unmapped, what);
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
-            if !vm.mmio().write(addr, data) && unhandled.insert(addr) {
-                log::warn!("{}: vCPU {cpu}: write to unmapped MMIO address {addr:#x} ignored", vm.name());
+            if !vm.mmio().write(addr, data) {
+                unhandled
+                    .report(GuestErrorKind::Unmapped, format_args!("write to unmapped MMIO address {addr:#x} ignored"));
             }
         }
         VcpuExit::Hlt => vm.run().halt(HALT_SLEEP),

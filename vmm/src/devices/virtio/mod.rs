@@ -9,24 +9,58 @@
 //! there the device also signals an irqfd after recording the cause (used buffers,
 //! or a configuration change such as a new balloon target), and the driver reads
 //! `InterruptStatus` and acknowledges through `InterruptACK`.
+//!
+//! Everything a guest writes is untrusted: [`virtqueue`] holds rings and chains to
+//! the spec's rules, devices do a bounded slice of work per call and say whether more
+//! is left ([`Work`]), the worker yields between slices, and guest errors are counted
+//! and rate-limited ([`crate::devices::guest_errors`]). docs/security.md has the
+//! threat model.
 
 pub mod balloon;
+#[cfg(test)]
+mod fuzz;
 pub mod mmio;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod virtqueue;
 pub mod worker;
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
 
-use virtio_queue::Queue;
+pub use virtqueue::Virtqueue;
 use vmm_sys_util::eventfd::EventFd;
 
 /// virtio 1.x feature bit: the device conforms to version 1.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// `InterruptStatus` bit: a queue has new used buffers.
 pub const INT_VRING: u32 = 1;
-/// `InterruptStatus` bit: the configuration changed.
+/// `InterruptStatus` bit: the configuration changed (or the device needs a reset).
 pub const INT_CONFIG: u32 = 2;
+
+/// What is left after one bounded slice of a queue's work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// The queue holds nothing more to do.
+    Done,
+    /// The slice ended at a bound with chains still available: call again.
+    More,
+}
+
+/// Why a device refuses to start with the queues the driver set up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActivateError {
+    /// A queue the device cannot work without is not ready.
+    #[error("queue {0} must be set up and ready")]
+    QueueNotReady(usize),
+    /// The transport offered a number of queues the features do not give.
+    #[error("{got} queues for {want} roles")]
+    QueueCount {
+        /// Queues handed over.
+        got: usize,
+        /// Queues the negotiated features call for.
+        want: usize,
+    },
+}
 
 /// What a device type implements; the transport does the rest.
 pub trait VirtioDevice: Send {
@@ -43,13 +77,17 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// The driver set DRIVER_OK: start using `queues` with `features`.
-    fn activate(&mut self, features: u64, queues: Vec<Queue>) -> Result<(), String>;
+    /// The driver set DRIVER_OK: start using `queues` (checked by the transport;
+    /// `None` where the driver did not make a queue ready) with `features`.
+    fn activate(&mut self, features: u64, queues: Vec<Option<Virtqueue>>) -> Result<(), ActivateError>;
     /// The driver reset the device: drop the queues, keep host-side state that must
-    /// survive (e.g. which pages are ballooned).
+    /// survive (e.g. which pages are ballooned), and clear [`VirtioDevice::needs_reset`].
     fn reset(&mut self);
-    /// Queue `index` was notified.
-    fn process_queue(&mut self, index: usize);
+    /// Serves queue `index` for one bounded slice (see docs/balloon.md, "Bounds").
+    fn process_queue(&mut self, index: usize) -> Work;
+    /// The driver broke a ring: the device stopped and waits for a reset (the
+    /// transport shows DEVICE_NEEDS_RESET).
+    fn needs_reset(&self) -> bool;
     /// Periodic work; returns the wanted period in milliseconds (0: none).
     fn tick(&mut self) -> u64 {
         0
@@ -87,27 +125,5 @@ impl Interrupt {
     /// The driver acknowledged `causes`.
     pub fn ack(&self, causes: u32) {
         self.status.fetch_and(!causes, Ordering::AcqRel);
-    }
-}
-
-/// Logs each kind of guest misbehaviour once per device, counting every occurrence:
-/// a guest must not be able to flood the host's log.
-#[derive(Default)]
-pub struct GuestErrors {
-    seen: Mutex<HashSet<&'static str>>,
-    count: AtomicU32,
-}
-
-impl GuestErrors {
-    /// Notes an error of kind `kind` described by `detail`.
-    pub fn report(&self, device: &str, kind: &'static str, detail: impl FnOnce() -> String) {
-        self.count.fetch_add(1, Ordering::Relaxed);
-        if self.seen.lock().unwrap().insert(kind) {
-            log::warn!("{device}: guest error ({kind}): {} (further ones of this kind are only counted)", detail());
-        }
-    }
-    /// Errors seen so far.
-    pub fn count(&self) -> u32 {
-        self.count.load(Ordering::Relaxed)
     }
 }

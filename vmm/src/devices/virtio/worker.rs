@@ -2,6 +2,18 @@
 //! (ioeventfds) and the device's periodic work, and runs them under the VM's
 //! device gate so that a paused VM has no device thread touching guest memory.
 //!
+//! Work is done in the device's bounded slices ([`VirtioDevice::process_queue`]),
+//! one queue at a time, each under the device lock and the gate taken for that slice
+//! only. A queue whose slice ended with chains still available stays pending and is
+//! served again without a new notification. A pause waits for the slice at hand
+//! only: the next one does not start while the VM is paused. The device lock is not
+//! fair, so a guest that keeps handing over work could still keep it from others
+//! by keeping the worker busy; the worker therefore rests [`REST`] with the lock and
+//! the gate released whenever it has been busy for [`BUSY_LIMIT`] without waiting
+//! for a notification. The control API and vCPU register accesses wait for the
+//! device at most that long plus one slice, and such a guest gets at most
+//! `BUSY_LIMIT / (BUSY_LIMIT + REST)` of one host core.
+//!
 //! Without an interrupt controller the guest polls its used rings, halting in
 //! between; after handling notifications the worker wakes the VM's halted vCPUs
 //! (what an interrupt would do), so a guest waiting for its buffers does not sleep
@@ -10,12 +22,21 @@
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use pagestate::RunControl;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::VirtioDevice;
-use pagestate::RunControl;
+use super::{VirtioDevice, Work};
+
+/// Longest the worker works without waiting for a notification or resting.
+pub const BUSY_LIMIT: Duration = Duration::from_millis(10);
+/// How long it rests then, lock and gate released.
+pub const REST: Duration = Duration::from_millis(1);
+/// A wait for notifications at least this long counts as a rest: others could
+/// take the device meanwhile.
+const IDLE: Duration = Duration::from_micros(100);
 
 /// A running worker; dropping it stops the thread.
 pub struct Worker {
@@ -40,9 +61,19 @@ impl Worker {
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, stop_token))?;
         let thread = std::thread::Builder::new().name(name.clone()).spawn(move || {
             let mut events = vec![EpollEvent::default(); notify.len() + 1];
+            let mut pending = vec![false; notify.len()];
             let mut period_ms = -1i32;
+            let mut busy_since: Option<Instant> = None;
+            // Runs `f` on the device under the gate; None if the VM is stopping.
+            let with_device = |f: &mut dyn FnMut(&mut D)| {
+                let _gate = run.device_guard()?;
+                f(&mut device.lock().unwrap());
+                Some(())
+            };
             loop {
-                let n = match epoll.wait(period_ms, &mut events) {
+                let timeout = if pending.contains(&true) { 0 } else { period_ms };
+                let waiting = Instant::now();
+                let n = match epoll.wait(timeout, &mut events) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -50,23 +81,42 @@ impl Worker {
                         return;
                     }
                 };
-                let Some(busy) = run.device_guard() else {
-                    return;
-                };
-                let mut dev = device.lock().unwrap();
+                if waiting.elapsed() >= IDLE {
+                    busy_since = None;
+                }
                 for ev in &events[..n] {
                     let token = ev.data();
                     if token == stop_token {
                         return;
                     }
                     let _ = notify[token as usize].read();
-                    dev.process_queue(token as usize);
+                    pending[token as usize] = true;
                 }
-                let p = dev.tick();
+                let mut served = false;
+                for (q, more) in pending.iter_mut().enumerate() {
+                    if !*more {
+                        continue;
+                    }
+                    let start = Instant::now();
+                    let mut work = Work::Done;
+                    if with_device(&mut |dev| work = dev.process_queue(q)).is_none() {
+                        return;
+                    }
+                    served = true;
+                    *more = work == Work::More;
+                    if busy_since.get_or_insert(start).elapsed() >= BUSY_LIMIT {
+                        // Let the others in: the lock is not fair.
+                        run.wake();
+                        std::thread::sleep(REST);
+                        busy_since = None;
+                    }
+                }
+                let mut p = 0;
+                if with_device(&mut |dev| p = dev.tick()).is_none() {
+                    return;
+                }
                 period_ms = if p == 0 { -1 } else { p.min(i32::MAX as u64) as i32 };
-                drop(dev);
-                drop(busy);
-                if n > 0 {
+                if served {
                     run.wake();
                 }
             }
@@ -90,8 +140,9 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::devices::guest_errors::GuestErrors;
     use crate::devices::virtio::balloon::{Balloon, BalloonConfig};
-    use crate::devices::virtio::{GuestErrors, Interrupt};
+    use crate::devices::virtio::Interrupt;
     use crate::memory::{GuestRam, HostPages};
 
     #[test]
@@ -102,7 +153,7 @@ mod tests {
             BalloonConfig { stats_interval: Duration::ZERO, ..BalloonConfig::default() },
             ram,
             Arc::new(Interrupt::default()),
-            Arc::new(GuestErrors::default()),
+            Arc::new(GuestErrors::new("test/balloon")),
             Arc::new(AtomicU32::new(0)),
         );
         let notify: Vec<EventFd> = (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();

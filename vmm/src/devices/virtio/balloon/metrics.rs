@@ -99,8 +99,13 @@ pub struct BalloonSnapshot {
     pub duplicate_pfns: u64,
     /// See [`BalloonMetrics`].
     pub stats_updates: u64,
-    /// Malformed requests from the guest.
+    /// Guest errors of every kind (malformed chains and buffers, queue
+    /// configuration, register accesses, ...), each counted.
     pub guest_errors: u64,
+    /// The same by kind (see [`crate::devices::guest_errors::GuestErrorKind`]).
+    pub guest_error_kinds: BTreeMap<String, u64>,
+    /// The driver broke a ring: the device serves nothing until it is reset.
+    pub needs_reset: bool,
     /// Features the driver accepted.
     pub features: u64,
     /// The guest's latest statistics (bytes or counts, by name).

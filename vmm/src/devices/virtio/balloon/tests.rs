@@ -1,161 +1,42 @@
 //! The balloon driven through its virtio-mmio transport by a test driver that
-//! writes registers and split rings into guest memory by hand, so every kind of bad
-//! input a guest could produce can be crafted.
+//! writes registers and split rings into guest memory by hand
+//! ([`crate::devices::virtio::testing`]), so every kind of bad input a guest could
+//! produce can be crafted: one test per rule of docs/balloon.md, "Bad input from the
+//! guest".
 
-use std::sync::atomic::AtomicU32;
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::{features, Balloon, BalloonConfig, TargetMode};
+use super::device::SLICE_CHAINS;
+use super::{features, BalloonConfig, TargetMode};
 use crate::devices::bus::BusDevice;
+use crate::devices::guest_errors::tests::{guest_lines, install_capture};
+use crate::devices::guest_errors::GuestErrorKind;
 use crate::devices::virtio::mmio::{
-    MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
+    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
 };
-use crate::devices::virtio::{GuestErrors, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::memory::{GuestRam, HostPages};
+use crate::devices::virtio::testing::{
+    layout, Rig, BUFFERS, F_INDIRECT, F_NEXT, MIB, REG_QUEUE_DESC, REG_QUEUE_SEL, REG_STATUS,
+};
+use crate::devices::virtio::virtqueue::RingLayout;
+use crate::devices::virtio::{VirtioDevice, Work, VIRTIO_F_VERSION_1};
 
-const MIB: u64 = 1 << 20;
-const QSIZE: u16 = 16;
-/// Where the test driver puts its rings (one 4 KiB page per queue) and buffers.
-const RINGS: u64 = 0x10_0000;
-const BUFFERS: u64 = 0x20_0000;
+const RUNNING: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
 
-struct Harness {
-    ram: Arc<GuestRam>,
-    dev: Arc<Mutex<Balloon>>,
-    mmio: MmioTransport<Balloon>,
-    errors: Arc<GuestErrors>,
-    /// Next free descriptor and avail index per queue.
-    next: Vec<(u16, u16)>,
-}
-
-impl Harness {
-    fn new(cfg: BalloonConfig) -> Harness {
-        let ram = Arc::new(GuestRam::new(32 * MIB, HostPages::Small).unwrap());
-        let interrupt = Arc::new(Interrupt::default());
-        let errors = Arc::new(GuestErrors::default());
-        let generation = Arc::new(AtomicU32::new(0));
-        let dev = Arc::new(Mutex::new(Balloon::new(
-            "test/balloon",
-            cfg,
-            ram.clone(),
-            interrupt.clone(),
-            errors.clone(),
-            generation.clone(),
-        )));
-        let notify = (0..4).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
-        let mmio = MmioTransport::new(
-            "test/balloon",
-            dev.clone(),
-            ram.mem().clone(),
-            interrupt,
-            errors.clone(),
-            notify,
-            generation,
-        );
-        Harness { ram, dev, mmio, errors, next: vec![(0, 0); 4] }
-    }
-
-    fn reg(&mut self, offset: u64) -> u32 {
-        let mut b = [0u8; 4];
-        self.mmio.read(offset, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    fn set(&mut self, offset: u64, v: u32) {
-        self.mmio.write(offset, &v.to_le_bytes());
-    }
-
-    /// Negotiates `feats` and sets up `queues` queues of `size`; returns the status.
-    fn negotiate(&mut self, feats: u64, queues: u32, size: u32) -> u32 {
-        assert_eq!(self.reg(0), 0x7472_6976);
-        assert_eq!(self.reg(8), 5);
-        self.set(0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        self.set(0x24, 0);
-        self.set(0x20, feats as u32);
-        self.set(0x24, 1);
-        self.set(0x20, (feats >> 32) as u32);
-        self.set(0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-        if self.reg(0x70) & STATUS_FEATURES_OK == 0 {
-            return self.reg(0x70);
-        }
-        for q in 0..queues {
-            let base = RINGS + q as u64 * 0x1000;
-            self.set(0x30, q);
-            assert!(self.reg(0x34) >= QSIZE as u32);
-            self.set(0x38, size);
-            self.set(0x80, base as u32);
-            self.set(0x90, (base + 0x100) as u32);
-            self.set(0xa0, (base + 0x200) as u32);
-            self.set(0x44, 1);
-        }
-        self.set(0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
-        self.reg(0x70)
-    }
-
-    fn standard(cfg: BalloonConfig) -> Harness {
-        let mut h = Harness::new(cfg);
-        let feats = h.dev.lock().unwrap().features();
-        let queues = h.dev.lock().unwrap().queue_count(feats) as u32;
-        let status = h.negotiate(feats, queues, QSIZE as u32);
-        assert_eq!(status & STATUS_NEEDS_RESET, 0);
-        h
-    }
-
-    /// Adds a chain of `(addr, len, write_only)` buffers to queue `q`, linked
-    /// through `next` unless `links` overrides them, and notifies.
-    fn post(&mut self, q: usize, bufs: &[(u64, u32, bool)], links: Option<&[u16]>) {
-        let base = RINGS + q as u64 * 0x1000;
-        let mem = self.ram.mem();
-        let (first, avail_idx) = self.next[q];
-        for (i, &(addr, len, wo)) in bufs.iter().enumerate() {
-            let idx = (first + i as u16) % QSIZE;
-            let has_next = i + 1 < bufs.len() || links.is_some();
-            let next = links.map_or((idx + 1) % QSIZE, |l| l[i]);
-            let flags = (has_next as u16) | ((wo as u16) << 1);
-            let d = base + idx as u64 * 16;
-            mem.write_obj(addr, GuestAddress(d)).unwrap();
-            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-            mem.write_obj(next, GuestAddress(d + 14)).unwrap();
-        }
-        mem.write_obj(first, GuestAddress(base + 0x100 + 4 + (avail_idx % QSIZE) as u64 * 2)).unwrap();
-        mem.write_obj(avail_idx.wrapping_add(1), GuestAddress(base + 0x100 + 2)).unwrap();
-        self.next[q] = ((first + bufs.len() as u16) % QSIZE, avail_idx.wrapping_add(1));
-        self.dev.lock().unwrap().process_queue(q);
-    }
-
-    fn used_idx(&self, q: usize) -> u16 {
-        self.ram.mem().read_obj(GuestAddress(RINGS + q as u64 * 0x1000 + 0x200 + 2)).unwrap()
-    }
-
-    /// Writes PFNs as le32 at `BUFFERS + off` and returns (addr, len).
-    fn pfns(&self, off: u64, pfns: &[u32]) -> (u64, u32) {
-        let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
-        self.ram.mem().write_slice(&bytes, GuestAddress(BUFFERS + off)).unwrap();
-        (BUFFERS + off, bytes.len() as u32)
-    }
-
-    fn fill(&self, pfn: u64, byte: u8) {
-        self.ram.mem().write_slice(&[byte; 4096], GuestAddress(pfn * 4096)).unwrap();
-    }
-
-    fn byte(&self, pfn: u64) -> u8 {
-        self.ram.mem().read_obj(GuestAddress(pfn * 4096 + 100)).unwrap()
-    }
-}
-
-fn data_pages(h: &Harness) {
+fn data_pages(h: &Rig) {
     for pfn in 0x1000..0x1100 {
         h.fill(pfn, 0xaa);
     }
 }
 
+fn standard(source: &str) -> Rig {
+    Rig::standard(BalloonConfig::default(), source)
+}
+
 #[test]
 fn inflate_frees_ranges_and_deflate_returns_pages() {
-    let mut h = Harness::standard(BalloonConfig::default());
+    let mut h = standard("t/inflate");
     data_pages(&h);
     let rss_before = h.ram.resident_bytes();
     let pfns: Vec<u32> = (0x1000..0x1080).rev().collect(); // unsorted on purpose
@@ -173,11 +54,12 @@ fn inflate_frees_ranges_and_deflate_returns_pages() {
     let snap = h.dev.lock().unwrap().snapshot();
     assert_eq!((snap.deflated_pages, snap.ballooned_pages), (2, 126));
     assert!(!h.dev.lock().unwrap().ballooned().contains(0x1000));
+    assert_eq!(snap.guest_errors, 0);
 }
 
 #[test]
 fn ballooned_pages_the_guest_touched_anyway_are_counted_at_deflate() {
-    let mut h = Harness::standard(BalloonConfig::default());
+    let mut h = standard("t/touched");
     data_pages(&h);
     let (a, l) = h.pfns(0, &[0x1000, 0x1001, 0x1002, 0x1003]);
     h.post(0, &[(a, l, false)], None);
@@ -191,24 +73,28 @@ fn ballooned_pages_the_guest_touched_anyway_are_counted_at_deflate() {
 }
 
 #[test]
-fn pfns_outside_ram_or_in_the_hole_free_nothing() {
-    let mut h = Harness::standard(BalloonConfig::default());
+fn a_buffer_with_pfns_outside_ram_is_refused_whole() {
+    let mut h = standard("t/outside");
     data_pages(&h);
     let hole = (guest_abi::BALLOON_MMIO_BASE >> 12) as u32;
     let beyond = ((32 * MIB) >> 12) as u32;
-    let (a, l) = h.pfns(0, &[hole, beyond, u32::MAX, 0x1001]);
+    let (a, l) = h.pfns(0, &[0x1001, hole, beyond, u32::MAX]);
     h.post(0, &[(a, l, false)], None);
+    assert_eq!(h.used_idx(0), 1, "completed");
     let snap = h.dev.lock().unwrap().snapshot();
     assert_eq!(snap.invalid_pfns, 3);
-    assert_eq!(snap.ballooned_pages, 1);
-    assert_eq!(h.byte(0x1000), 0xaa);
-    assert_eq!(h.byte(0x1001), 0);
-    assert!(h.errors.count() >= 3);
+    assert_eq!(snap.ballooned_pages, 0, "not even the PFN in RAM");
+    assert_eq!(h.byte(0x1001), 0xaa);
+    assert_eq!(snap.guest_error_kinds["buffer"], 1, "one error per buffer, not per PFN");
+    // Deflating PFNs outside RAM is refused the same way.
+    let (a, l) = h.pfns(0x100, &[hole]);
+    h.post(1, &[(a, l, false)], None);
+    assert_eq!(h.dev.lock().unwrap().snapshot().invalid_pfns, 4);
 }
 
 #[test]
 fn duplicated_pfns_count_once() {
-    let mut h = Harness::standard(BalloonConfig::default());
+    let mut h = standard("t/dup");
     let (a, l) = h.pfns(0, &[0x1005, 0x1005, 0x1006, 0x1005]);
     h.post(0, &[(a, l, false)], None);
     let (a, l) = h.pfns(0x100, &[0x1006]);
@@ -222,69 +108,119 @@ fn duplicated_pfns_count_once() {
 }
 
 #[test]
-fn looping_chains_and_buffers_outside_ram_are_completed_without_effect() {
-    let mut h = Harness::standard(BalloonConfig::default());
+fn looping_and_badly_linked_chains_are_refused_whole() {
+    let mut h = standard("t/loop");
     data_pages(&h);
     let (a, l) = h.pfns(0, &[0x1010]);
-    // Two descriptors pointing at each other forever.
+    // Two descriptors pointing at each other forever: each holds a real PFN.
     h.post(0, &[(a, l, false), (a, l, false)], Some(&[1, 0]));
-    assert_eq!(h.used_idx(0), 1, "the chain was completed");
-    // A buffer beyond guest RAM.
-    h.post(0, &[(64 * MIB, 16, false)], None);
-    // A device-writable inflate buffer, and a length that is not a multiple of 4.
-    h.post(0, &[(a, l, true)], None);
-    h.post(0, &[(a, 3, false)], None);
-    assert_eq!(h.used_idx(0), 4);
-    assert!(h.errors.count() >= 3);
+    // A chain whose second link points outside the table.
+    h.post(0, &[(a, l, false), (a, l, false)], Some(&[1, 200]));
+    assert_eq!(h.used_idx(0), 2, "both chains were completed");
     let snap = h.dev.lock().unwrap().snapshot();
-    assert!(snap.ballooned_pages <= 1, "only the looping chain's real PFN may count");
+    assert_eq!(snap.ballooned_pages, 0, "no PFN of a malformed chain is acted on");
+    assert_eq!(h.byte(0x1010), 0xaa);
+    assert_eq!(snap.guest_error_kinds["chain"], 2);
+    assert!(!snap.needs_reset, "a malformed chain does not break the device");
+}
+
+#[test]
+fn indirect_descriptors_are_refused_without_the_feature() {
+    let mut h = standard("t/indirect");
+    data_pages(&h);
+    assert_eq!(h.dev.lock().unwrap().features() & 1 << 28, 0, "VIRTIO_F_INDIRECT_DESC is not offered");
+    // An indirect table at BUFFERS + 0x1000 with one descriptor naming a PFN buffer.
+    let (a, l) = h.pfns(0, &[0x1020]);
+    let table = BUFFERS + 0x1000;
+    let mem = h.ram.mem();
+    mem.write_obj(a, GuestAddress(table)).unwrap();
+    mem.write_obj(l, GuestAddress(table + 8)).unwrap();
+    mem.write_obj(0u32, GuestAddress(table + 12)).unwrap();
+    h.desc(0, 0, table, 16, F_INDIRECT, 0);
+    h.make_available(0, 0);
+    h.serve(0);
+    assert_eq!(h.used_idx(0), 1);
+    assert_eq!(h.byte(0x1020), 0xaa, "the indirect table was not followed");
+    assert_eq!(h.dev.lock().unwrap().snapshot().guest_error_kinds["chain"], 1);
+}
+
+#[test]
+fn buffers_outside_ram_of_the_wrong_direction_or_too_large_are_refused() {
+    let mut h = standard("t/buffers");
+    data_pages(&h);
+    let (a, l) = h.pfns(0, &[0x1011]);
+    h.post(0, &[(64 * MIB, 16, false)], None); // beyond guest RAM
+    h.post(0, &[(a, l, true)], None); // device-writable inflate buffer
+    h.post(0, &[(a, 3, false)], None); // not whole PFNs
+    h.post(0, &[(BUFFERS, 257 * 4, false)], None); // more than 256 PFNs
+                                                   // 15 one-PFN descriptors in one chain are one buffer of 15 PFNs.
+    let pfns: Vec<u32> = (0x1040..0x104f).collect();
+    let (b, _) = h.pfns(0x2000, &pfns);
+    let many: Vec<(u64, u32, bool)> = (0..15).map(|i| (b + i * 4, 4, false)).collect();
+    h.post(0, &many, None);
+    assert_eq!(h.used_idx(0), 5);
+    let snap = h.dev.lock().unwrap().snapshot();
+    assert_eq!(snap.guest_error_kinds["buffer"], 4);
+    assert_eq!(snap.ballooned_pages, 15);
     assert_eq!(h.byte(0x1011), 0xaa);
 }
 
 #[test]
 fn stats_buffers_must_be_whole_entries() {
-    let mut h = Harness::standard(BalloonConfig::default());
+    let mut h = standard("t/stats");
     let stats_q = 2;
     let mut entry = Vec::new();
-    for (tag, val) in [(4u16, 100u64 << 20), (5, 256 << 20)] {
+    for (tag, val) in [(4u16, 100u64 << 20), (5, 256 << 20), (999, 1)] {
         entry.extend_from_slice(&tag.to_le_bytes());
         entry.extend_from_slice(&val.to_le_bytes());
     }
     h.ram.mem().write_slice(&entry, GuestAddress(BUFFERS)).unwrap();
-    h.post(stats_q, &[(BUFFERS, 20, false)], None);
+    h.post(stats_q, &[(BUFFERS, 30, false)], None);
     let snap = h.dev.lock().unwrap().snapshot();
     assert_eq!(snap.guest_stats["free_memory"], 100 << 20);
     assert_eq!(snap.guest_stats["total_memory"], 256 << 20);
+    assert_eq!(snap.guest_stats.len(), 2, "unknown tags are not kept");
     assert_eq!(h.used_idx(stats_q), 0, "the device holds the stats buffer");
     assert!(h.dev.lock().unwrap().request_stats());
     assert_eq!(h.used_idx(stats_q), 1, "asking for fresh stats returns it");
     assert!(!h.dev.lock().unwrap().request_stats(), "nothing to return until the guest answers");
     h.post(stats_q, &[(BUFFERS, 12, false)], None); // 12: the spec's "multiple of 6"
-    assert_eq!(h.dev.lock().unwrap().snapshot().stats_updates, 1);
-    assert!(h.errors.count() >= 1);
+    h.post(stats_q, &[(BUFFERS, 65 * 10, false)], None); // more than 64 entries
+    assert_eq!(h.used_idx(stats_q), 3, "refused buffers are returned at once");
+    let snap = h.dev.lock().unwrap().snapshot();
+    assert_eq!(snap.stats_updates, 1);
+    assert_eq!(snap.guest_error_kinds["buffer"], 2);
 }
 
 #[test]
 fn reported_free_ranges_are_freed_when_in_ram() {
-    let mut h = Harness::standard(BalloonConfig::default());
+    let mut h = standard("t/report");
     data_pages(&h);
     let report_q = 3;
-    h.post(report_q, &[(0x1000 * 4096, 64 * 4096, true), (0x1800_0000, 4096, true)], None);
+    h.post(report_q, &[(0x1000 * 4096, 32 * 4096, true), (0x1020 * 4096, 32 * 4096, true)], None);
     let snap = h.dev.lock().unwrap().snapshot();
     assert_eq!(snap.reported_pages, 64);
     assert_eq!(h.byte(0x1000), 0);
     assert_eq!(h.byte(0x1040), 0xaa);
     assert_eq!(snap.ballooned_pages, 0, "reported pages are not ballooned");
-    // Unaligned or device-readable descriptors are refused.
-    h.post(report_q, &[(0x1040 * 4096 + 1, 4096, true)], None);
-    h.post(report_q, &[(0x1040 * 4096, 4096, false)], None);
+    // A chain with one range outside RAM, unaligned, device-readable or overlapping
+    // another is refused whole: its good range is not freed either.
+    let good = (0x1080 * 4096, 4096, true);
+    h.post(report_q, &[good, (0x1800_0000, 4096, true)], None);
+    h.post(report_q, &[good, (0x1040 * 4096 + 1, 4096, true)], None);
+    h.post(report_q, &[good, (0x1040 * 4096, 4096, false)], None);
+    h.post(report_q, &[good, (0x1040 * 4096, 0x41 * 4096, true)], None);
+    assert_eq!(h.byte(0x1080), 0xaa);
     assert_eq!(h.byte(0x1040), 0xaa);
-    assert_eq!(h.used_idx(report_q), 3);
+    assert_eq!(h.used_idx(report_q), 5);
+    let snap = h.dev.lock().unwrap().snapshot();
+    assert_eq!((snap.reported_pages, snap.reported_buffers), (64, 1));
+    assert_eq!(snap.guest_error_kinds["buffer"], 4);
 }
 
 #[test]
 fn reported_ranges_at_the_top_of_the_address_space_are_refused() {
-    let mut h = Harness::standard(BalloonConfig::default());
+    let mut h = standard("t/report-top");
     data_pages(&h);
     let report_q = 3;
     // gpa + len overflows u64: refused (it used to be computed before the check).
@@ -293,7 +229,212 @@ fn reported_ranges_at_the_top_of_the_address_space_are_refused() {
     h.post(report_q, &[((32 * MIB) - 4096, 2 * 4096, true)], None);
     assert_eq!(h.used_idx(report_q), 2, "both buffers completed");
     assert_eq!(h.dev.lock().unwrap().snapshot().reported_pages, 0);
-    assert!(h.errors.count() >= 2);
+    assert_eq!(h.errors.count(GuestErrorKind::Buffer), 2);
+}
+
+#[test]
+fn misaligned_rings_are_refused_not_replaced_by_gpa_0() {
+    let mut h = Rig::new(32 * MIB, BalloonConfig::default(), "t/misaligned");
+    data_pages(&h);
+    // A descriptor planted at GPA 0 naming a PFN buffer: what virtio-queue would
+    // use if the misaligned address were replaced by its default.
+    let (a, l) = h.pfns(0, &[0x1030]);
+    h.ram.mem().write_obj(a, GuestAddress(0)).unwrap();
+    h.ram.mem().write_obj(l, GuestAddress(8)).unwrap();
+    let feats = h.dev.lock().unwrap().features();
+    let mut layouts: Vec<_> = (0..4).map(|q| layout(q, 16)).collect();
+    layouts[0].desc += 8;
+    let status = h.negotiate(feats, &layouts);
+    assert_ne!(status & STATUS_NEEDS_RESET, 0);
+    assert_eq!(h.errors.count(GuestErrorKind::QueueConfig), 1);
+    h.make_available(0, 0);
+    h.serve(0);
+    assert_eq!(h.byte(0x1030), 0xaa, "nothing was executed");
+    assert_eq!(h.used_idx(0), 0);
+}
+
+#[test]
+fn rings_at_gpa_0_outside_ram_or_overlapping_are_refused() {
+    let feats = 1u64 << VIRTIO_F_VERSION_1;
+    type Spoil = fn(&mut [RingLayout]);
+    let cases: [(&str, Spoil); 4] = [
+        ("gpa 0", |l| l[0].desc = 0),
+        ("hole", |l| l[1].avail = 0xd000_0000),
+        ("beyond ram", |l| l[1].used = 32 * MIB - 64),
+        ("overlap", |l| l[1].used = l[0].desc),
+    ];
+    for (what, spoil) in cases {
+        let mut h = Rig::new(32 * MIB, BalloonConfig::default(), "t/rings");
+        let mut layouts = [layout(0, 16), layout(1, 16)];
+        spoil(&mut layouts);
+        let status = h.negotiate(feats, &layouts);
+        assert_ne!(status & STATUS_NEEDS_RESET, 0, "{what}");
+        assert_eq!(h.errors.count(GuestErrorKind::QueueConfig), 1, "{what}");
+    }
+}
+
+#[test]
+fn a_broken_ring_stops_the_device_until_reset() {
+    let mut h = standard("t/broken");
+    data_pages(&h);
+    // A head index beyond the queue: the device cannot even complete it.
+    h.make_available(0, 200);
+    h.serve(0);
+    assert_eq!(h.reg(REG_STATUS), RUNNING | STATUS_NEEDS_RESET);
+    assert!(h.dev.lock().unwrap().snapshot().needs_reset);
+    let (a, l) = h.pfns(0, &[0x1000]);
+    h.post(0, &[(a, l, false)], None);
+    assert_eq!(h.byte(0x1000), 0xaa, "a broken device serves nothing");
+    // A reset and a new setup bring it back.
+    let feats = h.dev.lock().unwrap().features();
+    let layouts: Vec<_> = (0..4).map(|q| layout(q, 16)).collect();
+    assert_eq!(h.negotiate(feats, &layouts), RUNNING);
+    h.post(0, &[(a, l, false)], None);
+    assert_eq!(h.byte(0x1000), 0);
+    // An available index moved more than a queue's worth ahead breaks it too.
+    let avail = layout(0, 16).avail;
+    h.ram.mem().write_obj(1000u16, GuestAddress(avail + 2)).unwrap();
+    h.serve(0);
+    assert_ne!(h.reg(REG_STATUS) & STATUS_NEEDS_RESET, 0);
+    assert_eq!(h.errors.count(GuestErrorKind::Ring), 2);
+}
+
+#[test]
+fn status_changes_out_of_order_are_refused() {
+    let mut h = standard("t/status");
+    // Clearing DRIVER_OK without a reset, then moving a ring: both refused, and the
+    // device keeps running on the rings it checked.
+    h.set(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+    assert_eq!(h.reg(REG_STATUS), RUNNING);
+    h.set(REG_QUEUE_SEL, 0);
+    h.set(REG_QUEUE_DESC, 0x40_0000);
+    data_pages(&h);
+    let (a, l) = h.pfns(0, &[0x1000]);
+    h.post(0, &[(a, l, false)], None);
+    assert_eq!(h.byte(0x1000), 0, "served from the checked rings");
+    assert_eq!(h.errors.count(GuestErrorKind::StatusOrder), 1);
+    assert_eq!(h.errors.count(GuestErrorKind::QueueConfig), 1);
+
+    // From reset: FEATURES_OK before DRIVER, DRIVER_OK before FEATURES_OK, unknown bits.
+    let mut h = Rig::new(32 * MIB, BalloonConfig::default(), "t/status2");
+    h.set(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_FEATURES_OK);
+    h.set(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK);
+    h.set(REG_STATUS, STATUS_ACKNOWLEDGE | 0x100);
+    assert_eq!(h.reg(REG_STATUS), 0);
+    assert_eq!(h.errors.count(GuestErrorKind::StatusOrder), 3);
+    // Features written before DRIVER are refused too.
+    h.set(0x20, 1);
+    assert_eq!(h.errors.count(GuestErrorKind::Features), 1);
+
+    // FAILED stops a running device.
+    let mut h = standard("t/status3");
+    data_pages(&h);
+    h.set(REG_STATUS, RUNNING | STATUS_FAILED);
+    assert_eq!(h.reg(REG_STATUS), RUNNING | STATUS_FAILED);
+    let (a, l) = h.pfns(0, &[0x1000]);
+    h.post(0, &[(a, l, false)], None);
+    assert_eq!(h.byte(0x1000), 0xaa, "its queues are gone");
+}
+
+#[test]
+fn buffers_made_available_before_driver_ok_are_served_once_it_is_set() {
+    // What Linux's balloon driver does with its statistics queue: it posts the
+    // first buffer and notifies during probe, before DRIVER_OK.
+    let mut h = Rig::new(32 * MIB, BalloonConfig::default(), "t/early");
+    let feats = h.dev.lock().unwrap().features();
+    assert!(h.negotiate_features(feats));
+    for q in 0..4 {
+        h.set_queue(q, layout(q, 16));
+    }
+    h.size = 16;
+    let mut entry = 4u16.to_le_bytes().to_vec();
+    entry.extend_from_slice(&(7u64 << 20).to_le_bytes());
+    h.ram.mem().write_slice(&entry, GuestAddress(BUFFERS)).unwrap();
+    h.desc(2, 0, BUFFERS, 10, 0, 0);
+    h.make_available(2, 0);
+    h.set(0x050, 2); // notify, before DRIVER_OK
+    assert_eq!(h.dev.lock().unwrap().process_queue(2), Work::Done, "not served before DRIVER_OK");
+    assert_eq!(h.dev.lock().unwrap().snapshot().stats_updates, 0);
+    while h.kicks[2].read().is_ok() {}
+    h.set(REG_STATUS, RUNNING);
+    assert_eq!(h.kicks[2].read().unwrap(), 1, "activation notifies the queue");
+    h.serve(2);
+    let snap = h.dev.lock().unwrap().snapshot();
+    assert_eq!(snap.guest_stats["free_memory"], 7 << 20);
+    // Linux takes its queues down after a reset: not an error either.
+    h.set(REG_STATUS, 0);
+    h.set(REG_QUEUE_SEL, 0);
+    h.set(0x044, 0);
+    assert_eq!(h.errors.total(), 0, "{:?}", h.errors.by_kind());
+}
+
+#[test]
+fn register_accesses_of_the_wrong_width_or_place_are_counted() {
+    let mut h = standard("t/regs");
+    let mut two = [0u8; 2];
+    h.mmio.read(0x070, &mut two);
+    h.mmio.write(0x070, &[0u8; 8]);
+    h.set(0x0c0, 1); // no register there
+    h.reg(0x080); // write-only
+    assert_eq!(h.errors.count(GuestErrorKind::Register), 4);
+    assert_eq!(h.reg(REG_STATUS), RUNNING, "nothing changed");
+}
+
+#[test]
+fn actual_beyond_memory_is_refused() {
+    let h = standard("t/actual");
+    let mut dev = h.dev.lock().unwrap();
+    dev.write_config(4, &8192u32.to_le_bytes());
+    dev.write_config(4, &u32::MAX.to_le_bytes());
+    dev.write_config(4, &[1, 0]);
+    let snap = dev.snapshot();
+    assert_eq!(snap.actual_pages, 8192, "32 MiB is the whole VM: the largest allowed");
+    assert_eq!(snap.guest_error_kinds["config"], 2);
+}
+
+#[test]
+fn a_notification_of_many_chains_is_served_in_bounded_slices() {
+    let mut h = Rig::with_queues(BalloonConfig::default(), "t/slices", 256);
+    data_pages(&h);
+    // 256 chains of 256 scattered PFNs (every other page of 0x800..0x2000).
+    for c in 0..256u32 {
+        let pfns: Vec<u32> = (0..256).map(|i| 0x800 + ((c * 256 + i) * 2) % 0x1800).collect();
+        let (a, l) = h.pfns(c as u64 * 1024, &pfns);
+        h.desc(0, c as u16, a, l, 0, 0);
+        h.make_available(0, c as u16);
+    }
+    let mut completed = Vec::new();
+    loop {
+        let work = h.dev.lock().unwrap().process_queue(0);
+        completed.push(h.used_idx(0));
+        if work == Work::Done {
+            break;
+        }
+    }
+    assert!(completed.len() >= 256 / SLICE_CHAINS, "slices: {completed:?}");
+    assert!(completed.windows(2).all(|w| w[1] > w[0]), "every slice completes chains: {completed:?}");
+    assert!(completed[0] as usize <= SLICE_CHAINS);
+    assert_eq!(h.used_idx(0), 256);
+    let snap = h.dev.lock().unwrap().snapshot();
+    assert_eq!((snap.inflated_pages, snap.duplicate_pfns), (3072, 65536 - 3072));
+    assert_eq!(snap.discard_calls, 3072, "scattered pages: one madvise each");
+    assert_eq!(h.byte(0x800), 0);
+    assert_eq!(h.byte(0x1001), 0xaa, "odd pages were not offered");
+}
+
+#[test]
+fn guest_errors_are_counted_in_64_bits_and_logged_once_per_kind() {
+    install_capture();
+    let mut h = standard("t/flood");
+    for _ in 0..5000 {
+        h.post(0, &[(64 * MIB, 4, false)], None);
+        h.set(0x0c0, 1);
+    }
+    assert_eq!(h.errors.count(GuestErrorKind::Buffer), 5000);
+    assert_eq!(h.errors.count(GuestErrorKind::Register), 5000);
+    let snap = h.dev.lock().unwrap().snapshot();
+    assert_eq!(snap.guest_errors, 10_000);
+    assert_eq!(guest_lines("t/flood"), 2, "one line per kind in the interval");
 }
 
 #[test]
@@ -307,8 +448,8 @@ fn boot_sizes_are_checked_like_run_time_targets() {
 
 #[test]
 fn queues_are_numbered_densely() {
-    let cfg = BalloonConfig { stats_interval: std::time::Duration::ZERO, ..BalloonConfig::default() }; // no stats queue
-    let mut h = Harness::standard(cfg);
+    let cfg = BalloonConfig { stats_interval: Duration::ZERO, ..BalloonConfig::default() }; // no stats queue
+    let mut h = Rig::standard(cfg, "t/dense");
     data_pages(&h);
     // Reporting is queue 2 when there is no stats queue.
     h.post(2, &[(0x1000 * 4096, 4096, true)], None);
@@ -316,27 +457,29 @@ fn queues_are_numbered_densely() {
 }
 
 #[test]
-fn a_driver_that_negotiates_nothing_gets_no_device() {
-    let mut h = Harness::new(BalloonConfig::default());
-    let status = h.negotiate(0, 2, QSIZE as u32);
+fn a_driver_that_negotiates_badly_gets_no_device() {
+    let mut h = Rig::new(32 * MIB, BalloonConfig::default(), "t/nego");
+    let layouts = [layout(0, 16), layout(1, 16)];
+    let status = h.negotiate(0, &layouts);
     assert_eq!(status & STATUS_FEATURES_OK, 0, "VERSION_1 is required");
-    assert!(h.errors.count() >= 1);
+    let status = h.negotiate(1 << VIRTIO_F_VERSION_1 | 1 << features::FREE_PAGE_HINT, &layouts);
+    assert_eq!(status & STATUS_FEATURES_OK, 0, "features not offered");
+    assert_eq!(h.errors.count(GuestErrorKind::Features), 2);
 }
 
 #[test]
 fn queue_sizes_must_be_powers_of_two() {
-    let mut h = Harness::new(BalloonConfig::default());
-    let status = h.negotiate(1 << VIRTIO_F_VERSION_1, 2, 12);
+    let mut h = Rig::new(32 * MIB, BalloonConfig::default(), "t/qsize");
+    let status = h.negotiate(1 << VIRTIO_F_VERSION_1, &[layout(0, 12), layout(1, 12)]);
     assert_ne!(status & STATUS_NEEDS_RESET, 0);
-    let (a, l) = h.pfns(0, &[0x1000]);
-    h.post(0, &[(a, l, false)], None);
+    assert_eq!(h.dev.lock().unwrap().process_queue(0), Work::Done);
     assert_eq!(h.dev.lock().unwrap().snapshot().ballooned_pages, 0);
 }
 
 #[test]
 fn features_offered_follow_the_config() {
     let cfg = BalloonConfig { deflate_on_oom: false, free_page_reporting: false, ..BalloonConfig::default() };
-    let h = Harness::new(cfg);
+    let h = Rig::new(32 * MIB, cfg, "t/feats");
     let f = h.dev.lock().unwrap().features();
     assert_eq!(f & (1 << features::DEFLATE_ON_OOM | 1 << features::PAGE_REPORTING), 0);
     assert_ne!(f & 1 << features::STATS_VQ, 0);
@@ -345,7 +488,7 @@ fn features_offered_follow_the_config() {
 
 #[test]
 fn targets_beyond_memory_are_refused() {
-    let h = Harness::new(BalloonConfig::default());
+    let h = Rig::new(32 * MIB, BalloonConfig::default(), "t/target");
     assert!(h.dev.lock().unwrap().set_target(64 * MIB).is_err());
     assert!(h.dev.lock().unwrap().set_target(4097).is_err());
     h.dev.lock().unwrap().set_target(16 * MIB).unwrap();
@@ -355,9 +498,22 @@ fn targets_beyond_memory_are_refused() {
 }
 
 #[test]
+fn linked_descriptors_cover_one_buffer() {
+    // F_NEXT chains of plain buffers (what `post` builds) still work.
+    let mut h = standard("t/linked");
+    data_pages(&h);
+    let (a, _) = h.pfns(0, &[0x1050, 0x1051]);
+    h.desc(0, 5, a, 4, F_NEXT, 6);
+    h.desc(0, 6, a + 4, 4, 0, 0);
+    h.make_available(0, 5);
+    h.serve(0);
+    assert_eq!((h.byte(0x1050), h.byte(0x1051)), (0, 0));
+}
+
+#[test]
 fn a_user_target_pins_the_balloon_until_released() {
-    let h = Harness::new(BalloonConfig::default());
-    let target = |h: &Harness| {
+    let h = Rig::new(32 * MIB, BalloonConfig::default(), "t/pin");
+    let target = |h: &Rig| {
         let s = h.dev.lock().unwrap().snapshot();
         (s.target_pages, s.target_mode)
     };
