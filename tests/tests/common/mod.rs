@@ -2,7 +2,11 @@
 //! guest's JSON lines.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::path::PathBuf;
+#[path = "../../../vmm/tests/common/temp_dir.rs"]
+mod temp_dir;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use temp_dir::TempDir;
+
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -195,25 +199,6 @@ pub fn two_vcpu_guests(names: &[&str], mem: u64, workload: &str) -> Vec<VmConfig
             c
         })
         .collect()
-}
-
-/// A fresh directory (for swap files), removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    /// `$TMPDIR/vmm-test-PID-NAME`, emptied.
-    pub fn new(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Changes the running scanner's configuration and waits until it runs by it.

@@ -1,32 +1,6 @@
 //! Helpers shared by the tests of the `vmm` binaries and library.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::path::PathBuf;
-
-/// A fresh directory `$TMPDIR/vmm-test-PID-NAME`, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-
-    /// The names of the files in it, sorted.
-    pub fn files(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod temp_dir;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use temp_dir::TempDir;
