@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::devices::virtio::balloon::BalloonConfig;
 use crate::memory::{self, HostPages};
+use crate::units::{parse_duration, parse_size, UnitError};
 
 /// The default boot workload of the built-in test guest: every kind of page, then a
 /// check, a working set rewrite, a release and a final check.
@@ -132,15 +133,9 @@ impl VmConfig {
 /// What is wrong with what the user asked for, said in one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// Not a size.
-    #[error("bad size {0:?}: expected a number with an optional K, M, G or T suffix")]
-    BadSize(String),
-    /// A size beyond 64 bits.
-    #[error("size {0:?} is too large")]
-    SizeTooLarge(String),
-    /// Not a duration.
-    #[error("bad duration {0:?}: expected e.g. 500ms, 2s or 1m")]
-    BadDuration(String),
+    /// Not a size or not a duration.
+    #[error(transparent)]
+    Unit(#[from] UnitError),
     /// A VM name that cannot name a VM in logs, files and requests.
     #[error("bad VM name {0:?}: use letters, digits, '-', '_' and '.'")]
     BadName(String),
@@ -208,47 +203,6 @@ pub enum ConfigError {
 /// it at boot; better to say so before creating the VM).
 pub fn check_workload(text: &str) -> Result<(), ConfigError> {
     guest_abi::workload::Program::parse(text).map(|_| ()).map_err(|e| ConfigError::BadWorkload(e.to_string()))
-}
-
-/// Parses `512M`, `2G`, `4096`, `64K` (binary units; `B`/`iB` suffixes accepted).
-pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
-    let t = text.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 30),
-        Some((i, 'T' | 't')) => (&t[..i], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = digits.trim().parse().map_err(|_| ConfigError::BadSize(text.to_string()))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| ConfigError::SizeTooLarge(text.to_string()))
-}
-
-/// Formats a byte count the way [`parse_size`] reads it back.
-pub fn format_size(bytes: u64) -> String {
-    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
-            return format!("{}{unit}", bytes >> shift);
-        }
-    }
-    bytes.to_string()
-}
-
-/// Parses `500ms`, `2s`, `1m`, `250us` (a plain number is seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, ConfigError> {
-    let t = text.trim();
-    let bad = || ConfigError::BadDuration(text.to_string());
-    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len()));
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "" | "s" => n,
-        "ms" => n / 1e3,
-        "us" => n / 1e6,
-        "m" | "min" => n * 60.0,
-        _ => return Err(bad()),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
 /// The TOML file of `vmm run --config`: defaults, then a list of VMs.
@@ -409,27 +363,6 @@ pub fn check_unique_names(vms: &[VmConfig]) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
-        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
-        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
-        assert_eq!(format_size(256 << 20), "256M");
-        assert_eq!(format_size(4097), "4097");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("fast").is_err());
-    }
 
     #[test]
     fn config_file_defaults_and_overrides() {

@@ -43,5 +43,6 @@ pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod reclaim;
+pub mod units;
 pub mod vm;
 pub mod x86;

@@ -14,6 +14,7 @@ use vmm::memory::HostPages;
 use vmm::reclaim::policy::{HostMemChoice, PolicyOptions};
 use vmm::reclaim::sharing;
 use vmm::reclaim::swap::SwapOptions;
+use vmm::units;
 
 /// A userspace KVM hypervisor for measuring memory reclamation.
 #[derive(Parser)]
@@ -60,10 +61,10 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         runs: usize,
         /// Guest RAM (the guest touches all of it first).
-        #[arg(long, default_value = "2G", value_parser = config::parse_size)]
+        #[arg(long, default_value = "2G", value_parser = units::parse_size)]
         mem: u64,
         /// Balloon size to inflate to.
-        #[arg(long, default_value = "1G", value_parser = config::parse_size)]
+        #[arg(long, default_value = "1G", value_parser = units::parse_size)]
         inflate: u64,
     },
     /// Page sharing against Linux KSM: time and CPU to converge, memory saved.
@@ -72,7 +73,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 4)]
         vms: u32,
         /// Memory each VM fills (25% zero, 50% shared by all VMs, 25% unique).
-        #[arg(long, default_value = "256M", value_parser = config::parse_size)]
+        #[arg(long, default_value = "256M", value_parser = units::parse_size)]
         size: u64,
         /// Quick run: 2 VMs x 64M, 60 s limit per configuration.
         #[arg(long)]
@@ -81,7 +82,7 @@ enum BenchCommand {
         #[arg(long, value_name = "OPTIONS", default_value = "on", value_parser = parse_tps)]
         tps: tps::Config,
         /// Longest wait for one configuration to converge.
-        #[arg(long, default_value = "300s", value_parser = config::parse_duration)]
+        #[arg(long, default_value = "300s", value_parser = units::parse_duration)]
         limit: std::time::Duration,
         /// Skip the KSM comparison.
         #[arg(long)]
@@ -94,7 +95,7 @@ enum BenchCommand {
     /// userfaultfd fault as the limits.
     Swap {
         /// Guest data to evict.
-        #[arg(long, default_value = "1G", value_parser = config::parse_size)]
+        #[arg(long, default_value = "1G", value_parser = units::parse_size)]
         evict: u64,
         /// Swap directory.
         #[arg(long, default_value = vmm::reclaim::swap::DEFAULT_DIR)]
@@ -106,10 +107,10 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Guest RAM.
-        #[arg(long, default_value = "512M", value_parser = config::parse_size)]
+        #[arg(long, default_value = "512M", value_parser = units::parse_size)]
         mem: u64,
         /// How much the guest allocates and fills (`alloc SIZE unique`).
-        #[arg(long, default_value = "256M", value_parser = config::parse_size)]
+        #[arg(long, default_value = "256M", value_parser = units::parse_size)]
         alloc: u64,
     },
 }
@@ -120,13 +121,13 @@ struct DemoArgs {
     #[arg(long, default_value_t = 2, value_name = "N")]
     vms: u32,
     /// Guest RAM per VM (the guests fill 11/16 of it).
-    #[arg(long, default_value = "256M", value_parser = config::parse_size, value_name = "SIZE")]
+    #[arg(long, default_value = "256M", value_parser = units::parse_size, value_name = "SIZE")]
     mem: u64,
     /// Balloon target of each VM in the balloon phase.
-    #[arg(long, default_value = "64M", value_parser = config::parse_size, value_name = "SIZE")]
+    #[arg(long, default_value = "64M", value_parser = units::parse_size, value_name = "SIZE")]
     balloon: u64,
     /// Memory evicted from each VM in the swap phase.
-    #[arg(long, default_value = "32M", value_parser = config::parse_size, value_name = "SIZE")]
+    #[arg(long, default_value = "32M", value_parser = units::parse_size, value_name = "SIZE")]
     swap: u64,
     /// Directory of the swap files NAME.vswp (removed at the end).
     #[arg(long, default_value = vmm::reclaim::swap::DEFAULT_DIR, value_name = "DIR")]
@@ -136,7 +137,7 @@ struct DemoArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Guest RAM per VM, e.g. 256M or 2G (16M..63G).
-    #[arg(long, default_value = "256M", value_parser = config::parse_size, value_name = "SIZE")]
+    #[arg(long, default_value = "256M", value_parser = units::parse_size, value_name = "SIZE")]
     mem: u64,
     /// vCPUs per VM (1..32).
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -177,10 +178,10 @@ struct RunArgs {
     #[arg(long)]
     thp: bool,
     /// Stop every VM after this long (e.g. 30s, 5m).
-    #[arg(long, value_parser = config::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = units::parse_duration, value_name = "DURATION")]
     timeout: Option<std::time::Duration>,
     /// Declare a test guest hung after this long without progress.
-    #[arg(long, default_value = "30s", value_parser = config::parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "30s", value_parser = units::parse_duration, value_name = "DURATION")]
     hang_timeout: std::time::Duration,
     /// The virtio balloon of every VM: size=SIZE (initial target, default 0),
     /// deflate_on_oom=on|off (default on), stats_interval=DURATION (default 1s,
@@ -218,7 +219,7 @@ struct RunArgs {
     host_mem: Option<HostMemChoice>,
     /// Resident memory limit of every VM (ESX limit; a config file's `limit` wins):
     /// reclaimed above it whatever the host's state. Needs the policy on.
-    #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     limit: Option<u64>,
     /// Which pages the swapper evicts: random (as ESX) or idle (not written for the
     /// longest time, from KVM's dirty log; logging costs the guest a fault on its
@@ -261,9 +262,9 @@ fn parse_balloon(text: &str) -> Result<BalloonConfig, CliError> {
     for item in text.split(',').filter(|s| !s.is_empty()) {
         let (k, v) = item.split_once('=').ok_or_else(|| format!("{item:?}: expected key=value"))?;
         match k {
-            "size" => cfg.size = config::parse_size(v)?,
+            "size" => cfg.size = units::parse_size(v)?,
             "deflate_on_oom" => cfg.deflate_on_oom = on_off(k, v)?,
-            "stats_interval" => cfg.stats_interval = config::parse_duration(v)?,
+            "stats_interval" => cfg.stats_interval = units::parse_duration(v)?,
             "free_page_reporting" => cfg.free_page_reporting = on_off(k, v)?,
             _ => {
                 return Err(format!(

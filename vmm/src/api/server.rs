@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use super::listener::{self, Limits, Line, LineReader, ListenError};
 use super::{BalloonTarget, CommandResult, ConsoleLine, Reply, Request, Response, SwapStatsResult};
-use crate::config::parse_size;
 use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, TargetMode};
 use crate::host::HostShared;
+use crate::units::parse_size;
 use crate::vm::VmShared;
 
 /// How long `balloon_stats` waits for the guest to answer with fresh statistics.

@@ -10,8 +10,9 @@
 use std::time::{Duration, Instant};
 
 use super::{median, print_table, wait, wait_serving, with_host};
-use crate::config::{format_size, VmConfig};
+use crate::config::VmConfig;
 use crate::host::HostOptions;
+use crate::units::format_size;
 use crate::vm::Vm;
 
 /// Parameters of the balloon benchmark.

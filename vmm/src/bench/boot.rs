@@ -12,9 +12,10 @@ use guest_abi::workload::Op;
 use serde::Serialize;
 
 use super::{median, print_table};
-use crate::config::{format_size, VmConfig};
+use crate::config::VmConfig;
 use crate::host::{self, HostOptions, WatchLimits};
 use crate::memory::HostPages;
+use crate::units::format_size;
 
 /// Parameters of the boot benchmark.
 pub struct BootBench {

@@ -21,10 +21,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{print_table, verify, wait_serving, with_host};
-use crate::config::{format_size, VmConfig};
+use crate::config::VmConfig;
 use crate::devices::virtio::balloon::BalloonConfig;
 use crate::host::{Host, HostOptions};
 use crate::reclaim::swap::{self as vm_swap, DirtyLog, SwapOptions};
+use crate::units::format_size;
 
 /// Parameters of the swap benchmark.
 pub struct SwapBench {

@@ -21,8 +21,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{median, print_table};
-use crate::config::{format_size, VmConfig};
+use crate::config::VmConfig;
 use crate::host::{self, Host, HostOptions};
+use crate::units::format_size;
 use crate::vm::Vm;
 
 /// Parameters of the page sharing benchmark.

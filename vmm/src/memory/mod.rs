@@ -89,14 +89,14 @@ pub fn validate_size(bytes: u64) -> Result<(), MemoryError> {
     if bytes < MIN_MEM {
         return Err(MemoryError::BadSize(format!(
             "memory size {} is too small: at least {} MiB",
-            crate::config::format_size(bytes),
+            crate::units::format_size(bytes),
             MIN_MEM >> 20
         )));
     }
     if bytes > MAX_MEM {
         return Err(MemoryError::BadSize(format!(
             "memory size {} is too large: at most {} GiB",
-            crate::config::format_size(bytes),
+            crate::units::format_size(bytes),
             MAX_MEM >> 30
         )));
     }

@@ -67,7 +67,7 @@ pub enum HostMemChoice {
 pub enum HostMemChoiceError {
     /// Not a size.
     #[error("{0} (or host, cgroup)")]
-    NotASize(#[source] crate::config::ConfigError),
+    NotASize(#[source] crate::units::UnitError),
     /// A budget of nothing.
     #[error("a host memory budget must be more than 0")]
     Zero,
@@ -79,7 +79,7 @@ impl HostMemChoice {
         match text {
             "host" => Ok(HostMemChoice::Host),
             "cgroup" => Ok(HostMemChoice::Cgroup),
-            size => match crate::config::parse_size(size) {
+            size => match crate::units::parse_size(size) {
                 Ok(0) => Err(HostMemChoiceError::Zero),
                 Ok(b) => Ok(HostMemChoice::Budget(b)),
                 Err(e) => Err(HostMemChoiceError::NotASize(e)),

@@ -16,8 +16,8 @@ use guest_abi::PAGE_SIZE;
 use serde::{Deserialize, Serialize};
 
 use super::guest::ReclaimView;
-use crate::config::{parse_duration, parse_size, ConfigError};
 use crate::memory::GuestRam;
+use crate::units::{parse_duration, parse_size, UnitError};
 use crate::vm::Vm;
 
 /// Page sharing for the VMs of one host process.
@@ -111,10 +111,10 @@ pub enum TpsOptionsError {
     Scope(String),
     /// `period=` that is not a duration.
     #[error("period: {0}")]
-    Period(#[source] ConfigError),
+    Period(#[source] UnitError),
     /// `rate=SIZE/s` with a size that is not one.
     #[error("rate: {0}")]
-    RateSize(#[source] ConfigError),
+    RateSize(#[source] UnitError),
     /// `rate=` below one page per second.
     #[error("rate={0}: less than one page per second")]
     RateTooLow(String),

@@ -86,8 +86,8 @@ pub fn check_size(bytes: u64, mem: u64) -> Result<(), String> {
     if bytes > mem {
         return Err(format!(
             "balloon size {} exceeds the VM's memory ({})",
-            crate::config::format_size(bytes),
-            crate::config::format_size(mem)
+            crate::units::format_size(bytes),
+            crate::units::format_size(mem)
         ));
     }
     Ok(())
@@ -221,7 +221,7 @@ impl Balloon {
         let pages = bytes / guest_abi::PAGE_SIZE;
         self.write_target(pages);
         self.mode = TargetMode::Pinned;
-        log::info!("{}: balloon target {} ({} pages, pinned)", self.name, crate::config::format_size(bytes), pages);
+        log::info!("{}: balloon target {} ({} pages, pinned)", self.name, crate::units::format_size(bytes), pages);
         Ok(())
     }
 
