@@ -32,12 +32,13 @@ const PAGES_PER_MIB: u64 = (1 << 20) / pagestate::PAGE_SIZE as u64;
 
 /// A VM's shares, as the user gives them: a number, or an ESX level that scales
 /// with the VM's configured memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "SharesText")]
 pub enum Shares {
     /// 5 per MiB of configured memory.
     Low,
     /// 10 per MiB (the default).
+    #[default]
     Normal,
     /// 20 per MiB.
     High,
@@ -46,9 +47,22 @@ pub enum Shares {
     Count(u64),
 }
 
-impl Default for Shares {
-    fn default() -> Self {
-        Shares::Normal
+/// Shares as a config file or a request writes them: a number or a word.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SharesText {
+    Count(u64),
+    Word(String),
+}
+
+impl TryFrom<SharesText> for Shares {
+    type Error = SharesError;
+
+    fn try_from(text: SharesText) -> Result<Shares, SharesError> {
+        match text {
+            SharesText::Count(n) => Shares::Count(n).validate(),
+            SharesText::Word(w) => Shares::parse(&w),
+        }
     }
 }
 
@@ -184,7 +198,10 @@ mod tests {
         assert_eq!(Shares::parse("high").unwrap().of(256 * MIB), 5120);
         assert_eq!(Shares::parse("700").unwrap().of(256 * MIB), 700);
         assert_eq!(Shares::parse("0").unwrap_err().to_string(), "shares must be at least 1");
-        assert_eq!(Shares::parse("medium").unwrap_err().to_string(), "bad shares \"medium\": a number or low, normal, high");
+        assert_eq!(
+            Shares::parse("medium").unwrap_err().to_string(),
+            "bad shares \"medium\": a number or low, normal, high"
+        );
         assert_eq!(Shares::Count(0).validate(), Err(SharesError::Zero));
         assert_eq!(serde_json::to_string(&Shares::High).unwrap(), "\"high\"");
         assert_eq!(serde_json::from_str::<Shares>("300").unwrap(), Shares::Count(300));

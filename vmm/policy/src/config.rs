@@ -70,6 +70,9 @@ mod tests {
         assert!(check_tax(1.0).is_err());
         assert!(check_tax(-0.1).is_err());
         assert!(check_tax(f64::NAN).is_err());
-        assert_eq!(check_tax(1.5).unwrap_err().to_string(), "idle memory tax 1.5 is not between 0 (included) and 1 (excluded)");
+        assert_eq!(
+            check_tax(1.5).unwrap_err().to_string(),
+            "idle memory tax 1.5 is not between 0 (included) and 1 (excluded)"
+        );
     }
 }
