@@ -6,7 +6,7 @@
 //!
 //! 1. **State**: the free-memory state moves with hysteresis ([`crate::state`]).
 //! 2. **Allocation**: the memory the VMs may hold together is
-//!    `T = free + resident(VMs) - high * total` (what keeps the host at the high
+//!    `T = min(free + resident(VMs), total) - high * total` (what keeps the host at the high
 //!    threshold). Memory is **overcommitted** when the VMs' maxima do not fit in it
 //!    (which is always the case below the high state). Then each VM's target comes
 //!    from [`crate::allocation::allocate`] (min / max / shares, active estimate, the
@@ -242,7 +242,9 @@ impl Policy {
         let inputs: Vec<_> = vms.iter().map(|v| (v.name.clone(), v.shares, v.min_pages, v.max_pages())).collect();
         let resident: u64 = vms.iter().map(|v| v.resident_pages).sum();
         let keep_free = (self.cfg.high * h.total as f64).ceil() as u64;
-        let vm_memory = (h.free + resident).saturating_sub(keep_free);
+        // Free memory reads 0 when the VMs hold more than a budget: they never have
+        // more than the host's total.
+        let vm_memory = (h.free + resident).min(h.total).saturating_sub(keep_free);
         let due = match &self.allocation {
             None => true,
             Some(a) => {
