@@ -55,6 +55,27 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Active memory sampling: estimate against the truth for working sets and
+    /// sample sizes, CPU and guest faults per period, guest throughput with and
+    /// without sampling.
+    Active {
+        /// Guest RAM.
+        #[arg(long, default_value = "256M", value_parser = units::parse_size)]
+        mem: u64,
+        /// Working sets the guest reads, comma-separated.
+        #[arg(long, default_value = "0,64M,128M,192M", value_delimiter = ',', value_parser = units::parse_size)]
+        sizes: Vec<u64>,
+        /// Pages watched per period, comma-separated.
+        #[arg(long, default_value = "100,400", value_delimiter = ',')]
+        samples: Vec<usize>,
+        /// Sampling period (long enough for the guest to read its working set at
+        /// least once per period, also on a loaded host).
+        #[arg(long, default_value = "1s", value_parser = units::parse_duration)]
+        period: std::time::Duration,
+        /// Periods measured per configuration (after two of warm-up).
+        #[arg(long, default_value_t = 6)]
+        periods: u64,
+    },
     /// Balloon inflate/deflate: merged madvise ranges against one madvise per page.
     Balloon {
         /// Repetitions per mode (the table shows medians).
@@ -460,6 +481,14 @@ fn main() -> ExitCode {
             vmm::demo::run(&opts, t0).map(|report| print_report(&report)).map_err(CliError::from)
         }
         Command::Ctl(args) => ctl(args),
+        Command::Bench(BenchCommand::Active { mem, sizes, samples, period, periods }) => {
+            let b = vmm::bench::active::ActiveBench { mem, sizes, samples, period, periods: periods.max(1) };
+            if b.samples.contains(&0) || b.period.is_zero() {
+                Err(CliError::from("--samples and --period must be above 0"))
+            } else {
+                vmm::bench::active::run(&b).map(|()| 0).map_err(CliError::from)
+            }
+        }
         Command::Bench(BenchCommand::Balloon { runs, mem, inflate }) => {
             vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) })
                 .map(|()| 0)
