@@ -275,3 +275,20 @@ fn sampling_alongside_every_reclaimer_loses_no_write() {
         assert!(a.estimate.periods >= 10 && a.error.is_none(), "sampling ran alongside: {a:?}");
     }
 }
+
+#[test]
+fn periods_count_only_while_the_vm_runs() {
+    let _turn = one_at_a_time();
+    let host = start_on(&[guest("paused", 64 * MIB, "alloc 8M unique")], policy(8 << 30, 0.75));
+    wait_serving(&host);
+    let periods = || active_of(&host, 0).map_or(0, |a| a.estimate.periods);
+    wait_for("two periods", || (periods() >= 2).then_some(()));
+    // Paused for the length of six periods: at most the one in progress ends.
+    let pause = host.vm(0).shared().run().pause_guard(Duration::from_secs(5)).expect("pause");
+    let before = periods();
+    std::thread::sleep(Duration::from_secs(3));
+    let during = periods();
+    drop(pause);
+    assert!(during <= before + 1, "{before} -> {during} periods while paused");
+    wait_for("periods once running again", || (periods() >= during + 2).then_some(()));
+}

@@ -237,12 +237,14 @@ fn working_set_steps_read_work_for_and_zeroing_free() {
 fn free_zero_leaves_zeros_behind_and_plain_free_does_not() {
     use vm_memory_pages::page_hashes;
     let nonzero = |workload: &str| {
-        let vm = start(guest("zfree", 64 * MIB, workload));
+        // No balloon: free page reporting would hand freed chunks to the host.
+        let vm = start(vmm::config::VmConfig { balloon: None, ..guest("zfree", 64 * MIB, workload) });
         wait_serving(&vm);
         page_hashes(&vm).len()
     };
     let kept = nonzero("alloc 8M unique; free 8M");
     let zeroed = nonzero("alloc 8M unique; free 8M zero");
-    // The 2048 unique pages stay behind after a plain free, and are zero after the other.
-    assert!(kept >= zeroed + 2048, "{kept} non-zero pages after free, {zeroed} after free zero");
+    // The 2048 unique pages stay behind after a plain free, and are zero after the
+    // other (a few pages of the guest's own bookkeeping may differ between runs).
+    assert!(kept >= zeroed + 2040, "{kept} non-zero pages after free, {zeroed} after free zero");
 }

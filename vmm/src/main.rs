@@ -255,10 +255,12 @@ struct RunArgs {
     /// fraction of a VM's idle memory that may be taken from it.
     #[arg(long, value_name = "TAX", default_value_t = 0.75, value_parser = parse_tax)]
     idle_tax: f64,
-    /// Recompute the allocation targets this often (ESX: 15 s); also at every
-    /// change of free-memory state.
+    /// Recompute the allocation targets this often (ESX: 15 s).
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = units::parse_duration)]
     realloc_period: std::time::Duration,
+    /// Also recompute them at every change of free-memory state.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = PossibleValuesParser::new(["on", "off"]).map(|v| v == "on"))]
+    realloc_on_state_change: bool,
     /// Active memory sampling period, in VM run time (ESX: 30 s); 0 turns sampling
     /// off (every VM then counts as fully active).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_duration)]
@@ -635,6 +637,7 @@ fn policy_options(
     let mut opts = PolicyOptions { feed_dirty_log: idle_victims, ..PolicyOptions::default() };
     opts.config.idle_tax = args.idle_tax;
     opts.config.realloc_period_ms = args.realloc_period.as_millis() as u64;
+    opts.config.realloc_on_state_change = args.realloc_on_state_change;
     opts.active = (!args.active_period.is_zero()).then_some(vmm::reclaim::active::ActiveOptions {
         period: args.active_period,
         samples: args.active_samples as usize,
