@@ -273,6 +273,10 @@ fn sampling_alongside_every_reclaimer_loses_no_write() {
     for i in 0..2 {
         let a = active_of(&host, i).expect("sampled");
         assert!(a.estimate.periods >= 10 && a.error.is_none(), "sampling ran alongside: {a:?}");
+        // vm_stats' page census covers the whole RAM, and page sharing merged some.
+        let c = host.vm(i).shared().stats().pages.expect("a census");
+        assert_eq!(c.private + c.shared + c.zero + c.absent, 128 * MIB / 4096, "{c:?}");
+        assert!(c.private > 0 && c.shared > 0, "{c:?}");
     }
 }
 
