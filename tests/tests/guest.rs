@@ -212,10 +212,15 @@ fn working_set_steps_read_work_for_and_zeroing_free() {
     let steps = run.steps(0);
     let read = op(&steps, Op::Read);
     assert_eq!((read[0].pages, read[0].bad, read[0].result), (Some(2048), Some(0), Outcome::Ok), "{:?}", read[0]);
-    // `for` repeats its body until its time is up: 150 ms of 20 ms idles is about 7.
+    // `for` repeats its whole body until its time is up (checked before each
+    // iteration): as many idles as reads, and every iteration but the last began,
+    // so also ended, within the 150 ms.
     let looped = read.len() - 2;
-    assert!((3..=8).contains(&looped), "{looped} reads in the for loop");
+    let idles = op(&steps, Op::Idle);
+    assert!(looped >= 1 && idles.len() == looped, "{looped} reads, {} idles", idles.len());
     assert!(read[1..=looped].iter().all(|r| r.pages == Some(512) && r.bad == Some(0)));
+    let before_last: u64 = idles[..looped - 1].iter().map(|i| i.us.unwrap()).sum();
+    assert!(before_last < 150_000, "{before_last} us of idling before the last iteration");
     let last = read.last().unwrap();
     assert_eq!((last.result, last.error.as_deref()), (Outcome::Fail, Some("more pages than allocated")));
     for (work, write) in op(&steps, Op::Work).into_iter().zip([false, true]) {
@@ -237,12 +242,14 @@ fn working_set_steps_read_work_for_and_zeroing_free() {
 fn free_zero_leaves_zeros_behind_and_plain_free_does_not() {
     use vm_memory_pages::page_hashes;
     let nonzero = |workload: &str| {
-        let vm = start(guest("zfree", 64 * MIB, workload));
+        // No balloon: free page reporting would hand freed chunks to the host.
+        let vm = start(vmm::config::VmConfig { balloon: None, ..guest("zfree", 64 * MIB, workload) });
         wait_serving(&vm);
         page_hashes(&vm).len()
     };
     let kept = nonzero("alloc 8M unique; free 8M");
     let zeroed = nonzero("alloc 8M unique; free 8M zero");
-    // The 2048 unique pages stay behind after a plain free, and are zero after the other.
-    assert!(kept >= zeroed + 2048, "{kept} non-zero pages after free, {zeroed} after free zero");
+    // The 2048 unique pages stay behind after a plain free, and are zero after the
+    // other (a few pages of the guest's own bookkeeping may differ between runs).
+    assert!(kept >= zeroed + 2040, "{kept} non-zero pages after free, {zeroed} after free zero");
 }

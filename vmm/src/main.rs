@@ -55,6 +55,27 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Active memory sampling: estimate against the truth for working sets and
+    /// sample sizes, CPU and guest faults per period, guest throughput with and
+    /// without sampling.
+    Active {
+        /// Guest RAM.
+        #[arg(long, default_value = "256M", value_parser = units::parse_size)]
+        mem: u64,
+        /// Working sets the guest reads, comma-separated.
+        #[arg(long, default_value = "0,64M,128M,192M", value_delimiter = ',', value_parser = units::parse_size)]
+        sizes: Vec<u64>,
+        /// Pages watched per period, comma-separated.
+        #[arg(long, default_value = "100,400", value_delimiter = ',')]
+        samples: Vec<usize>,
+        /// Sampling period (long enough for the guest to read its working set at
+        /// least once per period, also on a loaded host).
+        #[arg(long, default_value = "1s", value_parser = units::parse_duration)]
+        period: std::time::Duration,
+        /// Periods measured per configuration (after two of warm-up).
+        #[arg(long, default_value_t = 6)]
+        periods: u64,
+    },
     /// Balloon inflate/deflate: merged madvise ranges against one madvise per page.
     Balloon {
         /// Repetitions per mode (the table shows medians).
@@ -234,10 +255,12 @@ struct RunArgs {
     /// fraction of a VM's idle memory that may be taken from it.
     #[arg(long, value_name = "TAX", default_value_t = 0.75, value_parser = parse_tax)]
     idle_tax: f64,
-    /// Recompute the allocation targets this often (ESX: 15 s); also at every
-    /// change of free-memory state.
+    /// Recompute the allocation targets this often (ESX: 15 s).
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = units::parse_duration)]
     realloc_period: std::time::Duration,
+    /// Also recompute them at every change of free-memory state.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = PossibleValuesParser::new(["on", "off"]).map(|v| v == "on"))]
+    realloc_on_state_change: bool,
     /// Active memory sampling period, in VM run time (ESX: 30 s); 0 turns sampling
     /// off (every VM then counts as fully active).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_duration)]
@@ -460,6 +483,14 @@ fn main() -> ExitCode {
             vmm::demo::run(&opts, t0).map(|report| print_report(&report)).map_err(CliError::from)
         }
         Command::Ctl(args) => ctl(args),
+        Command::Bench(BenchCommand::Active { mem, sizes, samples, period, periods }) => {
+            let b = vmm::bench::active::ActiveBench { mem, sizes, samples, period, periods: periods.max(1) };
+            if b.samples.contains(&0) || b.period.is_zero() {
+                Err(CliError::from("--samples and --period must be above 0"))
+            } else {
+                vmm::bench::active::run(&b).map(|()| 0).map_err(CliError::from)
+            }
+        }
         Command::Bench(BenchCommand::Balloon { runs, mem, inflate }) => {
             vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) })
                 .map(|()| 0)
@@ -606,6 +637,7 @@ fn policy_options(
     let mut opts = PolicyOptions { feed_dirty_log: idle_victims, ..PolicyOptions::default() };
     opts.config.idle_tax = args.idle_tax;
     opts.config.realloc_period_ms = args.realloc_period.as_millis() as u64;
+    opts.config.realloc_on_state_change = args.realloc_on_state_change;
     opts.active = (!args.active_period.is_zero()).then_some(vmm::reclaim::active::ActiveOptions {
         period: args.active_period,
         samples: args.active_samples as usize,

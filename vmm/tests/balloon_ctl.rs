@@ -164,3 +164,36 @@ fn a_target_set_with_vmm_ctl_holds_against_the_policy_until_handed_back() {
         v["vm0"].balloon.as_ref().is_some_and(|b| b.target_pages == 0) && v["vm0"].ballooned_mib == Some(0.0)
     });
 }
+
+#[test]
+fn the_tax_and_shares_change_at_run_time_through_vmm_ctl() {
+    // Two idle 128 MiB VMs under a 200 MiB budget: overcommitted, targets by shares.
+    let args = ["--vms", "2", "--mem", "128M", "--policy", "on", "--host-mem", "200M", "--workload", "alloc 8M unique"];
+    let r = start("alloc", &[&args[..], &["--active-period", "200ms", "--realloc-period", "200ms"]].concat());
+    let tax: serde_json::Value = ctl_ok(&r.sock, &["policy", "tax", "0.5"]);
+    assert_eq!(tax["idle_tax"], 0.5);
+    let shares: serde_json::Value = ctl_ok(&r.sock, &["policy", "shares", "high", "--vm", "vm0"]);
+    assert_eq!(shares["vm0"], "high");
+    let stats = wait(&r, "vm0's new shares to take effect", |s| {
+        let (a, b) = (s["vm0"].alloc.as_ref(), s["vm1"].alloc.as_ref());
+        a.zip(b).is_some_and(|(a, b)| a.shares == 2560 && a.target_mib > 1.5 * b.target_mib)
+    });
+    let (a, b) = (stats["vm0"].alloc.clone().unwrap(), stats["vm1"].alloc.clone().unwrap());
+    assert_eq!((a.shares_setting.as_str(), b.shares_setting.as_str(), b.shares), ("high", "normal", 1280));
+    assert!((a.target_mib + b.target_mib - 188.0).abs() < 4.0, "{a:?} {b:?}");
+    let policy: PolicyStats = ctl_ok(&r.sock, &["policy", "stats"]);
+    assert!(policy.idle_tax == 0.5 && policy.overcommitted, "{policy:?}");
+    for (args, expect) in [
+        (&["policy", "tax", "1"][..], "idle memory tax 1 is not between 0 (included) and 1 (excluded)"),
+        (&["policy", "shares", "0", "--vm", "vm0"][..], "shares must be at least 1"),
+        (&["policy", "shares", "lots", "--vm", "vm0"][..], "bad shares \"lots\""),
+        (&["policy", "shares", "high", "--vm", "nope"][..], "nope"),
+    ] {
+        let out = ctl(&r.sock, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(expect) && err.trim_end().lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -297,6 +297,7 @@ mod tests {
                 active: Some(Default::default()),
                 ..Default::default()
             }),
+            pages: Some(pagestate::pagemap::Census { private: 10, shared: 3, zero: 2, absent: 1 }),
         };
         let lines = [
             r#"{"vm":0,"seq":1,"step":5,"op":"verify","pages":3072,"bad":0,"us":812,"result":"ok"}"#,

@@ -8,6 +8,7 @@
 //! The helpers below (one VM's life, waiting on a guest, `verify`, medians, the
 //! table) also serve `vmm demo`.
 
+pub mod active;
 pub mod balloon;
 pub mod boot;
 pub mod swap;

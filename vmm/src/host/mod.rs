@@ -253,6 +253,7 @@ impl Host {
         let Host { vms, shared, policy, api } = self;
         let allocations: Vec<_> =
             vms.iter().map(|vm| shared.policy().and_then(|p| p.allocation(vm.shared().name()))).collect();
+        let censuses: Vec<_> = vms.iter().map(|vm| vm.ram().census()).collect();
         let policy = policy.map(|p| {
             let stats = p.stats();
             drop(p);
@@ -265,15 +266,16 @@ impl Host {
         let overhead = pagestate::residency::process_rss().saturating_sub(pss);
         let reports = vms
             .into_iter()
-            .zip(allocations)
+            .zip(allocations.into_iter().zip(censuses))
             .enumerate()
-            .map(|(i, (vm, alloc))| {
+            .map(|(i, (vm, (alloc, pages)))| {
                 vm.stop("finished by its host");
                 vm.wait_exited(EXIT_WAIT);
                 let swap = shared.close_swapper(i);
                 let mut report = vm.finish();
                 report.swap = swap;
                 report.alloc = alloc;
+                report.pages = pages;
                 if let Some(s) = shared.sharing() {
                     s.vm_ended(i);
                 }

@@ -230,6 +230,22 @@ impl GuestRam {
         self.smaps("Pss:")
     }
 
+    /// How guest RAM is backed now, in pages: private, shared (page sharing's pool),
+    /// the zero page, not resident. None if the pagemap cannot be read.
+    pub fn census(&self) -> Option<pagestate::pagemap::Census> {
+        let pm = pagestate::pagemap::Pagemap::open().ok()?;
+        let zero = pm.zero_pfn();
+        let mut total = pagestate::pagemap::Census::default();
+        for r in &self.host_regions {
+            let c = pm.census(r.host_addr, r.len / pagestate::PAGE_SIZE, zero).ok()?;
+            total.private += c.private;
+            total.shared += c.shared;
+            total.zero += c.zero;
+            total.absent += c.absent;
+        }
+        Some(total)
+    }
+
     /// Bytes of guest RAM held in private host pages (`Anonymous` in smaps): all of
     /// it but page sharing's pool pages, which the scanner counts.
     pub fn private_bytes(&self) -> u64 {

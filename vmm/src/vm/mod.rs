@@ -83,6 +83,11 @@ pub struct VmReport {
     /// The host swapper's counters, if swapping was on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub swap: Option<SwapStats>,
+    /// How its guest RAM is backed, in pages (private, shared, zero page, not
+    /// resident), read from the pagemap when asked (for the exit summary: just
+    /// before teardown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages: Option<pagestate::pagemap::Census>,
     /// Its allocation by the free-memory policy (min, max, shares, active estimate,
     /// target, ...), if the policy runs.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -411,6 +416,7 @@ impl Vm {
             steps: console::steps(&self.shared.console().lines()),
             swap: None,
             alloc: None,
+            pages: None,
         }
     }
 }

@@ -86,6 +86,11 @@ pub struct VmStats {
     pub balloon: Option<BalloonSnapshot>,
     /// The host swapper's counters, if the VM has one.
     pub swap: Option<SwapStats>,
+    /// How its guest RAM is backed, in pages (private, shared, zero page, not
+    /// resident), read from the pagemap when asked (for the exit summary: just
+    /// before teardown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages: Option<pagestate::pagemap::Census>,
     /// Its allocation by the free-memory policy (min, max, shares, active estimate,
     /// target, ...), if the policy runs.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -319,6 +324,7 @@ impl VmShared {
             balloon,
             swap: None,
             alloc: None,
+            pages: self.ram.census(),
         }
     }
 
