@@ -63,6 +63,10 @@ impl EvictState {
     }
 }
 
+/// Tries of one batch to get its pause before the request gives up with
+/// [`SwapError::PauseTimedOut`].
+const PAUSE_ATTEMPTS: u32 = 3;
+
 enum BatchError {
     Ending,
     PauseTimedOut(Duration),
@@ -141,10 +145,34 @@ pub(crate) fn swap_out(
         // propose a page twice.
         cands.sort_unstable();
         cands.dedup();
-        match evict_batch(sh, &mut ev.buf, &cands) {
+        let mut attempt = 1;
+        let outcome = loop {
+            match evict_batch(sh, &mut ev.buf, &cands) {
+                Err(BatchError::PauseTimedOut(waited)) => {
+                    // The VM runs on: other reclaimers or busy devices held it. The
+                    // exclusion is handed over in arrival order, so waiting again
+                    // gets a turn unless the VM itself does not settle.
+                    sh.counters.pause_timeouts.fetch_add(1, Relaxed);
+                    log::info!(
+                        "swapd: {}: no pause within {:.1}s (attempt {attempt} of {PAUSE_ATTEMPTS})",
+                        sh.name,
+                        waited.as_secs_f64()
+                    );
+                    if attempt == PAUSE_ATTEMPTS {
+                        break Err(BatchError::PauseTimedOut(waited));
+                    }
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        };
+        match outcome {
             Ok(n) => done += n,
             Err(BatchError::Ending) => break Err(SwapError::Ending { reclaimed: done }),
-            Err(BatchError::PauseTimedOut(waited)) => break Err(SwapError::PauseTimedOut { reclaimed: done, waited }),
+            Err(BatchError::PauseTimedOut(waited)) => {
+                sh.counters.pause_gave_up.fetch_add(1, Relaxed);
+                break Err(SwapError::PauseTimedOut { reclaimed: done, waited });
+            }
             Err(BatchError::Write(e)) => {
                 sh.counters.write_errors.fetch_add(1, Relaxed);
                 let reason = format!("writing {}: {e}", sh.file.path().display());

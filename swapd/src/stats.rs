@@ -146,6 +146,8 @@ pub struct Counters {
     pub checksum_errors: AtomicU64,
     pub fault_errors: AtomicU64,
     pub faults_unresolved: AtomicU64,
+    pub pause_timeouts: AtomicU64,
+    pub pause_gave_up: AtomicU64,
     pub evict_ns: AtomicU64,
     pub fault_in: AtomicHistogram,
     pub zero_fill: AtomicHistogram,
@@ -195,6 +197,12 @@ pub struct SwapStats {
     pub fault_errors: u64,
     /// Faults left unresolved on purpose (the slot was bad; the VM is being stopped).
     pub faults_unresolved: u64,
+    /// Eviction batches whose pause was not obtained in time (another reclaimer or
+    /// a busy device held the VM); each is tried again, up to three times.
+    pub pause_timeouts: u64,
+    /// Requests that ended with [`SwapError::PauseTimedOut`](crate::SwapError::PauseTimedOut)
+    /// after the last try.
+    pub pause_gave_up: u64,
     /// Why eviction is stopped, if it is.
     pub eviction_stopped: Option<String>,
     /// Time spent evicting (all batches), and the eviction throughput over it.
@@ -229,6 +237,8 @@ impl Counters {
         s.checksum_errors = self.checksum_errors.load(Relaxed);
         s.fault_errors = self.fault_errors.load(Relaxed);
         s.faults_unresolved = self.faults_unresolved.load(Relaxed);
+        s.pause_timeouts = self.pause_timeouts.load(Relaxed);
+        s.pause_gave_up = self.pause_gave_up.load(Relaxed);
         let ns = self.evict_ns.load(Relaxed);
         s.evict_ms = ns as f64 / 1e6;
         let bytes = (s.pages_out + s.zero_pages_elided) as f64 * 4096.0;

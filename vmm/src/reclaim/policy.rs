@@ -346,6 +346,8 @@ fn evict(p: &Member, plan: &VmPlan, d: &Decision) -> bool {
             Ok(n) => log::debug!("{}: swapped {n} of {} pages ({} state)", vm.name(), plan.swap_pages, d.state),
             Err(SwapError::Stopped { .. } | SwapError::Write { .. }) => return false,
             Err(SwapError::Ending { .. }) => {}
+            // Counted in the swapper's stats (`pause_timeouts`); the next tick asks again.
+            Err(e @ SwapError::PauseTimedOut { .. }) => log::warn!("{}: eviction postponed: {e}", vm.name()),
             Err(e) => log::warn!("{}: eviction failed: {e}", vm.name()),
         }
     }
