@@ -50,16 +50,29 @@ use crate::error::SwapError;
 use crate::file::{AlignedBuf, NO_SLOT};
 use crate::state::SwapState;
 use crate::uffd::UFFDIO_REGISTER_MODE_MISSING;
+use crate::zcache::{self, IN_CACHE};
 
 /// State kept between eviction requests (behind the swapper's eviction lock, which
 /// also serialises requests).
 pub(crate) struct EvictState {
+    /// Pages of the batch going to the file (also the spill buffer).
     pub buf: AlignedBuf,
+    /// One page compressed.
+    scratch: Vec<u8>,
+    /// Pages of the batch going to the compression cache: their compressed bytes
+    /// back to back, and (page, offset, length, crc32c of the page).
+    packed: Vec<u8>,
+    cached: Vec<(u32, usize, usize, u32)>,
 }
 
 impl EvictState {
     pub fn new(batch_pages: usize) -> EvictState {
-        EvictState { buf: AlignedBuf::new(batch_pages * PAGE_SIZE) }
+        EvictState {
+            buf: AlignedBuf::new(batch_pages * PAGE_SIZE),
+            scratch: zcache::scratch(),
+            packed: Vec::new(),
+            cached: Vec::new(),
+        }
     }
 }
 
@@ -147,7 +160,7 @@ pub(crate) fn swap_out(
         cands.dedup();
         let mut attempt = 1;
         let outcome = loop {
-            match evict_batch(sh, &mut ev.buf, &cands) {
+            match evict_batch(sh, ev, &cands) {
                 Err(BatchError::PauseTimedOut(waited)) => {
                     // The VM runs on: other reclaimers or busy devices held it. The
                     // exclusion is handed over in arrival order, so waiting again
@@ -166,6 +179,11 @@ pub(crate) fn swap_out(
                 other => break other,
             }
         };
+        // Outside the pause: keep the compression cache within its cap.
+        let outcome = outcome.and_then(|n| {
+            done += n;
+            spill(sh, &mut ev.buf).map(|()| 0)
+        });
         match outcome {
             Ok(n) => done += n,
             Err(BatchError::Ending) => break Err(SwapError::Ending { reclaimed: done }),
@@ -177,7 +195,8 @@ pub(crate) fn swap_out(
                 sh.counters.write_errors.fetch_add(1, Relaxed);
                 let reason = format!("writing {}: {e}", sh.file.path().display());
                 log::error!(
-                    "swapd: {}: {reason}; eviction stopped, the batch's pages stay resident ({done} pages evicted before)",
+                    "swapd: {}: {reason}; eviction stopped, the pages being written stay where they were \
+                     (resident, or in the compression cache; {done} pages evicted before)",
                     sh.name
                 );
                 *sh.stopped.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), reason));
@@ -242,8 +261,12 @@ fn runs(sh: &SwapState, pages: &[u32]) -> Vec<(usize, usize)> {
 }
 
 /// One batch under one pause. `cands` is sorted and holds no page with a slot.
-fn evict_batch(sh: &SwapState, buf: &mut AlignedBuf, cands: &[u32]) -> Result<usize, BatchError> {
+fn evict_batch(sh: &SwapState, ev: &mut EvictState, cands: &[u32]) -> Result<usize, BatchError> {
     let c = &sh.counters;
+    let EvictState { buf, scratch, packed, cached } = ev;
+    packed.clear();
+    cached.clear();
+    let max_compressed = sh.cfg.cache.map(|z| z.max_compressed);
     let guard = sh.pause().map_err(|e| match e {
         PauseError::Ending => BatchError::Ending,
         PauseError::TimedOut { waited } => BatchError::PauseTimedOut(waited),
@@ -285,7 +308,20 @@ fn evict_batch(sh: &SwapState, buf: &mut AlignedBuf, cands: &[u32]) -> Result<us
                 zero.push(p);
                 continue;
             }
-            crcs.push(crc32c::crc32c(dst));
+            let crc = crc32c::crc32c(dst);
+            if let Some(max) = max_compressed {
+                let t0 = Instant::now();
+                let fits = zcache::compress(dst, scratch, max);
+                c.compress_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+                if let Some(n) = fits {
+                    // To the cache: this buffer page is reused by the next one.
+                    cached.push((p, packed.len(), n, crc));
+                    packed.extend_from_slice(&scratch[..n]);
+                    continue;
+                }
+                c.cache_refused.fetch_add(1, Relaxed);
+            }
+            crcs.push(crc);
             copied.push(p);
         }
 
@@ -320,7 +356,7 @@ fn evict_batch(sh: &SwapState, buf: &mut AlignedBuf, cands: &[u32]) -> Result<us
         }
         c.bytes_written.fetch_add((copied.len() * PAGE_SIZE) as u64, Relaxed);
 
-        let mut gone: Vec<u32> = copied.iter().chain(zero.iter()).copied().collect();
+        let mut gone: Vec<u32> = copied.iter().chain(zero.iter()).copied().chain(cached.iter().map(|e| e.0)).collect();
         gone.sort_unstable();
         let runs = runs(sh, &gone);
 
@@ -350,17 +386,25 @@ fn evict_batch(sh: &SwapState, buf: &mut AlignedBuf, cands: &[u32]) -> Result<us
             for &(s, l) in &extents {
                 for slot in s..s + l {
                     let p = copied[i];
-                    let old = t.map[p as usize];
-                    debug_assert_eq!(old, NO_SLOT);
-                    if old != NO_SLOT {
-                        t.slots.free(old);
-                    }
+                    debug_assert!(!t.swapped(p));
+                    t.release(p);
                     t.map[p as usize] = slot;
                     t.slots.record(slot, p, batch_id, crcs[i]);
                     i += 1;
                 }
             }
+            if let Some(cache) = &mut t.cache {
+                for &(p, off, n, crc) in cached.iter() {
+                    cache.insert(p, &packed[off..off + n], crc);
+                }
+            }
+            for &(p, ..) in cached.iter() {
+                debug_assert_eq!(t.map[p as usize], NO_SLOT);
+                t.map[p as usize] = IN_CACHE;
+            }
         }
+        c.cache_stored.fetch_add(cached.len() as u64, Relaxed);
+        c.cache_stored_bytes.fetch_add(packed.len() as u64, Relaxed);
         let mut freed = 0usize;
         let mut kept_copied = 0usize;
         let ranges: Vec<(usize, usize)> =
@@ -376,10 +420,8 @@ fn evict_batch(sh: &SwapState, buf: &mut AlignedBuf, cands: &[u32]) -> Result<us
                 // Not discarded: the pages are resident, drop their slots.
                 let mut t = sh.lock();
                 for &p in &gone[s..s + l] {
-                    let slot = t.map[p as usize];
-                    if slot != NO_SLOT {
-                        t.map[p as usize] = NO_SLOT;
-                        t.slots.free(slot);
+                    if t.swapped(p) {
+                        t.release(p);
                         kept_copied += 1;
                     }
                 }
@@ -391,7 +433,7 @@ fn evict_batch(sh: &SwapState, buf: &mut AlignedBuf, cands: &[u32]) -> Result<us
         for &p in &gone {
             sh.clear_prefetched(p);
         }
-        let out = copied.len() - kept_copied;
+        let out = copied.len() + cached.len() - kept_copied;
         c.pages_out.fetch_add(out as u64, Relaxed);
         c.zero_pages_elided.fetch_add((freed - out) as u64, Relaxed);
         c.batches.fetch_add(1, Relaxed);
@@ -400,4 +442,90 @@ fn evict_batch(sh: &SwapState, buf: &mut AlignedBuf, cands: &[u32]) -> Result<us
     drop(guard);
     c.pause.record(tp.elapsed());
     res
+}
+
+/// Keeps the compression cache within its cap: writes its oldest entries to the
+/// file (decompressed, one slot each, as one batch: sorted by page, so a later
+/// fault prefetches their neighbours), outside the VM's pause. An entry stays in
+/// the cache, where a fault still finds it, until its slot is written; it moves to
+/// the slot only if it is still the same entry then. An entry that fails to
+/// decompress or its checksum is not written: its page is poisoned and the VM
+/// stopped, as for a bad slot.
+fn spill(sh: &SwapState, buf: &mut AlignedBuf) -> Result<(), BatchError> {
+    let c = &sh.counters;
+    let room = buf.len() / PAGE_SIZE;
+    loop {
+        let (spills, extents, batch_id) = {
+            let mut t = sh.lock();
+            let t = &mut *t;
+            let Some(cache) = &t.cache else { return Ok(()) };
+            let poisoned = &t.poisoned;
+            let mut spills = cache.oldest(cache.over(), room, |p| poisoned.contains(&p));
+            if spills.is_empty() {
+                return Ok(());
+            }
+            spills.sort_unstable_by_key(|s| s.page);
+            let ext = t.slots.alloc(spills.len() as u32);
+            spills.truncate(ext.iter().map(|e| e.1 as usize).sum());
+            let b = t.next_batch;
+            t.next_batch = t.next_batch.wrapping_add(1).max(1);
+            (spills, ext, b)
+        };
+        if spills.is_empty() {
+            log::warn!("swapd: {}: swap file full, the compression cache stays over its cap", sh.name);
+            return Ok(());
+        }
+        let mut bad = Vec::new();
+        for (i, s) in spills.iter().enumerate() {
+            if let Err(why) = zcache::decompress(&s.entry, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]) {
+                bad.push((i, why));
+            }
+        }
+        let mut off = 0usize;
+        for &(s, l) in &extents {
+            let l = l as usize;
+            if let Err(e) = sh.file.write_slots(s, &buf[off * PAGE_SIZE..(off + l) * PAGE_SIZE]) {
+                let mut t = sh.lock();
+                for &(s, l) in &extents {
+                    (s..s + l).for_each(|slot| t.slots.free(slot));
+                }
+                t.slots.rewind();
+                return Err(BatchError::Write(e));
+            }
+            off += l;
+        }
+        let mut moved = 0u64;
+        {
+            let mut t = sh.lock();
+            let t = &mut *t;
+            let slots = extents.iter().flat_map(|&(s, l)| s..s + l);
+            let mut bad_at = bad.iter().map(|b| b.0).peekable();
+            for (i, (sp, slot)) in spills.iter().zip(slots).enumerate() {
+                if bad_at.next_if_eq(&i).is_some() {
+                    t.slots.free(slot);
+                    t.poisoned.insert(sp.page);
+                    continue;
+                }
+                if t.cache.as_mut().is_some_and(|cache| cache.spilled(sp)) {
+                    t.map[sp.page as usize] = slot;
+                    t.slots.record(slot, sp.page, batch_id, sp.entry.crc);
+                    moved += 1;
+                } else {
+                    // Faulted in, forgotten or evicted anew meanwhile.
+                    t.slots.free(slot);
+                }
+            }
+        }
+        c.cache_spilled.fetch_add(moved, Relaxed);
+        c.bytes_written.fetch_add(moved * PAGE_SIZE as u64, Relaxed);
+        for (i, why) in bad {
+            c.cache_corrupt.fetch_add(1, Relaxed);
+            let msg = format!(
+                "compression cache entry of guest page {:#x} {why} (corrupted in memory)",
+                sh.gpa_of_page(spills[i].page)
+            );
+            log::error!("swapd: {}: {msg}", sh.name);
+            sh.vm.fatal(format!("host swap: {msg}"));
+        }
+    }
 }

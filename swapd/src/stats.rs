@@ -149,6 +149,14 @@ pub struct Counters {
     pub pause_timeouts: AtomicU64,
     pub pause_gave_up: AtomicU64,
     pub evict_ns: AtomicU64,
+    pub cache_stored: AtomicU64,
+    pub cache_stored_bytes: AtomicU64,
+    pub cache_refused: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_spilled: AtomicU64,
+    pub cache_corrupt: AtomicU64,
+    pub compress_ns: AtomicU64,
+    pub cache_fault: AtomicHistogram,
     pub fault_in: AtomicHistogram,
     pub zero_fill: AtomicHistogram,
     pub pause: AtomicHistogram,
@@ -163,9 +171,11 @@ pub struct SwapStats {
     /// Slots in the file and slots holding a page now.
     pub slots_total: u64,
     pub slots_used: u64,
-    /// Pages written to the file and discarded from guest RAM.
+    /// Pages (not all-zero) taken out of guest RAM: written to the file, or kept
+    /// in the compression cache.
     pub pages_out: u64,
-    /// Pages brought back by a fault on them (the faulting page itself).
+    /// Pages brought back by a fault on them (the faulting page itself), from the
+    /// file or the cache.
     pub pages_in: u64,
     /// Pages brought back by prefetch (a neighbour of a faulting page, same batch).
     pub prefetched: u64,
@@ -214,6 +224,61 @@ pub struct SwapStats {
     pub zero_fill: Histogram,
     /// How long each eviction batch held the VM paused.
     pub pause: Histogram,
+    /// The compression cache, when configured.
+    pub cache: Option<CacheStats>,
+}
+
+/// The compression cache of one swapper (see `docs/swap.md`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CacheStats {
+    /// Its cap, and the host memory it holds now (payload and per-entry overhead).
+    pub cap_bytes: u64,
+    pub bytes: u64,
+    /// Pages cached now, and their compressed size over their size.
+    pub entries: u64,
+    pub ratio: f64,
+    /// Pages put in the cache so far, and their mean compressed size over a page.
+    pub stored: u64,
+    pub stored_ratio: f64,
+    /// Pages that did not compress well enough and went to the file directly.
+    pub refused: u64,
+    /// Faults resolved from the cache (decompressed into place).
+    pub hits: u64,
+    /// Cached pages written to the file to keep the cache within its cap.
+    pub spilled: u64,
+    /// Entries that failed to decompress or their checksum (each one is fatal to
+    /// the VM).
+    pub corrupt: u64,
+    /// CPU time of compression per page tried, microseconds.
+    pub compress_us_per_page: f64,
+    /// Handler-side latency of faults resolved from the cache (decompress, verify,
+    /// UFFDIO_COPY).
+    pub fault: Histogram,
+}
+
+impl CacheStats {
+    /// A snapshot of `cache` with the swapper's counters.
+    pub(crate) fn of(cache: &crate::zcache::ZCache, c: &Counters) -> CacheStats {
+        let page = pagestate::PAGE_SIZE as f64;
+        let entries = cache.entries() as u64;
+        let stored = c.cache_stored.load(Relaxed);
+        let tried = stored + c.cache_refused.load(Relaxed);
+        let ratio = |bytes: u64, pages: u64| if pages > 0 { bytes as f64 / (pages as f64 * page) } else { 0.0 };
+        CacheStats {
+            cap_bytes: cache.config().cap_bytes,
+            bytes: cache.bytes(),
+            entries,
+            ratio: ratio(cache.payload_bytes(), entries),
+            stored,
+            stored_ratio: ratio(c.cache_stored_bytes.load(Relaxed), stored),
+            refused: c.cache_refused.load(Relaxed),
+            hits: c.cache_hits.load(Relaxed),
+            spilled: c.cache_spilled.load(Relaxed),
+            corrupt: c.cache_corrupt.load(Relaxed),
+            compress_us_per_page: if tried > 0 { c.compress_ns.load(Relaxed) as f64 / 1e3 / tried as f64 } else { 0.0 },
+            fault: c.cache_fault.snapshot(),
+        }
+    }
 }
 
 impl Counters {
