@@ -58,7 +58,8 @@ pub enum HostMemChoice {
     Host,
     /// The memory cgroup this process runs in.
     Cgroup,
-    /// A budget in bytes: free = budget - guest RAM resident for every VM.
+    /// A budget in bytes: free = budget - guest RAM resident for every VM (and
+    /// their swappers' compression caches).
     Budget(u64),
 }
 
@@ -289,7 +290,10 @@ impl Loop {
             }
         }
         let infos: Vec<VmMemInfo> = live.iter().map(|p| mem_info(p)).collect();
-        self.resident.store(infos.iter().map(|v| v.resident_pages * PAGE).sum(), Ordering::Relaxed);
+        // A budget counts what the VMs hold: their resident RAM and their swappers'
+        // compression caches (the real host and a cgroup see both by themselves).
+        let caches: u64 = live.iter().filter_map(|p| p.swapper.as_ref()).map(|sw| sw.cache_bytes()).sum();
+        self.resident.store(infos.iter().map(|v| v.resident_pages * PAGE).sum::<u64>() + caches, Ordering::Relaxed);
         let decision = match self.policy.tick_with(self.source.as_mut(), &infos) {
             Ok(d) => d,
             Err(e) => {
