@@ -76,6 +76,22 @@ impl EvictState {
     }
 }
 
+/// Time between marks, added to the stage counters.
+struct Lap(Instant);
+
+impl Lap {
+    fn start() -> Lap {
+        Lap(Instant::now())
+    }
+
+    /// Adds the time since the last mark to `stage`.
+    fn to(&mut self, stage: &std::sync::atomic::AtomicU64) {
+        let now = Instant::now();
+        stage.fetch_add((now - self.0).as_nanos() as u64, Relaxed);
+        self.0 = now;
+    }
+}
+
 /// Tries of one batch to get its pause before the request gives up with
 /// [`SwapError::PauseTimedOut`].
 const PAUSE_ATTEMPTS: u32 = 3;
@@ -124,6 +140,7 @@ pub(crate) fn swap_out(
         // mostly not resident, or shared) would otherwise pause the VM once per
         // batch of absent pages, back to back, and starve the guest. The batch
         // checks each page again under the pause.
+        let mut lap = Lap::start();
         let mut cands: Vec<u32> = Vec::with_capacity(max);
         let mut walked_all = false;
         while cands.len() < max && !walked_all {
@@ -158,6 +175,7 @@ pub(crate) fn swap_out(
         // propose a page twice.
         cands.sort_unstable();
         cands.dedup();
+        lap.to(&sh.counters.stages.gather);
         let mut attempt = 1;
         let outcome = loop {
             match evict_batch(sh, ev, &cands) {
@@ -182,7 +200,10 @@ pub(crate) fn swap_out(
         // Outside the pause: keep the compression cache within its cap.
         let outcome = outcome.and_then(|n| {
             done += n;
-            spill(sh, &mut ev.buf).map(|()| 0)
+            let mut lap = Lap::start();
+            let spilled = spill(sh, &mut ev.buf).map(|()| 0);
+            lap.to(&sh.counters.stages.spill);
+            spilled
         });
         match outcome {
             Ok(n) => done += n,
@@ -267,10 +288,13 @@ fn evict_batch(sh: &SwapState, ev: &mut EvictState, cands: &[u32]) -> Result<usi
     packed.clear();
     cached.clear();
     let max_compressed = sh.cfg.cache.map(|z| z.max_compressed);
+    let st = &c.stages;
+    let mut lap = Lap::start();
     let guard = sh.pause().map_err(|e| match e {
         PauseError::Ending => BatchError::Ending,
         PauseError::TimedOut { waited } => BatchError::PauseTimedOut(waited),
     })?;
+    lap.to(&st.pause_wait);
     let tp = Instant::now();
     let res = (|| {
         // Paused: page sharing remaps nothing while the mappings are read and
@@ -281,6 +305,7 @@ fn evict_batch(sh: &SwapState, ev: &mut EvictState, cands: &[u32]) -> Result<usi
         let anon = anon_ranges(lo, hi).map_err(|e| BatchError::Other(SwapError::io("/proc/self/maps", e)))?;
 
         let entries = pagemap_of(sh, cands).map_err(BatchError::Other)?;
+        lap.to(&st.scan);
 
         let mut copied: Vec<u32> = Vec::with_capacity(cands.len());
         let mut crcs: Vec<u32> = Vec::with_capacity(cands.len());
@@ -325,6 +350,8 @@ fn evict_batch(sh: &SwapState, ev: &mut EvictState, cands: &[u32]) -> Result<usi
             copied.push(p);
         }
 
+        lap.to(&st.copy);
+
         // Slots, then one large write per run of slots.
         let (extents, batch_id) = {
             let mut t = sh.lock();
@@ -355,6 +382,7 @@ fn evict_batch(sh: &SwapState, ev: &mut EvictState, cands: &[u32]) -> Result<usi
             off += l;
         }
         c.bytes_written.fetch_add((copied.len() * PAGE_SIZE) as u64, Relaxed);
+        lap.to(&st.write);
 
         let mut gone: Vec<u32> = copied.iter().chain(zero.iter()).copied().chain(cached.iter().map(|e| e.0)).collect();
         gone.sort_unstable();
@@ -378,6 +406,8 @@ fn evict_batch(sh: &SwapState, ev: &mut EvictState, cands: &[u32]) -> Result<usi
                 last = Some((s, e));
             }
         }
+
+        lap.to(&st.register);
 
         // Publish page -> slot, then discard.
         {
@@ -437,6 +467,7 @@ fn evict_batch(sh: &SwapState, ev: &mut EvictState, cands: &[u32]) -> Result<usi
         c.pages_out.fetch_add(out as u64, Relaxed);
         c.zero_pages_elided.fetch_add((freed - out) as u64, Relaxed);
         c.batches.fetch_add(1, Relaxed);
+        lap.to(&st.discard);
         Ok(freed)
     })();
     drop(guard);

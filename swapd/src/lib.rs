@@ -41,7 +41,7 @@ pub mod zcache;
 pub use config::Config;
 pub use error::SwapError;
 pub use file::{clean_stale, FileOptions};
-pub use stats::{Histogram, SwapStats};
+pub use stats::{CacheStats, EvictStages, Histogram, SwapStats};
 pub use swapper::Swapper;
 pub use victim::VictimPolicy;
 pub use zcache::CacheConfig;

@@ -157,6 +157,7 @@ pub struct Counters {
     pub cache_corrupt: AtomicU64,
     pub compress_ns: AtomicU64,
     pub cache_fault: AtomicHistogram,
+    pub stages: StageCounters,
     pub fault_in: AtomicHistogram,
     pub zero_fill: AtomicHistogram,
     pub pause: AtomicHistogram,
@@ -226,6 +227,40 @@ pub struct SwapStats {
     pub pause: Histogram,
     /// The compression cache, when configured.
     pub cache: Option<CacheStats>,
+    /// Where eviction time went.
+    pub stages: EvictStages,
+}
+
+/// Time spent in each stage of eviction, ns (see [`EvictStages`]).
+#[derive(Default)]
+pub struct StageCounters {
+    pub gather: AtomicU64,
+    pub pause_wait: AtomicU64,
+    pub scan: AtomicU64,
+    pub copy: AtomicU64,
+    pub write: AtomicU64,
+    pub register: AtomicU64,
+    pub discard: AtomicU64,
+    pub spill: AtomicU64,
+}
+
+/// Where eviction time goes, milliseconds summed over all batches. Under the pause:
+/// `scan` (`/proc/self/maps` and pagemap), `copy` (copy, zero test, crc32c, and
+/// compression with a cache: `compress` of it), `write` (slot allocation and the
+/// file writes), `register` (userfaultfd), `discard` (publishing and
+/// `MADV_DONTNEED`). Outside it: `gather` (choosing victims, pagemap pre-check),
+/// `pause_wait` (until every vCPU and device let go), `spill` (cache to file).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EvictStages {
+    pub gather_ms: f64,
+    pub pause_wait_ms: f64,
+    pub scan_ms: f64,
+    pub copy_ms: f64,
+    pub compress_ms: f64,
+    pub write_ms: f64,
+    pub register_ms: f64,
+    pub discard_ms: f64,
+    pub spill_ms: f64,
 }
 
 /// The compression cache of one swapper (see `docs/swap.md`).
@@ -311,6 +346,19 @@ impl Counters {
         s.fault_in = self.fault_in.snapshot();
         s.zero_fill = self.zero_fill.snapshot();
         s.pause = self.pause.snapshot();
+        let ms = |a: &AtomicU64| a.load(Relaxed) as f64 / 1e6;
+        let st = &self.stages;
+        s.stages = EvictStages {
+            gather_ms: ms(&st.gather),
+            pause_wait_ms: ms(&st.pause_wait),
+            scan_ms: ms(&st.scan),
+            copy_ms: ms(&st.copy),
+            compress_ms: ms(&self.compress_ns),
+            write_ms: ms(&st.write),
+            register_ms: ms(&st.register),
+            discard_ms: ms(&st.discard),
+            spill_ms: ms(&st.spill),
+        };
     }
 }
 
