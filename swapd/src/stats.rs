@@ -158,6 +158,7 @@ pub struct Counters {
     pub compress_ns: AtomicU64,
     pub cache_fault: AtomicHistogram,
     pub stages: StageCounters,
+    pub skipped_changed: AtomicU64,
     pub fault_in: AtomicHistogram,
     pub zero_fill: AtomicHistogram,
     pub pause: AtomicHistogram,
@@ -199,6 +200,9 @@ pub struct SwapStats {
     pub skipped_vmm: u64,
     pub skipped_shared: u64,
     pub skipped_vma: u64,
+    /// Pages copied out but written to by the guest before their batch was
+    /// finished: left resident (their slot freed).
+    pub skipped_changed: u64,
     /// Write errors (ENOSPC, EIO): each stopped eviction with pages left resident.
     pub write_errors: u64,
     /// Read errors and checksum mismatches on fault-in (each one is fatal to the VM).
@@ -238,6 +242,8 @@ pub struct StageCounters {
     pub pause_wait: AtomicU64,
     pub scan: AtomicU64,
     pub copy: AtomicU64,
+    pub verify: AtomicU64,
+    pub writer_wait: AtomicU64,
     pub write: AtomicU64,
     pub register: AtomicU64,
     pub discard: AtomicU64,
@@ -245,17 +251,22 @@ pub struct StageCounters {
 }
 
 /// Where eviction time goes, milliseconds summed over all batches. Under the pause:
-/// `scan` (`/proc/self/maps` and pagemap), `copy` (copy, zero test, crc32c, and
-/// compression with a cache: `compress` of it), `write` (slot allocation and the
-/// file writes), `register` (userfaultfd), `discard` (publishing and
-/// `MADV_DONTNEED`). Outside it: `gather` (choosing victims, pagemap pre-check),
-/// `pause_wait` (until every vCPU and device let go), `spill` (cache to file).
+/// `scan` (`/proc/self/maps`), `copy` (pagemap, copy and zero test of the new
+/// batch), `verify` (pagemap and content of the finished batch against its copy),
+/// `register` (userfaultfd), `discard` (publishing and `MADV_DONTNEED`). Outside
+/// it: `gather` (choosing victims, pagemap pre-check), `pause_wait` (until every
+/// vCPU and device let go), `writer_wait` (until the batch to finish is written),
+/// `spill` (cache to file), and on the writer threads, in
+/// parallel with the rest, `write` (crc32c, compression (`compress` of it), slot
+/// allocation, the file writes).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct EvictStages {
     pub gather_ms: f64,
     pub pause_wait_ms: f64,
     pub scan_ms: f64,
     pub copy_ms: f64,
+    pub verify_ms: f64,
+    pub writer_wait_ms: f64,
     pub compress_ms: f64,
     pub write_ms: f64,
     pub register_ms: f64,
@@ -332,6 +343,7 @@ impl Counters {
         s.skipped_vmm = self.skipped_vmm.load(Relaxed);
         s.skipped_shared = self.skipped_shared.load(Relaxed);
         s.skipped_vma = self.skipped_vma.load(Relaxed);
+        s.skipped_changed = self.skipped_changed.load(Relaxed);
         s.write_errors = self.write_errors.load(Relaxed);
         s.read_errors = self.read_errors.load(Relaxed);
         s.checksum_errors = self.checksum_errors.load(Relaxed);
@@ -353,6 +365,8 @@ impl Counters {
             pause_wait_ms: ms(&st.pause_wait),
             scan_ms: ms(&st.scan),
             copy_ms: ms(&st.copy),
+            verify_ms: ms(&st.verify),
+            writer_wait_ms: ms(&st.writer_wait),
             compress_ms: ms(&self.compress_ns),
             write_ms: ms(&st.write),
             register_ms: ms(&st.register),
