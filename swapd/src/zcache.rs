@@ -10,7 +10,7 @@
 //! the file (decompressed: the file holds plain pages, one per slot), outside the
 //! VM's pause.
 //!
-//! Invariants (the cache lives in the swapper's [`Table`](crate::state::Table),
+//! Invariants (the cache lives in the swapper's page-to-slot table (`state::Table`),
 //! under its lock):
 //! - a page is in the cache iff its table entry is [`IN_CACHE`]; such a page is
 //!   not present in guest RAM, exactly like a page with a slot;

@@ -295,6 +295,7 @@ pub fn run(b: &SwapBench) -> Result<(), String> {
         "zcache_fault_p50_us": zc.fault.p50_us,
         "zcache_fault_p99_us": zc.fault.p99_us,
         "zcache_fault_over_uffd": zc.fault.p50_us / bare.round_trip_us,
+        "zcache_fault_over_uffd_handler": zc.fault.p50_us / bare.handler_us,
         "zcache_ratio": zc.stored_ratio,
         "zcache_stored": zc.stored,
         "zcache_refused": zc.refused,
