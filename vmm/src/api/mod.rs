@@ -7,7 +7,8 @@
 //! `{"cmd": "command", "vm": "vm0", "workload": "verify"}`, `{"cmd": "tps_stats"}`,
 //! `{"cmd": "tps_set", "options": "rate=50M/s,scope=vm"}`,
 //! `{"cmd": "swap_out", "size": "64M", "vm": "vm0"}`, `{"cmd": "swap_stats"}`,
-//! `{"cmd": "policy_stats"}`. Without `"vm"`, a
+//! `{"cmd": "policy_stats"}`, `{"cmd": "policy_set", "idle_tax": 0.5}`,
+//! `{"cmd": "shares_set", "vm": "vm0", "shares": "high"}`. Without `"vm"`, a
 //! request applies to every VM. Responses: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`, where the result of each request is a typed
 //! [`Reply`]. A malformed request gets an error response; nothing a client sends
@@ -100,6 +101,18 @@ pub enum Request {
     },
     /// The free-memory policy's state, history and totals.
     PolicyStats,
+    /// Change the free-memory policy at run time: the idle memory tax (0 <= tau < 1).
+    PolicySet {
+        /// The new tax.
+        idle_tax: f64,
+    },
+    /// Change a VM's shares at run time: a number or `low`, `normal`, `high`.
+    SharesSet {
+        /// VM name (required).
+        vm: String,
+        /// The shares.
+        shares: String,
+    },
 }
 
 /// A response.
@@ -155,6 +168,17 @@ pub enum Reply {
     SwapStats(SwapStatsResult),
     /// [`Request::PolicyStats`].
     PolicyStats(PolicyStats),
+    /// [`Request::PolicySet`]: the tax now in force.
+    PolicySet(PolicySetResult),
+    /// [`Request::SharesSet`]: the VM's shares now.
+    SharesSet(BTreeMap<String, policy::Shares>),
+}
+
+/// The result of `policy_set`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicySetResult {
+    /// The idle memory tax in force from the next tick.
+    pub idle_tax: f64,
 }
 
 impl Reply {
@@ -173,6 +197,8 @@ impl Reply {
             Request::SwapOut { .. } => Reply::SwapOut(from(result)?),
             Request::SwapStats { .. } => Reply::SwapStats(from(result)?),
             Request::PolicyStats => Reply::PolicyStats(from(result)?),
+            Request::PolicySet { .. } => Reply::PolicySet(from(result)?),
+            Request::SharesSet { .. } => Reply::SharesSet(from(result)?),
         })
     }
 }
@@ -264,6 +290,13 @@ mod tests {
             guest: GuestProgress { state: 2, steps_done: 5, ..GuestProgress::default() },
             balloon: Some(BalloonSnapshot { target_pages: 8192, ..BalloonSnapshot::default() }),
             swap: None,
+            alloc: Some(crate::reclaim::policy::VmAllocation {
+                shares_setting: "high".into(),
+                shares: 2560,
+                target_mib: 96.5,
+                active: Some(Default::default()),
+                ..Default::default()
+            }),
         };
         let lines = [
             r#"{"vm":0,"seq":1,"step":5,"op":"verify","pages":3072,"bad":0,"us":812,"result":"ok"}"#,
@@ -306,6 +339,11 @@ mod tests {
                 Reply::SwapStats(SwapStatsResult { vms: vm0(Some(SwapStats::default())) }),
             ),
             (Request::PolicyStats, Reply::PolicyStats(PolicyStats::default())),
+            (Request::PolicySet { idle_tax: 0.5 }, Reply::PolicySet(PolicySetResult { idle_tax: 0.5 })),
+            (
+                Request::SharesSet { vm: "vm0".into(), shares: "300".into() },
+                Reply::SharesSet(vm0(policy::Shares::Count(300))),
+            ),
         ];
         for (req, reply) in &cases {
             assert_eq!(through_the_client(req, reply), serde_json::to_string(reply).unwrap(), "{req:?}");
