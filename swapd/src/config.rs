@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::file::FileOptions;
 use crate::victim::VictimPolicy;
+use crate::zcache::CacheConfig;
 
 /// Tunables of one swapper.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct Config {
     /// After a write error stopped eviction, how long until a later request tries
     /// again ([`Swapper::resume_eviction`](crate::Swapper::resume_eviction) retries at once).
     pub retry_after: Duration,
+    /// The compression cache in front of the file (off by default).
+    pub cache: Option<CacheConfig>,
 }
 
 impl Config {
@@ -45,6 +48,7 @@ impl Config {
             seed: 0x5eed,
             register_eagerly: false,
             retry_after: Duration::from_secs(30),
+            cache: None,
         }
     }
 }

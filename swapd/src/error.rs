@@ -49,9 +49,9 @@ pub enum SwapError {
         /// Pages evicted before.
         reclaimed: usize,
     },
-    /// The VM did not pause in time (another reclaimer or a busy device held it); it
-    /// runs on, and a later request may succeed.
-    #[error("the VM did not pause within {:.1}s ({reclaimed} pages evicted before)", waited.as_secs_f64())]
+    /// The VM did not pause in time (another reclaimer or a busy device held it),
+    /// on every try of one batch; it runs on, and a later request may succeed.
+    #[error("the VM did not pause within {:.1}s, three times ({reclaimed} pages evicted before)", waited.as_secs_f64())]
     PauseTimedOut {
         /// Pages evicted before.
         reclaimed: usize,

@@ -14,6 +14,9 @@
 //!   thread stays blocked until the VMM stops the VM (a signal gets a vCPU out of
 //!   KVM_RUN; closing the userfaultfd releases everything). A neighbour that fails
 //!   is simply not prefetched (its own fault will report it);
+//! - the page is in the compression cache: decompress it, check its crc32c,
+//!   install it with `UFFDIO_COPY`, drop the entry (a corrupt entry is treated as
+//!   a bad slot: poisoned, reported, never installed);
 //! - the page has no slot (first touch, zero page elided by eviction, ballooned):
 //!   map the zero page with `UFFDIO_ZEROPAGE`, over the following missing pages
 //!   without slot too (up to `zero_fill_pages`, so that a guest touching fresh
@@ -38,6 +41,7 @@ use crate::error::SwapError;
 use crate::file::{AlignedBuf, NO_SLOT};
 use crate::state::{SwapState, Table};
 use crate::uffd::{Event, Fill};
+use crate::zcache::{self, IN_CACHE};
 
 /// The thread body: until `stop` is signalled.
 pub(crate) fn run(sh: Arc<SwapState>, stop: EventFd) {
@@ -115,10 +119,20 @@ fn handle_fault(sh: &SwapState, address: u64, write: bool, buf: &mut AlignedBuf,
         c.faults_unresolved.fetch_add(1, Relaxed);
         return;
     }
-    match fill_from_slot(sh, &mut t, page, buf, sh.cfg.prefetch_pages) {
-        Ok(_) => {
+    let cached = t.map[page as usize] == IN_CACHE;
+    let filled = if cached {
+        fill_from_cache(sh, &mut t, page, buf).map(|_| ())
+    } else {
+        fill_from_slot(sh, &mut t, page, buf, sh.cfg.prefetch_pages).map(|_| ())
+    };
+    match filled {
+        Ok(()) => {
             drop(t);
-            c.fault_in.record(t0.elapsed());
+            if cached {
+                c.cache_fault.record(t0.elapsed());
+            } else {
+                c.fault_in.record(t0.elapsed());
+            }
         }
         Err(msg) => {
             t.poisoned.insert(page);
@@ -183,6 +197,60 @@ fn zero_fill(sh: &SwapState, t: &MutexGuard<'_, Table>, page: u32, write: bool, 
     if write && n > 1 {
         // Best effort: stops at the first present page.
         let _ = sh.uffd.zeropage(host + PAGE_SIZE as u64, (n - 1) as u64 * PAGE_SIZE as u64, false);
+    }
+}
+
+/// Bring `page` (in the compression cache) back: decompress it into `buf`, check
+/// it against its checksum, install it with `UFFDIO_COPY` (which wakes its
+/// waiters) and drop the entry. Whether it was installed; an error message if the
+/// entry is corrupt (nothing was installed then).
+pub(crate) fn fill_from_cache(
+    sh: &SwapState,
+    t: &mut MutexGuard<'_, Table>,
+    page: u32,
+    buf: &mut AlignedBuf,
+) -> Result<bool, String> {
+    let c = &sh.counters;
+    let entry = t.cache.as_ref().and_then(|cache| cache.get(page)).expect("a page marked IN_CACHE has an entry");
+    if let Err(why) = zcache::decompress(entry, &mut buf[..PAGE_SIZE]) {
+        c.cache_corrupt.fetch_add(1, Relaxed);
+        return Err(format!(
+            "compression cache entry of guest page {:#x} {why} (corrupted in memory)",
+            sh.gpa_of_page(page)
+        ));
+    }
+    let host = sh.host_of_page(page) as u64;
+    match sh.uffd.copy(host, &buf[..PAGE_SIZE], false) {
+        Ok(Fill::Done) => {
+            t.release(page);
+            c.cache_hits.fetch_add(1, Relaxed);
+            c.pages_in.fetch_add(1, Relaxed);
+            sh.victims.touched(page);
+            Ok(true)
+        }
+        Ok(Fill::Exists) => {
+            // Present although cached: a mapping the VMM replaced; the entry is stale.
+            log::warn!(
+                "swapd: {}: guest page {:#x} present while cached; entry dropped",
+                sh.name,
+                sh.gpa_of_page(page)
+            );
+            c.fault_errors.fetch_add(1, Relaxed);
+            t.release(page);
+            let _ = sh.uffd.wake(host, PAGE_SIZE as u64);
+            Ok(false)
+        }
+        Ok(Fill::Partial { .. }) => {
+            let _ = sh.uffd.wake(host, PAGE_SIZE as u64);
+            Ok(false)
+        }
+        Err(e) => {
+            // ENOENT: remapped by the VMM; ESRCH: the process is exiting. Retry.
+            c.fault_errors.fetch_add(1, Relaxed);
+            log::error!("swapd: {}: {e}", sh.name);
+            let _ = sh.uffd.wake(host, PAGE_SIZE as u64);
+            Ok(false)
+        }
     }
 }
 
@@ -350,7 +418,12 @@ pub(crate) fn swap_in_all(sh: &SwapState) -> Result<usize, SwapError> {
             break;
         }
         // Read from this page forward: a window that starts here (no look-back).
-        match fill_from_slot_forward(sh, &mut t, p, &mut buf, RUN) {
+        let filled = if t.map[p as usize] == IN_CACHE {
+            fill_from_cache(sh, &mut t, p, &mut buf).map(usize::from)
+        } else {
+            fill_from_slot_forward(sh, &mut t, p, &mut buf, RUN)
+        };
+        match filled {
             Ok(n) => {
                 total += n;
                 if t.map[p as usize] != NO_SLOT {

@@ -21,6 +21,7 @@
 //! | [`file`](mod@file) | the swap file, its header, stale-file cleaning, slot allocator, checksums |
 //! | [`uffd`] | raw userfaultfd (never user-mode-only: KVM faults are kernel faults) |
 //! | [`victim`] | random (ESX) and idle-aware (dirty log) victim choice |
+//! | [`zcache`] | the compression cache in front of the file: lz4 entries, checksums, oldest-first spill |
 //! | [`stats`] | counters, latency histograms |
 //! | [`limits`] | what the host allows: plain write throughput, bare userfaultfd fault |
 
@@ -35,10 +36,12 @@ pub mod stats;
 mod swapper;
 pub mod uffd;
 pub mod victim;
+pub mod zcache;
 
 pub use config::Config;
 pub use error::SwapError;
 pub use file::{clean_stale, FileOptions};
-pub use stats::{Histogram, SwapStats};
+pub use stats::{CacheStats, EvictStages, Histogram, SwapStats};
 pub use swapper::Swapper;
 pub use victim::VictimPolicy;
+pub use zcache::CacheConfig;

@@ -1,5 +1,6 @@
-//! The two limits the swapper works against, measured on this host: how fast the
-//! swap directory takes plain large writes, and what a bare userfaultfd fault costs
+//! The limits the swapper works against, measured on this host: how fast the swap
+//! directory takes plain large writes, how long one 4 KiB direct read from it takes
+//! (the floor of a fault-in from the file), and what a bare userfaultfd fault costs
 //! (the floor of every fault-in). `vmm bench swap` puts the swapper's figures next
 //! to them.
 
@@ -11,6 +12,8 @@ use std::time::Instant;
 use pagestate::anon::{AnonMap, MemoryVm};
 use pagestate::{Region, PAGE_SIZE};
 
+use crate::file::AlignedBuf;
+use crate::stats::AtomicHistogram;
 use crate::{Config, Swapper};
 
 /// Plain sequential `O_DIRECT` write throughput of `dir` (MiB/s), `mib` MiB in
@@ -38,6 +41,57 @@ pub fn file_write_mib_s(dir: &Path, mib: usize, chunk: usize) -> io::Result<f64>
     drop(f);
     let _ = std::fs::remove_file(&path);
     result.map(|()| total as f64 / (1 << 20) as f64 / s)
+}
+
+/// Latency of 4 KiB `O_DIRECT` reads at random offsets of the swap directory.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskRead {
+    /// Median and 99th percentile, microseconds.
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Measures [`DiskRead`]: writes a `mib` MiB file in `dir` with `O_DIRECT` (so no
+/// page of it is cached), then times `reads` single-page direct reads at
+/// pseudo-random page offsets, one at a time as the fault thread does.
+pub fn disk_read_4k(dir: &Path, mib: usize, reads: usize) -> io::Result<DiskRead> {
+    let path = dir.join(".swapd-read-test.tmp");
+    let open = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+    };
+    let result = (|| {
+        let f = open()?;
+        let chunk = 1 << 20;
+        let mut buf = AlignedBuf::new(chunk);
+        for (i, x) in buf.iter_mut().enumerate() {
+            *x = (i as u8).wrapping_mul(151) | 1;
+        }
+        for off in (0..mib << 20).step_by(chunk) {
+            f.write_all_at(&buf, off as u64)?;
+        }
+        let pages = (mib << 20) / PAGE_SIZE;
+        let h = AtomicHistogram::default();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..reads {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % pages as u64) * PAGE_SIZE as u64;
+            let t = Instant::now();
+            f.read_exact_at(&mut buf[..PAGE_SIZE], off)?;
+            h.record(t.elapsed());
+        }
+        let s = h.snapshot();
+        Ok(DiskRead { p50_us: s.p50_us, p99_us: s.p99_us })
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 /// Cost of a bare userfaultfd fault.

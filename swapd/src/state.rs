@@ -21,6 +21,7 @@ use crate::file::{Slots, SwapFile, NO_SLOT};
 use crate::stats::Counters;
 use crate::uffd::{Uffd, UFFDIO_REGISTER_MODE_MISSING};
 use crate::victim::Victims;
+use crate::zcache::{ZCache, IN_CACHE};
 
 /// How long an eviction batch waits for the VM to pause.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,18 +42,43 @@ impl RegionInfo {
 }
 
 /// The page-to-slot table and slot state, under one lock. Its invariants:
-/// a page with a slot is not present in guest RAM (except between the fault
+/// a page with a slot, or in the compression cache ([`IN_CACHE`]), is not present in guest RAM (except between the fault
 /// thread's UFFDIO_COPY and its table update, both under this lock); only the
 /// fault thread (and [`Swapper::swap_in_all`]) makes such a page present again,
 /// under this lock; eviction gives a page a slot only while the VM is paused.
 pub(crate) struct Table {
-    /// Page index -> slot, or NO_SLOT.
+    /// Page index -> slot, [`IN_CACHE`] or NO_SLOT.
     pub map: Vec<u32>,
     pub slots: Slots,
+    /// The compression cache, if configured.
+    pub cache: Option<ZCache>,
     /// Pages whose slot failed (read error or checksum): faults on them stay
     /// unresolved, the VMM has been told to stop the VM.
     pub poisoned: HashSet<u32>,
     pub next_batch: u32,
+}
+
+impl Table {
+    /// Whether `page` is out of guest RAM (in a slot or in the cache).
+    pub fn swapped(&self, page: u32) -> bool {
+        self.map[page as usize] != NO_SLOT
+    }
+
+    /// Forgets where `page` was kept (its slot freed, its cache entry dropped).
+    pub fn release(&mut self, page: u32) {
+        match std::mem::replace(&mut self.map[page as usize], NO_SLOT) {
+            NO_SLOT => {}
+            IN_CACHE => {
+                self.cache.as_mut().map(|c| c.remove(page));
+            }
+            slot => self.slots.free(slot),
+        }
+    }
+
+    /// Pages out of guest RAM: in slots and in the cache.
+    pub fn swapped_pages(&self) -> u64 {
+        self.slots.in_use() as u64 + self.cache.as_ref().map_or(0, |c| c.entries() as u64)
+    }
 }
 
 /// What the swapper, its evictor and its fault thread share about one VM: its
@@ -172,10 +198,8 @@ impl SwapHooks for SwapState {
         let mut g = gpa & !(PAGE_SIZE as u64 - 1);
         while g < gpa.saturating_add(len) {
             if let Some(p) = self.page_of_gpa(g) {
-                let s = t.map[p as usize];
-                if s != NO_SLOT {
-                    t.map[p as usize] = NO_SLOT;
-                    t.slots.free(s);
+                if t.swapped(p) {
+                    t.release(p);
                     t.poisoned.remove(&p);
                 }
             }

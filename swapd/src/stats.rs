@@ -146,7 +146,19 @@ pub struct Counters {
     pub checksum_errors: AtomicU64,
     pub fault_errors: AtomicU64,
     pub faults_unresolved: AtomicU64,
+    pub pause_timeouts: AtomicU64,
+    pub pause_gave_up: AtomicU64,
     pub evict_ns: AtomicU64,
+    pub cache_stored: AtomicU64,
+    pub cache_stored_bytes: AtomicU64,
+    pub cache_refused: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_spilled: AtomicU64,
+    pub cache_corrupt: AtomicU64,
+    pub compress_ns: AtomicU64,
+    pub cache_fault: AtomicHistogram,
+    pub stages: StageCounters,
+    pub skipped_changed: AtomicU64,
     pub fault_in: AtomicHistogram,
     pub zero_fill: AtomicHistogram,
     pub pause: AtomicHistogram,
@@ -161,9 +173,11 @@ pub struct SwapStats {
     /// Slots in the file and slots holding a page now.
     pub slots_total: u64,
     pub slots_used: u64,
-    /// Pages written to the file and discarded from guest RAM.
+    /// Pages (not all-zero) taken out of guest RAM: written to the file, or kept
+    /// in the compression cache.
     pub pages_out: u64,
-    /// Pages brought back by a fault on them (the faulting page itself).
+    /// Pages brought back by a fault on them (the faulting page itself), from the
+    /// file or the cache.
     pub pages_in: u64,
     /// Pages brought back by prefetch (a neighbour of a faulting page, same batch).
     pub prefetched: u64,
@@ -186,6 +200,9 @@ pub struct SwapStats {
     pub skipped_vmm: u64,
     pub skipped_shared: u64,
     pub skipped_vma: u64,
+    /// Pages copied out but written to by the guest before their batch was
+    /// finished: left resident (their slot freed).
+    pub skipped_changed: u64,
     /// Write errors (ENOSPC, EIO): each stopped eviction with pages left resident.
     pub write_errors: u64,
     /// Read errors and checksum mismatches on fault-in (each one is fatal to the VM).
@@ -195,6 +212,12 @@ pub struct SwapStats {
     pub fault_errors: u64,
     /// Faults left unresolved on purpose (the slot was bad; the VM is being stopped).
     pub faults_unresolved: u64,
+    /// Eviction batches whose pause was not obtained in time (another reclaimer or
+    /// a busy device held the VM); each is tried again, up to three times.
+    pub pause_timeouts: u64,
+    /// Requests that ended with [`SwapError::PauseTimedOut`](crate::SwapError::PauseTimedOut)
+    /// after the last try.
+    pub pause_gave_up: u64,
     /// Why eviction is stopped, if it is.
     pub eviction_stopped: Option<String>,
     /// Time spent evicting (all batches), and the eviction throughput over it.
@@ -206,6 +229,102 @@ pub struct SwapStats {
     pub zero_fill: Histogram,
     /// How long each eviction batch held the VM paused.
     pub pause: Histogram,
+    /// The compression cache, when configured.
+    pub cache: Option<CacheStats>,
+    /// Where eviction time went.
+    pub stages: EvictStages,
+}
+
+/// Time spent in each stage of eviction, ns (see [`EvictStages`]).
+#[derive(Default)]
+pub struct StageCounters {
+    pub gather: AtomicU64,
+    pub pause_wait: AtomicU64,
+    pub scan: AtomicU64,
+    pub copy: AtomicU64,
+    pub verify: AtomicU64,
+    pub writer_wait: AtomicU64,
+    pub write: AtomicU64,
+    pub register: AtomicU64,
+    pub discard: AtomicU64,
+    pub spill: AtomicU64,
+}
+
+/// Where eviction time goes, milliseconds summed over all batches. Under the pause:
+/// `scan` (`/proc/self/maps`), `copy` (pagemap, copy and zero test of the new
+/// batch), `verify` (pagemap and content of the finished batch against its copy),
+/// `register` (userfaultfd), `discard` (publishing and `MADV_DONTNEED`). Outside
+/// it: `gather` (choosing victims, pagemap pre-check), `pause_wait` (until every
+/// vCPU and device let go), `writer_wait` (until the batch to finish is written),
+/// `spill` (cache to file), and on the writer threads, in
+/// parallel with the rest, `write` (crc32c, compression (`compress` of it), slot
+/// allocation, the file writes).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EvictStages {
+    pub gather_ms: f64,
+    pub pause_wait_ms: f64,
+    pub scan_ms: f64,
+    pub copy_ms: f64,
+    pub verify_ms: f64,
+    pub writer_wait_ms: f64,
+    pub compress_ms: f64,
+    pub write_ms: f64,
+    pub register_ms: f64,
+    pub discard_ms: f64,
+    pub spill_ms: f64,
+}
+
+/// The compression cache of one swapper (see `docs/swap.md`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CacheStats {
+    /// Its cap, and the host memory it holds now (payload and per-entry overhead).
+    pub cap_bytes: u64,
+    pub bytes: u64,
+    /// Pages cached now, and their compressed size over their size.
+    pub entries: u64,
+    pub ratio: f64,
+    /// Pages put in the cache so far, and their mean compressed size over a page.
+    pub stored: u64,
+    pub stored_ratio: f64,
+    /// Pages that did not compress well enough and went to the file directly.
+    pub refused: u64,
+    /// Faults resolved from the cache (decompressed into place).
+    pub hits: u64,
+    /// Cached pages written to the file to keep the cache within its cap.
+    pub spilled: u64,
+    /// Entries that failed to decompress or their checksum (each one is fatal to
+    /// the VM).
+    pub corrupt: u64,
+    /// CPU time of compression per page tried, microseconds.
+    pub compress_us_per_page: f64,
+    /// Handler-side latency of faults resolved from the cache (decompress, verify,
+    /// UFFDIO_COPY).
+    pub fault: Histogram,
+}
+
+impl CacheStats {
+    /// A snapshot of `cache` with the swapper's counters.
+    pub(crate) fn of(cache: &crate::zcache::ZCache, c: &Counters) -> CacheStats {
+        let page = pagestate::PAGE_SIZE as f64;
+        let entries = cache.entries() as u64;
+        let stored = c.cache_stored.load(Relaxed);
+        let tried = stored + c.cache_refused.load(Relaxed);
+        let ratio = |bytes: u64, pages: u64| if pages > 0 { bytes as f64 / (pages as f64 * page) } else { 0.0 };
+        CacheStats {
+            cap_bytes: cache.config().cap_bytes,
+            bytes: cache.bytes(),
+            entries,
+            ratio: ratio(cache.payload_bytes(), entries),
+            stored,
+            stored_ratio: ratio(c.cache_stored_bytes.load(Relaxed), stored),
+            refused: c.cache_refused.load(Relaxed),
+            hits: c.cache_hits.load(Relaxed),
+            spilled: c.cache_spilled.load(Relaxed),
+            corrupt: c.cache_corrupt.load(Relaxed),
+            compress_us_per_page: if tried > 0 { c.compress_ns.load(Relaxed) as f64 / 1e3 / tried as f64 } else { 0.0 },
+            fault: c.cache_fault.snapshot(),
+        }
+    }
 }
 
 impl Counters {
@@ -224,11 +343,14 @@ impl Counters {
         s.skipped_vmm = self.skipped_vmm.load(Relaxed);
         s.skipped_shared = self.skipped_shared.load(Relaxed);
         s.skipped_vma = self.skipped_vma.load(Relaxed);
+        s.skipped_changed = self.skipped_changed.load(Relaxed);
         s.write_errors = self.write_errors.load(Relaxed);
         s.read_errors = self.read_errors.load(Relaxed);
         s.checksum_errors = self.checksum_errors.load(Relaxed);
         s.fault_errors = self.fault_errors.load(Relaxed);
         s.faults_unresolved = self.faults_unresolved.load(Relaxed);
+        s.pause_timeouts = self.pause_timeouts.load(Relaxed);
+        s.pause_gave_up = self.pause_gave_up.load(Relaxed);
         let ns = self.evict_ns.load(Relaxed);
         s.evict_ms = ns as f64 / 1e6;
         let bytes = (s.pages_out + s.zero_pages_elided) as f64 * 4096.0;
@@ -236,6 +358,21 @@ impl Counters {
         s.fault_in = self.fault_in.snapshot();
         s.zero_fill = self.zero_fill.snapshot();
         s.pause = self.pause.snapshot();
+        let ms = |a: &AtomicU64| a.load(Relaxed) as f64 / 1e6;
+        let st = &self.stages;
+        s.stages = EvictStages {
+            gather_ms: ms(&st.gather),
+            pause_wait_ms: ms(&st.pause_wait),
+            scan_ms: ms(&st.scan),
+            copy_ms: ms(&st.copy),
+            verify_ms: ms(&st.verify),
+            writer_wait_ms: ms(&st.writer_wait),
+            compress_ms: ms(&self.compress_ns),
+            write_ms: ms(&st.write),
+            register_ms: ms(&st.register),
+            discard_ms: ms(&st.discard),
+            spill_ms: ms(&st.spill),
+        };
     }
 }
 

@@ -20,6 +20,8 @@ use crate::state::{RegionInfo, SwapState, Table};
 use crate::stats::{Counters, SwapStats};
 use crate::uffd::Uffd;
 use crate::victim::{VictimPolicy, Victims};
+use crate::zcache::ZCache;
+use crate::zcache::IN_CACHE;
 
 /// The swapper of one VM.
 pub struct Swapper {
@@ -53,6 +55,9 @@ impl Swapper {
         cfg.batch_pages = cfg.batch_pages.clamp(1, 1 << 16);
         cfg.prefetch_pages = cfg.prefetch_pages.clamp(1, 1024);
         cfg.zero_fill_pages = cfg.zero_fill_pages.clamp(1, 1 << 16);
+        if let Some(z) = &mut cfg.cache {
+            z.max_compressed = z.max_compressed.clamp(1, PAGE_SIZE);
+        }
         // Room for every page, plus one batch of slack (a page re-evicted before its
         // old slot was released needs a second one for a moment).
         let slots = pages + cfg.batch_pages as u32;
@@ -74,6 +79,7 @@ impl Swapper {
             table: Mutex::new(Table {
                 map: vec![NO_SLOT; pages as usize],
                 slots: Slots::new(slots),
+                cache: cfg.cache.map(ZCache::new),
                 poisoned: HashSet::new(),
                 next_batch: 1,
             }),
@@ -164,14 +170,41 @@ impl Swapper {
         self.shared.victims.set_policy(p);
     }
 
-    /// Pages in the swap file now.
+    /// Pages out of guest RAM now: in the swap file and in the compression cache.
     pub fn swapped_pages(&self) -> usize {
-        self.shared.lock().slots.in_use() as usize
+        self.shared.lock().swapped_pages() as usize
     }
 
-    /// Whether the page at `gpa` is in the swap file.
+    /// Whether the page at `gpa` is out of guest RAM (in the file or the cache).
     pub fn is_swapped(&self, gpa: u64) -> bool {
-        self.shared.page_of_gpa(gpa).is_some_and(|p| self.shared.lock().map[p as usize] != NO_SLOT)
+        self.shared.page_of_gpa(gpa).is_some_and(|p| self.shared.lock().swapped(p))
+    }
+
+    /// Whether the page at `gpa` is in the compression cache.
+    pub fn is_cached(&self, gpa: u64) -> bool {
+        self.shared.page_of_gpa(gpa).is_some_and(|p| self.shared.lock().map[p as usize] == IN_CACHE)
+    }
+
+    /// Host memory held by the compression cache now (payload and overhead), bytes:
+    /// memory in use on top of the VM's resident RAM.
+    pub fn cache_bytes(&self) -> u64 {
+        self.shared.lock().cache.as_ref().map_or(0, |c| c.bytes())
+    }
+
+    /// Flips one bit of the compressed entry of the page at `gpa`, as a memory error
+    /// would (for tests of the checksum); whether the page had an entry.
+    #[doc(hidden)]
+    pub fn damage_cache_entry(&self, gpa: u64) -> bool {
+        let Some(p) = self.shared.page_of_gpa(gpa) else { return false };
+        let mut t = self.shared.lock();
+        match t.cache.as_mut().and_then(|c| c.payload_mut(p)) {
+            Some(data) => {
+                let mid = data.len() / 2;
+                data[mid] ^= 0x10;
+                true
+            }
+            None => false,
+        }
     }
 
     /// The swap file.
@@ -192,6 +225,9 @@ impl Swapper {
             let t = sh.lock();
             s.slots_total = t.slots.total() as u64;
             s.slots_used = t.slots.in_use() as u64;
+            if let Some(c) = &t.cache {
+                s.cache = Some(crate::stats::CacheStats::of(c, &sh.counters));
+            }
         }
         sh.counters.fill(&mut s);
         s.eviction_stopped = sh.stopped.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|(_, r)| r.clone());

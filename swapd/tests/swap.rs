@@ -9,12 +9,68 @@ use std::sync::Arc;
 use common::*;
 use pagestate::anon::MemoryVm;
 use pagestate::GuestVm;
-use swapd::{Config, SwapError, Swapper, VictimPolicy};
+use swapd::{CacheConfig, Config, SwapError, SwapStats, Swapper, VictimPolicy};
 
 const GPA: u64 = 0x10_0000;
 
 fn gpa(p: usize) -> u64 {
     GPA + (p * PAGE) as u64
+}
+
+/// Where evicted pages go: the file alone, or a small compression cache in front
+/// of it (small enough that the tests spill it to the file).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    File,
+    Cache,
+}
+
+impl Mode {
+    fn configure(self, c: &mut Config) {
+        if self == Mode::Cache {
+            c.cache = Some(CacheConfig::new(256 << 10));
+        }
+    }
+
+    fn tag(self, name: &str) -> String {
+        format!("{name}-{self:?}")
+    }
+}
+
+/// The tests that hold with and without the compression cache, run both ways
+/// (`file::NAME`, `zcache::NAME`).
+macro_rules! file_and_cache {
+    ($($name:ident),* $(,)?) => {
+        mod file {
+            $(#[test] fn $name() { super::$name(super::Mode::File) })*
+        }
+        mod zcache {
+            $(#[test] fn $name() { super::$name(super::Mode::Cache) })*
+        }
+    };
+}
+
+file_and_cache!(
+    evict_everything_and_fault_it_back,
+    no_write_is_lost_while_evicting,
+    zero_pages_are_not_written,
+    skip_forget_and_swap_in_all,
+    remapped_pages_are_safe,
+    zero_fill_never_reaches_pool_pages,
+    first_touch_goes_through_the_handler,
+    idle_victims_fault_less_than_random,
+);
+
+/// Pages evicted to the file so far: those the cache refused or was not asked to
+/// keep, and those it spilled.
+fn file_pages(s: &SwapStats) -> u64 {
+    let c = s.cache.clone().unwrap_or_default();
+    s.pages_out - c.stored + c.spilled
+}
+
+/// Pages in the compression cache now.
+fn cached_now(s: &SwapStats) -> u64 {
+    s.cache.as_ref().map_or(0, |c| c.entries)
 }
 
 /// A swapper named `name` over `mem`, with its own test VM and a fresh swap
@@ -23,6 +79,22 @@ fn swapper(name: &str, mem: &Mem, f: impl FnOnce(&mut Config)) -> (Arc<MemoryVm>
     let vm = test_vm(name, mem, GPA);
     let dir = tmpdir(name);
     let sw = swapper_in(&dir, &vm, f);
+    (vm, dir, sw)
+}
+
+/// [`swapper`] in `mode`.
+fn swapper_mode(
+    name: &str,
+    mode: Mode,
+    mem: &Mem,
+    f: impl FnOnce(&mut Config),
+) -> (Arc<MemoryVm>, std::path::PathBuf, Swapper) {
+    let vm = test_vm(name, mem, GPA);
+    let dir = tmpdir(&mode.tag(name));
+    let sw = swapper_in(&dir, &vm, |c| {
+        mode.configure(c);
+        f(c)
+    });
     (vm, dir, sw)
 }
 
@@ -40,8 +112,7 @@ fn pauses(vm: &MemoryVm) -> u64 {
 /// Every page written with known data (some all-zero) is evicted, the file holds
 /// only the non-zero ones, and threads reading the memory afterwards take real
 /// faults and get every byte back.
-#[test]
-fn evict_everything_and_fault_it_back() {
+fn evict_everything_and_fault_it_back(mode: Mode) {
     let mem = Arc::new(Mem::new(16 << 20));
     let n = mem.pages();
     let is_zero = |p: usize| p % 8 == 3;
@@ -50,7 +121,7 @@ fn evict_everything_and_fault_it_back() {
         mem.write(p, 7, 0); // resident, all zero
     }
     let zeros = (0..n).filter(|&p| is_zero(p)).count();
-    let (vm, dir, sw) = swapper("all", &mem, |_| {});
+    let (vm, dir, sw) = swapper_mode("all", mode, &mem, |_| {});
     let path = sw.file_path().to_path_buf();
     assert!(path.exists());
 
@@ -58,9 +129,19 @@ fn evict_everything_and_fault_it_back() {
     let s = sw.stats();
     assert_eq!(s.pages_out as usize, n - zeros);
     assert_eq!(s.zero_pages_elided as usize, zeros);
-    assert_eq!(s.bytes_written as usize, (n - zeros) * PAGE);
-    assert_eq!(s.slots_used as usize, n - zeros);
-    assert!(sw.file_allocated_bytes() as usize <= (n - zeros + 1) * PAGE + (64 << 10));
+    let written = file_pages(&s) as usize;
+    assert_eq!(s.bytes_written as usize, written * PAGE);
+    assert_eq!(s.slots_used as usize, written);
+    assert_eq!((s.slots_used + cached_now(&s)) as usize, n - zeros);
+    assert_eq!(sw.swapped_pages(), n - zeros);
+    assert!(sw.file_allocated_bytes() as usize <= (written + 1) * PAGE + (64 << 10));
+    if let Some(c) = &s.cache {
+        // Even pages compress, odd ones do not; the cache spilled to stay in its cap.
+        assert_eq!(c.stored + c.refused, (n - zeros) as u64, "{c:?}");
+        assert!(c.refused > 0 && c.stored > 0 && c.spilled > 0, "{c:?}");
+        assert!(c.bytes <= c.cap_bytes && c.ratio > 0.0 && c.ratio <= 0.5, "{c:?}");
+        assert_eq!(sw.cache_bytes(), c.bytes);
+    }
     assert!((0..n).all(|p| !mem.present(p)), "evicted pages must not be resident");
     assert_eq!(s.batches, pauses(&vm));
 
@@ -83,8 +164,17 @@ fn evict_everything_and_fault_it_back() {
     }
     let s = sw.stats();
     assert_eq!((s.pages_in + s.prefetched) as usize, n - zeros);
-    assert_eq!(s.slots_used, 0);
-    assert_eq!(s.bytes_read as usize, (n - zeros) * PAGE);
+    assert_eq!(s.slots_used + cached_now(&s), 0);
+    let hits = s.cache.as_ref().map_or(0, |c| c.hits);
+    assert_eq!(s.bytes_read, (s.pages_in - hits + s.prefetched) * PAGE as u64);
+    assert_eq!(s.bytes_read as usize, written * PAGE);
+    if let Some(c) = &s.cache {
+        assert!(c.hits > 0 && c.bytes == 0 && c.corrupt == 0, "{c:?}");
+        eprintln!(
+            "cache: {} stored (ratio {:.2}), {} refused, {} spilled, {} hits, fault p50 {:.1} us; compress {:.1} us/page",
+            c.stored, c.stored_ratio, c.refused, c.spilled, c.hits, c.fault.p50_us, c.compress_us_per_page
+        );
+    }
     assert_eq!(s.checksum_errors + s.read_errors + s.fault_errors + s.write_errors, 0);
     assert!(s.zero_fills > 0);
     assert!(vm.fatal_errors().is_empty());
@@ -135,9 +225,8 @@ fn writer_op(mem: &Mem, p: usize, shadow: &mut u64) -> Result<(), String> {
 /// previous one) into pages while batches are evicted under pause; the writers
 /// fault evicted pages back in the meantime. Afterwards every word of every page
 /// is what the writes made it: no write lost, no stale page handed back.
-#[test]
-fn no_write_is_lost_while_evicting() {
-    stress(false).unwrap();
+fn no_write_is_lost_while_evicting(mode: Mode) {
+    stress(mode, false).unwrap();
 }
 
 /// Negative control (run with `--ignored`): with a pause that does not park the
@@ -145,11 +234,11 @@ fn no_write_is_lost_while_evicting() {
 #[test]
 #[ignore = "negative control: proves the stress test detects a broken pause (run with --run-ignored)"]
 fn stress_test_catches_a_broken_pause() {
-    let e = stress(true).unwrap_err();
+    let e = stress(Mode::File, true).unwrap_err();
     eprintln!("detected as expected: {e}");
 }
 
-fn stress(broken_pause: bool) -> Result<(), String> {
+fn stress(mode: Mode, broken_pause: bool) -> Result<(), String> {
     const WRITERS: usize = 3;
     const ROUNDS: usize = 40;
     const WRITES_PER_ROUND: u64 = 3000;
@@ -167,8 +256,11 @@ fn stress(broken_pause: bool) -> Result<(), String> {
         }
     }
     let vm = test_vm("race", &mem, GPA);
-    let dir = tmpdir(if broken_pause { "race-broken" } else { "race" });
-    let sw = swapper_in(&dir, &vm, |c| c.batch_pages = 128);
+    let dir = tmpdir(&mode.tag(if broken_pause { "race-broken" } else { "race" }));
+    let sw = swapper_in(&dir, &vm, |c| {
+        mode.configure(c);
+        c.batch_pages = 128;
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
@@ -257,7 +349,7 @@ fn stress(broken_pause: bool) -> Result<(), String> {
         }
     }
     let s = sw.stats();
-    assert_eq!(s.pages_out, s.pages_in + s.prefetched + s.slots_used, "{s:#?}");
+    assert_eq!(s.pages_out, s.pages_in + s.prefetched + s.slots_used + cached_now(&s), "{s:#?}");
     assert_eq!(s.checksum_errors + s.read_errors + s.write_errors, 0);
     assert_eq!(s.batches, pauses(&vm));
     assert!(vm.fatal_errors().is_empty());
@@ -267,15 +359,14 @@ fn stress(broken_pause: bool) -> Result<(), String> {
 }
 
 /// All-zero pages are discarded without touching the file.
-#[test]
-fn zero_pages_are_not_written() {
+fn zero_pages_are_not_written(mode: Mode) {
     let mem = Mem::new(4 << 20);
     let n = mem.pages();
     for p in 0..n {
         mem.write(p, p % 512, 0);
     }
     assert!((0..n).all(|p| mem.present(p)));
-    let (_vm, dir, sw) = swapper("zero", &mem, |_| {});
+    let (_vm, dir, sw) = swapper_mode("zero", mode, &mem, |_| {});
     let before = sw.file_allocated_bytes();
     assert_eq!(sw.swap_out(n).unwrap(), n);
     let s = sw.stats();
@@ -434,12 +525,11 @@ fn prefetch_brings_batch_neighbours() {
 
 /// Pages the VMM marks (ballooned, shared) are skipped; a forgotten (ballooned)
 /// page reads zero; `swap_in_all` brings everything back.
-#[test]
-fn skip_forget_and_swap_in_all() {
+fn skip_forget_and_swap_in_all(mode: Mode) {
     let mem = Mem::new(2 << 20);
     let n = mem.pages();
     fill_unique(&mem, 0..n);
-    let (vm, dir, sw) = swapper("skip", &mem, |_| {});
+    let (vm, dir, sw) = swapper_mode("skip", mode, &mem, |_| {});
     (0..10).for_each(|p| vm.set_off_limits(gpa(p), true));
     assert_eq!(sw.swap_out(n).unwrap(), n - 10);
     assert_eq!(sw.stats().skipped_vmm, 10);
@@ -468,12 +558,11 @@ fn skip_forget_and_swap_in_all() {
 /// pool's content); a page remapped to fresh anonymous memory (a new VMA the
 /// userfaultfd does not cover yet) is registered before it is discarded, so its
 /// content still comes back.
-#[test]
-fn remapped_pages_are_safe() {
+fn remapped_pages_are_safe(mode: Mode) {
     let mem = Mem::new(1 << 20);
     let n = mem.pages();
     fill_unique(&mem, 0..n);
-    let (vm, dir, sw) = swapper("remap", &mem, |_| {});
+    let (vm, dir, sw) = swapper_mode("remap", mode, &mem, |_| {});
     assert_eq!(sw.swap_out(0).unwrap(), 0);
     // Register now (first eviction), then remap like page sharing would.
     assert_eq!(sw.swap_out_gpas(&[gpa(50)]).unwrap(), 1);
@@ -533,12 +622,11 @@ fn remapped_pages_are_safe() {
 /// page table entry, although the file holds its content (a page shared by page
 /// sharing that the guest has not touched since the remap). Here a fault in such a
 /// mapping (its pool page punched) must not wipe the 16 pool pages that follow.
-#[test]
-fn zero_fill_never_reaches_pool_pages() {
+fn zero_fill_never_reaches_pool_pages(mode: Mode) {
     const RUN: usize = 17;
     let mem = Arc::new(Mem::new(1 << 20));
     fill_unique(&mem, 0..mem.pages());
-    let (vm, dir, sw) = swapper("zfpool", &mem, |c| c.register_eagerly = true);
+    let (vm, dir, sw) = swapper_mode("zfpool", mode, &mem, |c| c.register_eagerly = true);
     // SAFETY: a memfd "pool" of RUN pages holding pages 10.. of the memory, mapped
     // privately over them, as page sharing remaps a run of shared pages.
     unsafe {
@@ -575,11 +663,10 @@ fn zero_fill_never_reaches_pool_pages() {
 /// Once registered, every first touch of guest memory is a userfaultfd fault: a
 /// write gets a zeroed page and the following pages the zero page (one fault per
 /// 16 pages with the default window).
-#[test]
-fn first_touch_goes_through_the_handler() {
+fn first_touch_goes_through_the_handler(mode: Mode) {
     let mem = Arc::new(Mem::new(4 << 20));
     let n = mem.pages();
-    let (_vm, dir, sw) = swapper("touch", &mem, |c| c.register_eagerly = true);
+    let (_vm, dir, sw) = swapper_mode("touch", mode, &mem, |c| c.register_eagerly = true);
     let m = mem.clone();
     std::thread::spawn(move || {
         for p in 0..n {
@@ -601,16 +688,16 @@ fn first_touch_goes_through_the_handler() {
 
 /// Random and idle-aware victims compared by the faults the "guest" takes when it
 /// touches its hot set again after an eviction of half its memory.
-#[test]
-fn idle_victims_fault_less_than_random() {
-    fn run(policy: VictimPolicy) -> (u64, u64) {
+fn idle_victims_fault_less_than_random(mode: Mode) {
+    let run = |policy: VictimPolicy| -> (u64, u64) {
         let mem = Arc::new(Mem::new(8 << 20));
         let n = mem.pages();
         fill_unique(&mem, 0..n);
         let hot: Vec<usize> = (0..n).filter(|&p| mix(p as u64 * 7919) % 5 == 0).collect();
         let vm = test_vm("victims", &mem, GPA);
-        let dir = tmpdir(&format!("victims-{policy:?}"));
+        let dir = tmpdir(&mode.tag(&format!("victims-{policy:?}")));
         let sw = swapper_in(&dir, &vm, |c| {
+            mode.configure(c);
             c.victims = policy;
             c.prefetch_pages = 1;
         });
@@ -640,7 +727,7 @@ fn idle_victims_fault_less_than_random() {
         drop(sw);
         std::fs::remove_dir_all(&dir).unwrap();
         (faults, hot.len() as u64)
-    }
+    };
     let (random, hot) = run(VictimPolicy::Random);
     let (idle, _) = run(VictimPolicy::Idle);
     eprintln!("hot set of {hot} pages, half of memory evicted: faults afterwards random {random}, idle {idle}");
@@ -684,5 +771,68 @@ fn unreadable_slot_is_fatal() {
     assert!(!victim.is_finished());
     drop(sw);
     assert_eq!(victim.join().unwrap(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A compressed entry damaged in memory: the fault on its page decompresses it,
+/// finds the checksum wrong, calls `fatal` and leaves the fault unresolved (the
+/// guest never sees it); the VM ending releases the faulting thread.
+#[test]
+fn corrupt_cache_entry_is_fatal_and_never_handed_out() {
+    let mem = Arc::new(Mem::new(1 << 20));
+    fill_unique(&mem, 0..mem.pages());
+    let (vm, dir, sw) = swapper("zcorrupt", &mem, |c| c.cache = Some(CacheConfig::new(1 << 20)));
+    // Even pages compress (cached), odd ones do not (file).
+    assert_eq!(sw.swap_out_gpas(&[gpa(2), gpa(3), gpa(4)]).unwrap(), 3);
+    assert!(sw.is_cached(gpa(2)) && !sw.is_cached(gpa(3)) && sw.is_swapped(gpa(3)) && sw.is_cached(gpa(4)));
+    assert!(sw.damage_cache_entry(gpa(4)));
+    assert!(!sw.damage_cache_entry(gpa(3)), "not in the cache");
+    check_unique(&mem, 2).unwrap();
+    check_unique(&mem, 3).unwrap();
+    let m = mem.clone();
+    let victim = std::thread::spawn(move || (0..512).map(|w| m.read(4, w)).collect::<Vec<u64>>());
+    let msg = wait_fatal(&vm);
+    assert!(msg.contains("compression cache") && msg.contains(&format!("{:#x}", gpa(4))), "{msg}");
+    let s = sw.stats();
+    let c = s.cache.clone().unwrap();
+    assert_eq!((c.corrupt, c.hits, s.faults_unresolved), (1, 1, 1), "{s:?}");
+    assert!(!victim.is_finished(), "the faulting thread must still be blocked");
+    assert!(sw.is_cached(gpa(4)));
+    drop(sw);
+    let seen = victim.join().unwrap();
+    assert!(seen.iter().all(|&v| v == 0), "the damaged content never reached the reader");
+    assert_eq!(vm.fatal_errors().len(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Anonymous memory of this process (RssAnon), bytes.
+fn rss_anon() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// The cache's memory is host memory: it grows as pages are cached, is what
+/// `cache_bytes` says, and goes back to the system when the swapper (the VM) goes.
+#[test]
+fn the_cache_memory_is_returned_when_the_swapper_goes() {
+    let mem = Mem::new(64 << 20);
+    let n = mem.pages();
+    // Even pages: 1600 random bytes, then a repeated word (about 1.6 KiB with lz4).
+    for p in (0..n).filter(|p| p % 2 == 0) {
+        (0..512).for_each(|w| mem.write(p, w, if w < 200 { mix((p * 512 + w) as u64) } else { 1 }));
+    }
+    let (_vm, dir, sw) = swapper("zmem", &mem, |c| c.cache = Some(CacheConfig::new(64 << 20)));
+    let evens: Vec<u64> = (0..n).filter(|p| p % 2 == 0).map(gpa).collect();
+    assert_eq!(sw.swap_out_gpas(&evens).unwrap(), n / 2);
+    let c = sw.stats().cache.unwrap();
+    assert_eq!((c.stored, c.refused, c.spilled), ((n / 2) as u64, 0, 0), "{c:?}");
+    assert!(c.bytes > 8 << 20, "{c:?}");
+    assert_eq!(sw.cache_bytes(), c.bytes);
+    let held = rss_anon();
+    drop(sw);
+    let after = rss_anon();
+    eprintln!("cache {} KiB; RssAnon {} -> {} KiB", c.bytes >> 10, held >> 10, after >> 10);
+    assert!(held - after >= c.bytes * 8 / 10, "cache of {} bytes, RssAnon fell by {}", c.bytes, held - after);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -167,7 +167,11 @@ static ONE_STRESS_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn every_reclaimer_at_once_loses_no_write(boot: Boot) {
     let _turn = ONE_STRESS_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    const RUN: Duration = Duration::from_secs(25);
+    // `VMM_STRESS_DURATION=10m` for a long run (liveness under contention shows after
+    // minutes); short by default for CI.
+    let run_for = std::env::var("VMM_STRESS_DURATION").map_or(Duration::from_secs(25), |d| {
+        vmm::units::parse_duration(&d).unwrap_or_else(|e| panic!("VMM_STRESS_DURATION={d}: {e}"))
+    });
     let configs: Vec<VmConfig> =
         two_vcpu_guests(&["s0", "s1"], 256 * MIB, "alloc 16M shared:3").into_iter().map(|c| via(boot, c)).collect();
     let h = Reclaiming::start("stress", &configs);
@@ -189,7 +193,7 @@ fn every_reclaimer_at_once_loses_no_write(boot: Boot) {
                 s.spawn(move || {
                     let _stop = StopOnDrop(stop);
                     let mut rounds = 0u32;
-                    while t0.elapsed() < RUN {
+                    while t0.elapsed() < run_for {
                         let bad: u64 =
                             command(vm, round).iter().filter(|s| s.op == Op::Verify).map(|s| s.bad.unwrap()).sum();
                         assert_eq!(bad, 0, "{} lost writes", vm.name());
@@ -259,6 +263,7 @@ fn every_reclaimer_at_once_loses_no_write(boot: Boot) {
             "{s:?}"
         );
         assert!(s.eviction_stopped.is_none(), "{s:?}");
+        assert_eq!(s.pause_gave_up, 0, "every batch got its pause in the end: {s:?}");
         assert!(b.inflated_pages > 0 && b.deflated_pages > 0 && b.reported_pages > 0, "{b:?}");
         assert_eq!((b.touched_pages, b.guest_errors, b.discard_errors), (0, 0, 0), "{b:?}");
     }

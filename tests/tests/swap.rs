@@ -2,7 +2,10 @@
 //! running guest's pages and their return on demand, the write race under several
 //! vCPUs, zero pages, balloon discards, a full disk, a damaged slot, the
 //! free-memory policy moving through its states under a host-memory budget, and
-//! idle-aware against random victims.
+//! idle-aware against random victims. The tests that hold either way run with the
+//! swap file alone (`file::NAME`) and with a small compression cache in front of it
+//! (`zcache::NAME`), over guests holding pages that compress and pages that do not;
+//! a damaged cache entry and the cache's end with its VM have tests of their own.
 
 mod common;
 
@@ -19,7 +22,7 @@ use vmm::api::{Reply, Request};
 use vmm::console::GuestStep;
 use vmm::host::HostOptions;
 use vmm::reclaim::policy::{HostMemChoice, PolicyOptions};
-use vmm::reclaim::swap::SwapOptions;
+use vmm::reclaim::swap::{CacheSize, CompressOptions, SwapOptions};
 use vmm::vm::{Ending, Vm};
 
 const MIB: u64 = 1 << 20;
@@ -46,13 +49,70 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Where evicted pages go: the swap file alone, or a 4 MiB compression cache in
+/// front of it (small: the tests spill it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    File,
+    Cache,
+}
+
+impl Mode {
+    fn options(self, dir: &Path) -> SwapOptions {
+        let mut o = SwapOptions::new(dir);
+        if self == Mode::Cache {
+            o.compress = Some(CompressOptions { cache: CacheSize::Bytes(4 * MIB), ..CompressOptions::default() });
+        }
+        o
+    }
+}
+
+/// The tests that hold with and without the compression cache, run both ways.
+macro_rules! file_and_cache {
+    ($($name:ident),* $(,)?) => {
+        mod file {
+            $(#[test] fn $name() { super::$name(super::Mode::File) })*
+        }
+        mod zcache {
+            $(#[test] fn $name() { super::$name(super::Mode::Cache) })*
+        }
+    };
+}
+
+file_and_cache!(
+    evicted_pages_of_a_running_guest_come_back_intact,
+    no_guest_write_is_lost_while_evicting,
+    zero_pages_are_discarded_without_being_written,
+    discarding_a_swapped_page_forgets_its_slot,
+    a_full_swap_disk_stops_eviction_and_the_guest_runs_on,
+    a_host_memory_budget_drives_balloon_then_swap,
+    a_corrupt_slot_stops_the_vm_with_an_error,
+);
+
 /// Starts one VM running `boot` (which must leave it serving) with a swapper in `dir`.
-fn swapping_vm(name: &str, mem: u64, vcpus: u32, boot: &str, dir: &Path) -> Running {
+fn swapping_vm(name: &str, mem: u64, vcpus: u32, boot: &str, dir: &Path, mode: Mode) -> Running {
     let mut c = guest(name, mem, boot);
     c.vcpus = vcpus;
-    let vm = start_on(&[c], HostOptions { swap: Some(SwapOptions::new(dir)), ..HostOptions::default() });
+    let vm = start_on(&[c], HostOptions { swap: Some(mode.options(dir)), ..HostOptions::default() });
     wait_serving(&vm);
     vm
+}
+
+/// Pages evicted to the file so far: those the cache refused (or all, without a
+/// cache), and those it spilled.
+fn file_pages(s: &SwapStats) -> u64 {
+    let c = s.cache.clone().unwrap_or_default();
+    s.pages_out - c.stored + c.spilled
+}
+
+/// Pages out of guest RAM now: in the file and in the cache.
+fn swapped_now(s: &SwapStats) -> u64 {
+    s.slots_used + s.cache.as_ref().map_or(0, |c| c.entries)
+}
+
+/// Faults resolved from the cache.
+fn cache_hits(s: &SwapStats) -> u64 {
+    s.cache.as_ref().map_or(0, |c| c.hits)
 }
 
 /// The swapper of the only VM of `vm`'s host.
@@ -93,10 +153,12 @@ fn settled_stats(vm: &Running) -> SwapStats {
     stats(vm)
 }
 
-#[test]
-fn evicted_pages_of_a_running_guest_come_back_intact() {
+/// Half the guest's data compresses (to about 30%), half does not: with the cache,
+/// the first half goes to it (and, past its 4 MiB, on to the file), the other half
+/// to the file directly.
+fn evicted_pages_of_a_running_guest_come_back_intact(mode: Mode) {
     let dir = TempDir::new("evict");
-    let vm = swapping_vm("evict", 256 * MIB, 1, "alloc 64M unique", &dir.0);
+    let vm = swapping_vm("evict", 256 * MIB, 1, "alloc 32M unique; alloc 32M compressible:30", &dir.0, mode);
     let file = dir.0.join("evict.vswp");
     assert!(file.exists(), "the swap file is created with the swapper");
     let rss_before = vm.ram().resident_bytes();
@@ -106,8 +168,12 @@ fn evicted_pages_of_a_running_guest_come_back_intact() {
     assert_eq!(reclaimed, want, "the guest holds more than 64 MiB resident");
     let s = settled_stats(&vm);
     assert_eq!(s.pages_out + s.zero_pages_elided, reclaimed as u64);
-    assert_eq!(s.slots_used + s.pages_in + s.prefetched, s.pages_out);
-    assert_eq!(s.bytes_written, s.pages_out * PAGE);
+    assert_eq!(swapped_now(&s) + s.pages_in + s.prefetched, s.pages_out);
+    assert_eq!(s.bytes_written, file_pages(&s) * PAGE);
+    if let Some(c) = &s.cache {
+        assert!(c.stored > 4096 && c.refused > 4096 && c.spilled > 0, "{c:?}");
+        assert!(c.bytes <= c.cap_bytes && c.stored_ratio > 0.2 && c.stored_ratio < 0.4, "{c:?}");
+    }
     let rss_after = vm.ram().resident_bytes();
     assert!(rss_before - rss_after >= 60 * MIB, "RSS {} -> {} MiB", rss_before >> 20, rss_after >> 20);
 
@@ -117,7 +183,7 @@ fn evicted_pages_of_a_running_guest_come_back_intact() {
     // (A page found present while in the file drops its slot and counts as a fault
     // error: it must not happen, and shows up here if it does.)
     assert_eq!(
-        s.pages_in + s.prefetched + s.slots_used,
+        s.pages_in + s.prefetched + swapped_now(&s),
         s.pages_out,
         "in {} prefetched {} fault errors {} zero fills {} skipped {}/{}/{}/{}",
         s.pages_in,
@@ -130,8 +196,11 @@ fn evicted_pages_of_a_running_guest_come_back_intact() {
         s.skipped_vma
     );
     assert!(s.pages_in + s.prefetched >= 16384 * 9 / 10, "verify read back most of the 64 MiB: {s:?}");
-    assert_eq!(s.bytes_read, (s.pages_in + s.prefetched) * PAGE);
-    assert_eq!(s.fault_in.count, s.pages_in);
+    assert_eq!(s.bytes_read, (s.pages_in - cache_hits(&s) + s.prefetched) * PAGE);
+    assert_eq!(s.fault_in.count, s.pages_in - cache_hits(&s));
+    if let Some(c) = &s.cache {
+        assert!(c.hits > 0 && c.fault.count == c.hits && c.corrupt == 0, "{c:?}");
+    }
     assert!(s.fault_in.p50_us > 0.0 && s.fault_in.p99_us >= s.fault_in.p50_us);
     assert_eq!((s.read_errors, s.checksum_errors, s.write_errors), (0, 0, 0));
 
@@ -147,10 +216,9 @@ fn evicted_pages_of_a_running_guest_come_back_intact() {
 /// Two vCPUs rewrite and check their pages while the host evicts them again and
 /// again: a write landing between an eviction's copy and its discard would be lost
 /// and caught by `verify`.
-#[test]
-fn no_guest_write_is_lost_while_evicting() {
+fn no_guest_write_is_lost_while_evicting(mode: Mode) {
     let dir = TempDir::new("race");
-    let vm = Arc::new(swapping_vm("race", 128 * MIB, 2, "alloc 16M unique", &dir.0));
+    let vm = Arc::new(swapping_vm("race", 128 * MIB, 2, "alloc 8M unique; alloc 8M compressible:40", &dir.0, mode));
     let sw = swapper(&vm);
     let guest = {
         let vm = vm.clone();
@@ -167,14 +235,13 @@ fn no_guest_write_is_lost_while_evicting() {
     let s = settled_stats(&vm);
     assert!(rounds >= 10, "only {rounds} eviction rounds ran during the workload");
     assert!(s.pages_out > 4096 && s.pages_in > 1000, "evictions raced with the guest: {s:?}");
-    assert_eq!(s.pages_in + s.prefetched + s.slots_used, s.pages_out, "{s:?}");
+    assert_eq!(s.pages_in + s.prefetched + swapped_now(&s), s.pages_out, "{s:?}");
     assert_verified(&command(&vm, "verify"));
 }
 
-#[test]
-fn zero_pages_are_discarded_without_being_written() {
+fn zero_pages_are_discarded_without_being_written(mode: Mode) {
     let dir = TempDir::new("zero");
-    let vm = swapping_vm("zero", 128 * MIB, 1, "alloc 32M zero; alloc 4M unique", &dir.0);
+    let vm = swapping_vm("zero", 128 * MIB, 1, "alloc 32M zero; alloc 4M unique", &dir.0, mode);
     let sw = swapper(&vm);
     // Through the control API, as `vmm ctl swap out 128M --vm zero` does.
     let vms = vm.host().shared();
@@ -189,7 +256,7 @@ fn zero_pages_are_discarded_without_being_written() {
     // The 32 MiB of zeros are not in the file: it holds the unique pages and the
     // guest's own (kernel, page tables), a few MiB.
     assert!(s.pages_out < 12 * MIB / PAGE, "zero pages were written: {s:?}");
-    assert_eq!(s.bytes_written, s.pages_out * PAGE);
+    assert_eq!(s.bytes_written, file_pages(&s) * PAGE);
     assert!(sw.file_allocated_bytes() <= (s.pages_out + 256) * PAGE, "file uses {} bytes", sw.file_allocated_bytes());
     assert!(vm.ram().resident_bytes() < 4 * MIB, "RSS {} KiB", vm.ram().resident_bytes() >> 10);
     assert_verified(&command(&vm, "verify"));
@@ -202,10 +269,9 @@ fn zero_pages_are_discarded_without_being_written() {
 
 /// A balloon discard of a swapped-out page drops its slot: the page reads zeros
 /// afterwards instead of coming back from the file.
-#[test]
-fn discarding_a_swapped_page_forgets_its_slot() {
+fn discarding_a_swapped_page_forgets_its_slot(mode: Mode) {
     let dir = TempDir::new("forget");
-    let vm = swapping_vm("forget", 64 * MIB, 1, "alloc 8M unique", &dir.0);
+    let vm = swapping_vm("forget", 64 * MIB, 1, "alloc 4M unique; alloc 4M compressible:20", &dir.0, mode);
     let sw = swapper(&vm);
     sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
     // The serving guest faults its own pages back in now and then; hold it still so
@@ -213,10 +279,10 @@ fn discarding_a_swapped_page_forgets_its_slot() {
     let _still = vm.shared().run().pause_guard(Duration::from_secs(5)).expect("pause");
     let ram = vm.ram();
     let gpa = (0..ram.size() / PAGE).map(|p| p * PAGE).rev().find(|&g| sw.is_swapped(g)).expect("a swapped page");
-    let used = stats(&vm).slots_used;
+    let used = swapped_now(&stats(&vm));
     ram.discard(gpa, PAGE).unwrap();
     assert!(!sw.is_swapped(gpa));
-    assert_eq!(stats(&vm).slots_used, used - 1);
+    assert_eq!(swapped_now(&stats(&vm)), used - 1);
     let mut word = [0u8; 8];
     vm_memory::Bytes::read_slice(ram.mem(), &mut word, vm_memory::GuestAddress(gpa)).unwrap();
     assert_eq!(word, [0; 8], "a discarded page reads zeros, not its old content");
@@ -224,24 +290,23 @@ fn discarding_a_swapped_page_forgets_its_slot() {
 
 /// A swap directory on a 4 MiB tmpfs fills up: eviction stops with a write error
 /// counted, the batch that did not fit stays resident, the guest loses nothing.
-#[test]
-fn a_full_swap_disk_stops_eviction_and_the_guest_runs_on() {
+fn a_full_swap_disk_stops_eviction_and_the_guest_runs_on(mode: Mode) {
     let dir = TempDir::new("enospc");
     let _mnt = Tmpfs::mount(&dir.0, "4m");
-    let vm = swapping_vm("enospc", 128 * MIB, 1, "alloc 32M unique", &dir.0);
+    let vm = swapping_vm("enospc", 128 * MIB, 1, "alloc 32M unique", &dir.0, mode);
     let sw = swapper(&vm);
     let err = sw.swap_out((32 * MIB / PAGE) as usize).expect_err("4 MiB cannot hold 32 MiB");
     assert!(err.to_string().contains("No space left"), "{err}");
     let s = stats(&vm);
     assert_eq!(s.write_errors, 1);
     assert!(s.eviction_stopped.is_some());
-    assert!(s.pages_out > 0 && s.pages_out < 1024, "{s:?}");
+    assert!(file_pages(&s) > 0 && file_pages(&s) < 1024, "{s:?}");
     // Stopped: later requests are refused until retried, the VM is not harmed.
     assert!(sw.swap_out(16).is_err());
     assert_verified(&command(&vm, "verify"));
     assert!(vm.ending().is_none());
     let s = settled_stats(&vm);
-    assert_eq!(s.pages_in + s.prefetched + s.slots_used, s.pages_out);
+    assert_eq!(s.pages_in + s.prefetched + swapped_now(&s), s.pages_out);
     exit(&vm);
     assert_eq!(vm.wait(Duration::from_secs(30)), Some(Ending::GuestExit(0)));
     drop(sw);
@@ -256,8 +321,7 @@ fn a_full_swap_disk_stops_eviction_and_the_guest_runs_on() {
 /// ballooned), done when the driver negotiated the device. Balloon targets are set
 /// whether or not a driver answers, and inflating frees only the guest's free
 /// pages, which these guests never touched, so swapping is still needed.
-#[test]
-fn a_host_memory_budget_drives_balloon_then_swap() {
+fn a_host_memory_budget_drives_balloon_then_swap(mode: Mode) {
     let dir = TempDir::new("policy");
     let configs: Vec<_> = ["p0", "p1"].iter().map(|n| guest(n, 512 * MIB, "alloc 8M unique")).collect();
     let policy = PolicyOptions {
@@ -267,7 +331,7 @@ fn a_host_memory_budget_drives_balloon_then_swap() {
     };
     let running = start_on(
         &configs,
-        HostOptions { swap: Some(SwapOptions::new(&dir.0)), policy: Some(policy), ..HostOptions::default() },
+        HostOptions { swap: Some(mode.options(&dir.0)), policy: Some(policy), ..HostOptions::default() },
     );
     let host = running.host();
     let vms = host.vms();
@@ -321,11 +385,10 @@ fn a_host_memory_budget_drives_balloon_then_swap() {
 /// A slot damaged on disk is never handed to the guest: the VM stops with a clear
 /// error at the first fault on it, and tearing it down does not hang on the vCPU
 /// left waiting for that fault.
-#[test]
-fn a_corrupt_slot_stops_the_vm_with_an_error() {
+fn a_corrupt_slot_stops_the_vm_with_an_error(mode: Mode) {
     use std::os::unix::fs::FileExt;
     let dir = TempDir::new("corrupt");
-    let vm = swapping_vm("corrupt", 64 * MIB, 1, "alloc 8M unique", &dir.0);
+    let vm = swapping_vm("corrupt", 64 * MIB, 1, "alloc 8M unique", &dir.0, mode);
     let sw = swapper(&vm);
     sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
     let pages = stats(&vm).slots_used;
@@ -359,4 +422,49 @@ fn idle_victims_spare_the_pages_the_guest_keeps_writing() {
     // Random victims take about half of the 16 MiB hot set (128 of 256 MiB).
     assert!(random.read_back > 1000, "random: {} pages read back", random.read_back);
     assert!(idle.read_back * 10 < random.read_back, "idle {} against random {}", idle.read_back, random.read_back);
+}
+
+/// A compressed entry damaged in memory is never handed to the guest: the VM stops
+/// with an error naming the cache at the first fault on it.
+#[test]
+fn a_corrupt_cache_entry_stops_the_vm_with_an_error() {
+    let dir = TempDir::new("zcorrupt");
+    let vm = swapping_vm("zcorrupt", 64 * MIB, 1, "alloc 8M compressible:20", &dir.0, Mode::Cache);
+    let sw = swapper(&vm);
+    sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
+    let damaged = {
+        let _still = vm.shared().run().pause_guard(Duration::from_secs(5)).expect("pause");
+        (0..vm.ram().size() / PAGE).map(|p| p * PAGE).filter(|&g| sw.damage_cache_entry(g)).count()
+    };
+    assert!(damaged > 1000, "only {damaged} pages in the cache");
+    drop(sw);
+    let err = vm.run_command("verify", Duration::from_secs(60)).expect_err("the guest cannot verify damaged pages");
+    assert!(err.contains("ended"), "{err}");
+    match vm.wait(Duration::from_secs(10)) {
+        Some(Ending::Error(e)) => assert!(e.contains("host swap") && e.contains("compression cache"), "{e}"),
+        other => panic!("expected an error ending, got {other:?}"),
+    }
+    let report = vm.finish().vms.remove(0);
+    let c = report.swap.unwrap().cache.unwrap();
+    assert!(c.corrupt > 0, "{c:?}");
+}
+
+/// The cache's memory counts while the VM runs and goes with it: when the VM ends,
+/// its swapper, and with it the cache, is dropped (the swapper's own tests show the
+/// memory going back to the system).
+#[test]
+fn the_cache_goes_with_its_vm() {
+    let dir = TempDir::new("zend");
+    let vm = swapping_vm("zend", 64 * MIB, 1, "alloc 16M compressible:25", &dir.0, Mode::Cache);
+    let sw = swapper(&vm);
+    sw.swap_out((64 * MIB / PAGE) as usize).expect("evict");
+    assert!(sw.cache_bytes() > MIB, "{:?}", sw.stats().cache);
+    let held = Arc::downgrade(&sw);
+    drop(sw);
+    exit(&vm);
+    assert_eq!(vm.wait(Duration::from_secs(30)), Some(Ending::GuestExit(0)));
+    let report = vm.finish();
+    let c = report.vms[0].swap.clone().unwrap().cache.unwrap();
+    assert!(c.bytes > MIB && c.stored > 0, "the exit report has the cache's last figures: {c:?}");
+    assert!(held.upgrade().is_none(), "the swapper and its cache are gone with the VM");
 }

@@ -13,7 +13,7 @@ use vmm::host::{self, HostOptions, WatchLimits};
 use vmm::memory::HostPages;
 use vmm::reclaim::policy::{HostMemChoice, PolicyOptions};
 use vmm::reclaim::sharing;
-use vmm::reclaim::swap::SwapOptions;
+use vmm::reclaim::swap::{CompressOptions, SwapOptions};
 use vmm::units;
 
 /// A userspace KVM hypervisor for measuring memory reclamation.
@@ -273,6 +273,19 @@ struct RunArgs {
     /// first write to a page in each 100 ms period).
     #[arg(long, value_name = "random|idle", default_value = "random", value_parser = parse_victims)]
     swap_victims: swapd::VictimPolicy,
+    /// A compression cache in front of each VM's swap file (turns swapping on): on
+    /// (10% of each VM's RAM, pages compressing to half a page or less), off, or
+    /// comma-separated cache=SIZE|PCT% (per VM), ratio=R (fraction of a page).
+    #[arg(long, value_name = "on|off|OPTIONS", value_parser = parse_compress)]
+    swap_compress: Option<SwapCompress>,
+}
+
+/// `--swap-compress`: the cache's options, or off.
+#[derive(Clone, Copy, Debug)]
+struct SwapCompress(Option<CompressOptions>);
+
+fn parse_compress(text: &str) -> Result<SwapCompress, vmm::reclaim::swap::CompressOptionsError> {
+    CompressOptions::parse(text).map(SwapCompress)
 }
 
 /// A one-line error for the user (`vmm: error: ...`).
@@ -603,11 +616,13 @@ fn ctl(args: CtlArgs) -> Result<u8, CliError> {
 
 /// Swapping options, if swapping is on.
 fn swap_options(args: &RunArgs) -> Option<SwapOptions> {
-    if !args.swap && args.swap_dir.is_none() {
+    let compress = args.swap_compress.and_then(|c| c.0);
+    if !args.swap && args.swap_dir.is_none() && compress.is_none() {
         return None;
     }
     let mut opts = SwapOptions::new(args.swap_dir.clone().unwrap_or_else(|| vmm::reclaim::swap::DEFAULT_DIR.into()));
     opts.victims = args.swap_victims;
+    opts.compress = compress;
     Some(opts)
 }
 

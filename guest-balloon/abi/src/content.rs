@@ -16,6 +16,12 @@
 //! | `alloc dup` | [`DUP_KEY`], the same in every VM |
 //! | `alloc shared:SEED` | from `SEED` and the page's index in its allocation: the same in every VM using that seed |
 //! | `alloc unique` | from the VM's seed and a per-VM count of unique pages: different in every VM |
+//! | `alloc compressible:PCT` | like `unique`, in its own domain, with PCT in the key (below) |
+//!
+//! Every key but the zero page's and `compressible` ones is odd. An even non-zero key
+//! is a **compressible** page: bits 1..=7 hold PCT (1..=100), the first
+//! `ceil(512 * PCT / 100)` words are `word` as above and the others all
+//! [`FILLER`], so lz4 or zstd compress the page to about PCT% of its size.
 //! | `touch` | from the VM's seed, the page's frame number and its version (1, 2, ... per touch) |
 
 use crate::workload::Kind;
@@ -30,6 +36,9 @@ pub const ZERO_KEY: u64 = 0;
 /// Key of every `dup` page.
 pub const DUP_KEY: u64 = 0x6475_705f_7061_6765; // "dup_page"
 
+/// Every word of a compressible page past its random part.
+pub const FILLER: u64 = 0x636f_6d70_7265_7373; // "compress"
+
 /// The splitmix64 increment (2^64 / golden ratio).
 const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 // Domain separators: a shared seed equal to some VM's seed must not give that VM's
@@ -37,6 +46,7 @@ const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 const SHARED: u64 = 0x5348_4152_4544_0001;
 const UNIQUE: u64 = 0x554e_4951_5545_0002;
 const TOUCHED: u64 = 0x544f_5543_4845_0003;
+const COMPRESSIBLE: u64 = 0x434f_4d50_5245_0004;
 
 /// The splitmix64 output function: a bijective 64-bit mixer.
 #[inline(always)]
@@ -60,6 +70,20 @@ pub fn alloc_key(kind: Kind, index: u64, vm_seed: u64) -> u64 {
         Kind::Dup => DUP_KEY,
         Kind::Shared(seed) => derive(SHARED, seed, index),
         Kind::Unique => derive(UNIQUE, vm_seed, index),
+        Kind::Compressible(pct) => {
+            let pct = pct.clamp(1, 100) as u64;
+            (derive(COMPRESSIBLE ^ pct, vm_seed, index) & !0xff) | (pct << 1)
+        }
+    }
+}
+
+/// Words of a page with `key` that are pseudo-random (the rest are [`FILLER`]).
+#[inline(always)]
+fn random_words(key: u64) -> usize {
+    if key & 1 == 0 && key != ZERO_KEY {
+        (WORDS_PER_PAGE * ((key >> 1) & 0x7f) as usize).div_ceil(100)
+    } else {
+        WORDS_PER_PAGE
     }
 }
 
@@ -73,6 +97,8 @@ pub fn touch_key(vm_seed: u64, pfn: u64, version: u32) -> u64 {
 pub fn word(key: u64, i: usize) -> u64 {
     if key == ZERO_KEY {
         0
+    } else if i >= random_words(key) {
+        FILLER
     } else {
         mix(key.wrapping_add((i as u64 + 1).wrapping_mul(GAMMA)))
     }
@@ -152,6 +178,22 @@ mod tests {
         let ones: u32 = p.iter().map(|w| w.count_ones()).sum();
         assert!((15_500..17_300).contains(&ones), "{ones} of 32768 bits set");
         assert_eq!(p.iter().collect::<HashSet<_>>().len(), WORDS_PER_PAGE);
+    }
+
+    #[test]
+    fn compressible_pages_have_their_share_of_random_words() {
+        for pct in [1u8, 25, 50, 100] {
+            let key = alloc_key(Kind::Compressible(pct), 3, 1);
+            assert!(key != ZERO_KEY && key & 1 == 0, "{key:#x}");
+            let p = page(key);
+            assert!(matches(&p, key));
+            let random = (512 * pct as usize).div_ceil(100);
+            assert!(p[..random].iter().all(|&w| w != FILLER), "{pct}%");
+            assert!(p[random..].iter().all(|&w| w == FILLER), "{pct}%");
+            assert_ne!(key, alloc_key(Kind::Compressible(pct), 4, 1));
+            assert_ne!(key, alloc_key(Kind::Compressible(pct), 3, 2));
+        }
+        assert_ne!(alloc_key(Kind::Compressible(50), 3, 1) >> 8, alloc_key(Kind::Compressible(51), 3, 1) >> 8);
     }
 
     #[test]

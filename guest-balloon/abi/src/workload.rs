@@ -13,7 +13,7 @@
 //!           | work SIZE DURATION ['write'] | idle DURATION | spin N
 //!           | repeat N '{' program '}' | for DURATION '{' program '}' | exit CODE | fault
 //! SIZE     := digits [K|M|G]                bytes, binary units, rounded up to pages, > 0
-//! KIND     := zero | dup | shared:SEED | unique
+//! KIND     := zero | dup | shared:SEED | unique | compressible:PCT   (PCT: 1..=100)
 //! DURATION := digits [us|ms|s]              a plain number means milliseconds
 //! ```
 //!
@@ -44,6 +44,10 @@ pub enum Kind {
     Shared(u64),
     /// Pseudo-random, different in every VM (and every allocation).
     Unique,
+    /// Like [`Kind::Unique`], but a real codec (lz4, zstd) compresses each page to
+    /// about this percentage of its size (1..=100): that share of the page is
+    /// pseudo-random, the rest one repeated word.
+    Compressible(u8),
 }
 
 /// One step of a workload.
@@ -257,6 +261,7 @@ impl fmt::Display for Arg {
                     Kind::Dup => f.write_str("dup"),
                     Kind::Shared(seed) => write!(f, "shared:{seed}"),
                     Kind::Unique => f.write_str("unique"),
+                    Kind::Compressible(pct) => write!(f, "compressible:{pct}"),
                 }
             }
             Step::Touch { pages } | Step::Read { pages } | Step::Free { pages, zero: false } => {
@@ -595,10 +600,20 @@ impl<'a> Parser<'a> {
             Some("zero") => Some(Kind::Zero),
             Some("dup") => Some(Kind::Dup),
             Some("unique") => Some(Kind::Unique),
-            Some(w) => w.strip_prefix("shared:").and_then(seed).map(Kind::Shared),
+            Some(w) => match w.split_once(':') {
+                Some(("shared", s)) => seed(s).map(Kind::Shared),
+                Some(("compressible", pct)) => {
+                    decimal(pct).filter(|p| (1..=100).contains(p)).map(|p| Kind::Compressible(p as u8))
+                }
+                _ => None,
+            },
             None => None,
         };
-        kind.ok_or(self.error(at, tok, "expected a page kind: zero, dup, shared:SEED or unique"))
+        kind.ok_or(self.error(
+            at,
+            tok,
+            "expected a page kind: zero, dup, shared:SEED, unique or compressible:PCT (1-100)",
+        ))
     }
 }
 
@@ -680,6 +695,23 @@ mod tests {
     }
 
     #[test]
+    fn compressible_pages_take_a_percentage() {
+        assert_eq!(
+            steps("alloc 8K compressible:50; alloc 4K compressible:1; alloc 4K compressible:100"),
+            [
+                Step::Alloc { pages: 2, kind: Kind::Compressible(50) },
+                Step::Alloc { pages: 1, kind: Kind::Compressible(1) },
+                Step::Alloc { pages: 1, kind: Kind::Compressible(100) },
+            ]
+        );
+        assert_eq!(Step::Alloc { pages: 2, kind: Kind::Compressible(25) }.to_string(), "alloc 8K compressible:25");
+        for bad in ["alloc 1M compressible:0", "alloc 1M compressible:101", "alloc 1M compressible:", "alloc 1M zip:5"]
+        {
+            assert!(error(bad).to_string().contains("compressible:PCT"), "{bad}");
+        }
+    }
+
+    #[test]
     fn working_set_steps() {
         assert_eq!(
             steps("read 64M; free 8K zero; free 4K;work 16M 2s; work 1M 500us write;for 3s{read 4M}"),
@@ -745,7 +777,7 @@ mod tests {
         assert_eq!(error("alloc 0 zero").msg, "size must be greater than zero");
         assert_eq!(
             error("alloc 1M").to_string(),
-            "expected a page kind: zero, dup, shared:SEED or unique at the end of the workload"
+            "expected a page kind: zero, dup, shared:SEED, unique or compressible:PCT (1-100) at the end of the workload"
         );
         assert_eq!(error("alloc 1M shared:").token, "shared:");
         assert_eq!(error("alloc 1M shared:0x").token, "shared:0x");

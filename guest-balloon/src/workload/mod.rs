@@ -244,7 +244,7 @@ impl Interpreter {
             let run = self.frames.alloc_run(pages - index).expect("enough frames were free");
             for pfn in run.start..run.start + run.count {
                 let content_index = match kind {
-                    Kind::Unique => self.unique_pages + index,
+                    Kind::Unique | Kind::Compressible(_) => self.unique_pages + index,
                     _ => index,
                 };
                 let key = content::alloc_key(kind, content_index, self.machine.vm_seed);
@@ -253,7 +253,7 @@ impl Interpreter {
                 index += 1;
             }
         }
-        if kind == Kind::Unique {
+        if matches!(kind, Kind::Unique | Kind::Compressible(_)) {
             self.unique_pages += pages;
         }
         self.job(Op::Fill, first, pages);

@@ -59,9 +59,16 @@ pub fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Initial content of word `w` of page `p` (never zero).
+/// Initial content of word `w` of page `p` (never zero, unique to the page): odd
+/// pages are random (lz4 does not compress them), even pages repeat one word after
+/// their first 32 (lz4 makes a few hundred bytes of them), so a swapper with a
+/// compression cache gets both kinds.
 pub fn init_word(p: usize, w: usize) -> u64 {
-    mix((p * 512 + w) as u64) | 1
+    if p % 2 == 0 && w >= 32 {
+        mix(p as u64) | 1
+    } else {
+        mix((p * 512 + w) as u64) | 1
+    }
 }
 
 pub fn fill_unique(m: &Mem, pages: impl Iterator<Item = usize>) {

@@ -16,7 +16,11 @@
 //!   the last guard drops (a count of pausers, not a flag).
 //! - [`ReclaimGuard`] ([`RunControl::reclaim_guard`]): a pause that is also exclusive
 //!   among reclaimers, for page sharing's merges and the swapper's evictions: one never
-//!   works on pages another is halfway through.
+//!   works on pages another is halfway through. The exclusion is handed over in
+//!   arrival order (a queue of tickets): a reclaimer that lets go and asks again at
+//!   once goes behind those already waiting, so reclaimers working in a loop (page
+//!   sharing without a rate limit, the swapper evicting batch after batch) cannot
+//!   starve one another. A waiter that gives up leaves the queue.
 //! - [`DeviceGuard`] ([`RunControl::device_guard`]): a device thread at work on guest
 //!   memory; a pause waits for it and holds new ones off.
 //! - [`VcpuSlot`] ([`RunControl::register_vcpu`]): a vCPU thread in its run loop.
@@ -24,6 +28,7 @@
 //! Halted vCPUs (`hlt` exits, no interrupt controller) sleep on the same condition
 //! variable and are woken by any mode change or an explicit [`RunControl::wake`].
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
@@ -68,6 +73,12 @@ struct State {
     pausers: u32,
     /// A reclaimer holds [`RunControl::reclaim_guard`].
     reclaiming: bool,
+    /// Reclaimers waiting for the exclusion, by ticket, first come first served.
+    reclaim_queue: VecDeque<u64>,
+    /// The next ticket handed out.
+    next_ticket: u64,
+    /// Reclaim guards that were not obtained within their timeout.
+    reclaim_timeouts: u64,
     /// Pauses obtained so far, and how long the vCPUs took to leave the guest.
     pauses: u64,
     pause_wait_ns: u64,
@@ -98,6 +109,9 @@ impl RunControl {
                 devices_busy: 0,
                 pausers: 0,
                 reclaiming: false,
+                reclaim_queue: VecDeque::new(),
+                next_ticket: 0,
+                reclaim_timeouts: 0,
                 pauses: 0,
                 pause_wait_ns: 0,
             }),
@@ -218,27 +232,54 @@ impl RunControl {
     /// works on pages another is halfway through (a page evicted between page
     /// sharing's compare and its remap, or remapped between the swapper's copy and
     /// its discard). Plain pauses (the policy holding a VM, the API) do not exclude
-    /// reclaimers. None if the VM is stopping, or if another reclaimer or the VM
-    /// itself did not let go within `timeout`; then nothing is held.
+    /// reclaimers. Reclaimers get the exclusion in the order they asked for it.
+    /// Fails with [`PauseError::Ending`] if the VM is stopping, and with
+    /// [`PauseError::TimedOut`] if the reclaimers ahead or the VM itself did not let
+    /// go within `timeout`; then nothing is held and the caller left the queue.
     pub fn reclaim_guard(self: &Arc<Self>, timeout: Duration) -> Result<ReclaimGuard, PauseError> {
         let start = Instant::now();
         {
-            let s = self.state.lock().unwrap();
-            let (mut s, _) =
-                self.changed.wait_timeout_while(s, timeout, |s| s.reclaiming && s.mode != Mode::Stopping).unwrap();
+            let mut s = self.state.lock().unwrap();
             if s.mode == Mode::Stopping {
                 return Err(PauseError::Ending);
             }
-            if s.reclaiming {
+            let ticket = s.next_ticket;
+            s.next_ticket += 1;
+            s.reclaim_queue.push_back(ticket);
+            let turn = |s: &State| !s.reclaiming && s.reclaim_queue.front() == Some(&ticket);
+            let (mut s, _) =
+                self.changed.wait_timeout_while(s, timeout, |s| !turn(s) && s.mode != Mode::Stopping).unwrap();
+            if s.mode == Mode::Stopping || !turn(&s) {
+                s.reclaim_queue.retain(|&t| t != ticket);
+                // The one behind may be first now.
+                self.changed.notify_all();
+                if s.mode == Mode::Stopping {
+                    return Err(PauseError::Ending);
+                }
+                s.reclaim_timeouts += 1;
                 return Err(PauseError::TimedOut { waited: start.elapsed() });
             }
+            s.reclaim_queue.pop_front();
             s.reclaiming = true;
         }
         // Dropping the guard unpaused gives the exclusion back.
         let mut guard = ReclaimGuard { run: self.clone(), paused: false };
-        self.pause(timeout.saturating_sub(start.elapsed()))?;
+        match self.pause(timeout.saturating_sub(start.elapsed())) {
+            Ok(_) => {}
+            Err(PauseError::TimedOut { .. }) => {
+                self.state.lock().unwrap().reclaim_timeouts += 1;
+                return Err(PauseError::TimedOut { waited: start.elapsed() });
+            }
+            Err(e) => return Err(e),
+        }
         guard.paused = true;
         Ok(guard)
+    }
+
+    /// Reclaim guards not obtained within their timeout so far (each one a
+    /// reclaimer that had to try again later).
+    pub fn reclaim_timeouts(&self) -> u64 {
+        self.state.lock().unwrap().reclaim_timeouts
     }
 
     /// No vCPU in the guest and no device thread at work.
@@ -515,5 +556,88 @@ mod tests {
         assert!(run.reclaim_guard(Duration::from_millis(20)).is_err(), "a busy device thread holds it off");
         drop(device);
         assert!(run.reclaim_guard(Duration::from_secs(1)).is_ok(), "a failed attempt left nothing held");
+    }
+
+    fn queued(run: &RunControl) -> usize {
+        run.state.lock().unwrap().reclaim_queue.len()
+    }
+
+    fn wait_queued(run: &RunControl, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queued(run) != n {
+            assert!(Instant::now() < deadline, "{n} reclaimers never queued");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn the_reclaim_exclusion_goes_in_arrival_order() {
+        let run = Arc::new(RunControl::new(1));
+        let holder = run.reclaim_guard(Duration::from_secs(1)).expect("first reclaimer");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for id in 0..3usize {
+            let (r, order) = (run.clone(), order.clone());
+            waiters.push(std::thread::spawn(move || {
+                let g = r.reclaim_guard(Duration::from_secs(10)).expect("its turn came");
+                order.lock().unwrap().push(id);
+                std::thread::sleep(Duration::from_millis(2));
+                drop(g);
+            }));
+            wait_queued(&run, id + 1);
+        }
+        // The holder lets go and asks again at once: it goes behind the three.
+        drop(holder);
+        let again = run.reclaim_guard(Duration::from_secs(10)).expect("the holder's next turn");
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2], "first come, first served, and before the old holder");
+        drop(again);
+        waiters.into_iter().for_each(|w| w.join().unwrap());
+        assert_eq!(run.reclaim_timeouts(), 0);
+    }
+
+    #[test]
+    fn a_looping_reclaimer_does_not_starve_another() {
+        let run = Arc::new(RunControl::new(1));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let turns = Arc::new(AtomicU64::new(0));
+        let looper = {
+            let (run, stop, turns) = (run.clone(), stop.clone(), turns.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let g = run.reclaim_guard(Duration::from_secs(10)).expect("looper");
+                    std::thread::sleep(Duration::from_micros(500));
+                    drop(g);
+                    turns.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        while turns.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 0..20 {
+            // With a plain condition variable the looper, awake and holding the lock
+            // when it lets go, could take the exclusion back before this waiter ran.
+            let g = run.reclaim_guard(Duration::from_millis(500)).expect("a turn within a few holds");
+            drop(g);
+        }
+        stop.store(true, Ordering::SeqCst);
+        looper.join().unwrap();
+        assert_eq!(run.reclaim_timeouts(), 0);
+    }
+
+    #[test]
+    fn a_reclaimer_that_gives_up_leaves_the_queue() {
+        let run = Arc::new(RunControl::new(1));
+        let holder = run.reclaim_guard(Duration::from_secs(1)).expect("first reclaimer");
+        let refused = run.reclaim_guard(Duration::from_millis(20));
+        assert!(matches!(refused, Err(PauseError::TimedOut { .. })), "{:?}", refused.err());
+        assert_eq!(queued(&run), 0, "the ticket was withdrawn");
+        assert_eq!(run.reclaim_timeouts(), 1, "the timeout is counted");
+        drop(holder);
+        // Were the withdrawn ticket still first, this would wait forever.
+        assert!(run.reclaim_guard(Duration::from_millis(200)).is_ok());
+        run.stop();
+        assert_eq!(run.reclaim_guard(Duration::from_millis(10)).err(), Some(PauseError::Ending));
+        assert_eq!(queued(&run), 0);
     }
 }

@@ -67,7 +67,8 @@ pub enum HostMemChoice {
     Host,
     /// The memory cgroup this process runs in.
     Cgroup,
-    /// A budget in bytes: free = budget - guest RAM resident for every VM.
+    /// A budget in bytes: free = budget - guest RAM resident for every VM (and
+    /// their swappers' compression caches).
     Budget(u64),
 }
 
@@ -418,7 +419,10 @@ impl Loop {
         }
         let infos: Vec<VmMemInfo> = live.iter().map(|p| mem_info(p, settings.shares.get(p.vm.name()))).collect();
         drop(settings);
-        self.resident.store(infos.iter().map(|v| v.resident_pages * PAGE).sum(), Ordering::Relaxed);
+        // A budget counts what the VMs hold: their resident RAM and their swappers'
+        // compression caches (the real host and a cgroup see both by themselves).
+        let caches: u64 = live.iter().filter_map(|p| p.swapper.as_ref()).map(|sw| sw.cache_bytes()).sum();
+        self.resident.store(infos.iter().map(|v| v.resident_pages * PAGE).sum::<u64>() + caches, Ordering::Relaxed);
         let decision = match self.policy.tick_with(self.source.as_mut(), &infos) {
             Ok(d) => d,
             Err(e) => {
@@ -484,6 +488,8 @@ fn evict(p: &Member, plan: &VmPlan, d: &Decision) -> bool {
             Ok(n) => log::debug!("{}: swapped {n} of {} pages ({} state)", vm.name(), plan.swap_pages, d.state),
             Err(SwapError::Stopped { .. } | SwapError::Write { .. }) => return false,
             Err(SwapError::Ending { .. }) => {}
+            // Counted in the swapper's stats (`pause_timeouts`); the next tick asks again.
+            Err(e @ SwapError::PauseTimedOut { .. }) => log::warn!("{}: eviction postponed: {e}", vm.name()),
             Err(e) => log::warn!("{}: eviction failed: {e}", vm.name()),
         }
     }

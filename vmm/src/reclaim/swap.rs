@@ -33,12 +33,112 @@ pub struct SwapOptions {
     pub dir: PathBuf,
     /// Victim choice of every swapper.
     pub victims: VictimPolicy,
+    /// The compression cache of every swapper, if any (`--swap-compress`).
+    pub compress: Option<CompressOptions>,
 }
 
 impl SwapOptions {
     /// Defaults with swap files in `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> SwapOptions {
-        SwapOptions { dir: dir.into(), victims: VictimPolicy::Random }
+        SwapOptions { dir: dir.into(), victims: VictimPolicy::Random, compress: None }
+    }
+}
+
+/// How large each VM's compression cache may grow.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CacheSize {
+    /// Bytes per VM.
+    Bytes(u64),
+    /// Percent of each VM's guest RAM.
+    Percent(f64),
+}
+
+/// The compression cache in front of each VM's swap file (`vmm run --swap-compress
+/// on|off|cache=SIZE|PCT%,ratio=R`): pages that lz4 compresses to at most `ratio`
+/// of a page stay compressed in host memory, up to the cache size per VM.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CompressOptions {
+    /// The cap of each VM's cache.
+    pub cache: CacheSize,
+    /// A page is cached if it compresses to at most this fraction of a page.
+    pub max_ratio: f64,
+}
+
+impl Default for CompressOptions {
+    /// 10% of each VM's RAM, pages that compress to half a page or less (ESX's rule).
+    fn default() -> Self {
+        CompressOptions { cache: CacheSize::Percent(10.0), max_ratio: 0.5 }
+    }
+}
+
+/// A `--swap-compress` value that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CompressOptionsError {
+    /// Not `key=value`.
+    #[error("{0:?}: expected on, off or key=value (cache=SIZE|PCT%, ratio=R)")]
+    NotKeyValue(String),
+    /// An unknown key.
+    #[error("unknown compression option {0:?} (cache, ratio)")]
+    UnknownKey(String),
+    /// A cache size that is neither a size nor a percentage in (0, 100].
+    #[error("cache={0:?}: expected a size (64M) or a percentage of guest RAM (10%) above 0 and at most 100%")]
+    BadCache(String),
+    /// A ratio outside (0, 1].
+    #[error("ratio={0:?}: expected a fraction of a page above 0 and at most 1 (0.5: half a page)")]
+    BadRatio(String),
+}
+
+impl CompressOptions {
+    /// Parses `on`, `off` (None) or comma-separated `cache=SIZE|PCT%`, `ratio=R`
+    /// (each defaulting as [`CompressOptions::default`]).
+    pub fn parse(text: &str) -> Result<Option<CompressOptions>, CompressOptionsError> {
+        match text.trim() {
+            "off" => return Ok(None),
+            "on" => return Ok(Some(CompressOptions::default())),
+            _ => {}
+        }
+        let mut o = CompressOptions::default();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = item.split_once('=').ok_or_else(|| CompressOptionsError::NotKeyValue(item.into()))?;
+            match k {
+                "cache" => {
+                    o.cache = match v.strip_suffix('%') {
+                        Some(pct) => pct
+                            .trim()
+                            .parse::<f64>()
+                            .ok()
+                            .filter(|p| *p > 0.0 && *p <= 100.0)
+                            .map(CacheSize::Percent)
+                            .ok_or_else(|| CompressOptionsError::BadCache(v.into()))?,
+                        None => crate::units::parse_size(v)
+                            .ok()
+                            .filter(|b| *b > 0)
+                            .map(CacheSize::Bytes)
+                            .ok_or_else(|| CompressOptionsError::BadCache(v.into()))?,
+                    }
+                }
+                "ratio" => {
+                    o.max_ratio = v
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|r| *r > 0.0 && *r <= 1.0)
+                        .ok_or_else(|| CompressOptionsError::BadRatio(v.into()))?
+                }
+                _ => return Err(CompressOptionsError::UnknownKey(k.into())),
+            }
+        }
+        Ok(Some(o))
+    }
+
+    /// The swapper's cache configuration for a VM of `ram_bytes`.
+    pub fn for_vm(&self, ram_bytes: u64) -> swapd::CacheConfig {
+        let cap = match self.cache {
+            CacheSize::Bytes(b) => b,
+            CacheSize::Percent(p) => (ram_bytes as f64 * p / 100.0) as u64,
+        };
+        let mut c = swapd::CacheConfig::new(cap);
+        c.max_compressed = ((guest_abi::PAGE_SIZE as f64 * self.max_ratio) as usize).max(1);
+        c
     }
 }
 
@@ -140,6 +240,7 @@ pub fn attach(vm: &Arc<VmShared>, opts: &SwapOptions) -> Result<Arc<Swapper>, Ho
     let mut cfg = swapd::Config::new(&opts.dir);
     cfg.victims = opts.victims;
     cfg.seed = crate::vm::random_seed();
+    cfg.cache = opts.compress.map(|c| c.for_vm(vm.ram().size()));
     let swapper = Swapper::new(ReclaimView::of(vm), cfg)
         .map_err(|source| HostSwapError::Swapper { vm: vm.name().to_string(), source })?;
     Ok(Arc::new(swapper))
@@ -177,4 +278,25 @@ pub fn swap_out(sw: &Swapper, bytes: u64) -> Result<SwapOutResult, HostSwapError
         error,
         swapped_pages: sw.stats().slots_used,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compress_options() {
+        assert_eq!(CompressOptions::parse("off").unwrap(), None);
+        assert_eq!(CompressOptions::parse("on").unwrap(), Some(CompressOptions::default()));
+        let o = CompressOptions::parse("cache=64M,ratio=0.25").unwrap().unwrap();
+        assert_eq!(o, CompressOptions { cache: CacheSize::Bytes(64 << 20), max_ratio: 0.25 });
+        assert_eq!(o.for_vm(1 << 30).max_compressed, 1024);
+        let o = CompressOptions::parse("cache=25%").unwrap().unwrap();
+        assert_eq!(o.for_vm(1 << 30).cap_bytes, 256 << 20);
+        assert_eq!(o.for_vm(1 << 30).max_compressed, 2048);
+        for bad in ["cache=0", "cache=150%", "cache=lots", "ratio=2", "ratio=0", "size=1M", "fast"] {
+            let e = CompressOptions::parse(bad).unwrap_err().to_string();
+            assert!(!e.is_empty() && !e.contains('\n'), "{bad}: {e}");
+        }
+    }
 }
