@@ -7,7 +7,7 @@
 //! `{"cmd": "command", "vm": "vm0", "workload": "verify"}`, `{"cmd": "tps_stats"}`,
 //! `{"cmd": "tps_set", "options": "rate=50M/s,scope=vm"}`,
 //! `{"cmd": "swap_out", "size": "64M", "vm": "vm0"}`, `{"cmd": "swap_stats"}`,
-//! `{"cmd": "policy_stats"}`. Without `"vm"`, a
+//! `{"cmd": "policy_stats"}`, `{"cmd": "sample"}` (what `vmm top` shows). Without `"vm"`, a
 //! request applies to every VM. Responses: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`, where the result of each request is a typed
 //! [`Reply`]. A malformed request gets an error response; nothing a client sends
@@ -32,6 +32,7 @@ pub use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 pub use crate::devices::virtio::balloon::TargetMode;
 pub use crate::reclaim::sharing::TpsStats;
 pub use crate::reclaim::swap::SwapOutResult;
+pub use crate::sample::HostSample;
 pub use crate::vm::{VmState, VmStats};
 
 /// A request.
@@ -100,6 +101,8 @@ pub enum Request {
     },
     /// The free-memory policy's state, history and totals.
     PolicyStats,
+    /// One snapshot of the host and every VM ([`HostSample`]): what `vmm top` shows.
+    Sample,
 }
 
 /// A response.
@@ -155,6 +158,8 @@ pub enum Reply {
     SwapStats(SwapStatsResult),
     /// [`Request::PolicyStats`].
     PolicyStats(PolicyStats),
+    /// [`Request::Sample`].
+    Sample(Box<HostSample>),
 }
 
 impl Reply {
@@ -173,6 +178,7 @@ impl Reply {
             Request::SwapOut { .. } => Reply::SwapOut(from(result)?),
             Request::SwapStats { .. } => Reply::SwapStats(from(result)?),
             Request::PolicyStats => Reply::PolicyStats(from(result)?),
+            Request::Sample => Reply::Sample(from(result)?),
         })
     }
 }
@@ -306,6 +312,10 @@ mod tests {
                 Reply::SwapStats(SwapStatsResult { vms: vm0(Some(SwapStats::default())) }),
             ),
             (Request::PolicyStats, Reply::PolicyStats(PolicyStats::default())),
+            (
+                Request::Sample,
+                Reply::Sample(Box::new(HostSample { policy: None, guest_mib: 1.5, sharing: None, vms: vec![] })),
+            ),
         ];
         for (req, reply) in &cases {
             assert_eq!(through_the_client(req, reply), serde_json::to_string(reply).unwrap(), "{req:?}");

@@ -23,6 +23,7 @@ use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, TargetMode};
 use crate::host::HostShared;
+use crate::sample::HostSample;
 use crate::units::parse_size;
 use crate::vm::VmShared;
 
@@ -277,5 +278,6 @@ fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
             let policy = host.policy_stats().ok_or("the free-memory policy is off (start vmm run with --policy on)")?;
             Ok(Reply::PolicyStats(policy))
         }
+        Request::Sample => Ok(Reply::Sample(Box::new(HostSample::take(host)))),
     }
 }

@@ -159,13 +159,27 @@ struct Member {
 #[derive(Clone)]
 pub struct PolicyHandle {
     counters: Arc<Mutex<PolicyStats>>,
+    /// The decision of the last tick that read host memory.
+    last: Arc<Mutex<Option<Decision>>>,
     budget: Option<Arc<AtomicU64>>,
+    config: PolicyConfig,
 }
 
 impl PolicyHandle {
     /// The counters and state history as of the last tick.
     pub fn stats(&self) -> PolicyStats {
         self.counters.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The decision of the last tick (host memory, state, each VM's plan and
+    /// target), if a tick has read host memory yet.
+    pub fn last_decision(&self) -> Option<Decision> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The policy's thresholds and amounts (the idle tax, the balloon's cap, ...).
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
     }
 
     /// Sets the host-memory budget the policy watches, from its next tick on.
@@ -214,7 +228,12 @@ impl PolicyThread {
             members.push(Member { vm: p.vm, swapper: p.swapper, limit: p.limit, dirty });
         }
         log::info!("free-memory policy: {} every {:?}", source.describe(), opts.tick);
-        let handle = PolicyHandle { counters: Arc::new(Mutex::new(PolicyStats::default())), budget };
+        let handle = PolicyHandle {
+            counters: Arc::new(Mutex::new(PolicyStats::default())),
+            last: Arc::new(Mutex::new(None)),
+            budget,
+            config: opts.config.clone(),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let mut state = Loop {
             vms: members,
@@ -223,6 +242,7 @@ impl PolicyThread {
             resident,
             paused: HashMap::new(),
             counters: handle.counters.clone(),
+            last: handle.last.clone(),
             tick: opts.tick,
             last_error: None,
         };
@@ -263,6 +283,7 @@ struct Loop {
     /// Pauses held for the low state, by VM name.
     paused: HashMap<String, PauseGuard>,
     counters: Arc<Mutex<PolicyStats>>,
+    last: Arc<Mutex<Option<Decision>>>,
     tick: Duration,
     last_error: Option<String>,
 }
@@ -302,6 +323,7 @@ impl Loop {
             }
         };
         *self.counters.lock().unwrap_or_else(|p| p.into_inner()) = self.policy.stats();
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(decision.clone());
         for p in &live {
             if let Some(plan) = decision.vm(p.vm.name()) {
                 set_balloon(&p.vm, plan);

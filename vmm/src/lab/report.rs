@@ -1,0 +1,299 @@
+//! What a lab run leaves behind once it ends: the plots, the machine description,
+//! the Markdown report with its summary table, and the key results (the final JSON
+//! line of `vmm lab run`).
+//!
+//! Key results are computed from the samples alone, so the same code reads any
+//! scenario: per VM its peak and final allocation, balloon and swap; per state the
+//! time the host spent in it; and, when the number of VMs holding their memory
+//! grows during the run (a staggered start, as `fig4`), page sharing at each count.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::style::RGBColor;
+use policy::FreeState;
+use serde::Serialize;
+
+use super::plot::{Band, Chart, Series};
+use super::record::{Machine, Timed};
+use super::run::Recording;
+use super::scenario::Scenario;
+use super::LabError;
+
+/// A VM's figures over the run, MiB.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VmSummary {
+    /// Configured memory.
+    pub memsz_mib: f64,
+    /// Highest resident.
+    pub peak_resident_mib: f64,
+    /// Resident at the end.
+    pub final_resident_mib: f64,
+    /// Largest balloon.
+    pub max_balloon_mib: f64,
+    /// Most swapped at once.
+    pub max_swapped_mib: f64,
+}
+
+/// Page sharing with `vms` VMs holding their memory.
+#[derive(Clone, Debug, Serialize)]
+pub struct SharingPoint {
+    /// VMs holding their memory.
+    pub vms: usize,
+    /// Their memory, MiB.
+    pub vm_mib: f64,
+    /// Guest memory shared (mapped on pool pages, or dropped as zero), MiB.
+    pub shared_mib: f64,
+    /// Of all their memory, percent.
+    pub shared_pct: f64,
+    /// Host memory saved, MiB.
+    pub saved_mib: f64,
+    /// Of all their memory, percent.
+    pub saved_pct: f64,
+}
+
+fn state_color(s: FreeState) -> Option<RGBColor> {
+    match s {
+        FreeState::High => None,
+        FreeState::Soft => Some(RGBColor(240, 200, 0)),
+        FreeState::Hard => Some(RGBColor(255, 120, 0)),
+        FreeState::Low => Some(RGBColor(220, 0, 0)),
+    }
+}
+
+/// The stretches of time in each state, from the samples.
+fn state_spans(samples: &[Timed]) -> Vec<(f64, f64, FreeState)> {
+    let mut spans: Vec<(f64, f64, FreeState)> = Vec::new();
+    for w in samples.windows(2) {
+        let Some(p) = &w[0].sample.policy else { continue };
+        match spans.last_mut() {
+            Some(last) if last.2 == p.state && last.1 == w[0].t_s => last.1 = w[1].t_s,
+            _ => spans.push((w[0].t_s, w[1].t_s, p.state)),
+        }
+    }
+    spans
+}
+
+/// Per VM summaries, in configuration order.
+fn vm_summaries(samples: &[Timed]) -> BTreeMap<String, VmSummary> {
+    let mut out: BTreeMap<String, VmSummary> = BTreeMap::new();
+    for s in samples {
+        for v in &s.sample.vms {
+            let e = out.entry(v.name.clone()).or_default();
+            e.memsz_mib = v.memsz_mib;
+            e.peak_resident_mib = e.peak_resident_mib.max(v.resident_mib);
+            e.final_resident_mib = v.resident_mib;
+            e.max_balloon_mib = e.max_balloon_mib.max(v.balloon_mib.unwrap_or(0.0));
+            e.max_swapped_mib = e.max_swapped_mib.max(v.swapped_mib.unwrap_or(0.0));
+        }
+    }
+    out
+}
+
+/// Page sharing at each number of VMs holding their memory (a VM holds it once its
+/// guest has allocated 90% of the most it allocates in the run): the last sample at
+/// each count. Empty unless the count changes during the run.
+pub fn sharing_points(samples: &[Timed]) -> Vec<SharingPoint> {
+    let mut most: BTreeMap<&str, f64> = BTreeMap::new();
+    for s in samples {
+        for v in &s.sample.vms {
+            let m = most.entry(v.name.as_str()).or_default();
+            *m = m.max(v.guest_allocated_mib);
+        }
+    }
+    let mut by_count: BTreeMap<usize, SharingPoint> = BTreeMap::new();
+    for s in samples {
+        let Some(t) = &s.sample.sharing else { continue };
+        let holding: Vec<_> = s
+            .sample
+            .vms
+            .iter()
+            .filter(|v| most[v.name.as_str()] > 0.0 && v.guest_allocated_mib >= 0.9 * most[v.name.as_str()])
+            .collect();
+        if holding.is_empty() {
+            continue;
+        }
+        let vm_mib: f64 = holding.iter().map(|v| v.memsz_mib).sum();
+        let shared = t.shared_mib + t.zero_mib;
+        by_count.insert(
+            holding.len(),
+            SharingPoint {
+                vms: holding.len(),
+                vm_mib,
+                shared_mib: shared,
+                shared_pct: 100.0 * shared / vm_mib,
+                saved_mib: t.saved_mib,
+                saved_pct: 100.0 * t.saved_mib / vm_mib,
+            },
+        );
+    }
+    if by_count.len() < 2 {
+        return Vec::new();
+    }
+    by_count.into_values().collect()
+}
+
+fn series(name: &str, samples: &[Timed], f: impl Fn(&Timed) -> Option<f64>) -> Option<Series> {
+    let points: Vec<(f64, f64)> = samples.iter().filter_map(|s| f(s).map(|y| (s.t_s, y))).collect();
+    (!points.is_empty()).then(|| Series { name: name.to_string(), points })
+}
+
+/// Draws every plot of the run into `out`; returns their file names (PNG, SVG).
+fn plots(s: &Scenario, samples: &[Timed], sharing: &[SharingPoint], out: &Path) -> Result<Vec<String>, LabError> {
+    let mut files = Vec::new();
+    let bands: Vec<Band> = state_spans(samples)
+        .into_iter()
+        .filter_map(|(x0, x1, st)| state_color(st).map(|color| Band { x0, x1, color }))
+        .collect();
+    let host = Chart {
+        title: format!("{}: host memory (shaded: soft, hard, low)", s.name),
+        x_label: "time (s)".into(),
+        y_label: "MiB".into(),
+        series: [
+            series("free", samples, |t| t.sample.policy.as_ref().map(|p| p.free_mib)),
+            series("guest memory held", samples, |t| Some(t.sample.guest_mib)),
+            series("shared", samples, |t| t.sample.sharing.as_ref().map(|x| x.shared_mib + x.zero_mib)),
+            series("saved by sharing", samples, |t| t.sample.sharing.as_ref().map(|x| x.saved_mib)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        bands,
+    };
+    host.draw(&out.join("host"))?;
+    files.push("host".to_string());
+    for vm in &s.vms {
+        let one = |f: fn(&crate::sample::VmSample) -> Option<f64>| {
+            let name = vm.name.clone();
+            move |t: &Timed| t.sample.vms.iter().find(|v| v.name == name).and_then(f)
+        };
+        let chart = Chart {
+            title: format!("{}: VM {}", s.name, vm.name),
+            x_label: "time (s)".into(),
+            y_label: "MiB".into(),
+            series: [
+                series("resident (GRANT)", samples, one(|v| Some(v.resident_mib))),
+                series("target (SZTGT)", samples, one(|v| v.target_mib)),
+                series("active (TCHD)", samples, one(|v| v.active_mib)),
+                series("balloon (MCTLSZ)", samples, one(|v| v.balloon_mib)),
+                series("swapped (SWCUR)", samples, one(|v| v.swapped_mib)),
+                series("guest allocated", samples, one(|v| Some(v.guest_allocated_mib))),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            bands: Vec::new(),
+        };
+        let base = format!("vm-{}", vm.name);
+        chart.draw(&out.join(&base))?;
+        files.push(base);
+    }
+    if !sharing.is_empty() {
+        let pts = |f: fn(&SharingPoint) -> f64| sharing.iter().map(|p| (p.vms as f64, f(p))).collect();
+        let chart = Chart {
+            title: format!("{}: page sharing against the number of VMs", s.name),
+            x_label: "VMs".into(),
+            y_label: "% of VM memory".into(),
+            series: vec![
+                Series { name: "shared %".into(), points: pts(|p| p.shared_pct) },
+                Series { name: "reclaimed (saved) %".into(), points: pts(|p| p.saved_pct) },
+            ],
+            bands: Vec::new(),
+        };
+        chart.draw(&out.join("sharing"))?;
+        files.push("sharing".to_string());
+    }
+    Ok(files)
+}
+
+/// Writes the plots, `machine.json` and `report.md`; returns the key results.
+pub fn write(s: &Scenario, quick: bool, r: &Recording, out: &Path) -> Result<serde_json::Value, LabError> {
+    let backend = r.report.vms.first().map_or_else(
+        || "unknown".to_string(),
+        |v| serde_json::to_value(v.backend).ok().and_then(|b| b.as_str().map(String::from)).unwrap_or_default(),
+    );
+    let machine = Machine::describe(&backend);
+    let wr = |name: &str, text: String| {
+        std::fs::write(out.join(name), text).map_err(|e| LabError::Write { path: out.join(name), source: e })
+    };
+    wr("machine.json", serde_json::to_string_pretty(&machine).expect("json"))?;
+    let sharing = sharing_points(&r.samples);
+    let files = plots(s, &r.samples, &sharing, out)?;
+    let vms = vm_summaries(&r.samples);
+    let mut states: BTreeMap<String, f64> = BTreeMap::new();
+    for (x0, x1, st) in state_spans(&r.samples) {
+        *states.entry(st.to_string()).or_default() += x1 - x0;
+    }
+    let min_free_pct = r.samples.iter().filter_map(|t| t.sample.policy.as_ref().map(|p| p.free_pct)).reduce(f64::min);
+    let last_t = r.samples.last().map_or(0.0, |t| t.t_s);
+    let event_errors = r.events.iter().filter(|e| e.2.is_some()).count();
+    let key = serde_json::json!({
+        "lab": s.name,
+        "quick": quick,
+        "interrupted": r.interrupted,
+        "duration_s": last_t,
+        "samples": r.samples.len(),
+        "out": out.display().to_string(),
+        "vms": vms,
+        "state_s": states,
+        "min_free_pct": min_free_pct,
+        "sharing": sharing,
+        "events": r.events.len(),
+        "event_errors": event_errors,
+        "backend": backend,
+    });
+    let mut md = String::new();
+    let _ = writeln!(md, "# Lab run: {}\n\n{}\n", s.name, s.description);
+    let _ = writeln!(
+        md,
+        "{}{:.0} s recorded, {} samples every {:.1} s. Machine: {}, {} cores, kernel {}, KVM backend {}.\n",
+        if r.interrupted { "**Interrupted** (Ctrl-C). " } else { "" },
+        last_t,
+        r.samples.len(),
+        s.sample.as_secs_f64(),
+        machine.cpu,
+        machine.cores,
+        machine.kernel,
+        machine.kvm_backend
+    );
+    let _ = writeln!(md, "| VM | MEMSZ MiB | peak resident | final resident | max balloon | max swapped |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for (name, v) in &vms {
+        let _ = writeln!(
+            md,
+            "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            v.memsz_mib, v.peak_resident_mib, v.final_resident_mib, v.max_balloon_mib, v.max_swapped_mib
+        );
+    }
+    if !states.is_empty() {
+        let _ = writeln!(md, "\nTime in each free-memory state: {}.", {
+            let parts: Vec<String> = states.iter().map(|(k, v)| format!("{k} {v:.0} s")).collect();
+            parts.join(", ")
+        });
+    }
+    if !sharing.is_empty() {
+        let _ = writeln!(md, "\n| VMs | VM memory MiB | shared MiB | shared % | reclaimed MiB | reclaimed % |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        for p in &sharing {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                p.vms, p.vm_mib, p.shared_mib, p.shared_pct, p.saved_mib, p.saved_pct
+            );
+        }
+    }
+    if !r.events.is_empty() {
+        let _ = writeln!(md, "\n| at s | event | error |\n|---|---|---|");
+        for (t, what, err) in &r.events {
+            let _ = writeln!(md, "| {t:.1} | {what} | {} |", err.as_deref().unwrap_or(""));
+        }
+    }
+    let _ = writeln!(md);
+    for f in &files {
+        let _ = writeln!(md, "![{f}]({f}.png)\n");
+    }
+    let _ = writeln!(md, "Data: `samples.csv`, `samples.jsonl`; scenario: `scenario.toml`; machine: `machine.json`.");
+    wr("report.md", md)?;
+    Ok(key)
+}
