@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::host::HostShared;
+use crate::host::shared::HostShared;
 use crate::vm::VmState;
 
 const MIB: f64 = (1u64 << 20) as f64;

@@ -22,7 +22,7 @@ use super::{BalloonTarget, CommandResult, ConsoleLine, Reply, Request, Response,
 use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, TargetMode};
-use crate::host::HostShared;
+use crate::host::shared::HostShared;
 use crate::sample::HostSample;
 use crate::units::parse_size;
 use crate::vm::VmShared;

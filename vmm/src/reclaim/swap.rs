@@ -43,7 +43,7 @@ impl SwapOptions {
 }
 
 /// A VM's swapper, once swapping is on, until the VM ends (kept by the
-/// [`Host`](crate::host::Host)).
+/// `Host`).
 #[derive(Default)]
 pub struct SwapSlot {
     swapper: RwLock<Option<Arc<Swapper>>>,

@@ -29,13 +29,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::metrics::{stat_name, BalloonMetrics, BalloonSnapshot};
 use super::pages::{merge_ranges, resident_pages, BalloonedPages};
 use super::queues::BufferError;
+use super::target::TargetMode;
 use super::{config, features, queues, DEVICE_ID};
 use crate::devices::guest_errors::{GuestErrorKind, GuestErrors};
 use crate::devices::virtio::virtqueue::{Popped, RingError};
@@ -103,19 +103,6 @@ impl Default for BalloonConfig {
             per_page_discard: false,
         }
     }
-}
-
-/// Who moves a balloon's target. A target the user sets belongs to the user until
-/// handed back: the free-memory policy must never undo it 100 ms later.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TargetMode {
-    /// The free-memory policy may move it, when one runs: from boot (the boot
-    /// `size` is where it starts), and again after [`Balloon::release_target`].
-    #[default]
-    Auto,
-    /// Set by the user ([`Balloon::set_target`]): the policy leaves it alone.
-    Pinned,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use super::device::TargetMode;
+use super::target::TargetMode;
 
 /// Monotonic counters of one balloon device.
 #[derive(Default)]

@@ -3,7 +3,8 @@
 //! - [`device`]: the device model (features, config space, queues, target);
 //! - [`queues`]: what each queue's buffers mean, parsed defensively;
 //! - [`pages`]: which guest pages are ballooned, and freeing host memory by ranges;
-//! - [`metrics`]: counters for the control API and summaries.
+//! - [`metrics`]: counters for the control API and summaries;
+//! - [`target`]: who moves the target (the policy or the user).
 //!
 //! Host side of inflation: the PFNs of a batch of buffers are validated, sorted,
 //! merged into ranges, and each range is freed with one `madvise(MADV_DONTNEED)` (the
@@ -14,10 +15,12 @@ pub mod device;
 pub mod metrics;
 pub mod pages;
 pub mod queues;
+pub mod target;
 #[cfg(test)]
 mod tests;
 
-pub use device::{Balloon, BalloonConfig, TargetMode};
+pub use device::{Balloon, BalloonConfig};
+pub use target::TargetMode;
 
 /// virtio device ID of the balloon.
 pub const DEVICE_ID: u32 = 5;

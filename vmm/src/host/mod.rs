@@ -28,6 +28,8 @@
 //!    references are dropped only once nothing runs in it);
 //! 5. the scanner stops, and the VMs' memory is unmapped last.
 
+pub mod shared;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -38,10 +40,12 @@ use swapd::Swapper;
 
 use crate::api::server::Server;
 use crate::config::VmConfig;
-use crate::reclaim::policy::{PolicyHandle, PolicyOptions, PolicyThread, PolicyVm};
+use crate::reclaim::policy::{PolicyOptions, PolicyThread, PolicyVm};
 use crate::reclaim::sharing::PageSharing;
 use crate::reclaim::swap::{self, SwapOptions, SwapSlot};
-use crate::vm::{open_kvm, Vm, VmError, VmReport, VmShared};
+use crate::vm::{open_kvm, Vm, VmError, VmReport};
+
+pub use shared::HostShared;
 
 /// How often the host checks its VMs.
 const TICK: Duration = Duration::from_millis(20);
@@ -115,57 +119,6 @@ pub enum HostError {
     Api(#[from] crate::api::listener::ListenError),
 }
 
-/// What the control API, the demo and the tests see of a host: its VMs and their
-/// reclaimers, fixed when the host is created.
-pub struct HostShared {
-    vms: Vec<Arc<VmShared>>,
-    sharing: Option<PageSharing>,
-    /// The swapper of VM `i`, while it has one.
-    swappers: Vec<SwapSlot>,
-    policy: Option<PolicyHandle>,
-}
-
-impl HostShared {
-    /// The VMs, in configuration order.
-    pub fn vms(&self) -> &[Arc<VmShared>] {
-        &self.vms
-    }
-
-    /// The VM called `name`, with its index.
-    pub fn vm(&self, name: &str) -> Option<(usize, &Arc<VmShared>)> {
-        self.vms.iter().enumerate().find(|(_, v)| v.name() == name)
-    }
-
-    /// Page sharing, if on.
-    pub fn sharing(&self) -> Option<&PageSharing> {
-        self.sharing.as_ref()
-    }
-
-    /// The swapper of VM `index`, if it has one (and has not ended).
-    pub fn swapper(&self, index: usize) -> Option<Arc<Swapper>> {
-        self.swappers.get(index).and_then(SwapSlot::get)
-    }
-
-    /// The free-memory policy, if it runs.
-    pub fn policy(&self) -> Option<&PolicyHandle> {
-        self.policy.as_ref()
-    }
-
-    /// The free-memory policy's counters and state history, if it runs.
-    pub fn policy_stats(&self) -> Option<policy::PolicyStats> {
-        self.policy.as_ref().map(PolicyHandle::stats)
-    }
-
-    /// Host memory holding the guests' RAM now: their private pages plus page
-    /// sharing's pool, or without page sharing their `Pss`.
-    pub fn guest_memory_bytes(&self) -> u64 {
-        match &self.sharing {
-            Some(s) => s.guest_memory_bytes(self.vms.iter().map(|v| &**v.ram())),
-            None => self.vms.iter().map(|v| v.ram().resident_bytes()).sum(),
-        }
-    }
-}
-
 /// VMs and the reclaimers over them, started and torn down together.
 pub struct Host {
     vms: Vec<Vm>,
@@ -211,12 +164,12 @@ impl Host {
             }
             None => None,
         };
-        let shared = Arc::new(HostShared {
-            vms: vms.iter().map(|vm| vm.shared().clone()).collect(),
+        let shared = Arc::new(HostShared::new(
+            vms.iter().map(|vm| vm.shared().clone()).collect(),
             sharing,
             swappers,
-            policy: policy.as_ref().map(PolicyThread::handle),
-        });
+            policy.as_ref().map(PolicyThread::handle),
+        ));
         let api = match &opts.api_socket {
             Some(path) => Some(Server::start(path, shared.clone())?),
             None => None,
@@ -312,7 +265,7 @@ impl Host {
             .map(|(i, vm)| {
                 vm.stop("finished by its host");
                 vm.wait_exited(EXIT_WAIT);
-                let swap = shared.swappers[i].close();
+                let swap = shared.close_swapper(i);
                 let mut report = vm.finish();
                 report.swap = swap;
                 if let Some(s) = shared.sharing() {
