@@ -34,6 +34,10 @@ pub struct VmSummary {
     pub max_balloon_mib: f64,
     /// Most swapped at once.
     pub max_swapped_mib: f64,
+    /// The first sample with something in the balloon, seconds.
+    pub balloon_from_s: Option<f64>,
+    /// The first sample with something swapped, seconds.
+    pub swap_from_s: Option<f64>,
 }
 
 /// Page sharing with `vms` VMs holding their memory.
@@ -62,15 +66,22 @@ fn state_color(s: FreeState) -> Option<RGBColor> {
     }
 }
 
-/// The stretches of time in each state, from the samples.
-fn state_spans(samples: &[Timed]) -> Vec<(f64, f64, FreeState)> {
-    let mut spans: Vec<(f64, f64, FreeState)> = Vec::new();
-    for w in samples.windows(2) {
-        let Some(p) = &w[0].sample.policy else { continue };
-        match spans.last_mut() {
-            Some(last) if last.2 == p.state && last.1 == w[0].t_s => last.1 = w[1].t_s,
-            _ => spans.push((w[0].t_s, w[1].t_s, p.state)),
+/// The stretches of time in each free-memory state, from the policy's history of
+/// state changes (every change at its tick, not only those a sample caught), up to
+/// `end_s`. Empty without a policy.
+fn state_spans(r: &Recording, end_s: f64) -> Vec<(f64, f64, FreeState)> {
+    let Some(policy) = &r.report.policy else { return Vec::new() };
+    let mut spans = Vec::new();
+    let (mut from, mut state) = (0.0, FreeState::High);
+    for c in &policy.history {
+        let at = ((c.unix_ms as f64 - r.start_unix_ms as f64) / 1e3).clamp(0.0, end_s);
+        if at > from {
+            spans.push((from, at, state));
         }
+        (from, state) = (at, c.to);
+    }
+    if end_s > from {
+        spans.push((from, end_s, state));
     }
     spans
 }
@@ -86,6 +97,12 @@ fn vm_summaries(samples: &[Timed]) -> BTreeMap<String, VmSummary> {
             e.final_resident_mib = v.resident_mib;
             e.max_balloon_mib = e.max_balloon_mib.max(v.balloon_mib.unwrap_or(0.0));
             e.max_swapped_mib = e.max_swapped_mib.max(v.swapped_mib.unwrap_or(0.0));
+            if v.balloon_mib.unwrap_or(0.0) >= 0.5 {
+                e.balloon_from_s.get_or_insert(s.t_s);
+            }
+            if v.swapped_mib.unwrap_or(0.0) >= 0.5 {
+                e.swap_from_s.get_or_insert(s.t_s);
+            }
         }
     }
     out
@@ -140,12 +157,16 @@ fn series(name: &str, samples: &[Timed], f: impl Fn(&Timed) -> Option<f64>) -> O
 }
 
 /// Draws every plot of the run into `out`; returns their file names (PNG, SVG).
-fn plots(s: &Scenario, samples: &[Timed], sharing: &[SharingPoint], out: &Path) -> Result<Vec<String>, LabError> {
+fn plots(
+    s: &Scenario,
+    samples: &[Timed],
+    spans: &[(f64, f64, FreeState)],
+    sharing: &[SharingPoint],
+    out: &Path,
+) -> Result<Vec<String>, LabError> {
     let mut files = Vec::new();
-    let bands: Vec<Band> = state_spans(samples)
-        .into_iter()
-        .filter_map(|(x0, x1, st)| state_color(st).map(|color| Band { x0, x1, color }))
-        .collect();
+    let bands: Vec<Band> =
+        spans.iter().copied().filter_map(|(x0, x1, st)| state_color(st).map(|color| Band { x0, x1, color })).collect();
     let host = Chart {
         title: format!("{}: host memory (shaded: soft, hard, low)", s.name),
         x_label: "time (s)".into(),
@@ -218,15 +239,21 @@ pub fn write(s: &Scenario, quick: bool, r: &Recording, out: &Path) -> Result<ser
         std::fs::write(out.join(name), text).map_err(|e| LabError::Write { path: out.join(name), source: e })
     };
     wr("machine.json", serde_json::to_string_pretty(&machine).expect("json"))?;
+    let last_t = r.samples.last().map_or(0.0, |t| t.t_s);
     let sharing = sharing_points(&r.samples);
-    let files = plots(s, &r.samples, &sharing, out)?;
+    let spans = state_spans(r, last_t);
+    let files = plots(s, &r.samples, &spans, &sharing, out)?;
     let vms = vm_summaries(&r.samples);
     let mut states: BTreeMap<String, f64> = BTreeMap::new();
-    for (x0, x1, st) in state_spans(&r.samples) {
+    for (x0, x1, st) in &spans {
         *states.entry(st.to_string()).or_default() += x1 - x0;
     }
+    let changes: Vec<serde_json::Value> = spans
+        .iter()
+        .skip(1)
+        .map(|(t, _, st)| serde_json::json!({"t_s": (t * 100.0).round() / 100.0, "to": st.to_string()}))
+        .collect();
     let min_free_pct = r.samples.iter().filter_map(|t| t.sample.policy.as_ref().map(|p| p.free_pct)).reduce(f64::min);
-    let last_t = r.samples.last().map_or(0.0, |t| t.t_s);
     let event_errors = r.events.iter().filter(|e| e.2.is_some()).count();
     let key = serde_json::json!({
         "lab": s.name,
@@ -238,6 +265,7 @@ pub fn write(s: &Scenario, quick: bool, r: &Recording, out: &Path) -> Result<ser
         "vms": vms,
         "state_s": states,
         "min_free_pct": min_free_pct,
+        "state_changes": changes,
         "sharing": sharing,
         "events": r.events.len(),
         "event_errors": event_errors,
@@ -257,19 +285,37 @@ pub fn write(s: &Scenario, quick: bool, r: &Recording, out: &Path) -> Result<ser
         machine.kernel,
         machine.kvm_backend
     );
-    let _ = writeln!(md, "| VM | MEMSZ MiB | peak resident | final resident | max balloon | max swapped |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| VM | MEMSZ MiB | peak resident | final resident | max balloon | max swapped | balloon from s | swap from s |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    let at = |t: Option<f64>| t.map_or_else(|| "-".to_string(), |t| format!("{t:.1}"));
     for (name, v) in &vms {
         let _ = writeln!(
             md,
-            "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            v.memsz_mib, v.peak_resident_mib, v.final_resident_mib, v.max_balloon_mib, v.max_swapped_mib
+            "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            v.memsz_mib,
+            v.peak_resident_mib,
+            v.final_resident_mib,
+            v.max_balloon_mib,
+            v.max_swapped_mib,
+            at(v.balloon_from_s),
+            at(v.swap_from_s)
         );
     }
     if !states.is_empty() {
         let _ = writeln!(md, "\nTime in each free-memory state: {}.", {
-            let parts: Vec<String> = states.iter().map(|(k, v)| format!("{k} {v:.0} s")).collect();
+            let parts: Vec<String> = states.iter().map(|(k, v)| format!("{k} {v:.1} s")).collect();
             parts.join(", ")
+        });
+        let _ = writeln!(md, "State changes: {}.", {
+            let parts: Vec<String> = spans.iter().skip(1).map(|(t, _, st)| format!("{st} at {t:.1} s")).collect();
+            if parts.is_empty() {
+                "none".to_string()
+            } else {
+                parts.join(", ")
+            }
         });
     }
     if !sharing.is_empty() {

@@ -26,6 +26,9 @@ pub struct Recording {
     pub events: Vec<(f64, String, Option<String>)>,
     /// Stopped by Ctrl-C before the end.
     pub interrupted: bool,
+    /// When sampling started (t = 0), milliseconds since the Unix epoch: where the
+    /// policy's state changes (`report.policy.history`) fall on the timeline.
+    pub start_unix_ms: u64,
     /// The host's report at teardown.
     pub report: HostReport,
 }
@@ -136,6 +139,8 @@ pub fn run(s: &Scenario, out: &Path) -> Result<Recording, LabError> {
     let mut samples = Vec::new();
     let mut next_sample = Duration::ZERO;
     let start = Instant::now();
+    let start_unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let was_interrupted = loop {
         let t = start.elapsed();
         while let Some(e) = pending.next_if(|e| e.at <= t) {
@@ -166,5 +171,5 @@ pub fn run(s: &Scenario, out: &Path) -> Result<Recording, LabError> {
     eprintln!();
     host.stop_all(if was_interrupted { "interrupted" } else { "scenario ended" });
     let report = host.finish();
-    Ok(Recording { samples, events, interrupted: was_interrupted, report })
+    Ok(Recording { samples, events, interrupted: was_interrupted, start_unix_ms, report })
 }

@@ -19,7 +19,8 @@
 //! workload = "alloc 96M unique"
 //! [[event]]
 //! at = "20s"
-//! budget = "384M"               # one action: budget, balloon (+ vm), command (+ vm), tps
+//! budget = "-64M"               # one action: budget (SIZE, -SIZE, +SIZE),
+//!                               # balloon (+ vm), command (+ vm), tps
 //! [quick]                       # --quick: these keys replace the ones above
 //! duration = "30s"
 //! ```
@@ -202,7 +203,8 @@ pub struct Event {
 /// What an event does.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Set the host-memory budget, bytes.
+    /// Set the host-memory budget, bytes (a relative step in the file is made
+    /// absolute when the scenario is read).
     Budget(u64),
     /// Set (and pin) a VM's balloon target, bytes.
     Balloon {
@@ -299,6 +301,7 @@ impl RawScenario {
             if v.count == 0 {
                 return Err(invalid(format!("vm {}: count must be at least 1", v.name)));
             }
+            crate::config::check_workload(&v.workload).map_err(|e| invalid(format!("vm {} workload: {e}", v.name)))?;
             if min > mem {
                 return Err(invalid(format!("vm {}: min {} above its memory", v.name, v.min.as_deref().unwrap())));
             }
@@ -346,6 +349,11 @@ impl RawScenario {
         }
         let mut events = Vec::new();
         let mut last = Duration::ZERO;
+        // The budget in force as the events change it (relative steps read from it).
+        let mut budget = match host_memory {
+            HostMemory::Budget(b) => Some(b),
+            HostMemory::Host => None,
+        };
         for (i, e) in self.events.iter().enumerate() {
             let at = dur(&format!("event {} at", i + 1), &e.at)?;
             let here = |msg: String| invalid(format!("event {} (at {}): {msg}", i + 1, e.at));
@@ -368,11 +376,20 @@ impl RawScenario {
             if actions.iter().filter(|a| **a).count() != 1 {
                 return Err(here("exactly one action: budget, balloon, command or tps".into()));
             }
-            let action = if let Some(b) = &e.budget {
-                let b = size(&format!("event {} budget", i + 1), b)?;
-                if !matches!(host_memory, HostMemory::Budget(_)) || !policy {
+            let action = if let Some(text) = &e.budget {
+                let (Some(now), true) = (budget, policy) else {
                     return Err(here("a budget event needs the policy watching a budget".into()));
+                };
+                let what = format!("event {} budget", i + 1);
+                let b = match (text.strip_prefix('-'), text.strip_prefix('+')) {
+                    (Some(d), _) => now.saturating_sub(size(&what, d)?),
+                    (_, Some(d)) => now.saturating_add(size(&what, d)?),
+                    _ => size(&what, text)?,
+                };
+                if b == 0 {
+                    return Err(here("the budget would be 0".into()));
                 }
+                budget = Some(b);
                 if b < reservations {
                     return Err(here(budget_below(b).to_string()));
                 }
@@ -415,5 +432,135 @@ impl RawScenario {
             vms,
             events,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        name = "t"
+        duration = "60s"
+        [host]
+        tps = "on"
+        [[vm]]
+        name = "a"
+        mem = "128M"
+        workload = "alloc 64M unique"
+        [[vm]]
+        name = "b"
+        mem = "64M"
+        count = 3
+        stagger = "5s"
+        workload = "alloc 8M dup"
+    "#;
+
+    fn parse(extra: &str) -> Result<Scenario, String> {
+        Scenario::parse(&format!("{BASE}\n{extra}"), "t.toml", false).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_scenario_reads_with_its_copies_events_and_defaults() {
+        let s = parse(
+            r#"
+            [[event]]
+            at = "10s"
+            budget = "200M"
+            [[event]]
+            at = "10s"
+            vm = "b2"
+            command = "touch 4M"
+            [[event]]
+            at = "15s"
+            budget = "-8M"
+            [[event]]
+            at = "20s"
+            vm = "a"
+            balloon = "32M"
+            [[event]]
+            at = "30s"
+            tps = "rate=0"
+            "#,
+        )
+        .unwrap();
+        let names: Vec<&str> = s.vms.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["a", "b0", "b1", "b2"]);
+        assert_eq!(s.vms[1].workload, "alloc 8M dup");
+        assert_eq!(s.vms[3].workload, "idle 10000ms; alloc 8M dup");
+        assert_eq!(s.host_memory, HostMemory::Budget(320 << 20), "the VMs' memory by default");
+        assert_eq!(s.sample, Duration::from_secs(1));
+        assert!(s.policy && !s.swap);
+        let actions: Vec<String> = s.events.iter().map(|e| e.action.to_string()).collect();
+        assert_eq!(actions, ["budget 200M", "command b2: touch 4M", "budget 192M", "balloon a 32M", "tps rate=0"]);
+    }
+
+    #[test]
+    fn quick_replaces_what_it_names() {
+        let text = format!("{BASE}\n[quick]\nduration = \"20s\"\n[quick.host]\ntps = \"off\"");
+        let full = Scenario::parse(&text, "t", false).unwrap();
+        let quick = Scenario::parse(&text, "t", true).unwrap();
+        assert_eq!((full.duration, quick.duration), (Duration::from_secs(60), Duration::from_secs(20)));
+        assert_eq!((full.tps.as_deref(), quick.tps), (Some("on"), None));
+        assert_eq!(quick.vms.len(), 4, "what [quick] does not name stays");
+    }
+
+    #[test]
+    fn mistakes_are_one_line_naming_the_place() {
+        let cases = [
+            (
+                "[[event]]\nat = \"5s\"\nvm = \"zz\"\nballoon = \"1M\"",
+                "event 1 (at 5s): no VM named \"zz\" (VMs: a, b0, b1, b2)",
+            ),
+            (
+                "[[event]]\nat = \"20s\"\nbudget = \"300M\"\n[[event]]\nat = \"10s\"\nbudget = \"300M\"",
+                "event 2 (at 10s): out of order",
+            ),
+            ("[[event]]\nat = \"60s\"\nbudget = \"300M\"", "after the end of the scenario"),
+            ("[[event]]\nat = \"1s\"\nbudget = \"300M\"\ntps = \"off\"", "exactly one action"),
+            ("[[event]]\nat = \"1s\"\nballoon = \"1M\"", "needs vm = NAME"),
+            ("[[event]]\nat = \"1s\"\nvm = \"a\"\ncommand = \"alocc 1M\"", "unknown step"),
+            ("[[event]]\nat = \"soon\"\nbudget = \"1M\"", "event 1 at:"),
+            ("[[event]]\nat = \"1s\"\nbudget = \"1M\"\ncolour = 3", "unknown field `colour`"),
+            ("[[vm]]\nname = \"c\"\nmem = \"64M\"\nworkload = \"fill 1M\"", "vm c workload: "),
+        ];
+        for (extra, want) in cases {
+            let e = parse(extra).unwrap_err();
+            assert!(e.contains(want), "{extra:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+            assert!(e.starts_with("scenario "), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_budget_below_the_reservations_is_refused() {
+        let text = r#"
+            duration = "10s"
+            [host]
+            budget = "100M"
+            [[vm]]
+            name = "a"
+            mem = "128M"
+            min = "64M"
+            count = 2
+            workload = "alloc 1M unique"
+        "#;
+        let e = Scenario::parse(text, "r.toml", false).unwrap_err().to_string();
+        assert_eq!(e, "scenario r.toml: budget 100M is below the VMs' reservations (128M in all)");
+        let e = Scenario::parse(&text.replace("100M", "1G"), "r.toml", false).unwrap_err().to_string();
+        assert!(e.contains("not taken by this build's policy yet"), "{e}");
+    }
+
+    #[test]
+    fn every_builtin_scenario_reads_full_and_quick() {
+        for (name, text) in super::super::BUILTIN {
+            for quick in [false, true] {
+                let s = Scenario::parse(text, name, quick).unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert_eq!(s.name, name);
+                for v in &s.vms {
+                    crate::config::check_workload(&v.workload).unwrap();
+                }
+            }
+        }
     }
 }
