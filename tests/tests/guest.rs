@@ -200,3 +200,49 @@ fn pause_and_resume_keep_the_guest_intact() {
     let verifies = vmm::console::steps(&vm.console().lines()).iter().filter(|s| s.op == Op::Verify).count();
     assert_eq!(verifies, 200);
 }
+
+#[test]
+fn working_set_steps_read_work_for_and_zeroing_free() {
+    let run = run_one(guest(
+        "wset",
+        128 * MIB,
+        "alloc 16M unique; read 8M; work 4M 100ms; work 4M 100ms write; verify; \
+         for 150ms { read 2M; idle 20ms }; free 8M zero; verify; read 17M; exit 0",
+    ));
+    let steps = run.steps(0);
+    let read = op(&steps, Op::Read);
+    assert_eq!((read[0].pages, read[0].bad, read[0].result), (Some(2048), Some(0), Outcome::Ok), "{:?}", read[0]);
+    // `for` repeats its body until its time is up: 150 ms of 20 ms idles is about 7.
+    let looped = read.len() - 2;
+    assert!((3..=8).contains(&looped), "{looped} reads in the for loop");
+    assert!(read[1..=looped].iter().all(|r| r.pages == Some(512) && r.bad == Some(0)));
+    let last = read.last().unwrap();
+    assert_eq!((last.result, last.error.as_deref()), (Outcome::Fail, Some("more pages than allocated")));
+    for (work, write) in op(&steps, Op::Work).into_iter().zip([false, true]) {
+        assert_eq!((work.pages, work.result), (Some(1024), Outcome::Ok), "{work:?}");
+        let (ops, rate, us) = (work.ops.unwrap(), work.ops_per_sec.unwrap(), work.us.unwrap());
+        assert!(ops > 0 && us >= 100_000, "{work:?}");
+        let expect = ops * 1_000_000 / us;
+        assert!(rate >= expect && rate <= expect + expect / 50, "the rate is ops over the step's time: {work:?}");
+        assert_eq!(work.bad, (!write).then_some(0), "reads are checked: {work:?}");
+    }
+    // Rewritten pages, then the zeroed and freed ones, still verify.
+    let verify = op(&steps, Op::Verify);
+    assert!(verify.iter().all(|v| v.bad == Some(0)), "{verify:?}");
+    assert_eq!(verify[1].pages, Some(2048));
+    assert_eq!(run.exit_code(0), 1, "the read of more than allocated failed");
+}
+
+#[test]
+fn free_zero_leaves_zeros_behind_and_plain_free_does_not() {
+    use vm_memory_pages::page_hashes;
+    let nonzero = |workload: &str| {
+        let vm = start(guest("zfree", 64 * MIB, workload));
+        wait_serving(&vm);
+        page_hashes(&vm).len()
+    };
+    let kept = nonzero("alloc 8M unique; free 8M");
+    let zeroed = nonzero("alloc 8M unique; free 8M zero");
+    // The 2048 unique pages stay behind after a plain free, and are zero after the other.
+    assert!(kept >= zeroed + 2048, "{kept} non-zero pages after free, {zeroed} after free zero");
+}

@@ -61,7 +61,7 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// Longest line the test guest prints, newline included: each line is one JSON
 /// object, built in a buffer of this size.
-pub const CONSOLE_LINE_MAX: usize = 400;
+pub const CONSOLE_LINE_MAX: usize = 512;
 /// `out` of a 32-bit value ends the VM; the value is the exit code of `vmm run`.
 pub const EXIT_PORT: u16 = 0x501;
 /// The first thing the test guest does: one `out` here, so the VMM can time the

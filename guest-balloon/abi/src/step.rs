@@ -11,6 +11,7 @@
 //! {"vm":0,"step":2,"op":"verify","pages":4096,"bad":0,"us":2437,"result":"ok"}
 //! {"vm":0,"seq":3,"step":7,"op":"alloc","arg":"64M unique","us":0,"result":"fail","error":"out of memory"}
 //! {"vm":0,"step":9,"op":"exit","code":1,"failed_steps":2,"result":"ok"}
+//! {"vm":0,"step":4,"op":"work","arg":"16M 2s","pages":4096,"bad":0,"ops":3100000,"ops_per_sec":1550000,"us":2000001,"result":"ok"}
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -47,15 +48,23 @@ pub struct StepResult<S> {
     /// (`exit` reports [`StepResult::code`] instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arg: Option<S>,
-    /// Pages the step allocated, touched, checked or freed.
+    /// Pages the step allocated, touched, read, checked or freed; `work`: its
+    /// working set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages: Option<u64>,
-    /// `verify`: pages that did not hold what they should.
+    /// `verify`, `read`, `work`: pages that did not hold what they should.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bad: Option<u64>,
-    /// `verify`: the frame number of the first bad page found.
+    /// `verify`, `read`, `work`: the frame number of the first bad page found.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_bad_pfn: Option<u64>,
+    /// `work`: operations done (one page read or rewritten each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<u64>,
+    /// `work`: operations per second over the step's duration: the guest's
+    /// throughput, which reclamation of its working set lowers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops_per_sec: Option<u64>,
     /// Duration in microseconds (TSC); every step but `exit` reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub us: Option<u64>,
@@ -84,6 +93,8 @@ impl<S> StepResult<S> {
             pages: None,
             bad: None,
             first_bad_pfn: None,
+            ops: None,
+            ops_per_sec: None,
             us: None,
             code: None,
             failed_steps: None,
@@ -130,6 +141,13 @@ mod tests {
         let mut exit = StepResult::new(0, None, 9, Op::Exit, Outcome::Ok);
         (exit.code, exit.failed_steps) = (Some(1), Some(2));
         assert_eq!(guest_line(&exit), r#"{"vm":0,"step":9,"op":"exit","code":1,"failed_steps":2,"result":"ok"}"#);
+        let mut work = StepResult::new(0, None, 4, Op::Work, Outcome::Ok);
+        (work.arg, work.pages, work.bad, work.us) = (Some("16M 2s"), Some(4096), Some(0), Some(2000001));
+        (work.ops, work.ops_per_sec) = (Some(3100000), Some(1550000));
+        assert_eq!(
+            guest_line(&work),
+            r#"{"vm":0,"step":4,"op":"work","arg":"16M 2s","pages":4096,"bad":0,"ops":3100000,"ops_per_sec":1550000,"us":2000001,"result":"ok"}"#
+        );
     }
 
     #[test]
@@ -138,6 +156,7 @@ mod tests {
         step.arg = Some("quote \" backslash \\ tab \t newline \n");
         (step.pages, step.bad, step.first_bad_pfn, step.us) = (Some(1), Some(2), Some(3), Some(4));
         (step.code, step.failed_steps, step.error) = (Some(5), Some(6), Some("no room"));
+        (step.ops, step.ops_per_sec) = (Some(7), Some(8));
         let back: StepResult<String> = serde_json::from_str(&guest_line(&step)).unwrap();
         assert_eq!(back.arg.as_deref(), step.arg);
         assert_eq!(back.error.as_deref(), step.error);
@@ -146,7 +165,7 @@ mod tests {
             (step.vm, step.seq, step.step, step.op, step.result)
         );
         assert_eq!((back.pages, back.bad, back.first_bad_pfn, back.us), (Some(1), Some(2), Some(3), Some(4)));
-        assert_eq!((back.code, back.failed_steps), (Some(5), Some(6)));
+        assert_eq!((back.code, back.failed_steps, back.ops, back.ops_per_sec), (Some(5), Some(6), Some(7), Some(8)));
         // And writes it back the same (the control API re-serializes step lines).
         assert_eq!(serde_json::to_string(&back).unwrap(), guest_line(&step));
     }
@@ -167,8 +186,8 @@ mod tests {
 
     #[test]
     fn the_longest_step_line_fits_a_console_line() {
-        let arg = "18014398509481980K shared:18446744073709551615";
-        assert_eq!(arg.len(), crate::workload::ARG_MAX - 2);
+        let arg = "18014398509481980K 18446744073709551615us write";
+        assert_eq!(arg.len(), crate::workload::ARG_MAX - 1);
         // Longer than any error the guest reports (41 bytes at most).
         let error = "e".repeat(64);
         let mut step = StepResult::new(u32::MAX, Some(u32::MAX), u64::MAX, Op::Verify, Outcome::Fail);
@@ -176,6 +195,7 @@ mod tests {
         (step.pages, step.bad, step.first_bad_pfn, step.us) =
             (Some(u64::MAX), Some(u64::MAX), Some(u64::MAX), Some(u64::MAX));
         (step.code, step.failed_steps) = (Some(u32::MAX), Some(u64::MAX));
+        (step.ops, step.ops_per_sec) = (Some(u64::MAX), Some(u64::MAX));
         // Every field at once (no step reports them all), and room for the newline.
         let len = guest_line(&step).len();
         assert!(len < CONSOLE_LINE_MAX, "{len} bytes");

@@ -9,8 +9,9 @@
 //!
 //! ```text
 //! program  := step? (';' step?)*          (a '}' ends a repeat without a ';')
-//! step     := alloc SIZE KIND | touch SIZE | verify | free SIZE
-//!           | idle DURATION | spin N | repeat N '{' program '}' | exit CODE | fault
+//! step     := alloc SIZE KIND | touch SIZE | read SIZE | verify | free SIZE ['zero']
+//!           | work SIZE DURATION ['write'] | idle DURATION | spin N
+//!           | repeat N '{' program '}' | for DURATION '{' program '}' | exit CODE | fault
 //! SIZE     := digits [K|M|G]                bytes, binary units, rounded up to pages, > 0
 //! KIND     := zero | dup | shared:SEED | unique
 //! DURATION := digits [us|ms|s]              a plain number means milliseconds
@@ -28,7 +29,7 @@ use crate::PAGE_SIZE;
 /// Most steps a [`Program`] holds (a `repeat` header counts as one). A full
 /// [`crate::CMDLINE_MAX`] boot workload of the shortest steps fits.
 pub const MAX_STEPS: usize = 1024;
-/// Deepest nesting of `repeat`.
+/// Deepest nesting of `repeat` and `for`.
 pub const MAX_DEPTH: usize = 8;
 
 /// What an `alloc` step writes into each page (see [`crate::content`]).
@@ -60,12 +61,31 @@ pub enum Step {
         /// Page count.
         pages: u64,
     },
+    /// Read (and check) the first `pages` allocated pages without writing them: a
+    /// read-only working set.
+    Read {
+        /// Page count.
+        pages: u64,
+    },
     /// Check every allocated page.
     Verify,
     /// Free the `pages` most recently allocated pages.
     Free {
         /// Page count.
         pages: u64,
+        /// Write zeros into them first (as Windows' zero page thread does).
+        zero: bool,
+    },
+    /// For `us` microseconds, one page at a time, read (and check) or rewrite a
+    /// pseudo-random page among the first `pages` allocated ones; reports the
+    /// operations per second: the guest's throughput over a working set.
+    Work {
+        /// Working set, in pages.
+        pages: u64,
+        /// Duration in microseconds.
+        us: u64,
+        /// Rewrite each page (as `touch`) instead of reading it.
+        write: bool,
     },
     /// Sleep (halt) for `us` microseconds.
     Idle {
@@ -81,6 +101,15 @@ pub enum Step {
     Repeat {
         /// Iterations.
         count: u32,
+        /// Number of steps of the body, which follow this one (nested ones included).
+        body: u32,
+    },
+    /// Run the next `body` steps again and again until `us` microseconds have passed
+    /// since the loop started (checked before each iteration): working sets that
+    /// change at given times.
+    For {
+        /// Duration in microseconds.
+        us: u64,
         /// Number of steps of the body, which follow this one (nested ones included).
         body: u32,
     },
@@ -102,16 +131,22 @@ pub enum Op {
     Alloc,
     /// `touch`.
     Touch,
+    /// `read`.
+    Read,
     /// `verify`.
     Verify,
     /// `free`.
     Free,
+    /// `work`.
+    Work,
     /// `idle`.
     Idle,
     /// `spin`.
     Spin,
     /// `repeat` (never reported: its body's steps are).
     Repeat,
+    /// `for` (never reported: its body's steps are).
+    For,
     /// `exit`.
     Exit,
     /// `fault`.
@@ -124,11 +159,14 @@ impl Op {
         match self {
             Op::Alloc => "alloc",
             Op::Touch => "touch",
+            Op::Read => "read",
             Op::Verify => "verify",
             Op::Free => "free",
+            Op::Work => "work",
             Op::Idle => "idle",
             Op::Spin => "spin",
             Op::Repeat => "repeat",
+            Op::For => "for",
             Op::Exit => "exit",
             Op::Fault => "fault",
         }
@@ -147,17 +185,21 @@ impl Step {
         match self {
             Step::Alloc { .. } => Op::Alloc,
             Step::Touch { .. } => Op::Touch,
+            Step::Read { .. } => Op::Read,
             Step::Verify => Op::Verify,
             Step::Free { .. } => Op::Free,
+            Step::Work { .. } => Op::Work,
             Step::Idle { .. } => Op::Idle,
             Step::Spin { .. } => Op::Spin,
             Step::Repeat { .. } => Op::Repeat,
+            Step::For { .. } => Op::For,
             Step::Exit { .. } => Op::Exit,
             Step::Fault => Op::Fault,
         }
     }
 
-    /// The step's argument in canonical form (`128M unique`, `500us`), if it has one.
+    /// The step's argument in canonical form (`128M unique`, `500us`, `16M 2s write`),
+    /// if it has one.
     pub fn arg(&self) -> Option<Arg> {
         match *self {
             Step::Verify | Step::Fault => None,
@@ -170,9 +212,9 @@ impl Step {
 #[derive(Clone, Copy, Debug)]
 pub struct Arg(Step);
 
-/// Longest argument of a parsed step in canonical form, in bytes: `alloc` of the
-/// largest size in KiB with the largest seed (`18014398509481980K
-/// shared:18446744073709551615`) is 46.
+/// Longest argument of a parsed step in canonical form, in bytes: `work` of the
+/// largest size in KiB for the largest duration, writing (`18014398509481980K
+/// 18446744073709551615us write`), is 47.
 pub const ARG_MAX: usize = 48;
 
 impl Arg {
@@ -217,14 +259,35 @@ impl fmt::Display for Arg {
                     Kind::Unique => f.write_str("unique"),
                 }
             }
-            Step::Touch { pages } | Step::Free { pages } => write!(f, "{}", Size(pages)),
-            Step::Idle { us } if us % 1_000_000 == 0 && us > 0 => write!(f, "{}s", us / 1_000_000),
-            Step::Idle { us } if us % 1000 == 0 => write!(f, "{}ms", us / 1000),
-            Step::Idle { us } => write!(f, "{us}us"),
+            Step::Touch { pages } | Step::Read { pages } | Step::Free { pages, zero: false } => {
+                write!(f, "{}", Size(pages))
+            }
+            Step::Free { pages, zero: true } => write!(f, "{} zero", Size(pages)),
+            Step::Work { pages, us, write } => {
+                write!(f, "{} {}", Size(pages), Duration(us))?;
+                if write {
+                    f.write_str(" write")?;
+                }
+                Ok(())
+            }
+            Step::Idle { us } | Step::For { us, .. } => write!(f, "{}", Duration(us)),
             Step::Spin { iterations } => write!(f, "{iterations}"),
             Step::Repeat { count, .. } => write!(f, "{count}"),
             Step::Exit { code } => write!(f, "{code}"),
             Step::Verify | Step::Fault => Ok(()),
+        }
+    }
+}
+
+/// Microseconds shown in the largest exact unit (`2s`, `100ms`, `7us`; `0ms`).
+struct Duration(u64);
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            us if us % 1_000_000 == 0 && us > 0 => write!(f, "{}s", us / 1_000_000),
+            us if us % 1000 == 0 => write!(f, "{}ms", us / 1000),
+            us => write!(f, "{us}us"),
         }
     }
 }
@@ -294,7 +357,7 @@ fn fmt_block(steps: &[Step], f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("; ")?;
         }
         write!(f, "{}", steps[i])?;
-        if let Step::Repeat { body, .. } = steps[i] {
+        if let Step::Repeat { body, .. } | Step::For { body, .. } = steps[i] {
             let body = &steps[i + 1..i + 1 + body as usize];
             f.write_str(" { ")?;
             fmt_block(body, f)?;
@@ -395,8 +458,8 @@ impl<'a> Parser<'a> {
             match tok {
                 Token::Punct(b';') => {}
                 Token::Punct(b'}') if depth > 0 => return Ok(()),
-                Token::Punct(b'}') => return Err(self.error(at, tok, "'}' without a repeat")),
-                Token::Punct(_) => return Err(self.error(at, tok, "'{' without a repeat")),
+                Token::Punct(b'}') => return Err(self.error(at, tok, "'}' without a repeat or for")),
+                Token::Punct(_) => return Err(self.error(at, tok, "'{' without a repeat or for")),
                 Token::End if depth > 0 => return Err(self.error(at, tok, "missing '}'")),
                 Token::End => return Ok(()),
                 Token::Word(word) => {
@@ -412,7 +475,7 @@ impl<'a> Parser<'a> {
     }
 
     /// Parses the step starting with keyword `word`; returns whether it needs a
-    /// separator before the next step (every step but `repeat`).
+    /// separator before the next step (every step but `repeat` and `for`).
     fn step(&mut self, word: &'a str, at: usize, depth: usize) -> Result<bool, ParseError<'a>> {
         let step = match word {
             "alloc" => {
@@ -420,8 +483,14 @@ impl<'a> Parser<'a> {
                 Step::Alloc { pages, kind: self.kind()? }
             }
             "touch" => Step::Touch { pages: self.size()? },
+            "read" => Step::Read { pages: self.size()? },
             "verify" => Step::Verify,
-            "free" => Step::Free { pages: self.size()? },
+            "free" => Step::Free { pages: self.size()?, zero: self.flag("zero") },
+            "work" => {
+                let pages = self.size()?;
+                let us = self.duration()?;
+                Step::Work { pages, us, write: self.flag("write") }
+            }
             "idle" => Step::Idle { us: self.duration()? },
             "spin" => Step::Spin { iterations: self.number("expected an iteration count")? },
             "exit" => {
@@ -430,9 +499,20 @@ impl<'a> Parser<'a> {
                 Step::Exit { code: code.ok_or(self.error(at, tok, "expected an exit code 0..=255"))? as u8 }
             }
             "fault" => Step::Fault,
-            "repeat" => return self.repeat(at, depth).map(|()| false),
+            "repeat" => {
+                let (tok, count_at) = self.lexer.next();
+                let count =
+                    word_of(tok).and_then(decimal).ok_or(self.error(count_at, tok, "expected a repeat count"))?;
+                let count = u32::try_from(count).map_err(|_| self.error(count_at, tok, "repeat count too large"))?;
+                return self.body(Step::Repeat { count, body: 0 }, at, depth).map(|()| false);
+            }
+            "for" => {
+                let us = self.duration()?;
+                return self.body(Step::For { us, body: 0 }, at, depth).map(|()| false);
+            }
             _ => {
-                let msg = "unknown step (expected alloc, touch, verify, free, idle, spin, repeat, exit or fault)";
+                let msg = "unknown step (expected alloc, touch, read, verify, free, work, idle, spin, repeat, for, \
+                           exit or fault)";
                 return Err(self.error(at, Token::Word(word), msg));
             }
         };
@@ -440,23 +520,40 @@ impl<'a> Parser<'a> {
         Ok(true)
     }
 
-    fn repeat(&mut self, at: usize, depth: usize) -> Result<(), ParseError<'a>> {
-        let (tok, count_at) = self.lexer.next();
-        let count = word_of(tok).and_then(decimal).ok_or(self.error(count_at, tok, "expected a repeat count"))?;
-        let count = u32::try_from(count).map_err(|_| self.error(count_at, tok, "repeat count too large"))?;
+    /// Parses the `{ ... }` body of `header` (a `repeat` or `for` whose argument was
+    /// read) and stores the header with its body's length.
+    fn body(&mut self, header: Step, at: usize, depth: usize) -> Result<(), ParseError<'a>> {
+        let word = header.op().as_str();
         if depth == MAX_DEPTH {
-            return Err(self.error(at, Token::Word("repeat"), "repeat nested too deeply (at most 8 levels)"));
+            return Err(self.error(at, Token::Word(word), "repeat or for nested too deeply (at most 8 levels)"));
         }
         let (tok, brace_at) = self.lexer.next();
         if tok != Token::Punct(b'{') {
-            return Err(self.error(brace_at, tok, "expected '{' after the repeat count"));
+            let msg = match header {
+                Step::For { .. } => "expected '{' after the for duration",
+                _ => "expected '{' after the repeat count",
+            };
+            return Err(self.error(brace_at, tok, msg));
         }
-        let header = self.program.len;
-        self.push(Step::Repeat { count, body: 0 }, at, "repeat")?;
+        let index = self.program.len;
+        self.push(header, at, word)?;
         self.block(depth + 1)?;
-        let body = (self.program.len - header - 1) as u32;
-        self.program.steps[header] = Step::Repeat { count, body };
+        let len = (self.program.len - index - 1) as u32;
+        self.program.steps[index] = match header {
+            Step::For { us, .. } => Step::For { us, body: len },
+            Step::Repeat { count, .. } => Step::Repeat { count, body: len },
+            _ => unreachable!("only repeat and for have a body"),
+        };
         Ok(())
+    }
+
+    /// Consumes the optional modifier `word` after a step's arguments.
+    fn flag(&mut self, word: &str) -> bool {
+        let present = self.lexer.peek().0 == Token::Word(word);
+        if present {
+            self.lexer.next();
+        }
+        present
     }
 
     fn push(&mut self, step: Step, at: usize, word: &'a str) -> Result<(), ParseError<'a>> {
@@ -570,7 +667,7 @@ mod tests {
             [
                 Step::Touch { pages: 2 },
                 Step::Verify,
-                Step::Free { pages: 2 },
+                Step::Free { pages: 2, zero: false },
                 Step::Idle { us: 500 },
                 Step::Idle { us: 100_000 },
                 Step::Idle { us: 2_000_000 },
@@ -580,6 +677,31 @@ mod tests {
                 Step::Fault,
             ]
         );
+    }
+
+    #[test]
+    fn working_set_steps() {
+        assert_eq!(
+            steps("read 64M; free 8K zero; free 4K;work 16M 2s; work 1M 500us write;for 3s{read 4M}"),
+            [
+                Step::Read { pages: 16384 },
+                Step::Free { pages: 2, zero: true },
+                Step::Free { pages: 1, zero: false },
+                Step::Work { pages: 4096, us: 2_000_000, write: false },
+                Step::Work { pages: 256, us: 500, write: true },
+                Step::For { us: 3_000_000, body: 1 },
+                Step::Read { pages: 1024 },
+            ]
+        );
+        assert_eq!(error("read").msg, error("touch").msg);
+        assert_eq!(error("work 16M").token, "");
+        assert_eq!(error("work 16M 2s read").msg, "expected ';' between steps");
+        assert_eq!(error("free 4K zeros").token, "zeros");
+        assert_eq!(error("for { verify }").token, "{");
+        assert_eq!(error("for 2s verify").msg, "expected '{' after the for duration");
+        assert_eq!(error("for 2s { verify").msg, "missing '}'");
+        let too_deep = "for 1s {".repeat(MAX_DEPTH + 1) + "verify" + &"}".repeat(MAX_DEPTH + 1);
+        assert!(error(&too_deep).msg.contains("nested too deeply"));
     }
 
     #[test]
@@ -642,8 +764,8 @@ mod tests {
         assert_eq!(error("repeat 2 verify").msg, "expected '{' after the repeat count");
         assert_eq!(error("repeat 5000000000 { verify }").msg, "repeat count too large");
         assert_eq!(error("repeat 2 { verify").msg, "missing '}'");
-        assert_eq!(error("verify }").msg, "'}' without a repeat");
-        assert_eq!(error("{ verify }").msg, "'{' without a repeat");
+        assert_eq!(error("verify }").msg, "'}' without a repeat or for");
+        assert_eq!(error("{ verify }").msg, "'{' without a repeat or for");
         assert_eq!(error("ALLOC 1M dup").token, "ALLOC", "keywords are lowercase");
     }
 
@@ -661,13 +783,15 @@ mod tests {
     #[test]
     fn canonical_form_round_trips() {
         let text = "alloc 4096K zero;alloc 3 dup; alloc 1536M shared:0x10; touch 1G; free 12K; \
-                    idle 0; idle 1500; idle 3000000us; idle 7us; spin 9; repeat 2 { repeat 1 { verify } fault }; exit 3";
+                    idle 0; idle 1500; idle 3000000us; idle 7us; spin 9; repeat 2 { repeat 1 { verify } fault }; \
+                    read 8192K; free 4K zero; work 2M 1000ms write; work 4K 3us; for 60000ms { read 4K; for 1 {} }; exit 3";
         let p = Program::parse(text).unwrap();
         let canonical = p.to_string();
         assert_eq!(
             canonical,
             "alloc 4M zero; alloc 4K dup; alloc 1536M shared:16; touch 1G; free 12K; idle 0ms; idle 1500ms; \
-             idle 3s; idle 7us; spin 9; repeat 2 { repeat 1 { verify }; fault }; exit 3"
+             idle 3s; idle 7us; spin 9; repeat 2 { repeat 1 { verify }; fault }; read 8M; free 4K zero; \
+             work 2M 1s write; work 4K 3us; for 60s { read 4K; for 1ms {  } }; exit 3"
         );
         assert_eq!(Program::parse(&canonical).unwrap().steps(), p.steps());
         let alloc = p.steps()[2];
@@ -677,10 +801,13 @@ mod tests {
 
     #[test]
     fn the_longest_argument_fits_its_buffer() {
-        let text = "alloc 18446744073709547520 shared:18446744073709551615; idle 18446744073709551615us";
+        let text = "alloc 18446744073709547520 shared:18446744073709551615; idle 18446744073709551615us; \
+                    work 18446744073709547520 18446744073709551615us write";
         let mut buf = [0; ARG_MAX];
         let alloc = steps(text)[0].arg().unwrap();
         assert_eq!(alloc.to_str(&mut buf), "18014398509481980K shared:18446744073709551615");
+        let work = steps(text)[2].arg().unwrap();
+        assert_eq!(work.to_str(&mut buf), "18014398509481980K 18446744073709551615us write");
         let idle = steps(text)[1].arg().unwrap();
         assert_eq!(idle.to_str(&mut buf), "18446744073709551615us");
         // Text that does not fit (no parsed step has any) is cut, never overrun.

@@ -1,4 +1,4 @@
-//! Page work that all vCPUs share: filling, touching and verifying pages.
+//! Page work that all vCPUs share: filling, touching, verifying and zeroing pages.
 //!
 //! A [`Job`] names a window of the allocated set (positions `first..first + count`,
 //! modulo the set's length, so `touch` can wrap around) and what to do with each
@@ -20,8 +20,10 @@ pub enum Op {
     Fill,
     /// Bump its version and write the new content.
     Touch,
-    /// Compare it with the content its record says.
+    /// Compare it with the content its record says (reads only).
     Verify,
+    /// Write zeros (before `free ... zero` returns it).
+    Zero,
 }
 
 /// A page job; see the module documentation.
@@ -70,6 +72,7 @@ impl Job {
                     meta.version = meta.version.wrapping_add(1).max(1);
                     content::fill(page, meta.current_key(self.vm_seed));
                 }
+                Op::Zero => content::fill(page, content::ZERO_KEY),
                 Op::Verify => {
                     if !content::matches(page, meta.current_key(self.vm_seed)) {
                         tally.bad += 1;

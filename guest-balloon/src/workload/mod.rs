@@ -33,6 +33,9 @@ use pages::{PageMeta, PageSet};
 
 /// `spin` iterations between heartbeats (about a millisecond).
 const SPIN_BEAT: u64 = 1 << 20;
+/// `work` operations between heartbeats, device polls and looks at the clock
+/// (about 0.2 ms of resident pages).
+const WORK_BEAT: u64 = 256;
 /// An address no VM maps (PML4 slot 2; the identity map uses slot 0): `fault`
 /// reads it.
 const UNMAPPED: u64 = 2 << 39;
@@ -71,6 +74,8 @@ struct Report {
     pages: Option<u64>,
     bad: Option<u64>,
     first_bad_pfn: Option<u64>,
+    ops: Option<u64>,
+    ops_per_sec: Option<u64>,
     error: Option<&'static str>,
     failed: bool,
 }
@@ -148,6 +153,17 @@ impl Interpreter {
                     }
                     i += body.len();
                 }
+                Step::For { us, body } => {
+                    let body = &steps[i + 1..i + 1 + body as usize];
+                    let deadline = self.machine.clock.deadline(us);
+                    while self.machine.clock.now() < deadline {
+                        self.block(body, seq);
+                        // An empty or step-less body must still beat and poll.
+                        self.machine.control.beat();
+                        self.poll_devices();
+                    }
+                    i += body.len();
+                }
                 step => self.step(step, seq),
             }
             i += 1;
@@ -159,13 +175,15 @@ impl Interpreter {
         let report = match step {
             Step::Alloc { pages, kind } => self.alloc(pages, kind),
             Step::Touch { pages } => self.touch(pages),
+            Step::Read { pages } => self.read(pages),
             Step::Verify => self.verify(),
-            Step::Free { pages } => self.free(pages),
+            Step::Free { pages, zero } => self.free(pages, zero),
+            Step::Work { pages, us, write } => self.work(pages, us, write),
             Step::Idle { us } => self.idle(us),
             Step::Spin { iterations } => self.spin(iterations),
             Step::Exit { code } => self.exit(code, seq),
             Step::Fault => self.fault(),
-            Step::Repeat { .. } => unreachable!("repeat is expanded by block()"),
+            Step::Repeat { .. } | Step::For { .. } => unreachable!("repeat and for are expanded by block()"),
         };
         let us = self.machine.clock.us_since(start);
         self.steps_done += 1;
@@ -178,6 +196,7 @@ impl Interpreter {
         let mut result = self.result(seq, step.op(), outcome);
         result.arg = step.arg().map(|a| a.to_str(&mut arg));
         (result.pages, result.bad, result.first_bad_pfn) = (report.pages, report.bad, report.first_bad_pfn);
+        (result.ops, result.ops_per_sec) = (report.ops, report.ops_per_sec);
         (result.us, result.error) = (Some(us), report.error);
         console::print(&result);
     }
@@ -193,7 +212,12 @@ impl Interpreter {
 
     /// Runs a job over positions `first..first + count` of the allocated set.
     fn job(&self, op: Op, first: u64, count: u64) -> Tally {
-        let job = Job {
+        smp::run(self.job_of(op, first, count), self.machine.cpus)
+    }
+
+    /// The job of `op` over positions `first..first + count` of the allocated set.
+    fn job_of(&self, op: Op, first: u64, count: u64) -> Job {
+        Job {
             op,
             records: self.pages.records(),
             set_len: self.pages.len(),
@@ -201,8 +225,7 @@ impl Interpreter {
             count,
             vm_seed: self.machine.vm_seed,
             control: self.machine.control,
-        };
-        smp::run(job, self.machine.cpus)
+        }
     }
 
     fn alloc(&mut self, pages: u64, kind: Kind) -> Report {
@@ -258,19 +281,77 @@ impl Interpreter {
     fn verify(&mut self) -> Report {
         let len = self.pages.len();
         let tally = if len == 0 { Tally::default() } else { self.job(Op::Verify, 0, len) };
-        let first_bad_pfn = tally.first_bad.map(|pos| {
-            // SAFETY: pos < len, a record of the set.
-            unsafe { (*self.pages.records().add(pos as usize)).pfn as u64 }
-        });
-        Report { pages: Some(len), bad: Some(tally.bad), first_bad_pfn, failed: tally.bad > 0, error: None }
+        self.checked(len, tally)
     }
 
-    fn free(&mut self, pages: u64) -> Report {
+    /// Reads (checks) the first `pages` of the allocated set: the same pages every
+    /// time, so that repeating it keeps a read-only working set of that size.
+    fn read(&mut self, pages: u64) -> Report {
         if pages > self.pages.len() {
             return Report::error("more pages than allocated");
         }
+        let tally = self.job(Op::Verify, 0, pages);
+        self.checked(pages, tally)
+    }
+
+    /// The report of a check of `pages` pages that found `tally`.
+    fn checked(&self, pages: u64, tally: Tally) -> Report {
+        let first_bad_pfn = tally.first_bad.map(|pos| self.pfn_at(pos));
+        Report { pages: Some(pages), bad: Some(tally.bad), first_bad_pfn, failed: tally.bad > 0, ..Report::default() }
+    }
+
+    /// The frame of position `pos` (< `self.pages.len()`) of the allocated set.
+    fn pfn_at(&self, pos: u64) -> u64 {
+        debug_assert!(pos < self.pages.len());
+        // SAFETY: pos < len, a written record of the set.
+        unsafe { (*self.pages.records().add(pos as usize)).pfn as u64 }
+    }
+
+    /// Frees the most recent pages, after writing zeros into them when `zero`.
+    fn free(&mut self, pages: u64, zero: bool) -> Report {
+        let len = self.pages.len();
+        if pages > len {
+            return Report::error("more pages than allocated");
+        }
+        if zero {
+            self.job(Op::Zero, len - pages, pages);
+        }
         self.pages.pop_into(pages, &mut self.frames);
         Report::pages(pages)
+    }
+
+    /// Reads (checks) or rewrites pseudo-random pages among the first `pages` of the
+    /// allocated set, one at a time on the BSP, until `us` have passed; reports the
+    /// rate. One operation is one whole page, so the rate falls with every page the
+    /// host has to bring back (swap) or re-map.
+    fn work(&mut self, pages: u64, us: u64, write: bool) -> Report {
+        if pages > self.pages.len() {
+            return Report::error("more pages than allocated");
+        }
+        let clock = self.machine.clock;
+        let (start, deadline) = (clock.now(), clock.deadline(us));
+        let op = if write { Op::Touch } else { Op::Verify };
+        // xorshift64: any non-zero state; differs per VM and per step.
+        let mut state = (self.machine.vm_seed ^ self.steps_done.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+        let (mut ops, mut tally) = (0u64, Tally::default());
+        while clock.now() < deadline {
+            for _ in 0..WORK_BEAT {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let found = self.job_of(op, state % pages, 1).run(0..1);
+                tally.bad += found.bad;
+                tally.first_bad = tally.first_bad.or(found.first_bad);
+            }
+            ops += WORK_BEAT;
+            self.machine.control.beat();
+            self.poll_devices();
+        }
+        let elapsed_us = clock.us_since(start).max(1) as u128;
+        let mut report = if write { Report::pages(pages) } else { self.checked(pages, tally) };
+        let rate = (ops as u128 * 1_000_000 / elapsed_us).min(u64::MAX as u128) as u64;
+        (report.ops, report.ops_per_sec) = (Some(ops), Some(rate));
+        report
     }
 
     /// Halts until the deadline: each `hlt` sleeps on the host until a wake-up or
