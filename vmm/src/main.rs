@@ -445,6 +445,8 @@ enum VmCtl {
 
 /// Exit status when the VMM had to stop a guest (crash, hang, time limit).
 const EXIT_VMM_STOPPED: u8 = 255;
+/// Exit status of a `vmm lab run` stopped by Ctrl-C (its record is kept).
+const EXIT_INTERRUPTED: u8 = 130;
 /// Exit status for a guest-internal failure code (>= 256: panic, bad boot info...).
 const EXIT_GUEST_FAILURE: u8 = 254;
 
@@ -483,7 +485,12 @@ fn main() -> ExitCode {
             vmm::lab::run(&vmm::lab::LabOptions { scenario, quick, out })
                 .map(|key| {
                     println!("{key}");
-                    u8::from(key["interrupted"] == true)
+                    // Interrupted: the record is kept, the status says it is partial.
+                    if key["interrupted"] == true {
+                        EXIT_INTERRUPTED
+                    } else {
+                        0
+                    }
                 })
                 .map_err(CliError::from)
         }

@@ -105,6 +105,34 @@ pub struct VmSample {
     pub guest_allocated_mib: f64,
     /// The guest's heartbeat: a progress counter of the test guest.
     pub heartbeat: u64,
+    /// The throughput the guest's latest `work` step reported (operations per
+    /// second: pages read or rewritten), and that step's number (a new number is a
+    /// new measurement).
+    pub work: Option<WorkReport>,
+}
+
+/// One `work` step's throughput, as the guest reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkReport {
+    /// The step's number since boot.
+    pub step: u64,
+    /// Operations per second over the step.
+    pub ops_per_sec: f64,
+}
+
+/// Console lines searched for the latest `work` step: a guest prints one line per
+/// step, and a sample looks at what came since the last one or so.
+const WORK_LINES: u64 = 64;
+
+/// The latest `work` step among the last lines of `vm`'s console.
+fn latest_work(vm: &crate::vm::VmShared) -> Option<WorkReport> {
+    let console = vm.console();
+    let lines = console.lines_since(console.line_count().saturating_sub(WORK_LINES));
+    crate::console::steps(&lines)
+        .iter()
+        .rev()
+        .find(|s| s.op == guest_abi::workload::Op::Work)
+        .and_then(|s| Some(WorkReport { step: s.step, ops_per_sec: s.ops_per_sec? as f64 }))
 }
 
 impl HostSample {
@@ -154,6 +182,7 @@ impl HostSample {
                     swap_written_mib: swap.as_ref().map(|s| pages_mib(s.pages_out)),
                     guest_allocated_mib: pages_mib(progress.allocated_pages),
                     heartbeat: progress.heartbeat,
+                    work: latest_work(vm),
                 }
             })
             .collect();

@@ -120,3 +120,36 @@ fn bad_scenarios_are_one_line_errors_before_anything_boots() {
         assert!(list.lines().any(|l| l.starts_with(name)), "{list}");
     }
 }
+
+#[test]
+fn ctrl_c_stops_the_run_and_keeps_its_record() {
+    assert!(Path::new("/dev/kvm").exists(), "this test boots a real guest and needs /dev/kvm");
+    let dir = TempDir::new("lab-int");
+    let out = dir.0.join("smoke");
+    let child = Command::new(VMM)
+        .args(["--log-level", "warn", "lab", "run", "smoke", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Three samples recorded (header + 3 rows), then Ctrl-C.
+    while std::fs::read_to_string(out.join("samples.csv")).map_or(0, |t| t.lines().count()) < 4 {
+        assert!(std::time::Instant::now() < deadline, "no samples recorded");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signals a child process this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let done = child.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(130), "interrupted runs say so in their status");
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["interrupted"], true);
+    let samples = last["samples"].as_u64().unwrap();
+    assert!((3..13).contains(&samples), "{samples} samples");
+    let rows = std::fs::read_to_string(out.join("samples.csv")).unwrap().lines().count() as u64;
+    assert_eq!(rows, samples + 1, "every sample taken is in the CSV");
+    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("**Interrupted**"));
+    png_size(&out.join("vm-a.png"));
+}

@@ -27,7 +27,7 @@ impl Drop for Running {
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
 /// Two VMs of 64 MiB, each holding 16 MiB, under a policy with a 1 GiB budget;
-/// returns once both guests serve commands.
+/// returns once both guests hold their memory and the policy has seen it.
 fn start(name: &str) -> Running {
     assert!(Path::new("/dev/kvm").exists(), "these tests boot real guests and need /dev/kvm");
     let sock = std::env::temp_dir().join(format!("vmm-top-{name}-{}.sock", std::process::id()));
@@ -42,8 +42,9 @@ fn start(name: &str) -> Running {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(s) = vmm::top::fetch(&running.sock) {
-            let serving = s.vms.iter().all(|v| v.heartbeat > 0 && v.guest_allocated_mib >= 16.0);
-            if serving && s.policy.is_some() {
+            let filled = s.vms.iter().all(|v| v.heartbeat > 0 && v.guest_allocated_mib >= 16.0);
+            // The policy's figures are those of its last tick: wait until one saw the fill.
+            if filled && s.policy.is_some_and(|p| p.free_mib <= 1024.0 - 32.0) {
                 break;
             }
         }

@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 pub use scenario::{Scenario, ScenarioError};
 
 /// The built-in scenarios: name, file text.
-pub const BUILTIN: [(&str, &str); 4] = [
+pub const BUILTIN: [(&str, &str); 5] = [
+    ("fig2", include_str!("scenarios/fig2.toml")),
     ("fig4", include_str!("scenarios/fig4.toml")),
     ("states", include_str!("scenarios/states.toml")),
     ("idle-zero", include_str!("scenarios/idle-zero.toml")),

@@ -23,7 +23,7 @@ pub struct Timed {
 }
 
 /// The CSV header: host columns, then the VM's.
-pub const CSV_COLUMNS: [&str; 22] = [
+pub const CSV_COLUMNS: [&str; 24] = [
     "t_s",
     "state",
     "total_mib",
@@ -46,6 +46,8 @@ pub const CSV_COLUMNS: [&str; 22] = [
     "swap_read_mib",
     "swap_written_mib",
     "allocated_mib",
+    "work_step",
+    "ops_per_sec",
 ];
 
 /// The writers of one run's samples.
@@ -95,6 +97,8 @@ impl Recorder {
                 opt(vm.swap_read_mib),
                 opt(vm.swap_written_mib),
                 format!("{:.2}", vm.guest_allocated_mib),
+                vm.work.map_or("-".into(), |w| w.step.to_string()),
+                vm.work.map_or("-".into(), |w| format!("{:.0}", w.ops_per_sec)),
             ];
             self.csv.write_record(&rec)?;
         }

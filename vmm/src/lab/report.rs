@@ -38,6 +38,38 @@ pub struct VmSummary {
     pub balloon_from_s: Option<f64>,
     /// The first sample with something swapped, seconds.
     pub swap_from_s: Option<f64>,
+    /// `work` steps the guest reported during the run.
+    pub work_steps: usize,
+    /// Their median throughput, operations per second.
+    pub median_ops_per_sec: Option<f64>,
+}
+
+/// Points of a line: (x, y).
+type Points = Vec<(f64, f64)>;
+
+/// Each VM's `work` reports: (first seen at, seconds; ops/s), one per step.
+fn work_points(samples: &[Timed]) -> BTreeMap<String, Points> {
+    let mut last_step: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut points: BTreeMap<String, Points> = BTreeMap::new();
+    for s in samples {
+        for v in &s.sample.vms {
+            let Some(w) = v.work else { continue };
+            if last_step.insert(&v.name, w.step) != Some(w.step) {
+                points.entry(v.name.clone()).or_default().push((s.t_s, w.ops_per_sec));
+            }
+        }
+    }
+    points
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 /// Page sharing with `vms` VMs holding their memory.
@@ -103,6 +135,12 @@ fn vm_summaries(samples: &[Timed]) -> BTreeMap<String, VmSummary> {
             if v.swapped_mib.unwrap_or(0.0) >= 0.5 {
                 e.swap_from_s.get_or_insert(s.t_s);
             }
+        }
+    }
+    for (name, points) in work_points(samples) {
+        if let Some(e) = out.get_mut(&name) {
+            e.work_steps = points.len();
+            e.median_ops_per_sec = median(points.into_iter().map(|p| p.1).collect());
         }
     }
     out
@@ -210,6 +248,22 @@ fn plots(
         chart.draw(&out.join(&base))?;
         files.push(base);
     }
+    let work = work_points(samples);
+    if work.values().any(|p| !p.is_empty()) {
+        let chart = Chart {
+            title: format!("{}: guest throughput (work steps)", s.name),
+            x_label: "time (s)".into(),
+            y_label: "operations/s".into(),
+            series: work
+                .into_iter()
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(name, points)| Series { name, points })
+                .collect(),
+            bands: Vec::new(),
+        };
+        chart.draw(&out.join("throughput"))?;
+        files.push("throughput".to_string());
+    }
     if !sharing.is_empty() {
         let pts = |f: fn(&SharingPoint) -> f64| sharing.iter().map(|p| (p.vms as f64, f(p))).collect();
         let chart = Chart {
@@ -287,21 +341,22 @@ pub fn write(s: &Scenario, quick: bool, r: &Recording, out: &Path) -> Result<ser
     );
     let _ = writeln!(
         md,
-        "| VM | MEMSZ MiB | peak resident | final resident | max balloon | max swapped | balloon from s | swap from s |"
+        "| VM | MEMSZ MiB | peak resident | final resident | max balloon | max swapped | balloon from s | swap from s | median ops/s |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
     let at = |t: Option<f64>| t.map_or_else(|| "-".to_string(), |t| format!("{t:.1}"));
     for (name, v) in &vms {
         let _ = writeln!(
             md,
-            "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            "| {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
             v.memsz_mib,
             v.peak_resident_mib,
             v.final_resident_mib,
             v.max_balloon_mib,
             v.max_swapped_mib,
             at(v.balloon_from_s),
-            at(v.swap_from_s)
+            at(v.swap_from_s),
+            v.median_ops_per_sec.map_or_else(|| "-".to_string(), |o| format!("{o:.0}"))
         );
     }
     if !states.is_empty() {
