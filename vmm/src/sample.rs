@@ -28,6 +28,12 @@ fn pages_mib(pages: u64) -> f64 {
     mib(pages * PAGE)
 }
 
+/// A figure as `vmm top` and the lab's CSV print it: two decimals, "-" where the
+/// data does not exist.
+pub fn format_value(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"))
+}
+
 /// A host and its VMs at one moment.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostSample {

@@ -3,26 +3,15 @@
 //! pressing keys; and its batch mode's CSV.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use portable_pty::{native_pty_system, CommandBuilder, PtySize};
 
-/// A `vmm run` child, stopped when dropped.
-struct Running {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
-    }
-}
+mod common;
+use common::Running;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 

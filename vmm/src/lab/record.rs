@@ -9,8 +9,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::sample::format_value;
 use crate::sample::HostSample;
-use crate::top::columns::format_value;
 
 /// One sample and when it was taken.
 #[derive(Clone, Debug, Serialize)]

@@ -106,11 +106,6 @@ impl Column {
     }
 }
 
-/// A value as `vmm top` prints it: MiB with two decimals, "-" where there is none.
-pub fn format_value(v: Option<f64>) -> String {
-    v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"))
-}
-
 /// The header line of a host sample: the state, free memory and the tax (esxtop's
 /// "MEM overcommit" lines), and page sharing's host-wide figures.
 pub fn header(s: &HostSample) -> Vec<String> {

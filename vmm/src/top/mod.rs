@@ -3,7 +3,7 @@
 //!
 //! Every refresh sends one `sample` request ([`HostSample`]) and shows one row per
 //! VM under ESX's column names ([`columns`]); rates (`SWR/s`, `SWW/s`) come from two
-//! consecutive samples. The screen ([`screen`]) is drawn with ratatui on crossterm;
+//! consecutive samples. The screen (`screen.rs`) is drawn with ratatui on crossterm;
 //! the batch mode needs no terminal at all.
 
 pub mod columns;
@@ -139,7 +139,7 @@ fn batch(opts: &TopOptions, out: impl Write) -> Result<(), TopError> {
         };
         for (name, state, values) in f.rows(opts.sort) {
             let mut rec = vec![format!("{:.3}", f.t_s), name, state, mem_state.clone(), free.clone(), tax.clone()];
-            rec.extend(values.into_iter().map(columns::format_value));
+            rec.extend(values.into_iter().map(crate::sample::format_value));
             w.write_record(&rec)?;
         }
         w.flush()?;

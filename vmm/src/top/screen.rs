@@ -11,8 +11,9 @@ use ratatui::text::Line;
 use ratatui::widgets::{Cell, Paragraph, Row, Table};
 use ratatui::Frame as Screen;
 
-use super::columns::{format_value, header};
+use super::columns::header;
 use super::{sample_loop, Column, Frame, TopError, TopOptions};
+use crate::sample::format_value;
 
 /// The keys, as the screen's last line shows them.
 const HELP: &str = "q quit  < > sort column  n by name  + - interval";
