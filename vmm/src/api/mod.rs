@@ -314,7 +314,35 @@ mod tests {
             (Request::PolicyStats, Reply::PolicyStats(PolicyStats::default())),
             (
                 Request::Sample,
-                Reply::Sample(Box::new(HostSample { policy: None, guest_mib: 1.5, sharing: None, vms: vec![] })),
+                Reply::Sample(Box::new(HostSample {
+                    policy: Some(crate::sample::PolicySample {
+                        state: policy::FreeState::Soft,
+                        total_mib: 512.0,
+                        free_mib: 20.5,
+                        free_pct: 4.0,
+                        idle_tax: 0.75,
+                    }),
+                    guest_mib: 1.5,
+                    sharing: None,
+                    vms: vec![crate::sample::VmSample {
+                        name: "vm0".into(),
+                        state: VmState::Paused,
+                        memsz_mib: 128.0,
+                        resident_mib: 64.25,
+                        target_mib: Some(60.0),
+                        active_mib: None,
+                        balloon_mib: Some(4.0),
+                        balloon_target_mib: Some(8.0),
+                        balloon_max_mib: Some(83.2),
+                        swapped_mib: None,
+                        swap_target_mib: None,
+                        swap_read_mib: None,
+                        swap_written_mib: None,
+                        guest_allocated_mib: 64.0,
+                        heartbeat: 9,
+                        work: Some(crate::sample::WorkReport { step: 3, ops_per_sec: 1e5 }),
+                    }],
+                })),
             ),
         ];
         for (req, reply) in &cases {
