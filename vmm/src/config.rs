@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::devices::virtio::balloon::BalloonConfig;
 use crate::memory::{self, HostPages};
 use crate::units::{parse_duration, parse_size, UnitError};
+use policy::{Shares, SharesError};
 
 /// The default boot workload of the built-in test guest: every kind of page, then a
 /// check, a working set rewrite, a release and a final check.
@@ -81,6 +82,11 @@ pub struct VmConfig {
     /// Most guest RAM the VM may keep resident (bytes; ESX "limit"): above it the
     /// free-memory policy reclaims from it whatever the host's state.
     pub limit: Option<u64>,
+    /// Reservation (bytes; ESX "min"): the free-memory policy never reclaims the VM
+    /// below it, and admission control refuses VMs whose reservations do not fit.
+    pub min: u64,
+    /// Shares (ESX): the VM's claim on memory when it is overcommitted.
+    pub shares: Shares,
     /// Kernel command line for the Linux boot protocol (Linux: replaces the
     /// default; test guest as a bzImage: goes before the VMM's parameters).
     pub cmdline: Option<String>,
@@ -102,6 +108,8 @@ impl VmConfig {
             hang_timeout: Duration::from_secs(30),
             balloon: Some(BalloonConfig::default()),
             limit: None,
+            min: 0,
+            shares: Shares::Normal,
             cmdline: None,
             initrd: None,
         }
@@ -126,6 +134,10 @@ impl VmConfig {
         if let Some(balloon) = &self.balloon {
             balloon.validate(self.mem).map_err(|e| ctx(ConfigError::Balloon(e)))?;
         }
+        if self.min > self.mem {
+            return Err(ctx(ConfigError::MinAboveMax { min: self.min, max: self.mem }));
+        }
+        self.shares.validate().map_err(|e| ctx(ConfigError::Shares(e)))?;
         Ok(())
     }
 }
@@ -157,6 +169,17 @@ pub enum ConfigError {
     /// Balloon options the device refuses.
     #[error("{0}")]
     Balloon(String),
+    /// A reservation above the configured memory.
+    #[error("min {} MiB is more than the VM's memory ({} MiB)", min >> 20, max >> 20)]
+    MinAboveMax {
+        /// The reservation, bytes.
+        min: u64,
+        /// The configured memory, bytes.
+        max: u64,
+    },
+    /// Shares of 0 or an unknown level.
+    #[error(transparent)]
+    Shares(#[from] SharesError),
     /// The config file cannot be read.
     #[error("cannot read config {}: {source}", path.display())]
     Read {
@@ -255,6 +278,10 @@ pub struct VmEntry {
     pub hang_timeout: Option<String>,
     /// Resident memory limit, e.g. `"192M"` (needs swapping on).
     pub limit: Option<String>,
+    /// Reservation, e.g. `"64M"` (needs the policy on).
+    pub min: Option<String>,
+    /// Shares: a number (`2000`) or `"low"`, `"normal"`, `"high"`.
+    pub shares: Option<Shares>,
     /// Kernel command line (Linux boot protocol).
     pub cmdline: Option<String>,
     /// Initrd path (relative to the config file).
@@ -274,6 +301,8 @@ impl VmEntry {
             host_pages: self.host_pages.or(defaults.host_pages),
             hang_timeout: self.hang_timeout.or_else(|| defaults.hang_timeout.clone()),
             limit: self.limit.or_else(|| defaults.limit.clone()),
+            min: self.min.or_else(|| defaults.min.clone()),
+            shares: self.shares.or(defaults.shares),
             cmdline: self.cmdline.or_else(|| defaults.cmdline.clone()),
             initrd: self.initrd.or_else(|| defaults.initrd.clone()),
         }
@@ -314,6 +343,12 @@ impl VmEntry {
         }
         if let Some(l) = &self.limit {
             base.limit = Some(parse_size(l)?);
+        }
+        if let Some(m) = &self.min {
+            base.min = parse_size(m)?;
+        }
+        if let Some(s) = self.shares {
+            base.shares = s.validate()?;
         }
         if let Some(c) = &self.cmdline {
             base.cmdline = Some(c.clone());
@@ -371,7 +406,7 @@ mod tests {
         let path = dir.join("vms.toml");
         std::fs::write(
             &path,
-            "[defaults]\nmem = \"128M\"\nworkload = \"exit 3\"\n[[vm]]\nname = \"a\"\nlimit = \"96M\"\n[[vm]]\nmem = \"64M\"\nconsole = \"b.log\"\n",
+            "[defaults]\nmem = \"128M\"\nworkload = \"exit 3\"\nshares = \"high\"\n[[vm]]\nname = \"a\"\nlimit = \"96M\"\nmin = \"32M\"\n[[vm]]\nmem = \"64M\"\nconsole = \"b.log\"\nshares = 300\n",
         )
         .unwrap();
         let vms = load_config_file(&path, &VmConfig::new("x", 256 << 20)).unwrap();
@@ -381,6 +416,21 @@ mod tests {
         assert_eq!(vms[1].workload, "exit 3");
         assert_eq!((vms[0].limit, vms[1].limit), (Some(96 << 20), None));
         assert_eq!(vms[1].console, ConsoleTarget::File(dir.join("b.log")));
+        assert_eq!(
+            (vms[0].min, vms[0].shares, vms[1].min, vms[1].shares),
+            (32 << 20, Shares::High, 0, Shares::Count(300))
+        );
+        for (entry, error) in [
+            ("shares = 0", "shares must be at least 1"),
+            ("shares = \"medium\"", "medium"),
+            ("min = \"200M\"", "min 200 MiB is more than the VM's memory (128 MiB)"),
+        ] {
+            std::fs::write(&path, format!("[[vm]]\nmem = \"128M\"\n{entry}\n")).unwrap();
+            let err = load_config_file(&path, &VmConfig::new("x", 256 << 20))
+                .and_then(|vms| vms[0].validate().map(|()| vms))
+                .unwrap_err();
+            assert!(err.to_string().contains(error), "{entry}: {err}");
+        }
         std::fs::write(&path, "[[vm]]\nmemory = \"1G\"\n").unwrap();
         let err = load_config_file(&path, &VmConfig::new("x", 256 << 20)).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }) && err.to_string().contains("memory"), "{err}");

@@ -276,6 +276,30 @@ struct RunArgs {
     /// reclaimed above it whatever the host's state. Needs the policy on.
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     limit: Option<u64>,
+    /// Reservation of every VM (ESX min; a config file's `min` wins): never
+    /// reclaimed below it; VMs whose reservations do not fit are refused at start.
+    /// Needs the policy on.
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    min: Option<u64>,
+    /// Shares of every VM (a config file's `shares` wins): a number, or low,
+    /// normal (default), high = 5, 10, 20 per MiB of the VM's memory.
+    #[arg(long, value_name = "N|low|normal|high", value_parser = policy::Shares::parse)]
+    shares: Option<policy::Shares>,
+    /// Idle memory tax of the policy, 0 <= TAX < 1 (ESX default 0.75): the largest
+    /// fraction of a VM's idle memory that may be taken from it.
+    #[arg(long, value_name = "TAX", default_value_t = 0.75, value_parser = parse_tax)]
+    idle_tax: f64,
+    /// Recompute the allocation targets this often (ESX: 15 s); also at every
+    /// change of free-memory state.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = units::parse_duration)]
+    realloc_period: std::time::Duration,
+    /// Active memory sampling period, in VM run time (ESX: 30 s); 0 turns sampling
+    /// off (every VM then counts as fully active).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = units::parse_duration)]
+    active_period: std::time::Duration,
+    /// Guest pages watched per sampling period (ESX: 100).
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    active_samples: u32,
     /// Which pages the swapper evicts: random (as ESX) or idle (not written for the
     /// longest time, from KVM's dirty log; logging costs the guest a fault on its
     /// first write to a page in each 100 ms period).
@@ -292,6 +316,11 @@ fn parse_victims(text: &str) -> Result<swapd::VictimPolicy, String> {
         "idle" => Ok(swapd::VictimPolicy::Idle),
         _ => Err(format!("{text:?}: expected random or idle")),
     }
+}
+
+fn parse_tax(text: &str) -> Result<f64, CliError> {
+    let tau: f64 = text.parse().map_err(|_| format!("{text:?}: expected a number"))?;
+    Ok(policy::check_tax(tau)?)
 }
 
 fn parse_console(text: &str) -> Result<ConsoleTarget, String> {
@@ -429,6 +458,19 @@ enum SwapCtl {
 enum PolicyCtl {
     /// The free-memory state, free memory, the history of states, totals asked.
     Stats,
+    /// Change the idle memory tax (0 <= TAX < 1) at run time.
+    Tax {
+        /// The new tax, e.g. 0.5.
+        tax: f64,
+    },
+    /// Change a VM's shares at run time: a number or low, normal, high.
+    Shares {
+        /// The shares.
+        shares: String,
+        /// The VM.
+        #[arg(long)]
+        vm: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -600,6 +642,8 @@ fn ctl(args: CtlArgs) -> Result<u8, CliError> {
         CtlCommand::Swap(SwapCtl::Out { size, vm }) => Request::SwapOut { size, vm },
         CtlCommand::Swap(SwapCtl::Stats { vm }) => Request::SwapStats { vm },
         CtlCommand::Policy(PolicyCtl::Stats) => Request::PolicyStats,
+        CtlCommand::Policy(PolicyCtl::Tax { tax }) => Request::PolicySet { idle_tax: tax },
+        CtlCommand::Policy(PolicyCtl::Shares { shares, vm }) => Request::SharesSet { vm, shares },
         CtlCommand::Command { workload, vm, timeout } => Request::Command { vm, workload, timeout_s: Some(timeout) },
     };
     let resp = vmm::api::client::send(&args.sock, &req)?;
@@ -635,6 +679,8 @@ fn policy_options(
             "--host-mem"
         } else if configs.iter().any(|c| c.limit.is_some()) {
             "a memory limit"
+        } else if configs.iter().any(|c| c.min > 0) {
+            "a reservation (min)"
         } else if idle_victims {
             "--swap-victims idle (the policy feeds the swappers the dirty log)"
         } else {
@@ -644,6 +690,12 @@ fn policy_options(
         return Err(format!("{what} needs the free-memory policy: {how}").into());
     }
     let mut opts = PolicyOptions { feed_dirty_log: idle_victims, ..PolicyOptions::default() };
+    opts.config.idle_tax = args.idle_tax;
+    opts.config.realloc_period_ms = args.realloc_period.as_millis() as u64;
+    opts.active = (!args.active_period.is_zero()).then_some(vmm::reclaim::active::ActiveOptions {
+        period: args.active_period,
+        samples: args.active_samples as usize,
+    });
     if let Some(h) = &args.host_mem {
         opts.host_mem = h.clone();
     }
@@ -662,6 +714,8 @@ fn vm_configs(args: &RunArgs) -> Result<Vec<VmConfig>, CliError> {
     base.host_pages = if args.thp { HostPages::Thp } else { HostPages::Small };
     base.hang_timeout = args.hang_timeout;
     base.limit = args.limit;
+    base.min = args.min.unwrap_or(0);
+    base.shares = args.shares.unwrap_or_default();
     base.balloon = if args.no_balloon { None } else { Some(args.balloon.clone().unwrap_or_default()) };
     let mut configs = match &args.config {
         Some(path) => config::load_config_file(path, &base)?,

@@ -91,8 +91,15 @@ pub struct VmSample {
     pub resident_mib: f64,
     /// Resident memory the policy wants it at, MiB (`SZTGT`).
     pub target_mib: Option<f64>,
-    /// Estimate of the memory the guest actively uses, MiB (`TCHD`).
+    /// Estimate of the memory the guest actively uses, MiB (`TCHD`): the largest
+    /// of the sampler's averages.
     pub active_mib: Option<f64>,
+    /// The sampler's fast average, MiB.
+    pub active_fast_mib: Option<f64>,
+    /// The sampler's slow average, MiB.
+    pub active_slow_mib: Option<f64>,
+    /// The VM's shares, as the policy counts them.
+    pub shares: Option<u64>,
     /// Memory in the balloon, MiB (`MCTLSZ`).
     pub balloon_mib: Option<f64>,
     /// The balloon's target, MiB (`MCTLTGT`).
@@ -111,6 +118,9 @@ pub struct VmSample {
     pub guest_allocated_mib: f64,
     /// The guest's heartbeat: a progress counter of the test guest.
     pub heartbeat: u64,
+    /// The working set of the guest's latest `read` or `work` step, MiB: what the
+    /// guest itself says it uses (the truth an active estimate is held against).
+    pub working_set_mib: Option<f64>,
     /// The throughput the guest's latest `work` step reported (operations per
     /// second: pages read or rewritten), and that step's number (a new number is a
     /// new measurement).
@@ -130,28 +140,32 @@ pub struct WorkReport {
 /// step, and a sample looks at what came since the last one or so.
 const WORK_LINES: u64 = 64;
 
-/// The latest `work` step among the last lines of `vm`'s console.
-fn latest_work(vm: &crate::vm::VmShared) -> Option<WorkReport> {
+/// The latest `work` step among the last lines of `vm`'s console, and the working
+/// set of the latest `read` or `work` step.
+fn latest_steps(vm: &crate::vm::VmShared) -> (Option<WorkReport>, Option<f64>) {
+    use guest_abi::workload::Op;
     let console = vm.console();
     let lines = console.lines_since(console.line_count().saturating_sub(WORK_LINES));
-    crate::console::steps(&lines)
+    let steps = crate::console::steps(&lines);
+    let work = steps
         .iter()
         .rev()
-        .find(|s| s.op == guest_abi::workload::Op::Work)
-        .and_then(|s| Some(WorkReport { step: s.step, ops_per_sec: s.ops_per_sec? as f64 }))
+        .find(|s| s.op == Op::Work)
+        .and_then(|s| Some(WorkReport { step: s.step, ops_per_sec: s.ops_per_sec? as f64 }));
+    let set = steps.iter().rev().find(|s| matches!(s.op, Op::Read | Op::Work)).and_then(|s| s.pages).map(pages_mib);
+    (work, set)
 }
 
 impl HostSample {
     /// Takes a sample of `host` now.
     pub fn take(host: &HostShared) -> HostSample {
         let decision = host.policy().and_then(|p| p.last_decision());
-        let config = host.policy().map(|p| p.config());
         let policy = decision.as_ref().map(|d| PolicySample {
             state: d.state,
             total_mib: mib(d.host.total_bytes),
             free_mib: mib(d.host.free_bytes),
             free_pct: d.free_pct,
-            idle_tax: config.map_or(0.0, |c| c.idle_tax),
+            idle_tax: host.policy().map_or(0.0, |p| p.idle_tax()),
         });
         let sharing = host.sharing().map(|s| {
             let t = s.stats();
@@ -170,25 +184,32 @@ impl HostSample {
                 let balloon = vm.balloon_snapshot();
                 let swap = host.swapper(i).map(|s| s.stats());
                 let plan = decision.as_ref().and_then(|d| d.vm(vm.name()));
+                let alloc = host.policy().and_then(|p| p.allocation(vm.name()));
+                let active = alloc.as_ref().and_then(|a| a.active.as_ref());
                 let progress = vm.progress();
                 let size = vm.ram().size();
+                let (work, working_set_mib) = latest_steps(vm);
                 VmSample {
                     name: vm.name().to_string(),
                     state: vm.state(),
                     memsz_mib: mib(size),
                     resident_mib: mib(vm.ram().resident_bytes()),
                     target_mib: plan.map(|p| pages_mib(p.target_pages)),
-                    active_mib: None,
+                    active_mib: active.and_then(|a| a.active_mib),
+                    active_fast_mib: active.filter(|a| a.estimate.periods > 0).map(|a| a.estimate.fast * mib(size)),
+                    active_slow_mib: active.filter(|a| a.estimate.periods > 0).map(|a| a.estimate.slow * mib(size)),
+                    shares: alloc.as_ref().map(|a| a.shares),
                     balloon_mib: balloon.as_ref().map(|b| pages_mib(b.ballooned_pages)),
                     balloon_target_mib: balloon.as_ref().map(|b| pages_mib(b.target_pages)),
-                    balloon_max_mib: balloon.as_ref().and(config).map(|c| mib(size) * c.balloon_max_fraction),
+                    balloon_max_mib: alloc.as_ref().and_then(|a| a.balloon_max_mib),
                     swapped_mib: swap.as_ref().map(|s| pages_mib(s.slots_used)),
                     swap_target_mib: swap.as_ref().and(plan).map(|p| pages_mib(p.swap_pages)),
                     swap_read_mib: swap.as_ref().map(|s| pages_mib(s.pages_in + s.prefetched)),
                     swap_written_mib: swap.as_ref().map(|s| pages_mib(s.pages_out)),
                     guest_allocated_mib: pages_mib(progress.allocated_pages),
                     heartbeat: progress.heartbeat,
-                    work: latest_work(vm),
+                    working_set_mib,
+                    work,
                 }
             })
             .collect();

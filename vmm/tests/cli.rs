@@ -81,6 +81,17 @@ fn bad_input_gets_one_line_errors() {
         (&["run", "--kernel", "builtin:bzimage", "--initrd", "/nonexistent/initrd"], "cannot read initrd"),
         (&["run", "--kernel", "/nonexistent/kernel"], "cannot read kernel"),
         (&["run", "--config", "/nonexistent.toml"], "cannot read config"),
+        (&["run", "--policy", "on", "--idle-tax", "1"], "idle memory tax 1 is not between 0 (included) and 1"),
+        (&["run", "--policy", "on", "--idle-tax=-0.5"], "idle memory tax -0.5 is not between 0"),
+        (&["run", "--policy", "on", "--idle-tax", "much"], "expected a number"),
+        (&["run", "--policy", "on", "--shares", "0"], "shares must be at least 1"),
+        (&["run", "--policy", "on", "--shares", "medium"], "bad shares \"medium\": a number or low, normal, high"),
+        (&["run", "--policy", "on", "--mem", "128M", "--min", "256M"], "min 256 MiB is more than the VM's memory"),
+        (&["run", "--min", "64M"], "a reservation (min) needs the free-memory policy"),
+        (
+            &["run", "--policy", "on", "--host-mem", "512M", "--vms", "2", "--mem", "256M", "--min", "250M"],
+            "admission refused: the VMs' reservations (500 MiB) do not fit",
+        ),
     ];
     for (args, expect) in cases {
         let out = vmm(args);
@@ -88,6 +99,7 @@ fn bad_input_gets_one_line_errors() {
         assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?}: status {:?}", out.status);
         assert!(err.contains(expect), "{args:?}: {err}");
         assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{args:?}: {err}");
+        assert!(err.trim_end().lines().count() <= 3, "{args:?}: short: {err}");
     }
 }
 

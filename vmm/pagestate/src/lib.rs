@@ -10,6 +10,7 @@
 //! | [`anon`] | anonymous memory shaped like guest RAM, a memfd shaped like the sharing pool (measurements, tests) |
 //! | [`page`] | the page size, copying a guest page out soundly, the zero test |
 //! | [`pause`] | [`RunControl`]: holding every writer of a VM's memory still (vCPUs out of `KVM_RUN`, device threads out), the reclaimers' exclusion, the device gate |
+//! | [`accessed`] | did the guest read or write a page since a point in time: `clear_refs`, dropping KVM's mapping, `/proc/kpageflags` |
 //! | [`pagemap`] | `/proc/self/pagemap`: is a page resident, private, a file page, the zero page |
 //! | [`maps`] | `/proc/self/maps`: which mappings are private anonymous memory, how many VMAs |
 //! | [`residency`] | `mincore` and `smaps`: what is resident, per mapping and for the process |
@@ -30,6 +31,7 @@
 //! - **Every discard and every remap goes through [`RamChanges`]**, which tells the
 //!   other reclaimers in a fixed order.
 
+pub mod accessed;
 pub mod anon;
 pub mod changes;
 pub mod discard;

@@ -43,6 +43,16 @@ pub struct PolicyStats {
     pub swap_pages_asked: u64,
     /// VM pauses asked (one per VM per tick in the low state above its target).
     pub pauses_asked: u64,
+    /// Host free memory at the last tick, MiB.
+    pub free_mib: f64,
+    /// The idle memory tax in force.
+    pub idle_tax: f64,
+    /// Memory the VMs may hold together at the last allocation, MiB.
+    pub vm_memory_mib: f64,
+    /// The VMs' maxima did not fit in it: their targets come from allocation.
+    pub overcommitted: bool,
+    /// Allocation targets computed so far.
+    pub reallocations: u64,
 }
 
 impl PolicyStats {

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::allocation::Claimant;
 use crate::revocation::Client;
 
 /// A VM's balloon device, read at the tick.
@@ -44,15 +45,16 @@ pub struct VmMemInfo {
     pub limit_pages: Option<u64>,
     /// Reservation: never reclaimed below this, pages.
     pub min_pages: u64,
-    /// Shares; 0 means "proportional to configured size".
+    /// Shares (at least 1 is used).
     pub shares: u64,
-    /// Fraction of its pages the VM uses actively (1.0 if unknown).
+    /// Fraction of its configured memory the VM uses actively (the sampler's
+    /// estimate; 1.0 while unknown).
     pub active_fraction: f64,
 }
 
 impl VmMemInfo {
     /// A VM with defaults: an idle balloon, a swapper, no limit, no reservation,
-    /// shares by size, all active.
+    /// normal shares (10 per MiB), all active.
     pub fn new(name: &str, size_pages: u64, resident_pages: u64) -> VmMemInfo {
         VmMemInfo {
             name: name.to_string(),
@@ -62,7 +64,7 @@ impl VmMemInfo {
             swap: true,
             limit_pages: None,
             min_pages: 0,
-            shares: 0,
+            shares: crate::allocation::Shares::Normal.of(size_pages),
             active_fraction: 1.0,
         }
     }
@@ -72,12 +74,30 @@ impl VmMemInfo {
         self.resident_pages.saturating_sub(self.min_pages)
     }
 
-    /// The VM as a client of min-funding revocation, able to give `available`.
+    /// The most it may hold: its configured memory, or its limit if lower (never
+    /// below its reservation).
+    pub fn max_pages(&self) -> u64 {
+        self.limit_pages.map_or(self.size_pages, |l| l.min(self.size_pages)).max(self.min_pages)
+    }
+
+    /// Pages in active use, from the active fraction.
+    pub fn active_pages(&self) -> u64 {
+        (self.active_fraction.clamp(0.0, 1.0) * self.size_pages as f64) as u64
+    }
+
+    /// The VM as a claimant of allocation.
+    pub fn claimant(&self) -> Claimant {
+        Claimant { shares: self.shares, min: self.min_pages, max: self.max_pages(), active: self.active_pages() }
+    }
+
+    /// The VM as a client of min-funding revocation, able to give `available`: its
+    /// active pages are a fraction of what it holds now.
     pub fn client(&self, available: u64) -> Client {
+        let held = self.resident_pages.max(1);
         Client {
-            shares: if self.shares == 0 { self.size_pages } else { self.shares },
+            shares: self.shares,
             pages: self.resident_pages,
-            active_fraction: self.active_fraction,
+            active_fraction: (self.active_pages() as f64 / held as f64).min(1.0),
             available,
         }
     }

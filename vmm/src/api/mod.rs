@@ -7,7 +7,9 @@
 //! `{"cmd": "command", "vm": "vm0", "workload": "verify"}`, `{"cmd": "tps_stats"}`,
 //! `{"cmd": "tps_set", "options": "rate=50M/s,scope=vm"}`,
 //! `{"cmd": "swap_out", "size": "64M", "vm": "vm0"}`, `{"cmd": "swap_stats"}`,
-//! `{"cmd": "policy_stats"}`, `{"cmd": "sample"}` (what `vmm top` shows). Without `"vm"`, a
+//! `{"cmd": "policy_stats"}`, `{"cmd": "policy_set", "idle_tax": 0.5}`,
+//! `{"cmd": "shares_set", "vm": "vm0", "shares": "high"}`, `{"cmd": "sample"}`
+//! (what `vmm top` shows). Without `"vm"`, a
 //! request applies to every VM. Responses: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`, where the result of each request is a typed
 //! [`Reply`]. A malformed request gets an error response; nothing a client sends
@@ -103,6 +105,18 @@ pub enum Request {
     PolicyStats,
     /// One snapshot of the host and every VM ([`HostSample`]): what `vmm top` shows.
     Sample,
+    /// Change the free-memory policy at run time: the idle memory tax (0 <= tau < 1).
+    PolicySet {
+        /// The new tax.
+        idle_tax: f64,
+    },
+    /// Change a VM's shares at run time: a number or `low`, `normal`, `high`.
+    SharesSet {
+        /// VM name (required).
+        vm: String,
+        /// The shares.
+        shares: String,
+    },
 }
 
 /// A response.
@@ -160,6 +174,17 @@ pub enum Reply {
     PolicyStats(PolicyStats),
     /// [`Request::Sample`].
     Sample(Box<HostSample>),
+    /// [`Request::PolicySet`]: the tax now in force.
+    PolicySet(PolicySetResult),
+    /// [`Request::SharesSet`]: the VM's shares now.
+    SharesSet(BTreeMap<String, policy::Shares>),
+}
+
+/// The result of `policy_set`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicySetResult {
+    /// The idle memory tax in force from the next tick.
+    pub idle_tax: f64,
 }
 
 impl Reply {
@@ -179,6 +204,8 @@ impl Reply {
             Request::SwapStats { .. } => Reply::SwapStats(from(result)?),
             Request::PolicyStats => Reply::PolicyStats(from(result)?),
             Request::Sample => Reply::Sample(from(result)?),
+            Request::PolicySet { .. } => Reply::PolicySet(from(result)?),
+            Request::SharesSet { .. } => Reply::SharesSet(from(result)?),
         })
     }
 }
@@ -270,6 +297,13 @@ mod tests {
             guest: GuestProgress { state: 2, steps_done: 5, ..GuestProgress::default() },
             balloon: Some(BalloonSnapshot { target_pages: 8192, ..BalloonSnapshot::default() }),
             swap: None,
+            alloc: Some(crate::reclaim::policy::VmAllocation {
+                shares_setting: "high".into(),
+                shares: 2560,
+                target_mib: 96.5,
+                active: Some(Default::default()),
+                ..Default::default()
+            }),
         };
         let lines = [
             r#"{"vm":0,"seq":1,"step":5,"op":"verify","pages":3072,"bad":0,"us":812,"result":"ok"}"#,
@@ -330,7 +364,10 @@ mod tests {
                         memsz_mib: 128.0,
                         resident_mib: 64.25,
                         target_mib: Some(60.0),
-                        active_mib: None,
+                        active_mib: Some(20.0),
+                        active_fast_mib: Some(20.0),
+                        active_slow_mib: Some(10.0),
+                        shares: Some(1280),
                         balloon_mib: Some(4.0),
                         balloon_target_mib: Some(8.0),
                         balloon_max_mib: Some(83.2),
@@ -340,9 +377,15 @@ mod tests {
                         swap_written_mib: None,
                         guest_allocated_mib: 64.0,
                         heartbeat: 9,
+                        working_set_mib: Some(32.0),
                         work: Some(crate::sample::WorkReport { step: 3, ops_per_sec: 1e5 }),
                     }],
                 })),
+            ),
+            (Request::PolicySet { idle_tax: 0.5 }, Reply::PolicySet(PolicySetResult { idle_tax: 0.5 })),
+            (
+                Request::SharesSet { vm: "vm0".into(), shares: "300".into() },
+                Reply::SharesSet(vm0(policy::Shares::Count(300))),
             ),
         ];
         for (req, reply) in &cases {

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::listener::{self, Limits, Line, LineReader, ListenError};
-use super::{BalloonTarget, CommandResult, ConsoleLine, Reply, Request, Response, SwapStatsResult};
+use super::{BalloonTarget, CommandResult, ConsoleLine, PolicySetResult, Reply, Request, Response, SwapStatsResult};
 use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, TargetMode};
@@ -210,6 +210,8 @@ fn fresh_balloon_stats(v: &VmShared, dev: &Mutex<Balloon>) -> BalloonSnapshot {
     }
 }
 
+const POLICY_OFF: &str = "the free-memory policy is off (start vmm run with --policy on)";
+
 fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
     let vms = host.vms();
     let tps = || host.sharing().ok_or("page sharing is off (start vmm run with --tps on)");
@@ -251,6 +253,7 @@ fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
         Request::VmStats { vm } => per_vm(&select(vms, vm.as_deref())?, |v| {
             let mut stats = v.stats();
             stats.swap = swapper_of(v).map(|sw| sw.stats());
+            stats.alloc = host.policy().and_then(|p| p.allocation(v.name()));
             Ok(stats)
         })
         .map(Reply::VmStats),
@@ -275,9 +278,19 @@ fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
             Ok(Reply::SwapStats(SwapStatsResult { vms }))
         }
         Request::PolicyStats => {
-            let policy = host.policy_stats().ok_or("the free-memory policy is off (start vmm run with --policy on)")?;
+            let policy = host.policy_stats().ok_or(POLICY_OFF)?;
             Ok(Reply::PolicyStats(policy))
         }
         Request::Sample => Ok(Reply::Sample(Box::new(HostSample::take(host)))),
+        Request::PolicySet { idle_tax } => {
+            let tau = host.policy().ok_or(POLICY_OFF)?.set_idle_tax(idle_tax).map_err(|e| e.to_string())?;
+            Ok(Reply::PolicySet(PolicySetResult { idle_tax: tau }))
+        }
+        Request::SharesSet { vm, shares } => {
+            let shares = policy::Shares::parse(&shares).map_err(|e| e.to_string())?;
+            let v = select(vms, Some(&vm))?[0];
+            let set = host.policy().ok_or(POLICY_OFF)?.set_shares(v.name(), shares).map_err(|e| e.to_string())?;
+            Ok(Reply::SharesSet([(v.name().to_string(), set)].into()))
+        }
     }
 }

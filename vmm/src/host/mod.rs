@@ -157,6 +157,8 @@ impl Host {
                         vm: vm.shared().clone(),
                         swapper: slot.get(),
                         limit: vm.config().limit,
+                        min: vm.config().min,
+                        shares: vm.config().shares,
                         slots: vm.memory_slots().clone(),
                     })
                     .collect();
@@ -249,6 +251,8 @@ impl Host {
     /// VMs still running are stopped.
     pub fn finish(self) -> HostReport {
         let Host { vms, shared, policy, api } = self;
+        let allocations: Vec<_> =
+            vms.iter().map(|vm| shared.policy().and_then(|p| p.allocation(vm.shared().name()))).collect();
         let policy = policy.map(|p| {
             let stats = p.stats();
             drop(p);
@@ -261,13 +265,15 @@ impl Host {
         let overhead = pagestate::residency::process_rss().saturating_sub(pss);
         let reports = vms
             .into_iter()
+            .zip(allocations)
             .enumerate()
-            .map(|(i, vm)| {
+            .map(|(i, (vm, alloc))| {
                 vm.stop("finished by its host");
                 vm.wait_exited(EXIT_WAIT);
                 let swap = shared.close_swapper(i);
                 let mut report = vm.finish();
                 report.swap = swap;
+                report.alloc = alloc;
                 if let Some(s) = shared.sharing() {
                     s.vm_ended(i);
                 }

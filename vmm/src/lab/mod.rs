@@ -23,9 +23,11 @@ use std::path::{Path, PathBuf};
 pub use scenario::{Scenario, ScenarioError};
 
 /// The built-in scenarios: name, file text.
-pub const BUILTIN: [(&str, &str); 5] = [
+pub const BUILTIN: [(&str, &str); 7] = [
     ("fig2", include_str!("scenarios/fig2.toml")),
     ("fig4", include_str!("scenarios/fig4.toml")),
+    ("fig6", include_str!("scenarios/fig6.toml")),
+    ("fig7", include_str!("scenarios/fig7.toml")),
     ("states", include_str!("scenarios/states.toml")),
     ("idle-zero", include_str!("scenarios/idle-zero.toml")),
     ("smoke", include_str!("scenarios/smoke.toml")),

@@ -23,7 +23,7 @@ pub struct Timed {
 }
 
 /// The CSV header: host columns, then the VM's.
-pub const CSV_COLUMNS: [&str; 24] = [
+pub const CSV_COLUMNS: [&str; 28] = [
     "t_s",
     "state",
     "total_mib",
@@ -39,6 +39,10 @@ pub const CSV_COLUMNS: [&str; 24] = [
     "resident_mib",
     "target_mib",
     "active_mib",
+    "active_fast_mib",
+    "active_slow_mib",
+    "working_set_mib",
+    "shares",
     "balloon_mib",
     "balloon_target_mib",
     "balloon_max_mib",
@@ -90,6 +94,10 @@ impl Recorder {
                 format!("{:.2}", vm.resident_mib),
                 opt(vm.target_mib),
                 opt(vm.active_mib),
+                opt(vm.active_fast_mib),
+                opt(vm.active_slow_mib),
+                opt(vm.working_set_mib),
+                vm.shares.map_or("-".into(), |s| s.to_string()),
                 opt(vm.balloon_mib),
                 opt(vm.balloon_target_mib),
                 opt(vm.balloon_max_mib),

@@ -234,7 +234,10 @@ fn plots(
             series: [
                 series("resident (GRANT)", samples, one(|v| Some(v.resident_mib))),
                 series("target (SZTGT)", samples, one(|v| v.target_mib)),
-                series("active (TCHD)", samples, one(|v| v.active_mib)),
+                series("active estimate (TCHD)", samples, one(|v| v.active_mib)),
+                series("active, fast average", samples, one(|v| v.active_fast_mib)),
+                series("active, slow average", samples, one(|v| v.active_slow_mib)),
+                series("working set (guest)", samples, one(|v| v.working_set_mib)),
                 series("balloon (MCTLSZ)", samples, one(|v| v.balloon_mib)),
                 series("swapped (SWCUR)", samples, one(|v| v.swapped_mib)),
                 series("guest allocated", samples, one(|v| Some(v.guest_allocated_mib))),

@@ -14,6 +14,7 @@ use super::LabError;
 use crate::config::{ConsoleTarget, VmConfig};
 use crate::devices::virtio::balloon::BalloonConfig;
 use crate::host::{self, Host, HostOptions, HostReport};
+use crate::reclaim::active::ActiveOptions;
 use crate::reclaim::policy::{HostMemChoice, PolicyOptions};
 use crate::reclaim::swap::{SwapOptions, DEFAULT_DIR};
 use crate::sample::HostSample;
@@ -42,6 +43,8 @@ fn vm_configs(s: &Scenario, out: &Path) -> Vec<VmConfig> {
             c.vcpus = v.vcpus;
             c.workload = v.workload.clone();
             c.limit = v.limit;
+            c.min = v.min;
+            c.shares = v.shares;
             c.console = ConsoleTarget::File(out.join(format!("{}.log", v.name)));
             c.hang_timeout = s.duration + Duration::from_secs(60);
             c.balloon = v
@@ -59,12 +62,29 @@ fn host_options(s: &Scenario) -> Result<HostOptions, LabError> {
         .map(|t| crate::reclaim::sharing::parse_options(t, tps::Config::default()))
         .transpose()
         .map_err(|e| LabError::Setup(e.to_string()))?;
-    let policy = s.policy.then(|| PolicyOptions {
-        host_mem: match s.host_memory {
-            HostMemory::Host => HostMemChoice::Host,
-            HostMemory::Budget(b) => HostMemChoice::Budget(b),
-        },
-        ..PolicyOptions::default()
+    let policy = s.policy.then(|| {
+        let mut p = PolicyOptions {
+            host_mem: match s.host_memory {
+                HostMemory::Host => HostMemChoice::Host,
+                HostMemory::Budget(b) => HostMemChoice::Budget(b),
+            },
+            ..PolicyOptions::default()
+        };
+        if let Some(t) = s.idle_tax {
+            p.config.idle_tax = t;
+        }
+        if let Some(r) = s.realloc_period {
+            p.config.realloc_period_ms = r.as_millis() as u64;
+        }
+        let defaults = ActiveOptions::default();
+        p.active = match s.active {
+            (Some(period), _) if period.is_zero() => None,
+            (period, samples) => Some(ActiveOptions {
+                period: period.unwrap_or(defaults.period),
+                samples: samples.map_or(defaults.samples, |n| n as usize),
+            }),
+        };
+        p
     });
     Ok(HostOptions { tps, swap: s.swap.then(|| SwapOptions::new(DEFAULT_DIR)), policy, api_socket: None })
 }
@@ -77,6 +97,10 @@ fn apply(host: &Host, action: &Action, done: &mpsc::Sender<(String, Option<Strin
         Action::Budget(b) => shared.policy().ok_or("no policy")?.set_budget(*b).map_err(|e| e.to_string()),
         Action::Balloon { vm, bytes } => {
             shared.vm(vm).ok_or("no such VM")?.1.set_balloon_target(*bytes).map_err(|e| e.to_string())
+        }
+        Action::Tax(t) => shared.policy().ok_or("no policy")?.set_idle_tax(*t).map(drop).map_err(|e| e.to_string()),
+        Action::Shares { vm, shares } => {
+            shared.policy().ok_or("no policy")?.set_shares(vm, *shares).map(drop).map_err(|e| e.to_string())
         }
         Action::Tps(o) => {
             shared.sharing().ok_or("page sharing off")?.set_options(o).map(drop).map_err(|e| e.to_string())

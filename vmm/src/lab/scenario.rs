@@ -10,6 +10,10 @@
 //! tps = "on,rate=0"             # page sharing, `--tps` syntax ("off": none)
 //! swap = true                   # a host swapper per VM
 //! policy = true                 # the free-memory policy (default on)
+//! idle_tax = 0.75               # the idle memory tax at the start
+//! realloc_period = "1s"         # allocation targets recomputed this often
+//! active_period = "5s"          # the active-memory sampler's period ("0s": off)
+//! active_samples = 100          # pages it watches per period
 //! [[vm]]
 //! name = "a"
 //! mem = "128M"
@@ -20,7 +24,8 @@
 //! [[event]]
 //! at = "20s"
 //! budget = "-64M"               # one action: budget (SIZE, -SIZE, +SIZE),
-//!                               # balloon (+ vm), command (+ vm), tps
+//!                               # balloon (+ vm), command (+ vm), tps, tax,
+//!                               # shares (+ vm)
 //! [quick]                       # --quick: these keys replace the ones above
 //! duration = "30s"
 //! ```
@@ -96,6 +101,10 @@ struct RawHost {
     #[serde(default)]
     swap: bool,
     policy: Option<bool>,
+    idle_tax: Option<f64>,
+    realloc_period: Option<String>,
+    active_period: Option<String>,
+    active_samples: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +119,7 @@ struct RawVm {
     stagger: Option<String>,
     limit: Option<String>,
     min: Option<String>,
+    shares: Option<String>,
     workload: String,
     #[serde(default = "yes")]
     balloon: bool,
@@ -134,6 +144,8 @@ struct RawEvent {
     balloon: Option<String>,
     command: Option<String>,
     tps: Option<String>,
+    tax: Option<f64>,
+    shares: Option<String>,
 }
 
 /// Host memory the policy watches.
@@ -164,6 +176,13 @@ pub struct Scenario {
     pub swap: bool,
     /// The free-memory policy.
     pub policy: bool,
+    /// The idle memory tax at the start (None: the policy's default).
+    pub idle_tax: Option<f64>,
+    /// How often the policy recomputes allocation targets (None: its default).
+    pub realloc_period: Option<Duration>,
+    /// The active-memory sampler: period and pages per period (None: its
+    /// defaults; a period of 0: off).
+    pub active: (Option<Duration>, Option<u32>),
     /// The VMs, copies expanded.
     pub vms: Vec<LabVm>,
     /// The events, in time order.
@@ -183,6 +202,8 @@ pub struct LabVm {
     pub limit: Option<u64>,
     /// Reservation, bytes (what the policy never takes).
     pub min: u64,
+    /// Shares.
+    pub shares: policy::Shares,
     /// Boot workload (with the copy's stagger idle in front).
     pub workload: String,
     /// Whether it has a balloon.
@@ -222,6 +243,15 @@ pub enum Action {
     },
     /// Change page sharing's settings (`--tps` syntax).
     Tps(String),
+    /// Set the idle memory tax.
+    Tax(f64),
+    /// Set a VM's shares.
+    Shares {
+        /// The VM.
+        vm: String,
+        /// Its shares.
+        shares: policy::Shares,
+    },
 }
 
 impl std::fmt::Display for Action {
@@ -231,6 +261,8 @@ impl std::fmt::Display for Action {
             Action::Balloon { vm, bytes } => write!(f, "balloon {vm} {}", crate::units::format_size(*bytes)),
             Action::Command { vm, workload } => write!(f, "command {vm}: {workload}"),
             Action::Tps(o) => write!(f, "tps {o}"),
+            Action::Tax(t) => write!(f, "tax {t}"),
+            Action::Shares { vm, shares } => write!(f, "shares {vm} {shares}"),
         }
     }
 }
@@ -302,6 +334,10 @@ impl RawScenario {
                 return Err(invalid(format!("vm {}: count must be at least 1", v.name)));
             }
             crate::config::check_workload(&v.workload).map_err(|e| invalid(format!("vm {} workload: {e}", v.name)))?;
+            let shares = match &v.shares {
+                Some(t) => policy::Shares::parse(t).map_err(|e| invalid(format!("vm {} shares: {e}", v.name)))?,
+                None => policy::Shares::default(),
+            };
             if min > mem {
                 return Err(invalid(format!("vm {}: min {} above its memory", v.name, v.min.as_deref().unwrap())));
             }
@@ -315,6 +351,7 @@ impl RawScenario {
                     vcpus: v.vcpus,
                     limit,
                     min,
+                    shares,
                     workload,
                     balloon: v.balloon,
                     free_page_reporting: v.free_page_reporting,
@@ -372,9 +409,16 @@ impl RawScenario {
                 }
                 Ok(vm)
             };
-            let actions = [e.budget.is_some(), e.balloon.is_some(), e.command.is_some(), e.tps.is_some()];
+            let actions = [
+                e.budget.is_some(),
+                e.balloon.is_some(),
+                e.command.is_some(),
+                e.tps.is_some(),
+                e.tax.is_some(),
+                e.shares.is_some(),
+            ];
             if actions.iter().filter(|a| **a).count() != 1 {
-                return Err(here("exactly one action: budget, balloon, command or tps".into()));
+                return Err(here("exactly one action: budget, balloon, command, tps, tax or shares".into()));
             }
             let action = if let Some(text) = &e.budget {
                 let (Some(now), true) = (budget, policy) else {
@@ -396,6 +440,16 @@ impl RawScenario {
                 Action::Budget(b)
             } else if let Some(b) = &e.balloon {
                 Action::Balloon { vm: vm()?, bytes: size(&format!("event {} balloon", i + 1), b)? }
+            } else if let Some(t) = e.tax {
+                if !policy {
+                    return Err(here("a tax event needs the policy".into()));
+                }
+                Action::Tax(policy::check_tax(t).map_err(|err| here(err.to_string()))?)
+            } else if let Some(sh) = &e.shares {
+                if !policy {
+                    return Err(here("a shares event needs the policy".into()));
+                }
+                Action::Shares { vm: vm()?, shares: policy::Shares::parse(sh).map_err(|err| here(err.to_string()))? }
             } else if let Some(w) = &e.command {
                 crate::config::check_workload(w).map_err(|err| here(err.to_string()))?;
                 Action::Command { vm: vm()?, workload: w.clone() }
@@ -417,8 +471,13 @@ impl RawScenario {
         if (self.host.swap || vms.iter().any(|v| v.limit.is_some())) && !policy {
             return Err(invalid("swap and limits need the policy (host policy = true)".into()));
         }
-        if reservations > 0 {
-            return Err(invalid("vm min (reservations) is not taken by this build's policy yet".into()));
+        if let Some(t) = self.host.idle_tax {
+            policy::check_tax(t).map_err(|e| invalid(format!("host idle_tax: {e}")))?;
+        }
+        let realloc_period = self.host.realloc_period.as_deref().map(|d| dur("host realloc_period", d)).transpose()?;
+        let active_period = self.host.active_period.as_deref().map(|d| dur("host active_period", d)).transpose()?;
+        if self.host.active_samples == Some(0) {
+            return Err(invalid("host active_samples must be at least 1".into()));
         }
         Ok(Scenario {
             name,
@@ -429,6 +488,9 @@ impl RawScenario {
             tps: self.host.tps.filter(|t| t != "off"),
             swap: self.host.swap,
             policy,
+            idle_tax: self.host.idle_tax,
+            realloc_period,
+            active: (active_period, self.host.active_samples),
             vms,
             events,
         })
@@ -518,6 +580,8 @@ mod tests {
             ),
             ("[[event]]\nat = \"60s\"\nbudget = \"300M\"", "after the end of the scenario"),
             ("[[event]]\nat = \"1s\"\nbudget = \"300M\"\ntps = \"off\"", "exactly one action"),
+            ("[[event]]\nat = \"1s\"\ntax = 1.0", "event 1 (at 1s): "),
+            ("[[event]]\nat = \"1s\"\nvm = \"a\"\nshares = \"lots\"", "bad shares \"lots\""),
             ("[[event]]\nat = \"1s\"\nballoon = \"1M\"", "needs vm = NAME"),
             ("[[event]]\nat = \"1s\"\nvm = \"a\"\ncommand = \"alocc 1M\"", "unknown step"),
             ("[[event]]\nat = \"soon\"\nbudget = \"1M\"", "event 1 at:"),
@@ -547,8 +611,8 @@ mod tests {
         "#;
         let e = Scenario::parse(text, "r.toml", false).unwrap_err().to_string();
         assert_eq!(e, "scenario r.toml: budget 100M is below the VMs' reservations (128M in all)");
-        let e = Scenario::parse(&text.replace("100M", "1G"), "r.toml", false).unwrap_err().to_string();
-        assert!(e.contains("not taken by this build's policy yet"), "{e}");
+        let s = Scenario::parse(&text.replace("100M", "1G"), "r.toml", false).unwrap();
+        assert_eq!(s.reservations(), 128 << 20);
     }
 
     #[test]

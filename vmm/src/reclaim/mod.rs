@@ -7,8 +7,10 @@
 //! - [`sharing`]: one page-sharing scanner over every VM of the process;
 //! - [`swap`]: a `swapd::Swapper` per VM (swap file life, control requests);
 //! - [`policy`]: the free-memory policy thread that drives every VM's balloon and,
-//!   where the VM has one, its swapper.
+//!   where the VM has one, its swapper;
+//! - [`active`]: the active memory sampler that feeds the policy each VM's estimate.
 
+pub mod active;
 pub mod guest;
 pub mod policy;
 pub mod sharing;

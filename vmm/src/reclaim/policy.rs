@@ -21,6 +21,12 @@
 //! one set between this thread's reading and its writing. `vmm ctl balloon auto`
 //! hands it back.
 //!
+//! Each VM's allocation parameters (min, shares, limit) and its active estimate from
+//! the [`ActiveSampler`] (which the thread owns) go into every tick; the tax and a
+//! VM's shares can be changed at run time ([`PolicyHandle`]). After each tick the
+//! thread publishes each VM's [`VmAllocation`] (the control API's `vm_stats`, the
+//! exit summary).
+//!
 //! With idle-aware victims it first feeds each VM's KVM dirty log to its swapper.
 //! A VM above its configured limit is reclaimed whatever the state. Pauses are
 //! nesting [`PauseGuard`]s: the thread releases them when the state improves, when
@@ -37,12 +43,15 @@ use std::time::Duration;
 
 use policy::{
     BalloonInfo, Budget, Cgroup, Decision, HostMemError, HostMemSource, MemInfo, Policy, PolicyConfig, PolicyStats,
-    VmMemInfo, VmPlan,
+    Shares, TaxError, VmMemInfo, VmPlan,
 };
+use serde::{Deserialize, Serialize};
 use swapd::{SwapError, Swapper};
 
 use pagestate::PauseGuard;
 
+use super::active::{ActiveOptions, ActiveSampler, ActiveStats};
+use super::guest::ReclaimView;
 use super::swap::DirtyLog;
 use crate::devices::virtio::balloon::TargetMode;
 use crate::memory::slots::MemorySlots;
@@ -100,6 +109,8 @@ pub struct PolicyOptions {
     /// Read each swapping VM's KVM dirty log every tick and give it to its swapper
     /// (for idle-aware victims, `--swap-victims idle`).
     pub feed_dirty_log: bool,
+    /// The active memory sampler (None: every VM counts as fully active).
+    pub active: Option<ActiveOptions>,
 }
 
 impl Default for PolicyOptions {
@@ -109,6 +120,7 @@ impl Default for PolicyOptions {
             tick: Duration::from_millis(100),
             config: PolicyConfig::default(),
             feed_dirty_log: false,
+            active: Some(ActiveOptions::default()),
         }
     }
 }
@@ -131,6 +143,53 @@ pub enum PolicyError {
     /// The thread could not be created.
     #[error("cannot start the policy thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// A tax out of range.
+    #[error(transparent)]
+    Tax(#[from] TaxError),
+    /// No VM of that name.
+    #[error("no vm {0:?}")]
+    NoVm(String),
+    /// The reservations do not fit.
+    #[error(
+        "admission refused: the VMs' reservations ({min_mib} MiB) do not fit in the {room_mib} MiB the policy \
+         can give VMs (free memory less the high-state reserve)"
+    )]
+    Admission {
+        /// The sum of the reservations.
+        min_mib: u64,
+        /// What there is.
+        room_mib: u64,
+    },
+}
+
+/// One VM's allocation as the policy sees it at its last tick (the control API's
+/// `vm_stats` and the exit summary, field `alloc`). Sizes in MiB.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmAllocation {
+    /// Shares as configured (`low`, `normal`, `high` or a number).
+    pub shares_setting: String,
+    /// Shares in numbers.
+    pub shares: u64,
+    /// Reservation.
+    pub min_mib: f64,
+    /// Configured memory.
+    pub max_mib: f64,
+    /// Limit, if any.
+    pub limit_mib: Option<f64>,
+    /// The allocation target (max when memory is plentiful).
+    pub target_mib: f64,
+    /// Resident guest memory at the tick.
+    pub resident_mib: f64,
+    /// Balloon target the plan set, and the balloon's size and largest target.
+    pub balloon_target_mib: Option<f64>,
+    /// See `balloon_target_mib`.
+    pub balloon_mib: Option<f64>,
+    /// See `balloon_target_mib`.
+    pub balloon_max_mib: Option<f64>,
+    /// The active fraction the policy used (1.0 while the estimate is unknown).
+    pub active_fraction: f64,
+    /// The sampler's estimate and costs (None with sampling off).
+    pub active: Option<ActiveStats>,
 }
 
 /// One VM under the policy.
@@ -141,6 +200,10 @@ pub struct PolicyVm {
     pub swapper: Option<Arc<Swapper>>,
     /// Its configured limit in bytes.
     pub limit: Option<u64>,
+    /// Its reservation in bytes.
+    pub min: u64,
+    /// Its shares.
+    pub shares: Shares,
     /// Its memory slots (whose dirty log feeds idle-aware victim choice).
     pub slots: Arc<MemorySlots>,
 }
@@ -150,8 +213,17 @@ struct Member {
     vm: Arc<VmShared>,
     swapper: Option<Arc<Swapper>>,
     limit: Option<u64>,
+    min: u64,
     /// Its dirty log, fed to its swapper every tick (idle-aware victims).
     dirty: Option<DirtyLog>,
+    /// Its figures from the sampler.
+    active: Option<Arc<Mutex<ActiveStats>>>,
+}
+
+/// What may change at run time: the tax and each VM's shares (by VM name).
+struct Settings {
+    idle_tax: f64,
+    shares: HashMap<String, Shares>,
 }
 
 /// What others may see and change of the running policy (the control API, the
@@ -162,10 +234,33 @@ pub struct PolicyHandle {
     /// The decision of the last tick that read host memory.
     last: Arc<Mutex<Option<Decision>>>,
     budget: Option<Arc<AtomicU64>>,
-    config: PolicyConfig,
+    settings: Arc<Mutex<Settings>>,
+    allocations: Arc<Mutex<HashMap<String, VmAllocation>>>,
 }
 
 impl PolicyHandle {
+    /// Changes the idle memory tax from the next tick on (targets are recomputed).
+    pub fn set_idle_tax(&self, tau: f64) -> Result<f64, PolicyError> {
+        let tau = policy::check_tax(tau)?;
+        self.settings.lock().unwrap_or_else(|p| p.into_inner()).idle_tax = tau;
+        log::info!("free-memory policy: idle memory tax set to {tau}");
+        Ok(tau)
+    }
+
+    /// Changes the shares of VM `vm` from the next tick on.
+    pub fn set_shares(&self, vm: &str, shares: Shares) -> Result<Shares, PolicyError> {
+        let mut s = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = s.shares.get_mut(vm).ok_or_else(|| PolicyError::NoVm(vm.to_string()))?;
+        *slot = shares;
+        log::info!("free-memory policy: {vm}: shares set to {shares}");
+        Ok(shares)
+    }
+
+    /// VM `vm`'s allocation at the last tick.
+    pub fn allocation(&self, vm: &str) -> Option<VmAllocation> {
+        self.allocations.lock().unwrap_or_else(|p| p.into_inner()).get(vm).cloned()
+    }
+
     /// The counters and state history as of the last tick.
     pub fn stats(&self) -> PolicyStats {
         self.counters.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -177,9 +272,9 @@ impl PolicyHandle {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The policy's thresholds and amounts (the idle tax, the balloon's cap, ...).
-    pub fn config(&self) -> &PolicyConfig {
-        &self.config
+    /// The idle memory tax in force.
+    pub fn idle_tax(&self) -> f64 {
+        self.settings.lock().unwrap_or_else(|p| p.into_inner()).idle_tax
     }
 
     /// Sets the host-memory budget the policy watches, from its next tick on.
@@ -203,11 +298,14 @@ pub struct PolicyThread {
 }
 
 impl PolicyThread {
-    /// Starts the thread over `vms`.
+    /// Starts the thread over `vms`, after admission control: the VMs'
+    /// reservations must fit in what the policy can give VMs (free memory less the
+    /// high-state reserve, as the source says now).
     pub fn start(vms: Vec<PolicyVm>, opts: &PolicyOptions) -> Result<PolicyThread, PolicyError> {
+        policy::check_tax(opts.config.idle_tax)?;
         let resident = Arc::new(AtomicU64::new(0));
         let mut budget = None;
-        let source: Box<dyn HostMemSource> = match opts.host_mem {
+        let mut source: Box<dyn HostMemSource> = match opts.host_mem {
             HostMemChoice::Host => Box::new(MemInfo::new()),
             HostMemChoice::Cgroup => Box::new(Cgroup::current().map_err(PolicyError::Cgroup)?),
             HostMemChoice::Budget(bytes) => {
@@ -217,22 +315,36 @@ impl PolicyThread {
                 Box::new(source)
             }
         };
+        admit(&vms, source.as_mut(), &opts.config)?;
+        let sampler = match opts.active {
+            Some(a) => {
+                let views = vms.iter().map(|p| ReclaimView::of(&p.vm) as Arc<dyn pagestate::GuestVm>).collect();
+                Some(ActiveSampler::start(views, a).map_err(PolicyError::Spawn)?)
+            }
+            None => None,
+        };
+        let settings = Settings {
+            idle_tax: opts.config.idle_tax,
+            shares: vms.iter().map(|p| (p.vm.name().to_string(), p.shares)).collect(),
+        };
         let mut members = Vec::with_capacity(vms.len());
-        for p in vms {
+        for (i, p) in vms.into_iter().enumerate() {
             let dirty = match (&p.swapper, opts.feed_dirty_log) {
                 (Some(_), true) => {
                     Some(DirtyLog::enable(p.slots).map_err(|e| PolicyError::DirtyLog(p.vm.name().to_string(), e))?)
                 }
                 _ => None,
             };
-            members.push(Member { vm: p.vm, swapper: p.swapper, limit: p.limit, dirty });
+            let active = sampler.as_ref().and_then(|s| s.stats(i));
+            members.push(Member { vm: p.vm, swapper: p.swapper, limit: p.limit, min: p.min, dirty, active });
         }
         log::info!("free-memory policy: {} every {:?}", source.describe(), opts.tick);
         let handle = PolicyHandle {
             counters: Arc::new(Mutex::new(PolicyStats::default())),
             last: Arc::new(Mutex::new(None)),
             budget,
-            config: opts.config.clone(),
+            settings: Arc::new(Mutex::new(settings)),
+            allocations: Arc::new(Mutex::new(HashMap::new())),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let mut state = Loop {
@@ -243,6 +355,9 @@ impl PolicyThread {
             paused: HashMap::new(),
             counters: handle.counters.clone(),
             last: handle.last.clone(),
+            settings: handle.settings.clone(),
+            allocations: handle.allocations.clone(),
+            _sampler: sampler,
             tick: opts.tick,
             last_error: None,
         };
@@ -284,6 +399,10 @@ struct Loop {
     paused: HashMap<String, PauseGuard>,
     counters: Arc<Mutex<PolicyStats>>,
     last: Arc<Mutex<Option<Decision>>>,
+    settings: Arc<Mutex<Settings>>,
+    allocations: Arc<Mutex<HashMap<String, VmAllocation>>>,
+    /// Held, not read: dropping it (with the thread's state) stops the sampling.
+    _sampler: Option<ActiveSampler>,
     tick: Duration,
     last_error: Option<String>,
 }
@@ -309,7 +428,12 @@ impl Loop {
                 }
             }
         }
-        let infos: Vec<VmMemInfo> = live.iter().map(|p| mem_info(p)).collect();
+        let settings = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        if settings.idle_tax != self.policy.config().idle_tax {
+            self.policy.set_idle_tax(settings.idle_tax);
+        }
+        let infos: Vec<VmMemInfo> = live.iter().map(|p| mem_info(p, settings.shares.get(p.vm.name()))).collect();
+        drop(settings);
         self.resident.store(infos.iter().map(|v| v.resident_pages * PAGE).sum(), Ordering::Relaxed);
         let decision = match self.policy.tick_with(self.source.as_mut(), &infos) {
             Ok(d) => d,
@@ -324,6 +448,15 @@ impl Loop {
         };
         *self.counters.lock().unwrap_or_else(|p| p.into_inner()) = self.policy.stats();
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(decision.clone());
+        let settings = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut allocations = self.allocations.lock().unwrap_or_else(|p| p.into_inner());
+        for (p, info) in live.iter().zip(&infos) {
+            if let Some(plan) = decision.vm(p.vm.name()) {
+                let shares = settings.shares.get(p.vm.name()).copied().unwrap_or_default();
+                allocations.insert(p.vm.name().to_string(), allocation(p, info, plan, shares, &self.policy));
+            }
+        }
+        drop((settings, allocations));
         for p in &live {
             if let Some(plan) = decision.vm(p.vm.name()) {
                 set_balloon(&p.vm, plan);
@@ -374,9 +507,49 @@ fn evict(p: &Member, plan: &VmPlan, d: &Decision) -> bool {
     plan.pause && sw.stats().eviction_stopped.is_none()
 }
 
+/// Admission control: the reservations must fit in what the policy can give VMs.
+fn admit(vms: &[PolicyVm], source: &mut dyn HostMemSource, cfg: &PolicyConfig) -> Result<(), PolicyError> {
+    let min: u64 = vms.iter().map(|p| p.min).sum();
+    if min == 0 {
+        return Ok(());
+    }
+    let host = match source.sample() {
+        Ok(h) => h,
+        Err(e) => {
+            log::warn!("admission control: cannot read host memory ({e}); reservations not checked");
+            return Ok(());
+        }
+    };
+    let room = host.free_bytes.saturating_sub((cfg.high * host.total_bytes as f64) as u64);
+    if min > room {
+        return Err(PolicyError::Admission { min_mib: min >> 20, room_mib: room >> 20 });
+    }
+    Ok(())
+}
+
+/// A VM's allocation for the control API, from this tick's inputs and plan.
+fn allocation(p: &Member, info: &VmMemInfo, plan: &VmPlan, shares: Shares, policy: &Policy) -> VmAllocation {
+    let mib = |pages: u64| (pages * PAGE) as f64 / (1 << 20) as f64;
+    let balloon_max = (info.size_pages as f64 * policy.config().balloon_max_fraction) as u64;
+    VmAllocation {
+        shares_setting: shares.to_string(),
+        shares: info.shares,
+        min_mib: mib(info.min_pages),
+        max_mib: mib(info.size_pages),
+        limit_mib: info.limit_pages.map(mib),
+        target_mib: mib(plan.target_pages),
+        resident_mib: mib(info.resident_pages),
+        balloon_target_mib: info.balloon.map(|_| mib(plan.balloon_target_pages)),
+        balloon_mib: info.balloon.map(|b| mib(b.size_pages)),
+        balloon_max_mib: info.balloon.map(|_| mib(balloon_max)),
+        active_fraction: info.active_fraction,
+        active: p.active.as_ref().map(|a| a.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+    }
+}
+
 /// What the policy needs to know of one VM this tick: read from the VM and its
 /// devices now, never remembered.
-fn mem_info(p: &Member) -> VmMemInfo {
+fn mem_info(p: &Member, shares: Option<&Shares>) -> VmMemInfo {
     let vm = &p.vm;
     let mut info = VmMemInfo::new(vm.name(), vm.ram().size() / PAGE, vm.ram().resident_bytes() / PAGE);
     info.balloon = vm.balloon().map(|b| {
@@ -389,6 +562,10 @@ fn mem_info(p: &Member) -> VmMemInfo {
     });
     info.swap = p.swapper.is_some();
     info.limit_pages = p.limit.map(|l| l / PAGE);
+    info.min_pages = p.min / PAGE;
+    info.shares = shares.copied().unwrap_or_default().of(info.size_pages);
+    let estimate = p.active.as_ref().and_then(|a| a.lock().unwrap_or_else(|e| e.into_inner()).estimate.fraction());
+    info.active_fraction = estimate.unwrap_or(1.0);
     info
 }
 

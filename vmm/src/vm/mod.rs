@@ -83,6 +83,10 @@ pub struct VmReport {
     /// The host swapper's counters, if swapping was on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub swap: Option<SwapStats>,
+    /// Its allocation by the free-memory policy (min, max, shares, active estimate,
+    /// target, ...), if the policy runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alloc: Option<crate::reclaim::policy::VmAllocation>,
 }
 
 /// A running (or finished) VM.
@@ -406,6 +410,7 @@ impl Vm {
             kvm,
             steps: console::steps(&self.shared.console().lines()),
             swap: None,
+            alloc: None,
         }
     }
 }

@@ -86,6 +86,10 @@ pub struct VmStats {
     pub balloon: Option<BalloonSnapshot>,
     /// The host swapper's counters, if the VM has one.
     pub swap: Option<SwapStats>,
+    /// Its allocation by the free-memory policy (min, max, shares, active estimate,
+    /// target, ...), if the policy runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alloc: Option<crate::reclaim::policy::VmAllocation>,
 }
 
 /// The state of a VM that its vCPU threads, device threads, reclaimers and the
@@ -319,6 +323,7 @@ impl VmShared {
             guest: self.progress(),
             balloon,
             swap: None,
+            alloc: None,
         }
     }
 
