@@ -62,6 +62,36 @@ fn work_points(samples: &[Timed]) -> BTreeMap<String, Points> {
     points
 }
 
+/// Each VM's median `work` throughput between consecutive events (the run cut at
+/// every event time): how an event (a tax, a balloon, a budget) changed it.
+fn work_phases(samples: &[Timed], events: &[(f64, String, Option<String>)], end_s: f64) -> Vec<serde_json::Value> {
+    let work = work_points(samples);
+    if work.values().all(Vec::is_empty) {
+        return Vec::new();
+    }
+    // Events at the very start (a balloon set at 0 s) cut nothing.
+    let mut cuts: Vec<f64> =
+        events.iter().filter(|e| !e.1.ends_with("(finished)")).map(|e| e.0).filter(|t| *t > 0.5).collect();
+    cuts.dedup();
+    let mut bounds = vec![0.0];
+    bounds.extend(cuts);
+    bounds.push(end_s);
+    bounds
+        .windows(2)
+        .map(|w| {
+            let vms: BTreeMap<&str, Option<f64>> = work
+                .iter()
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(name, p)| {
+                    let inside = p.iter().filter(|(t, _)| *t >= w[0] && *t < w[1]).map(|x| x.1).collect();
+                    (name.as_str(), median(inside))
+                })
+                .collect();
+            serde_json::json!({"from_s": w[0], "to_s": w[1], "median_ops_per_sec": vms})
+        })
+        .collect()
+}
+
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -305,6 +335,7 @@ pub fn write(s: &Scenario, quick: bool, r: &Recording, out: &Path) -> Result<ser
     for (x0, x1, st) in &spans {
         *states.entry(st.to_string()).or_default() += x1 - x0;
     }
+    let phases = work_phases(&r.samples, &r.events, last_t);
     let changes: Vec<serde_json::Value> = spans
         .iter()
         .skip(1)
@@ -324,6 +355,7 @@ pub fn write(s: &Scenario, quick: bool, r: &Recording, out: &Path) -> Result<ser
         "min_free_pct": min_free_pct,
         "state_changes": changes,
         "sharing": sharing,
+        "work_phases": phases,
         "events": r.events.len(),
         "event_errors": event_errors,
         "backend": backend,
@@ -385,6 +417,21 @@ pub fn write(s: &Scenario, quick: bool, r: &Recording, out: &Path) -> Result<ser
                 "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
                 p.vms, p.vm_mib, p.shared_mib, p.shared_pct, p.saved_mib, p.saved_pct
             );
+        }
+    }
+    if phases.len() > 1 {
+        let _ = writeln!(md, "\nMedian guest throughput (ops/s) between events:\n");
+        let _ = writeln!(md, "| from s | to s | VM | median ops/s |\n|---|---|---|---|");
+        for p in &phases {
+            for (vm, m) in p["median_ops_per_sec"].as_object().into_iter().flatten() {
+                let m = m.as_f64().map_or_else(|| "-".to_string(), |m| format!("{m:.0}"));
+                let _ = writeln!(
+                    md,
+                    "| {:.1} | {:.1} | {vm} | {m} |",
+                    p["from_s"].as_f64().unwrap_or(0.0),
+                    p["to_s"].as_f64().unwrap_or(0.0)
+                );
+            }
         }
     }
     if !r.events.is_empty() {
