@@ -448,3 +448,69 @@ pub fn write(s: &Scenario, quick: bool, r: &Recording, out: &Path) -> Result<ser
     wr("report.md", md)?;
     Ok(key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::{HostSample, SharingSample, VmSample, WorkReport};
+    use crate::vm::VmState;
+
+    fn vm(name: &str, allocated: f64, work: Option<(u64, f64)>) -> VmSample {
+        VmSample {
+            name: name.into(),
+            state: VmState::Running,
+            memsz_mib: 100.0,
+            resident_mib: allocated,
+            target_mib: None,
+            active_mib: None,
+            active_fast_mib: None,
+            active_slow_mib: None,
+            shares: None,
+            balloon_mib: None,
+            balloon_target_mib: None,
+            balloon_max_mib: None,
+            swapped_mib: None,
+            swap_target_mib: None,
+            swap_read_mib: None,
+            swap_written_mib: None,
+            guest_allocated_mib: allocated,
+            heartbeat: 1,
+            working_set_mib: None,
+            work: work.map(|(step, ops_per_sec)| WorkReport { step, ops_per_sec }),
+        }
+    }
+
+    fn at(t_s: f64, shared: f64, saved: f64, vms: Vec<VmSample>) -> Timed {
+        let sharing = Some(SharingSample { shared_mib: shared, zero_mib: 0.0, saved_mib: saved, full_passes: 1 });
+        Timed { t_s, sample: HostSample { policy: None, guest_mib: 0.0, sharing, vms } }
+    }
+
+    #[test]
+    fn sharing_is_read_at_the_last_sample_of_each_number_of_vms() {
+        let samples = [
+            at(0.0, 0.0, 0.0, vec![vm("a", 0.0, None), vm("b", 0.0, None)]),
+            at(1.0, 5.0, 4.0, vec![vm("a", 90.0, None), vm("b", 0.0, None)]),
+            at(2.0, 10.0, 8.0, vec![vm("a", 90.0, None), vm("b", 50.0, None)]),
+            at(3.0, 120.0, 60.0, vec![vm("a", 90.0, None), vm("b", 90.0, None)]),
+        ];
+        let p = sharing_points(&samples);
+        assert_eq!(p.len(), 2, "one VM, then two");
+        assert_eq!((p[0].vms, p[0].shared_mib, p[0].saved_pct), (1, 10.0, 8.0), "b not yet at 90% of its fill");
+        assert_eq!((p[1].vms, p[1].vm_mib, p[1].shared_pct, p[1].saved_pct), (2, 200.0, 60.0, 30.0));
+        assert!(sharing_points(&samples[3..]).is_empty(), "no change in the number of VMs: no sweep");
+    }
+
+    #[test]
+    fn throughput_is_counted_once_per_step_and_split_at_events() {
+        let w = |t, step, ops| at(t, 0.0, 0.0, vec![vm("busy", 10.0, Some((step, ops)))]);
+        let samples = [w(1.0, 1, 10.0), w(2.0, 1, 10.0), w(3.0, 2, 30.0), w(6.0, 3, 100.0), w(7.0, 4, 300.0)];
+        let points = work_points(&samples);
+        assert_eq!(points["busy"].len(), 4, "step 1 seen twice counts once");
+        let events = [(0.1, "balloon a 1M".to_string(), None), (5.0, "tax 0.75".to_string(), None)];
+        let phases = work_phases(&samples, &events, 8.0);
+        assert_eq!(phases.len(), 2, "the event at the start cuts nothing");
+        assert_eq!(phases[0]["median_ops_per_sec"]["busy"], 20.0);
+        assert_eq!(phases[1]["median_ops_per_sec"]["busy"], 200.0);
+        assert_eq!((phases[1]["from_s"].as_f64(), phases[1]["to_s"].as_f64()), (Some(5.0), Some(8.0)));
+    }
+}
