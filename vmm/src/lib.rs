@@ -24,7 +24,9 @@
 //!   and the free-memory policy thread that drives balloons and swappers;
 //! - [`api`]: the control socket (`vmm ctl`);
 //! - [`config`]: what users ask for;
-//! - [`demo`], [`bench`](mod@bench): `vmm demo` and the benchmarks behind `vmm bench`.
+//! - [`demo`], [`bench`](mod@bench): `vmm demo` and the benchmarks behind `vmm bench`;
+//! - [`sample`]: one snapshot of a host's memory, shown by [`top`] (`vmm top`)
+//!   and recorded by [`lab`] (`vmm lab`).
 //!
 //! See `docs/architecture.md` for threads and the life of a guest page.
 
@@ -39,10 +41,13 @@ pub mod demo;
 pub mod devices;
 pub mod host;
 pub mod kvm_stats;
+pub mod lab;
 pub mod linux;
 pub mod loader;
 pub mod memory;
 pub mod reclaim;
+pub mod sample;
+pub mod top;
 pub mod units;
 pub mod vm;
 pub mod x86;

@@ -51,6 +51,61 @@ enum Command {
     /// Measure a mechanism against its baseline; prints a table and a JSON line.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// A live, esxtop-like view of a running `vmm run` (its control socket).
+    ///
+    /// One row per VM under ESX's column names (MEMSZ, GRANT, SZTGT, TCHD, MCTLSZ,
+    /// MCTLTGT, MCTLMAX, SWCUR, SWTGT, SWR/s, SWW/s, SHRD, ZERO, SHRDSVD; "-" where
+    /// the data does not exist), a header with the free-memory state, free memory and
+    /// the idle tax. Keys: q quits, < and > choose the sort column, n sorts by name,
+    /// + and - change the interval. -b prints CSV instead (like esxtop -b).
+    Top(TopArgs),
+    /// Run a scenario and record it: timelines (CSV, JSON lines), plots, a report.
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// The built-in scenarios.
+    List,
+    /// Run a scenario (a built-in name or a TOML file); the last line is a JSON
+    /// object with its key results.
+    Run {
+        /// Built-in name (vmm lab list) or scenario file.
+        scenario: String,
+        /// The scenario's quick variant (its [quick] values).
+        #[arg(long)]
+        quick: bool,
+        /// Output directory (default lab-out/NAME).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct TopArgs {
+    /// Socket of the running `vmm run` (it logs the path at start).
+    #[arg(long, value_name = "PATH")]
+    sock: PathBuf,
+    /// Time between refreshes.
+    #[arg(short = 'd', long = "delay", default_value = "2s", value_parser = units::parse_duration)]
+    delay: std::time::Duration,
+    /// Batch mode: print CSV, one row per VM per sample, no screen.
+    #[arg(short = 'b', long)]
+    batch: bool,
+    /// Stop after this many samples.
+    #[arg(short = 'n', long = "count", value_name = "COUNT")]
+    count: Option<u64>,
+    /// Sort the rows by this column, largest first (default: by name).
+    #[arg(long, value_name = "COLUMN", value_parser = parse_column)]
+    sort: Option<vmm::top::Column>,
+}
+
+fn parse_column(text: &str) -> Result<vmm::top::Column, String> {
+    vmm::top::Column::parse(text).ok_or_else(|| {
+        let names: Vec<&str> = vmm::top::Column::ALL.iter().map(|c| c.name()).collect();
+        format!("{text:?}: expected one of {}", names.join(", "))
+    })
 }
 
 #[derive(Subcommand)]
@@ -468,6 +523,8 @@ enum VmCtl {
 
 /// Exit status when the VMM had to stop a guest (crash, hang, time limit).
 const EXIT_VMM_STOPPED: u8 = 255;
+/// Exit status of a `vmm lab run` stopped by Ctrl-C (its record is kept).
+const EXIT_INTERRUPTED: u8 = 130;
 /// Exit status for a guest-internal failure code (>= 256: panic, bad boot info...).
 const EXIT_GUEST_FAILURE: u8 = 254;
 
@@ -503,6 +560,35 @@ fn main() -> ExitCode {
             } else {
                 vmm::bench::active::run(&b).map(|()| 0).map_err(CliError::from)
             }
+        }
+        Command::Lab(LabCommand::List) => {
+            for (name, description) in vmm::lab::list() {
+                println!("{name:<10} {description}");
+            }
+            Ok(0)
+        }
+        Command::Lab(LabCommand::Run { scenario, quick, out }) => {
+            vmm::lab::run(&vmm::lab::LabOptions { scenario, quick, out })
+                .map(|key| {
+                    println!("{key}");
+                    // Interrupted: the record is kept, the status says it is partial.
+                    if key["interrupted"] == true {
+                        EXIT_INTERRUPTED
+                    } else {
+                        0
+                    }
+                })
+                .map_err(CliError::from)
+        }
+        Command::Top(args) => {
+            let opts = vmm::top::TopOptions {
+                sock: args.sock,
+                interval: args.delay,
+                batch: args.batch,
+                count: args.count,
+                sort: args.sort,
+            };
+            vmm::top::run(&opts).map(|()| 0).map_err(CliError::from)
         }
         Command::Bench(BenchCommand::Balloon { runs, mem, inflate }) => {
             vmm::bench::balloon::run(&vmm::bench::balloon::BalloonBench { mem, inflate, runs: runs.max(1) })

@@ -5,8 +5,8 @@
 //! policy until handed back.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use guest_abi::guest_state;
@@ -14,21 +14,10 @@ use policy::PolicyStats;
 use serde::de::DeserializeOwned;
 use vmm::api::{BalloonSnapshot, BalloonTarget, TargetMode, VmStats};
 
+mod common;
+use common::Running;
+
 const MIB: u64 = 1 << 20;
-
-/// A `vmm run` child, stopped when dropped.
-struct Running {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
-    }
-}
 
 fn vmm() -> Command {
     assert!(Path::new("/dev/kvm").exists(), "these tests boot real guests and need /dev/kvm");

@@ -8,7 +8,8 @@
 //! `{"cmd": "tps_set", "options": "rate=50M/s,scope=vm"}`,
 //! `{"cmd": "swap_out", "size": "64M", "vm": "vm0"}`, `{"cmd": "swap_stats"}`,
 //! `{"cmd": "policy_stats"}`, `{"cmd": "policy_set", "idle_tax": 0.5}`,
-//! `{"cmd": "shares_set", "vm": "vm0", "shares": "high"}`. Without `"vm"`, a
+//! `{"cmd": "shares_set", "vm": "vm0", "shares": "high"}`, `{"cmd": "sample"}`
+//! (what `vmm top` shows). Without `"vm"`, a
 //! request applies to every VM. Responses: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`, where the result of each request is a typed
 //! [`Reply`]. A malformed request gets an error response; nothing a client sends
@@ -33,6 +34,7 @@ pub use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 pub use crate::devices::virtio::balloon::TargetMode;
 pub use crate::reclaim::sharing::TpsStats;
 pub use crate::reclaim::swap::SwapOutResult;
+pub use crate::sample::HostSample;
 pub use crate::vm::{VmState, VmStats};
 
 /// A request.
@@ -101,6 +103,8 @@ pub enum Request {
     },
     /// The free-memory policy's state, history and totals.
     PolicyStats,
+    /// One snapshot of the host and every VM ([`HostSample`]): what `vmm top` shows.
+    Sample,
     /// Change the free-memory policy at run time: the idle memory tax (0 <= tau < 1).
     PolicySet {
         /// The new tax.
@@ -168,6 +172,8 @@ pub enum Reply {
     SwapStats(SwapStatsResult),
     /// [`Request::PolicyStats`].
     PolicyStats(PolicyStats),
+    /// [`Request::Sample`].
+    Sample(Box<HostSample>),
     /// [`Request::PolicySet`]: the tax now in force.
     PolicySet(PolicySetResult),
     /// [`Request::SharesSet`]: the VM's shares now.
@@ -197,6 +203,7 @@ impl Reply {
             Request::SwapOut { .. } => Reply::SwapOut(from(result)?),
             Request::SwapStats { .. } => Reply::SwapStats(from(result)?),
             Request::PolicyStats => Reply::PolicyStats(from(result)?),
+            Request::Sample => Reply::Sample(from(result)?),
             Request::PolicySet { .. } => Reply::PolicySet(from(result)?),
             Request::SharesSet { .. } => Reply::SharesSet(from(result)?),
         })
@@ -340,6 +347,42 @@ mod tests {
                 Reply::SwapStats(SwapStatsResult { vms: vm0(Some(SwapStats::default())) }),
             ),
             (Request::PolicyStats, Reply::PolicyStats(PolicyStats::default())),
+            (
+                Request::Sample,
+                Reply::Sample(Box::new(HostSample {
+                    policy: Some(crate::sample::PolicySample {
+                        state: policy::FreeState::Soft,
+                        total_mib: 512.0,
+                        free_mib: 20.5,
+                        free_pct: 4.0,
+                        idle_tax: 0.75,
+                    }),
+                    guest_mib: 1.5,
+                    sharing: None,
+                    vms: vec![crate::sample::VmSample {
+                        name: "vm0".into(),
+                        state: VmState::Paused,
+                        memsz_mib: 128.0,
+                        resident_mib: 64.25,
+                        target_mib: Some(60.0),
+                        active_mib: Some(20.0),
+                        active_fast_mib: Some(20.0),
+                        active_slow_mib: Some(10.0),
+                        shares: Some(1280),
+                        balloon_mib: Some(4.0),
+                        balloon_target_mib: Some(8.0),
+                        balloon_max_mib: Some(83.2),
+                        swapped_mib: None,
+                        swap_target_mib: None,
+                        swap_read_mib: None,
+                        swap_written_mib: None,
+                        guest_allocated_mib: 64.0,
+                        heartbeat: 9,
+                        working_set_mib: Some(32.0),
+                        work: Some(crate::sample::WorkReport { step: 3, ops_per_sec: 1e5 }),
+                    }],
+                })),
+            ),
             (Request::PolicySet { idle_tax: 0.5 }, Reply::PolicySet(PolicySetResult { idle_tax: 0.5 })),
             (
                 Request::SharesSet { vm: "vm0".into(), shares: "300".into() },

@@ -23,6 +23,7 @@ use crate::devices::virtio::balloon::device::check_size;
 use crate::devices::virtio::balloon::metrics::BalloonSnapshot;
 use crate::devices::virtio::balloon::{Balloon, TargetMode};
 use crate::host::shared::HostShared;
+use crate::sample::HostSample;
 use crate::units::parse_size;
 use crate::vm::VmShared;
 
@@ -280,6 +281,7 @@ fn run(req: Request, host: &HostShared) -> Result<Reply, String> {
             let policy = host.policy_stats().ok_or(POLICY_OFF)?;
             Ok(Reply::PolicyStats(policy))
         }
+        Request::Sample => Ok(Reply::Sample(Box::new(HostSample::take(host)))),
         Request::PolicySet { idle_tax } => {
             let tau = host.policy().ok_or(POLICY_OFF)?.set_idle_tax(idle_tax).map_err(|e| e.to_string())?;
             Ok(Reply::PolicySet(PolicySetResult { idle_tax: tau }))

@@ -232,6 +232,8 @@ struct Settings {
 #[derive(Clone)]
 pub struct PolicyHandle {
     counters: Arc<Mutex<PolicyStats>>,
+    /// The decision of the last tick that read host memory.
+    last: Arc<Mutex<Option<Decision>>>,
     budget: Option<Arc<AtomicU64>>,
     settings: Arc<Mutex<Settings>>,
     allocations: Arc<Mutex<HashMap<String, VmAllocation>>>,
@@ -263,6 +265,17 @@ impl PolicyHandle {
     /// The counters and state history as of the last tick.
     pub fn stats(&self) -> PolicyStats {
         self.counters.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The decision of the last tick (host memory, state, each VM's plan and
+    /// target), if a tick has read host memory yet.
+    pub fn last_decision(&self) -> Option<Decision> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The idle memory tax in force.
+    pub fn idle_tax(&self) -> f64 {
+        self.settings.lock().unwrap_or_else(|p| p.into_inner()).idle_tax
     }
 
     /// Sets the host-memory budget the policy watches, from its next tick on.
@@ -329,6 +342,7 @@ impl PolicyThread {
         log::info!("free-memory policy: {} every {:?}", source.describe(), opts.tick);
         let handle = PolicyHandle {
             counters: Arc::new(Mutex::new(PolicyStats::default())),
+            last: Arc::new(Mutex::new(None)),
             budget,
             settings: Arc::new(Mutex::new(settings)),
             allocations: Arc::new(Mutex::new(HashMap::new())),
@@ -341,6 +355,7 @@ impl PolicyThread {
             resident,
             paused: HashMap::new(),
             counters: handle.counters.clone(),
+            last: handle.last.clone(),
             settings: handle.settings.clone(),
             allocations: handle.allocations.clone(),
             _sampler: sampler,
@@ -384,6 +399,7 @@ struct Loop {
     /// Pauses held for the low state, by VM name.
     paused: HashMap<String, PauseGuard>,
     counters: Arc<Mutex<PolicyStats>>,
+    last: Arc<Mutex<Option<Decision>>>,
     settings: Arc<Mutex<Settings>>,
     allocations: Arc<Mutex<HashMap<String, VmAllocation>>>,
     /// Held, not read: dropping it (with the thread's state) stops the sampling.
@@ -435,6 +451,7 @@ impl Loop {
             }
         };
         *self.counters.lock().unwrap_or_else(|p| p.into_inner()) = self.policy.stats();
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(decision.clone());
         let settings = self.settings.lock().unwrap_or_else(|p| p.into_inner());
         let mut allocations = self.allocations.lock().unwrap_or_else(|p| p.into_inner());
         for (p, info) in live.iter().zip(&infos) {

@@ -311,12 +311,17 @@ impl VmShared {
         control::progress(self.ram.mem())
     }
 
+    /// Running, paused, stopping, or how it ended.
+    pub fn state(&self) -> VmState {
+        VmState::new(self.run.mode(), self.ending())
+    }
+
     /// Memory figures and counters, for the control API.
     pub fn stats(&self) -> VmStats {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let balloon = self.balloon.as_ref().map(|b| b.lock().unwrap().snapshot());
         VmStats {
-            state: VmState::new(self.run.mode(), self.ending()),
+            state: self.state(),
             mem_mib: mib(self.ram.size()),
             guest_rss_mib: mib(self.ram.resident_bytes()),
             ballooned_mib: balloon.as_ref().map(|b| mib(b.ballooned_pages * guest_abi::PAGE_SIZE)),
