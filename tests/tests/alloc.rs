@@ -79,10 +79,7 @@ fn command(host: &Running, vm: usize, workload: &'static str) -> std::thread::Jo
 #[test]
 fn the_estimate_of_a_read_only_working_set_is_within_the_sampling_error() {
     let _turn = one_at_a_time();
-    // 64 MiB guests that allocate X, then only read it, for several X. With n = 400
-    // samples one period's f has standard error sqrt(f (1 - f) / n) (0.024 at
-    // f = 0.375); the estimate (a maximum of averages) is allowed 4 of them, plus 3%
-    // for the guest's own pages (kernel, stacks, page records, 1.5 MiB).
+    // 64 MiB guests that allocate X, then only read it, for several X.
     for (x_mib, reads) in
         [(0u64, "idle 20s"), (8, "for 20s { read 8M; idle 5ms }"), (24, "for 20s { read 24M; idle 5ms }")]
     {
@@ -92,15 +89,42 @@ fn the_estimate_of_a_read_only_working_set_is_within_the_sampling_error() {
         let running = command(&host, 0, reads);
         // 12 periods of reads only: a sampler that saw writes alone would be down
         // to (7/8)^12 = 0.2 of the allocation's estimate by now.
-        let a = estimate_after(&host, 0, 12);
-        let truth = x_mib as f64 / 64.0;
-        let sigma = (truth * (1.0 - truth) / N as f64).sqrt();
-        let f = a.estimate.fraction().unwrap();
-        assert!(f >= truth - 4.0 * sigma && f <= truth + 4.0 * sigma + 0.03, "X = {x_mib} MiB: estimate {f:.4} {a:?}");
-        assert!(a.faults_per_period <= N as f64, "{a:?}");
-        assert!(a.last_valid >= N as u64 * 9 / 10, "samples are rarely lost: {a:?}");
+        assert_estimate(&estimate_after(&host, 0, 12), x_mib);
         host.vm(0).stop("test over");
         let _ = running.join();
+    }
+}
+
+/// `a` estimates a read-only working set of `x_mib` of a 64 MiB guest: within 4
+/// standard errors of one period's `f` (0.024 at f = 0.375 with n = 400), plus 3%
+/// for the guest's own pages (kernel, stacks, page records, 1.5 MiB).
+fn assert_estimate(a: &ActiveStats, x_mib: u64) {
+    let truth = x_mib as f64 / 64.0;
+    let sigma = (truth * (1.0 - truth) / N as f64).sqrt();
+    let f = a.estimate.fraction().unwrap();
+    assert!(f >= truth - 4.0 * sigma && f <= truth + 4.0 * sigma + 0.03, "X = {x_mib} MiB: estimate {f:.4} {a:?}");
+    assert!(a.faults_per_period <= N as f64, "{a:?}");
+    assert!(a.last_valid >= N as u64 * 9 / 10, "samples are rarely lost: {a:?}");
+}
+
+#[test]
+fn two_hosts_in_one_process_keep_each_others_evidence() {
+    let _turn = one_at_a_time();
+    // `clear_refs` is process-wide: with a sampler per host, each host's period
+    // starts erased the other's touches and both estimates fell (to about 0.5 of
+    // 0.75 in CI). One sampling thread per process reads every sample first.
+    let hosts: Vec<Running> =
+        (0..2).map(|_| start_on(&[guest("ws", 64 * MIB, "alloc 24M unique")], policy(8 << 30, 0.75))).collect();
+    for h in &hosts {
+        wait_serving(h);
+    }
+    let running: Vec<_> = hosts.iter().map(|h| command(h, 0, "for 20s { read 24M; idle 5ms }")).collect();
+    for host in &hosts {
+        assert_estimate(&estimate_after(host, 0, 12), 24);
+    }
+    for (host, run) in hosts.iter().zip(running) {
+        host.vm(0).stop("test over");
+        let _ = run.join();
     }
 }
 

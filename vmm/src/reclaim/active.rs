@@ -1,7 +1,14 @@
-//! The active memory sampler: one thread per host process that estimates, for each
-//! VM, the fraction of its memory the guest reads or writes, as ESX does (random
-//! pages watched per period; `docs/policy.md` gives the method, its cost and the
-//! figures).
+//! The active memory sampler: one thread per process that estimates, for each VM of
+//! every [`Host`](crate::host::Host) in it, the fraction of its memory the guest reads
+//! or writes, as ESX does (random pages watched per period; `docs/policy.md` gives
+//! the method, its cost and the figures).
+//!
+//! One thread for the whole process, not one per host, because `clear_refs` clears
+//! the referenced bits of the whole process: two samplers would erase each other's
+//! evidence (two hosts in one process, as the tests run them, saw their estimates
+//! halved). [`ActiveSampler::start`] hands its VMs to that thread, started on first
+//! use; dropping the [`ActiveSampler`] takes them back, and the thread ends when it
+//! has none left.
 //!
 //! Each VM has its own periods, counted in the time it runs (not while paused or
 //! stopping). At the start of a period the thread picks `n` random guest pages, and
@@ -20,14 +27,14 @@
 //!   becomes shared or is evicted during its period is left out of `n_valid`.
 //! - **Every watched page's evidence is read before each `clear_refs`**, which is
 //!   process-wide: a VM's period start would otherwise erase another VM's touches.
-//!   Evidence is sticky within a period.
+//!   Evidence is sticky within a period. Only the one thread calls `clear_refs`,
+//!   with the registry of every watched VM locked.
+//! - Once [`ActiveSampler`]'s drop returns, the thread holds nothing of its VMs.
 //! - At most one extra guest fault per watched resident page and period: the
 //!   figures report them (`faults_per_period`, at most `n`).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use pagestate::accessed::{self, KPageFlags};
@@ -91,6 +98,10 @@ struct Sample {
 
 /// A VM under the sampler.
 struct Watched {
+    /// The [`ActiveSampler`] that handed it over.
+    owner: u64,
+    opts: ActiveOptions,
+    last_look: Instant,
     vm: Arc<dyn GuestVm>,
     stats: Arc<Mutex<ActiveStats>>,
     /// Run time in the current period.
@@ -103,49 +114,58 @@ struct Watched {
     paused: Duration,
 }
 
-/// The running sampler; dropping it stops the thread.
+/// The VMs this process samples, of every host, and whether the thread runs.
+struct Registry {
+    vms: Vec<Watched>,
+    next_owner: u64,
+    running: bool,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry { vms: Vec::new(), next_owner: 0, running: false });
+
+fn registry() -> std::sync::MutexGuard<'static, Registry> {
+    REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A host's VMs under the process's sampler; dropping it takes them back.
 pub struct ActiveSampler {
-    stop: Arc<AtomicBool>,
+    owner: u64,
     stats: Vec<Arc<Mutex<ActiveStats>>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl ActiveSampler {
-    /// Starts sampling `vms`.
+    /// Has the process's sampling thread (started if need be) sample `vms`, each
+    /// with `opts`.
     pub fn start(vms: Vec<Arc<dyn GuestVm>>, opts: ActiveOptions) -> std::io::Result<ActiveSampler> {
         let stats: Vec<_> = vms
             .iter()
             .map(|_| Arc::new(Mutex::new(ActiveStats { samples: opts.samples as u64, ..ActiveStats::default() })))
             .collect();
-        let watched = vms
-            .into_iter()
-            .zip(&stats)
-            .map(|(vm, stats)| {
-                let size_pages = vm.regions().iter().map(|r| (r.len / PAGE_SIZE) as u64).sum();
-                Watched {
-                    vm,
-                    stats: stats.clone(),
-                    ran: Duration::ZERO,
-                    samples: None,
-                    size_pages,
-                    cpu: Duration::ZERO,
-                    faults: 0,
-                    paused: Duration::ZERO,
-                }
-            })
-            .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new().name("active".into()).spawn(move || {
-            let mut s = Sampler { vms: watched, opts, rng: seed(), last_look: Instant::now() };
-            if let Err(e) = s.run(&stop2) {
-                log::warn!("active memory sampling stopped: {e}");
-                for w in &s.vms {
-                    w.stats.lock().unwrap_or_else(|p| p.into_inner()).error = Some(e.clone());
-                }
-            }
-        })?;
-        Ok(ActiveSampler { stop, stats, thread: Some(thread) })
+        let mut reg = registry();
+        let owner = reg.next_owner;
+        reg.next_owner += 1;
+        let now = Instant::now();
+        for (vm, stats) in vms.into_iter().zip(&stats) {
+            let size_pages = vm.regions().iter().map(|r| (r.len / PAGE_SIZE) as u64).sum();
+            reg.vms.push(Watched {
+                owner,
+                opts,
+                last_look: now,
+                vm,
+                stats: stats.clone(),
+                ran: Duration::ZERO,
+                samples: None,
+                size_pages,
+                cpu: Duration::ZERO,
+                faults: 0,
+                paused: Duration::ZERO,
+            });
+        }
+        if !reg.running {
+            std::thread::Builder::new().name("active".into()).spawn(sample_all)?;
+            reg.running = true;
+        }
+        Ok(ActiveSampler { owner, stats })
     }
 
     /// The figures of VM `index` (in the order given to [`ActiveSampler::start`]).
@@ -156,10 +176,20 @@ impl ActiveSampler {
 
 impl Drop for ActiveSampler {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        registry().vms.retain(|w| w.owner != self.owner);
+    }
+}
+
+/// The sampling thread: runs while any VM is watched.
+fn sample_all() {
+    let mut s = Sampler { rng: seed() };
+    if let Err(e) = s.run() {
+        log::warn!("active memory sampling stopped: {e}");
+        let mut reg = registry();
+        for w in reg.vms.drain(..) {
+            w.stats.lock().unwrap_or_else(|p| p.into_inner()).error = Some(e.clone());
         }
+        reg.running = false;
     }
 }
 
@@ -177,45 +207,58 @@ fn thread_cpu() -> Duration {
 }
 
 struct Sampler {
-    vms: Vec<Watched>,
-    opts: ActiveOptions,
     rng: u64,
-    last_look: Instant,
 }
 
 impl Sampler {
-    fn run(&mut self, stop: &AtomicBool) -> Result<(), String> {
+    /// Samples the registry's VMs until there are none; the registry is locked
+    /// for each round's work, not while the thread sleeps.
+    fn run(&mut self) -> Result<(), String> {
         let pagemap = Pagemap::open().map_err(|e| format!("/proc/self/pagemap: {e}"))?;
         if pagemap.zero_pfn() == 0 {
             return Err("needs CAP_SYS_ADMIN: page frame numbers are hidden in /proc/self/pagemap".into());
         }
         let flags = KPageFlags::open().map_err(|e| format!("/proc/kpageflags: {e}"))?;
-        let tick = (self.opts.period / 8).clamp(Duration::from_millis(1), Duration::from_millis(50));
         let mut last = Instant::now();
-        while !stop.load(Ordering::Relaxed) {
+        let mut tick = Duration::from_millis(1);
+        loop {
             std::thread::sleep(tick);
+            let mut reg = registry();
+            if reg.vms.is_empty() {
+                reg.running = false;
+                return Ok(());
+            }
+            let vms = &mut reg.vms;
+            tick = vms
+                .iter()
+                .map(|w| (w.opts.period / 8).clamp(Duration::from_millis(1), Duration::from_millis(50)))
+                .min()
+                .unwrap_or(Duration::from_millis(50));
             let now = Instant::now();
             let dt = now - last;
             last = now;
-            for w in &mut self.vms {
+            for w in vms.iter_mut() {
                 if w.vm.run().mode() == Mode::Running {
                     w.ran += dt;
                 }
             }
-            let due: Vec<usize> = (0..self.vms.len())
+            let due: Vec<usize> = (0..vms.len())
                 .filter(|&i| {
-                    let w = &self.vms[i];
-                    w.vm.run().mode() != Mode::Stopping && (w.samples.is_none() || w.ran >= self.opts.period)
+                    let w = &vms[i];
+                    w.vm.run().mode() != Mode::Stopping && (w.samples.is_none() || w.ran >= w.opts.period)
                 })
                 .collect();
+            let looks: Vec<usize> =
+                (0..vms.len()).filter(|&i| now - vms[i].last_look >= vms[i].opts.period / 4).collect();
             if !due.is_empty() {
-                self.new_periods(&due, &pagemap, &flags)?;
-            } else if now - self.last_look >= self.opts.period / 4 {
-                self.last_look = now;
+                self.new_periods(vms, &due, &pagemap, &flags)?;
+            } else if !looks.is_empty() {
                 let cpu = thread_cpu();
-                self.look_all(&pagemap, &flags);
-                let per_vm = (thread_cpu() - cpu) / self.vms.len().max(1) as u32;
-                for w in &mut self.vms {
+                look_all(vms, &pagemap, &flags);
+                let per_vm = (thread_cpu() - cpu) / looks.len() as u32;
+                for &i in &looks {
+                    let w = &mut vms[i];
+                    w.last_look = now;
                     w.cpu += per_vm;
                     if let Some(samples) = &w.samples {
                         let (t, v) = count(samples, &pagemap);
@@ -224,56 +267,36 @@ impl Sampler {
                 }
             }
         }
-        Ok(())
-    }
-
-    /// Reads every watched page's evidence (before any `clear_refs`).
-    fn look_all(&mut self, pagemap: &Pagemap, flags: &KPageFlags) {
-        for w in &mut self.vms {
-            for s in w.samples.iter_mut().flatten().filter(|s| !s.touched) {
-                s.touched = touched(s, pagemap, flags);
-            }
-        }
     }
 
     /// Ends the periods of the VMs `due` (those that had one) and starts new ones.
-    fn new_periods(&mut self, due: &[usize], pagemap: &Pagemap, flags: &KPageFlags) -> Result<(), String> {
+    fn new_periods(
+        &mut self,
+        vms: &mut [Watched],
+        due: &[usize],
+        pagemap: &Pagemap,
+        flags: &KPageFlags,
+    ) -> Result<(), String> {
         let cpu = thread_cpu();
-        self.look_all(pagemap, flags);
+        look_all(vms, pagemap, flags);
         for &i in due {
-            self.end_period(i, pagemap);
+            end_period(&mut vms[i], pagemap);
         }
         accessed::clear_refs().map_err(|e| format!("/proc/self/clear_refs: {e}"))?;
         let shared = (thread_cpu() - cpu) / due.len() as u32;
         for &i in due {
             let cpu = thread_cpu();
-            self.start_period(i, pagemap);
-            self.vms[i].cpu += shared + (thread_cpu() - cpu);
+            self.start_period(&mut vms[i], pagemap);
+            vms[i].cpu += shared + (thread_cpu() - cpu);
         }
         Ok(())
-    }
-
-    fn end_period(&mut self, i: usize, pagemap: &Pagemap) {
-        let w = &mut self.vms[i];
-        let Some(samples) = w.samples.take() else { return };
-        let (t, valid) = count(&samples, pagemap);
-        w.faults += samples.iter().filter(|s| s.touched && s.was_present).count() as u64;
-        let mut st = w.stats.lock().unwrap_or_else(|p| p.into_inner());
-        st.estimate.end_period(t, valid);
-        let periods = st.estimate.periods.max(1) as f64;
-        (st.last_touched, st.last_valid) = (t, valid);
-        st.active_mib = st.estimate.fraction().map(|f| f * (w.size_pages * PAGE_SIZE as u64) as f64 / (1 << 20) as f64);
-        st.cpu_us_per_period = w.cpu.as_secs_f64() * 1e6 / periods;
-        st.faults_per_period = w.faults as f64 / periods;
-        st.pause_us_per_period = w.paused.as_secs_f64() * 1e6 / periods;
     }
 
     /// Picks the new period's pages with the VM paused and no other reclaimer at
     /// work, and makes KVM forget the resident ones. A VM that does not pause in
     /// time is tried again at the next look.
-    fn start_period(&mut self, i: usize, pagemap: &Pagemap) {
-        let n = self.opts.samples;
-        let w = &mut self.vms[i];
+    fn start_period(&mut self, w: &mut Watched, pagemap: &Pagemap) {
+        let n = w.opts.samples;
         let Ok(guard) = w.vm.run().reclaim_guard(PAUSE_TIMEOUT) else { return };
         let held = Instant::now();
         let regions = w.vm.regions().to_vec();
@@ -318,6 +341,30 @@ impl Sampler {
         w.samples = Some(samples);
         w.ran = Duration::ZERO;
     }
+}
+
+/// Reads every watched page's evidence (before any `clear_refs`).
+fn look_all(vms: &mut [Watched], pagemap: &Pagemap, flags: &KPageFlags) {
+    for w in vms {
+        for s in w.samples.iter_mut().flatten().filter(|s| !s.touched) {
+            s.touched = touched(s, pagemap, flags);
+        }
+    }
+}
+
+/// Ends `w`'s period, if it had one, into its estimate and figures.
+fn end_period(w: &mut Watched, pagemap: &Pagemap) {
+    let Some(samples) = w.samples.take() else { return };
+    let (t, valid) = count(&samples, pagemap);
+    w.faults += samples.iter().filter(|s| s.touched && s.was_present).count() as u64;
+    let mut st = w.stats.lock().unwrap_or_else(|p| p.into_inner());
+    st.estimate.end_period(t, valid);
+    let periods = st.estimate.periods.max(1) as f64;
+    (st.last_touched, st.last_valid) = (t, valid);
+    st.active_mib = st.estimate.fraction().map(|f| f * (w.size_pages * PAGE_SIZE as u64) as f64 / (1 << 20) as f64);
+    st.cpu_us_per_period = w.cpu.as_secs_f64() * 1e6 / periods;
+    st.faults_per_period = w.faults as f64 / periods;
+    st.pause_us_per_period = w.paused.as_secs_f64() * 1e6 / periods;
 }
 
 /// Whether the guest accessed the page of `s` since its period began.
