@@ -19,7 +19,7 @@ pub mod slots;
 use guest_abi::{MemRegion, MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
 use pagestate::residency::smaps_sum;
 use pagestate::{RamChanges, Region};
-use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 /// Smallest guest RAM accepted: the low megabyte, the test guest's image and its
@@ -123,10 +123,11 @@ pub struct GuestRam {
     /// Where each region is mapped in this process.
     host_regions: Vec<Region>,
     host_pages: HostPages,
-    /// `PROT_NONE` pages just below each region (see [`guard_below`]).
-    guards: Vec<usize>,
     /// Who hears of discards and remaps of this RAM, in order.
     changes: RamChanges,
+    /// The `PROT_NONE` page below each region (see [`map_guarded`]). Declared after
+    /// `mem`, so dropped after it: the guards go once the RAM is unmapped.
+    _guards: GuardPages,
 }
 
 impl GuestRam {
@@ -137,21 +138,8 @@ impl GuestRam {
         let mut mapped = Vec::with_capacity(regions.len());
         let mut guards = Vec::new();
         for r in &regions {
-            let mmap = MmapRegionBuilder::new(r.size as usize)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| MemoryError::Mmap(e.to_string()))?;
-            let advice = match host_pages {
-                HostPages::Small => libc::MADV_NOHUGEPAGE,
-                HostPages::Thp => libc::MADV_HUGEPAGE,
-            };
-            // SAFETY: the range is the mapping just created and owned by `mmap`.
-            let rc = unsafe { libc::madvise(mmap.as_ptr().cast(), r.size as usize, advice) };
-            if rc != 0 {
-                log::warn!("madvise({advice}) on guest RAM failed: {}", std::io::Error::last_os_error());
-            }
-            guards.extend(guard_below(mmap.as_ptr() as usize));
+            let (mmap, guard) = map_guarded(r.size as usize, host_pages)?;
+            guards.extend(guard);
             mapped
                 .push(GuestRegionMmap::new(mmap, GuestAddress(r.base)).ok_or_else(|| {
                     MemoryError::Mmap(format!("region at {:#x} overflows the address space", r.base))
@@ -165,7 +153,14 @@ impl GuestRam {
                 Region { gpa: r.start_addr().0, host_addr: host as usize, len: r.len() as usize }
             })
             .collect();
-        Ok(GuestRam { mem, regions, host_regions, host_pages, guards, changes: RamChanges::default() })
+        Ok(GuestRam {
+            mem,
+            regions,
+            host_regions,
+            host_pages,
+            changes: RamChanges::default(),
+            _guards: GuardPages(guards),
+        })
     }
 
     /// The vm-memory view of guest RAM.
@@ -258,19 +253,71 @@ impl GuestRam {
     }
 }
 
-impl Drop for GuestRam {
+/// Guard pages mapped by [`map_guarded`], unmapped on drop.
+struct GuardPages(Vec<usize>);
+
+impl Drop for GuardPages {
     fn drop(&mut self) {
-        for &g in &self.guards {
+        for &g in &self.0 {
             // SAFETY: a page mapped by `guard_below` for this RAM and used by nothing.
             unsafe { libc::munmap(g as *mut libc::c_void, PAGE_SIZE as usize) };
         }
     }
 }
 
-/// Maps one inaccessible page right below guest RAM at `start`, where the kernel
-/// places the next mapping: without it the RAM of the next VM (same flags) would
-/// join this RAM in one VMA, and `/proc/self/smaps` could not tell the two VMs'
-/// resident memory apart. None if that page is taken (then by something else).
+/// Held while a region of guest RAM is mapped, given its guard page and advised,
+/// so that no other RAM (another host's, in another thread) takes the page below
+/// halfway through.
+static MAPPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Mappings of guest RAM tried before one without a free page below is used as is.
+const MAP_TRIES: usize = 8;
+
+/// Maps `len` bytes of guest RAM, advised for `host_pages`, with an inaccessible
+/// guard page right below it.
+///
+/// Two anonymous mappings next to each other with the same flags (two VMs' RAM,
+/// advised alike) become one VMA, and `/proc/self/smaps`, whose sums give each VM's
+/// resident memory, can no longer tell them apart: each VM then counts none of it.
+/// The kernel places a new mapping right below the lowest one, so a page below
+/// each RAM keeps the next RAM apart; above, a RAM has the guard of the RAM mapped
+/// before it, or something that is not RAM. A RAM's guard goes only after the RAM
+/// itself ([`GuardPages`]). A mapping whose page below is taken (it fills a hole
+/// left by an unmapped one) is kept while the next is tried, so that the kernel
+/// places the next elsewhere. Returns the guard's address; None if no try found
+/// the page below free (then residency figures may include a neighbour).
+fn map_guarded(len: usize, host_pages: HostPages) -> Result<(MmapRegion, Option<usize>), MemoryError> {
+    let _one_at_a_time = MAPPING.lock().unwrap_or_else(|p| p.into_inner());
+    let mut taken = Vec::new();
+    let (mmap, guard) = loop {
+        let mmap = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        match guard_below(mmap.as_ptr() as usize) {
+            Some(g) => break (mmap, Some(g)),
+            None if taken.len() + 1 == MAP_TRIES => {
+                log::warn!("guest RAM at {:p}: no free page below it for a guard page", mmap.as_ptr());
+                break (mmap, None);
+            }
+            None => taken.push(mmap),
+        }
+    };
+    drop(taken);
+    let advice = match host_pages {
+        HostPages::Small => libc::MADV_NOHUGEPAGE,
+        HostPages::Thp => libc::MADV_HUGEPAGE,
+    };
+    // SAFETY: the range is the mapping just created and owned by `mmap`.
+    if unsafe { libc::madvise(mmap.as_ptr().cast(), len, advice) } != 0 {
+        log::warn!("madvise({advice}) on guest RAM failed: {}", std::io::Error::last_os_error());
+    }
+    Ok((mmap, guard))
+}
+
+/// Maps one inaccessible page right below guest RAM at `start`; None if that page
+/// is taken.
 fn guard_below(start: usize) -> Option<usize> {
     let at = start.checked_sub(PAGE_SIZE as usize)?;
     // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
@@ -380,5 +427,31 @@ mod tests {
             let rss = ram.resident_bytes();
             assert!((want..want + (1 << 20)).contains(&rss), "ram {i}: rss {rss}, want {want}");
         }
+    }
+
+    #[test]
+    fn residency_is_per_vm_when_threads_map_ram_at_once() {
+        // Two hosts in one process map and unmap their VMs' RAM from two threads:
+        // one thread's RAM could take the page below the other's before its guard,
+        // or land next to a dying RAM that had lost its guard, and the two joined in
+        // one mapping that neither counted (resident 0).
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                s.spawn(move || {
+                    for round in 0..100u64 {
+                        let ram = GuestRam::new(16 << 20, HostPages::Small).unwrap();
+                        let pages = 64 * (t + 1) + round;
+                        for page in 0..pages {
+                            ram.mem().write_obj(1u8, GuestAddress(page * PAGE_SIZE)).unwrap();
+                        }
+                        let (rss, want) = (ram.resident_bytes(), pages * PAGE_SIZE);
+                        assert!(
+                            (want..want + (1 << 20)).contains(&rss),
+                            "thread {t} round {round}: rss {rss}, want {want}"
+                        );
+                    }
+                });
+            }
+        });
     }
 }
