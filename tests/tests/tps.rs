@@ -82,6 +82,14 @@ fn two_vms_with_the_same_pages_keep_one_copy() {
     assert_between("resident memory saved", fall, 60.0, 72.0);
     assert!(s.pool_pages >= 64 * PAGES_PER_MIB && s.pool_mapped_pages >= 128 * PAGES_PER_MIB, "{s:?}");
     assert!(s.bytes_saved as f64 / MIB as f64 >= 60.0, "{s:?}");
+    // Per VM (`vmm top`'s SHRD and SHRDSVD): each maps its 64 MiB onto the pool and
+    // saves half of it, as the other maps the same pool pages.
+    let sample = vmm::sample::HostSample::take(h.0.host().shared());
+    for vm in &sample.vms {
+        assert_between(&format!("{} SHRD", vm.name), vm.shared_mib.unwrap(), 64.0, 66.0);
+        assert_between(&format!("{} SHRDSVD", vm.name), vm.saved_mib.unwrap(), 30.0, 34.0);
+        assert!(vm.zero_mib.unwrap() < 1.0, "{vm:?}");
+    }
     h.verify_all();
 }
 
@@ -95,6 +103,10 @@ fn zero_and_duplicate_pages_of_one_vm_are_freed() {
     assert_between("resident memory saved", fall, 124.0, 132.0);
     assert!(s.zero_pages >= 64 * PAGES_PER_MIB, "{s:?}");
     assert!(s.pool_mapped_pages >= 64 * PAGES_PER_MIB && s.pool_pages < 256, "{s:?}");
+    let vm = &vmm::sample::HostSample::take(h.0.host().shared()).vms[0];
+    assert_between("ZERO", vm.zero_mib.unwrap(), 64.0, 66.0);
+    // The dup pages share 64 replicas: each saves 1 - 1/(pages per replica).
+    assert_between("SHRDSVD", vm.saved_mib.unwrap(), 124.0, 130.0);
     h.verify_all();
 }
 

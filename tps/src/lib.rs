@@ -60,7 +60,7 @@ mod vma;
 pub use config::Config;
 pub use error::Error;
 pub use scanner::Scanner;
-pub use stats::Stats;
+pub use stats::{Stats, VmSharing};
 
 /// Pages are [`pagestate::PAGE_SIZE`]: shared with the other reclaimers.
 pub(crate) use pagestate::{Page, PAGE_SIZE};

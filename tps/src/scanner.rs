@@ -23,7 +23,7 @@ use crate::batch::Batch;
 use crate::config::Config;
 use crate::pass::{Chunk, Pass, Rng, CHUNK_PAGES};
 use crate::state::{Remapped, State};
-use crate::stats::{thread_cpu_ns, Stats};
+use crate::stats::{thread_cpu_ns, Stats, VmSharing};
 use crate::{Error, Region, VmId};
 
 /// Scan period when a rate is set.
@@ -186,6 +186,11 @@ impl Scanner {
         if vms.get_mut(id as usize).and_then(Option::take).is_some() {
             self.shared.lock_state().remove_vm(id);
         }
+    }
+
+    /// Page sharing's figures for VM `id` now (zeros for a VM not registered).
+    pub fn vm_sharing(&self, id: VmId) -> VmSharing {
+        self.shared.lock_state().vm_sharing(id)
     }
 
     /// The counters now.

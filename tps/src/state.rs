@@ -19,7 +19,7 @@ use crate::pass::PassRegion;
 use crate::pool::Pool;
 use crate::region::{Regions, Slot};
 use crate::remap::{self, Advice};
-use crate::stats::Stats;
+use crate::stats::{Stats, VmSharing};
 use crate::vma::VmaBudget;
 use crate::{Error, Page, Region, PAGE_SIZE};
 use pagestate::discard::dontneed;
@@ -196,6 +196,31 @@ impl State {
             a = host + last * PAGE_SIZE;
         }
         Ok(())
+    }
+
+    /// Page sharing's figures for VM `vm` (see [`VmSharing`]): one walk over its
+    /// pages' slots.
+    pub(crate) fn vm_sharing(&self, vm: u32) -> VmSharing {
+        let mut s = VmSharing::default();
+        let mut saved_pages = 0.0;
+        for r in self.regions.iter().filter(|r| r.vm == vm) {
+            for (_, slot) in r.slots() {
+                match slot {
+                    Slot::Zero => {
+                        s.zero_pages += 1;
+                        saved_pages += 1.0;
+                    }
+                    Slot::Pool { idx, broken: false } => {
+                        s.pool_mapped_pages += 1;
+                        let refs = self.pool.get(idx).map_or(1, |p| p.refs.max(1));
+                        saved_pages += 1.0 - 1.0 / refs as f64;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        s.bytes_saved = saved_pages * PAGE_SIZE as f64;
+        s
     }
 
     /// The counters, with the derived ones filled in.

@@ -70,6 +70,21 @@ pub struct Stats {
     pub metadata_bytes: u64,
 }
 
+/// Page sharing's figures for one VM (now): ESX's per-VM `ZERO`, `SHRD` and
+/// `SHRDSVD`. Summed over all VMs they give [`Stats`]' `zero_pages`,
+/// `pool_mapped_pages` and `bytes_saved`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmSharing {
+    /// Pages of this VM dropped as zero and not written since.
+    pub zero_pages: u64,
+    /// Pages of this VM mapping the pool, shares not known broken.
+    pub pool_mapped_pages: u64,
+    /// Host memory this VM's sharing saves, bytes: its zero pages, plus for each
+    /// pool page it maps `1 - 1/refs` of a page (the pool page's cost split evenly
+    /// among the guest pages mapping it).
+    pub bytes_saved: f64,
+}
+
 impl Stats {
     /// Fills `bytes_saved` from the current page counts.
     pub(crate) fn compute_saved(&mut self) {

@@ -67,6 +67,14 @@ fn shares_across_vms_and_frees_zero_pages() {
     assert_eq!(st.zero_pages, 512);
     assert_eq!(st.zero_pages_freed, 512);
     assert_eq!(st.bytes_saved, 1024 * P, "one copy of the shared half, no zero page");
+    // Per VM: its 256 zero pages and half of each of the 512 pool pages it maps
+    // with the other; the two add up to the totals.
+    for vm in [0, 1] {
+        let v = s.vm_sharing(vm);
+        assert_eq!((v.zero_pages, v.pool_mapped_pages), (256, 512), "vm {vm}: {v:?}");
+        assert_eq!(v.bytes_saved, (256.0 + 512.0 / 2.0) * P as f64, "vm {vm}: {v:?}");
+    }
+    assert_eq!(s.vm_sharing(7), tps::VmSharing::default(), "not a VM of the scanner");
     assert_eq!(private_pages(&a) + private_pages(&b), 512, "only unique pages stay private");
     assert_eq!(st.guest_pages, 2048);
     assert!(st.full_passes >= 2 && st.pages_scanned >= 2048);

@@ -114,6 +114,14 @@ pub struct VmSample {
     pub swap_read_mib: Option<f64>,
     /// Swapped out so far, MiB; `SWW/s` is its rate.
     pub swap_written_mib: Option<f64>,
+    /// This VM's guest memory mapped onto page sharing's pool, MiB (`SHRD`, without
+    /// zero pages, as the host figure).
+    pub shared_mib: Option<f64>,
+    /// This VM's pages dropped as zero and not written since, MiB (`ZERO`).
+    pub zero_mib: Option<f64>,
+    /// Host memory this VM's sharing saves, MiB (`SHRDSVD`): its zero pages, and of
+    /// each pool page it maps its part of the saving (`1 - 1/refs`).
+    pub saved_mib: Option<f64>,
     /// Pages the guest holds in its allocated set (its own count), MiB.
     pub guest_allocated_mib: f64,
     /// The guest's heartbeat: a progress counter of the test guest.
@@ -183,6 +191,7 @@ impl HostSample {
             .map(|(i, vm)| {
                 let balloon = vm.balloon_snapshot();
                 let swap = host.swapper(i).map(|s| s.stats());
+                let sharing = host.sharing().and_then(|s| s.vm_sharing(i));
                 let plan = decision.as_ref().and_then(|d| d.vm(vm.name()));
                 let alloc = host.policy().and_then(|p| p.allocation(vm.name()));
                 let active = alloc.as_ref().and_then(|a| a.active.as_ref());
@@ -206,6 +215,9 @@ impl HostSample {
                     swap_target_mib: swap.as_ref().and(plan).map(|p| pages_mib(p.swap_pages)),
                     swap_read_mib: swap.as_ref().map(|s| pages_mib(s.pages_in + s.prefetched)),
                     swap_written_mib: swap.as_ref().map(|s| pages_mib(s.pages_out)),
+                    shared_mib: sharing.map(|s| pages_mib(s.pool_mapped_pages)),
+                    zero_mib: sharing.map(|s| pages_mib(s.zero_pages)),
+                    saved_mib: sharing.map(|s| mib(s.bytes_saved as u64)),
                     guest_allocated_mib: pages_mib(progress.allocated_pages),
                     heartbeat: progress.heartbeat,
                     working_set_mib,

@@ -171,7 +171,7 @@ fn batch_mode_prints_one_csv_row_per_vm_per_sample() {
         assert_eq!(&r[col("mem_state")], "high");
         let free: f64 = r[col("free_mib")].parse().unwrap();
         assert!(free > 1024.0 - 2.0 * 64.0 - 1.0 && free < 1024.0 - 2.0 * 16.0 + 1.0, "free {free}");
-        assert_eq!(&r[col("SHRD")], "-", "page sharing is host-wide, not per VM");
+        assert_eq!(&r[col("SHRD")], "-", "page sharing is off");
         assert_eq!(&r[col("SWCUR")], "-", "no swapper");
     }
     // The first sample has no rate; later ones do (no swapper here: still none).

@@ -23,7 +23,7 @@ pub struct Timed {
 }
 
 /// The CSV header: host columns, then the VM's.
-pub const CSV_COLUMNS: [&str; 28] = [
+pub const CSV_COLUMNS: [&str; 31] = [
     "t_s",
     "state",
     "total_mib",
@@ -49,6 +49,9 @@ pub const CSV_COLUMNS: [&str; 28] = [
     "swapped_mib",
     "swap_read_mib",
     "swap_written_mib",
+    "vm_shared_mib",
+    "vm_zero_mib",
+    "vm_saved_mib",
     "allocated_mib",
     "work_step",
     "ops_per_sec",
@@ -104,6 +107,9 @@ impl Recorder {
                 opt(vm.swapped_mib),
                 opt(vm.swap_read_mib),
                 opt(vm.swap_written_mib),
+                opt(vm.shared_mib),
+                opt(vm.zero_mib),
+                opt(vm.saved_mib),
                 format!("{:.2}", vm.guest_allocated_mib),
                 vm.work.map_or("-".into(), |w| w.step.to_string()),
                 vm.work.map_or("-".into(), |w| format!("{:.0}", w.ops_per_sec)),

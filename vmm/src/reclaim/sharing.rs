@@ -63,6 +63,11 @@ impl PageSharing {
         private + self.stats().pool_pages * PAGE_SIZE
     }
 
+    /// Page sharing's figures for VM `index` (of the slice given to `start`).
+    pub fn vm_sharing(&self, index: usize) -> Option<tps::VmSharing> {
+        self.ids.get(index).map(|&id| self.scanner.vm_sharing(id))
+    }
+
     /// The counters.
     pub fn stats(&self) -> tps::Stats {
         self.scanner.stats()

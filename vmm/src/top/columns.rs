@@ -100,8 +100,9 @@ impl Column {
             Column::Swtgt => vm.swap_target_mib,
             Column::SwrRate => rate(|v| v.swap_read_mib),
             Column::SwwRate => rate(|v| v.swap_written_mib),
-            // Page sharing counts over all VMs, not per VM (see `SharingSample`).
-            Column::Shrd | Column::Zero | Column::Shrdsvd => None,
+            Column::Shrd => vm.shared_mib,
+            Column::Zero => vm.zero_mib,
+            Column::Shrdsvd => vm.saved_mib,
         }
     }
 }
