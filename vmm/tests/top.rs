@@ -171,7 +171,11 @@ fn batch_mode_prints_one_csv_row_per_vm_per_sample() {
         assert_eq!(&r[col("mem_state")], "high");
         let free: f64 = r[col("free_mib")].parse().unwrap();
         assert!(free > 1024.0 - 2.0 * 64.0 - 1.0 && free < 1024.0 - 2.0 * 16.0 + 1.0, "free {free}");
-        assert_eq!(&r[col("SHRD")], "-", "page sharing is off");
+        // Page sharing is on (vmm run's default): per VM, within its memory.
+        for c in ["SHRD", "ZERO", "SHRDSVD"] {
+            let v: f64 = r[col(c)].parse().unwrap_or_else(|_| panic!("{c}: {:?}", &r[col(c)]));
+            assert!((0.0..=64.0).contains(&v), "{c} {v}");
+        }
         assert_eq!(&r[col("SWCUR")], "-", "no swapper");
     }
     // The first sample has no rate; later ones do (no swapper here: still none).
