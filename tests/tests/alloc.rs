@@ -281,7 +281,9 @@ fn sampling_alongside_every_reclaimer_loses_no_write() {
     // Two 2-vCPU guests rewrite and check their memory for a few seconds while the
     // sampler drops KVM's mappings of 1000 pages every 50 ms, page sharing merges at
     // full speed, and the policy (a budget below the guests' memory) balloons and
-    // swaps them: every verify must find every page intact.
+    // swaps them: every verify must find every page intact. Rounds go on for
+    // `VMM_STRESS_DURATION` (one round by default).
+    let run_for = common::stress_duration(Duration::ZERO);
     let dir = common::TempDir::new("alloc-stress");
     let mut opts = policy(112 * MIB, 0.75);
     if let Some(p) = &mut opts.policy {
@@ -293,9 +295,14 @@ fn sampling_alongside_every_reclaimer_loses_no_write() {
     let host = start_on(&configs, opts);
     (0..2).for_each(|i| wait_serving(host.vm(i)));
     let round = "repeat 5 { touch 8M; alloc 8M unique; alloc 4M zero; verify; free 12M zero; verify }";
-    let runs: Vec<_> = (0..2).map(|i| command(&host, i, round)).collect();
-    let status: Vec<_> = runs.into_iter().map(|r| r.join().unwrap()).collect();
-    assert_eq!(status, [Some(0), Some(0)], "a verify found a bad page (or a step failed)");
+    let t0 = Instant::now();
+    let mut rounds = 0;
+    while rounds == 0 || t0.elapsed() < run_for {
+        let runs: Vec<_> = (0..2).map(|i| command(&host, i, round)).collect();
+        let status: Vec<_> = runs.into_iter().map(|r| r.join().unwrap()).collect();
+        assert_eq!(status, [Some(0), Some(0)], "round {rounds}: a verify found a bad page (or a step failed)");
+        rounds += 1;
+    }
     for i in 0..2 {
         let a = active_of(&host, i).expect("sampled");
         assert!(a.estimate.periods >= 10 && a.error.is_none(), "sampling ran alongside: {a:?}");

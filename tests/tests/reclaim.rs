@@ -167,11 +167,7 @@ static ONE_STRESS_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn every_reclaimer_at_once_loses_no_write(boot: Boot) {
     let _turn = ONE_STRESS_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    // `VMM_STRESS_DURATION=10m` for a long run (liveness under contention shows after
-    // minutes); short by default for CI.
-    let run_for = std::env::var("VMM_STRESS_DURATION").map_or(Duration::from_secs(25), |d| {
-        vmm::units::parse_duration(&d).unwrap_or_else(|e| panic!("VMM_STRESS_DURATION={d}: {e}"))
-    });
+    let run_for = common::stress_duration(Duration::from_secs(25));
     let configs: Vec<VmConfig> =
         two_vcpu_guests(&["s0", "s1"], 256 * MIB, "alloc 16M shared:3").into_iter().map(|c| via(boot, c)).collect();
     let h = Reclaiming::start("stress", &configs);
