@@ -310,6 +310,14 @@ fn sampling_alongside_every_reclaimer_loses_no_write() {
         let c = host.vm(i).shared().stats().pages.expect("a census");
         assert_eq!(c.private + c.shared + c.zero + c.absent, 128 * MIB / 4096, "{c:?}");
         assert!(c.private > 0 && c.shared > 0, "{c:?}");
+        eprintln!(
+            "{}: {rounds} rounds in {:.0?}, {} sampling periods, {:.0} faults and {:.0} us paused per period",
+            host.vm(i).config().name,
+            t0.elapsed(),
+            a.estimate.periods,
+            a.faults_per_period,
+            a.pause_us_per_period
+        );
     }
 }
 

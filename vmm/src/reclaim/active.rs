@@ -162,7 +162,10 @@ impl ActiveSampler {
             });
         }
         if !reg.running {
-            std::thread::Builder::new().name("active".into()).spawn(sample_all)?;
+            if let Err(e) = std::thread::Builder::new().name("active".into()).spawn(sample_all) {
+                reg.vms.retain(|w| w.owner != owner);
+                return Err(e);
+            }
             reg.running = true;
         }
         Ok(ActiveSampler { owner, stats })
