@@ -1,6 +1,8 @@
 //! End-to-end tests of the swapper on real userfaultfds, real files, real threads.
 //! They need root (userfaultfd for kernel faults, mounting a tmpfs).
 
+#[path = "../../tests/tests/common/both_ways.rs"]
+mod both_ways;
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -37,20 +39,11 @@ impl Mode {
     }
 }
 
-/// The tests that hold with and without the compression cache, run both ways
-/// (`file::NAME`, `zcache::NAME`).
-macro_rules! file_and_cache {
-    ($($name:ident),* $(,)?) => {
-        mod file {
-            $(#[test] fn $name() { super::$name(super::Mode::File) })*
-        }
-        mod zcache {
-            $(#[test] fn $name() { super::$name(super::Mode::Cache) })*
-        }
-    };
-}
-
-file_and_cache!(
+// The tests that hold with and without the compression cache, run both ways
+// (`file::NAME`, `zcache::NAME`).
+both_ways::both_ways!(
+    file => super::Mode::File,
+    zcache => super::Mode::Cache;
     evict_everything_and_fault_it_back,
     no_write_is_lost_while_evicting,
     zero_pages_are_not_written,

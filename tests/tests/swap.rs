@@ -67,19 +67,10 @@ impl Mode {
     }
 }
 
-/// The tests that hold with and without the compression cache, run both ways.
-macro_rules! file_and_cache {
-    ($($name:ident),* $(,)?) => {
-        mod file {
-            $(#[test] fn $name() { super::$name(super::Mode::File) })*
-        }
-        mod zcache {
-            $(#[test] fn $name() { super::$name(super::Mode::Cache) })*
-        }
-    };
-}
-
-file_and_cache!(
+// The tests that hold with and without the compression cache, run both ways.
+common::both_ways!(
+    file => super::Mode::File,
+    zcache => super::Mode::Cache;
     evicted_pages_of_a_running_guest_come_back_intact,
     no_guest_write_is_lost_while_evicting,
     zero_pages_are_discarded_without_being_written,

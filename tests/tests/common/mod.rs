@@ -2,6 +2,7 @@
 //! guest's JSON lines.
 #![allow(dead_code)] // each test binary uses a different subset
 
+mod both_ways;
 #[path = "../../../vmm/tests/common/temp_dir.rs"]
 mod temp_dir;
 #[allow(unused_imports)] // each test binary uses a different subset
@@ -248,19 +249,14 @@ pub fn via(boot: Boot, mut config: VmConfig) -> VmConfig {
 #[allow(unused_macros)] // each test binary uses a different subset
 macro_rules! on_both_boot_paths {
     ($($name:ident),* $(,)?) => {
-        mod elf {
-            $(#[test]
-            fn $name() {
-                super::$name(super::common::Boot::Elf)
-            })*
-        }
-        mod bzimage {
-            $(#[test]
-            fn $name() {
-                super::$name(super::common::Boot::BzImage)
-            })*
-        }
+        $crate::common::both_ways!(
+            elf => super::common::Boot::Elf,
+            bzimage => super::common::Boot::BzImage;
+            $($name),*
+        );
     };
 }
+#[allow(unused_imports)]
+pub(crate) use both_ways::both_ways;
 #[allow(unused_imports)]
 pub(crate) use on_both_boot_paths;
