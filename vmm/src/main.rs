@@ -88,7 +88,7 @@ struct TopArgs {
     #[arg(long, value_name = "PATH")]
     sock: PathBuf,
     /// Time between refreshes.
-    #[arg(short = 'd', long = "delay", default_value = "2s", value_parser = units::parse_duration)]
+    #[arg(short = 'd', long = "delay", default_value = "2s", value_parser = vmm::top::parse_interval)]
     delay: std::time::Duration,
     /// Batch mode: print CSV, one row per VM per sample, no screen.
     #[arg(short = 'b', long)]

@@ -228,3 +228,28 @@ fn rss() -> u64 {
     let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
     kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
 }
+
+#[test]
+fn the_client_gives_up_on_a_peer_that_answers_nothing_whole() {
+    // `vmm top` and `vmm ctl` talk through this client: a socket that closes
+    // mid-line, or never answers, is a one-line error, not a hang.
+    let dir = TempDir::new("badpeer");
+    let path = dir.0.join("peer.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut half, _) = listener.accept().unwrap();
+        BufReader::new(&half).read_line(&mut String::new()).unwrap();
+        half.write_all(b"{\"ok\":tr").unwrap();
+        drop(half);
+        let (silent, _) = listener.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(12));
+        drop(silent);
+    });
+    let err = vmm::api::client::send(&path, &vmm::api::Request::Sample).unwrap_err();
+    assert!(err.starts_with("no complete response"), "{err}");
+    let t0 = Instant::now();
+    let err = vmm::api::client::send(&path, &vmm::api::Request::Sample).unwrap_err();
+    assert!(err.starts_with("reading the response"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(12), "gave up after its timeout");
+    peer.join().unwrap();
+}

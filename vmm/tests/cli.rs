@@ -92,6 +92,9 @@ fn bad_input_gets_one_line_errors() {
             &["run", "--policy", "on", "--host-mem", "512M", "--vms", "2", "--mem", "256M", "--min", "250M"],
             "admission refused: the VMs' reservations (500 MiB) do not fit",
         ),
+        (&["top", "--sock", "/nonexistent.sock", "-d", "0"], "the refresh interval must be from 100ms to 60s"),
+        (&["top", "--sock", "/nonexistent.sock", "-d", "3600s"], "the refresh interval must be from 100ms to 60s"),
+        (&["top", "--sock", "/nonexistent.sock", "-b"], "cannot connect to /nonexistent.sock"),
     ];
     for (args, expect) in cases {
         let out = vmm(args);

@@ -182,4 +182,11 @@ fn batch_mode_prints_one_csv_row_per_vm_per_sample() {
     assert_eq!(&rows[0][col("SWR/s")], "-");
     let times: Vec<f64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
     assert!(times[0] < times[2] && times[2] < times[4], "{times:?}");
+    // The last sample is not followed by a wait: `-n 1` with a minute's interval
+    // returns at once.
+    let t0 = Instant::now();
+    let out =
+        Command::new(VMM).args(["top", "--sock", run.sock.to_str().unwrap(), "-b", "-n", "1", "-d", "60s"]).output();
+    assert!(out.unwrap().status.success());
+    assert!(t0.elapsed() < Duration::from_secs(30), "waited {:?} after the last sample", t0.elapsed());
 }

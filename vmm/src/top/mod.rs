@@ -97,6 +97,22 @@ fn state_text(s: &crate::vm::VmState) -> String {
     }
 }
 
+/// The shortest refresh interval (`-d`, the `-` key): each refresh costs the
+/// running VMM a sample.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// The longest refresh interval (`-d`, the `+` key).
+pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Parses `-d`: a duration (`500ms`, `2s`) from [`MIN_INTERVAL`] to [`MAX_INTERVAL`].
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let d = crate::units::parse_duration(text).map_err(|e| e.to_string())?;
+    if (MIN_INTERVAL..=MAX_INTERVAL).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!("{text:?}: the refresh interval must be from 100ms to 60s"))
+    }
+}
+
 /// Runs `vmm top` until `q`, the count, or an error.
 pub fn run(opts: &TopOptions) -> Result<(), TopError> {
     if opts.batch {
@@ -106,9 +122,12 @@ pub fn run(opts: &TopOptions) -> Result<(), TopError> {
     }
 }
 
-/// Samples every interval and hands each frame to `show` until it returns false or
-/// the count is reached.
-fn sample_loop(opts: &TopOptions, mut show: impl FnMut(&Frame) -> Result<bool, TopError>) -> Result<(), TopError> {
+/// Samples and hands each frame to `show` until it returns false or the count is
+/// reached; `show` waits out the interval unless told the frame is the last.
+fn sample_loop(
+    opts: &TopOptions,
+    mut show: impl FnMut(&Frame, bool) -> Result<bool, TopError>,
+) -> Result<(), TopError> {
     let start = Instant::now();
     let mut prev: Option<(HostSample, Instant)> = None;
     let mut n = 0u64;
@@ -118,7 +137,8 @@ fn sample_loop(opts: &TopOptions, mut show: impl FnMut(&Frame) -> Result<bool, T
         let dt_s = prev.as_ref().map_or(0.0, |(_, t)| at.duration_since(*t).as_secs_f64());
         let frame = Frame { now, prev: prev.take().map(|(s, _)| s), dt_s, t_s: at.duration_since(start).as_secs_f64() };
         n += 1;
-        if !show(&frame)? || opts.count.is_some_and(|c| n >= c) {
+        let last = opts.count.is_some_and(|c| n >= c);
+        if !show(&frame, last)? || last {
             return Ok(());
         }
         prev = Some((frame.now, at));
@@ -132,7 +152,7 @@ fn batch(opts: &TopOptions, out: impl Write) -> Result<(), TopError> {
     head.extend(Column::ALL.iter().map(|c| c.name()));
     w.write_record(&head)?;
     w.flush()?;
-    sample_loop(opts, |f| {
+    sample_loop(opts, |f, last| {
         let (mem_state, free, tax) = match &f.now.policy {
             Some(p) => (p.state.to_string(), format!("{:.2}", p.free_mib), format!("{:.2}", p.idle_tax)),
             None => ("-".into(), "-".into(), "-".into()),
@@ -143,7 +163,9 @@ fn batch(opts: &TopOptions, out: impl Write) -> Result<(), TopError> {
             w.write_record(&rec)?;
         }
         w.flush()?;
-        std::thread::sleep(opts.interval);
+        if !last {
+            std::thread::sleep(opts.interval);
+        }
         Ok(true)
     })
 }

@@ -12,7 +12,7 @@ use ratatui::widgets::{Cell, Paragraph, Row, Table};
 use ratatui::Frame as Screen;
 
 use super::columns::header;
-use super::{sample_loop, Column, Frame, TopError, TopOptions};
+use super::{sample_loop, Column, Frame, TopError, TopOptions, MAX_INTERVAL, MIN_INTERVAL};
 use crate::sample::format_value;
 
 /// The keys, as the screen's last line shows them.
@@ -37,8 +37,8 @@ impl View {
                     Column::ALL[i.map_or(Column::ALL.len() - 1, |i| (i + Column::ALL.len() - 1) % Column::ALL.len())],
                 )
             }
-            KeyCode::Char('+') => self.interval = (self.interval * 2).min(Duration::from_secs(60)),
-            KeyCode::Char('-') => self.interval = (self.interval / 2).max(Duration::from_millis(100)),
+            KeyCode::Char('+') => self.interval = (self.interval * 2).min(MAX_INTERVAL),
+            KeyCode::Char('-') => self.interval = (self.interval / 2).max(MIN_INTERVAL),
             _ => {}
         }
         true
@@ -55,8 +55,11 @@ pub fn run(opts: &TopOptions) -> Result<(), TopError> {
 
 fn draw_loop(terminal: &mut ratatui::DefaultTerminal, opts: &TopOptions) -> Result<(), TopError> {
     let mut view = View { sort: opts.sort, interval: opts.interval };
-    sample_loop(opts, |f| {
+    sample_loop(opts, |f, last| {
         terminal.draw(|s| draw(s, f, &view))?;
+        if last {
+            return Ok(true);
+        }
         // Wait out the interval, redrawing at once after a key.
         let until = Instant::now() + view.interval;
         while let Some(left) = until.checked_duration_since(Instant::now()) {
