@@ -42,6 +42,9 @@ use serde::Deserialize;
 use crate::units::{parse_duration, parse_size, UnitError};
 
 /// Why a scenario cannot run.
+/// The most VMs a scenario may start (all `count`s together).
+const MAX_VMS: usize = 64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     /// Not TOML, or keys the format does not have.
@@ -333,6 +336,9 @@ impl RawScenario {
             if v.count == 0 {
                 return Err(invalid(format!("vm {}: count must be at least 1", v.name)));
             }
+            if vms.len() as u64 + u64::from(v.count) > MAX_VMS as u64 {
+                return Err(invalid(format!("vm {}: more than {MAX_VMS} VMs in all", v.name)));
+            }
             crate::config::check_workload(&v.workload).map_err(|e| invalid(format!("vm {} workload: {e}", v.name)))?;
             let shares = match &v.shares {
                 Some(t) => policy::Shares::parse(t).map_err(|e| invalid(format!("vm {} shares: {e}", v.name)))?,
@@ -343,7 +349,7 @@ impl RawScenario {
             }
             for k in 0..v.count {
                 let name = if v.count == 1 { v.name.clone() } else { format!("{}{k}", v.name) };
-                let delay = stagger.map_or(0, |s| s.as_millis() as u64 * u64::from(k));
+                let delay = stagger.map_or(0, |s| (s.as_millis() as u64).saturating_mul(u64::from(k)));
                 let workload = if delay > 0 { format!("idle {delay}ms; {}", v.workload) } else { v.workload.clone() };
                 vms.push(LabVm {
                     name,
@@ -587,6 +593,10 @@ mod tests {
             ("[[event]]\nat = \"soon\"\nbudget = \"1M\"", "event 1 at:"),
             ("[[event]]\nat = \"1s\"\nbudget = \"1M\"\ncolour = 3", "unknown field `colour`"),
             ("[[vm]]\nname = \"c\"\nmem = \"64M\"\nworkload = \"fill 1M\"", "vm c workload: "),
+            (
+                "[[vm]]\nname = \"c\"\nmem = \"64M\"\nworkload = \"idle 1s\"\ncount = 4000000000\nstagger = \"1s\"",
+                "vm c: more than 64 VMs in all",
+            ),
         ];
         for (extra, want) in cases {
             let e = parse(extra).unwrap_err();
