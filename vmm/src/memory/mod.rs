@@ -125,9 +125,9 @@ pub struct GuestRam {
     host_pages: HostPages,
     /// Who hears of discards and remaps of this RAM, in order.
     changes: RamChanges,
-    /// The `PROT_NONE` page below each region (see [`map_guarded`]). Declared after
-    /// `mem`, so dropped after it: the guards go once the RAM is unmapped.
-    _guards: GuardPages,
+    /// The reservation around each region (see [`map_guarded`]). Declared after
+    /// `mem`, so dropped after it: the address space goes once nothing reads it.
+    _reservations: Vec<Reservation>,
 }
 
 impl GuestRam {
@@ -136,10 +136,10 @@ impl GuestRam {
         validate_size(bytes)?;
         let regions = layout(bytes);
         let mut mapped = Vec::with_capacity(regions.len());
-        let mut guards = Vec::new();
+        let mut reservations = Vec::with_capacity(regions.len());
         for r in &regions {
-            let (mmap, guard) = map_guarded(r.size as usize, host_pages)?;
-            guards.extend(guard);
+            let (mmap, reservation) = map_guarded(r.size as usize, host_pages)?;
+            reservations.push(reservation);
             mapped
                 .push(GuestRegionMmap::new(mmap, GuestAddress(r.base)).ok_or_else(|| {
                     MemoryError::Mmap(format!("region at {:#x} overflows the address space", r.base))
@@ -159,7 +159,7 @@ impl GuestRam {
             host_regions,
             host_pages,
             changes: RamChanges::default(),
-            _guards: GuardPages(guards),
+            _reservations: reservations,
         })
     }
 
@@ -253,85 +253,69 @@ impl GuestRam {
     }
 }
 
-/// Guard pages mapped by [`map_guarded`], unmapped on drop.
-struct GuardPages(Vec<usize>);
+/// Address space reserved by [`map_guarded`] for one region of guest RAM and the
+/// inaccessible pages around it; unmapped, all of it, on drop.
+struct Reservation {
+    base: usize,
+    len: usize,
+}
 
-impl Drop for GuardPages {
+impl Drop for Reservation {
     fn drop(&mut self) {
-        for &g in &self.0 {
-            // SAFETY: a page mapped by `guard_below` for this RAM and used by nothing.
-            unsafe { libc::munmap(g as *mut libc::c_void, PAGE_SIZE as usize) };
-        }
+        // SAFETY: the reservation mapped by `map_guarded`; the guest RAM inside it is
+        // no longer read (`GuestRam` drops its memory first).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
     }
 }
 
-/// Held while a region of guest RAM is mapped, given its guard page and advised,
-/// so that no other RAM (another host's, in another thread) takes the page below
-/// halfway through.
-static MAPPING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Alignment of guest RAM in host memory: a transparent huge page.
+const HUGE_PAGE: usize = 2 << 20;
 
-/// Mappings of guest RAM tried before one without a free page below is used as is.
-const MAP_TRIES: usize = 8;
-
-/// Maps `len` bytes of guest RAM, advised for `host_pages`, with an inaccessible
-/// guard page right below it.
+/// Maps `len` bytes of guest RAM (a multiple of the page size), aligned to a huge
+/// page and advised for `host_pages`, inside a reservation whose other pages are
+/// inaccessible.
 ///
-/// Two anonymous mappings next to each other with the same flags (two VMs' RAM,
-/// advised alike) become one VMA, and `/proc/self/smaps`, whose sums give each VM's
-/// resident memory, can no longer tell them apart: each VM then counts none of it.
-/// The kernel places a new mapping right below the lowest one, so a page below
-/// each RAM keeps the next RAM apart; above, a RAM has the guard of the RAM mapped
-/// before it, or something that is not RAM. A RAM's guard goes only after the RAM
-/// itself ([`GuardPages`]). A mapping whose page below is taken (it fills a hole
-/// left by an unmapped one) is kept while the next is tried, so that the kernel
-/// places the next elsewhere. Returns the guard's address; None if no try found
-/// the page below free (then residency figures may include a neighbour).
-fn map_guarded(len: usize, host_pages: HostPages) -> Result<(MmapRegion, Option<usize>), MemoryError> {
-    let _one_at_a_time = MAPPING.lock().unwrap_or_else(|p| p.into_inner());
-    let mut taken = Vec::new();
-    let (mmap, guard) = loop {
-        let mmap = MmapRegionBuilder::new(len)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        match guard_below(mmap.as_ptr() as usize) {
-            Some(g) => break (mmap, Some(g)),
-            None if taken.len() + 1 == MAP_TRIES => {
-                log::warn!("guest RAM at {:p}: no free page below it for a guard page", mmap.as_ptr());
-                break (mmap, None);
-            }
-            None => taken.push(mmap),
-        }
-    };
-    drop(taken);
+/// Two anonymous mappings next to each other with the same flags (two VMs' RAM, or
+/// RAM and any anonymous buffer advised alike) become one VMA, and
+/// `/proc/self/smaps`, whose sums give each VM's resident memory, can no longer
+/// tell them apart: the VM then counts none of it. The reservation is one
+/// `PROT_NONE` mapping with room for the RAM, its alignment and a page on each
+/// side; the RAM replaces a part of it, so whatever is mapped or unmapped around
+/// later, an inaccessible page of this reservation stays on each side.
+fn map_guarded(len: usize, host_pages: HostPages) -> Result<(MmapRegion, Reservation), MemoryError> {
+    let page = PAGE_SIZE as usize;
+    let total = len.checked_add(2 * HUGE_PAGE).ok_or_else(|| MemoryError::Mmap("guest RAM too large".into()))?;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: a new inaccessible mapping at an address the kernel picks.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), total, libc::PROT_NONE, flags, -1, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(MemoryError::Mmap(format!("reserving guest RAM: {}", std::io::Error::last_os_error())));
+    }
+    let reservation = Reservation { base: base as usize, len: total };
+    // At most base + HUGE_PAGE, so a page still follows the RAM inside the reservation.
+    let ram = (reservation.base + page).next_multiple_of(HUGE_PAGE);
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: MAP_FIXED replaces only pages of the reservation just made (ram - page
+    // and ram + len stay inside it, see above), which nothing else uses.
+    let p = unsafe { libc::mmap(ram as *mut libc::c_void, len, rw, flags | libc::MAP_FIXED, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(MemoryError::Mmap(format!("mapping guest RAM: {}", std::io::Error::last_os_error())));
+    }
     let advice = match host_pages {
         HostPages::Small => libc::MADV_NOHUGEPAGE,
         HostPages::Thp => libc::MADV_HUGEPAGE,
     };
-    // SAFETY: the range is the mapping just created and owned by `mmap`.
-    if unsafe { libc::madvise(mmap.as_ptr().cast(), len, advice) } != 0 {
+    // SAFETY: the range is the RAM just mapped.
+    if unsafe { libc::madvise(p, len, advice) } != 0 {
         log::warn!("madvise({advice}) on guest RAM failed: {}", std::io::Error::last_os_error());
     }
-    Ok((mmap, guard))
-}
-
-/// Maps one inaccessible page right below guest RAM at `start`; None if that page
-/// is taken.
-fn guard_below(start: usize) -> Option<usize> {
-    let at = start.checked_sub(PAGE_SIZE as usize)?;
-    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
-    let p = unsafe {
-        libc::mmap(
-            at as *mut libc::c_void,
-            PAGE_SIZE as usize,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
+    // SAFETY: `len` bytes at `ram` are mapped read-write, private, and stay mapped
+    // until `reservation` drops, which `GuestRam` does after its memory.
+    let builder = unsafe {
+        MmapRegionBuilder::new(len).with_mmap_prot(rw).with_mmap_flags(flags).with_raw_mmap_pointer(p.cast())
     };
-    (p as usize == at).then_some(at)
+    let mmap = builder.build().map_err(|e| MemoryError::Mmap(e.to_string()))?;
+    Ok((mmap, reservation))
 }
 
 #[cfg(test)]
@@ -430,11 +414,33 @@ mod tests {
     }
 
     #[test]
+    fn ram_is_huge_page_aligned_between_inaccessible_pages() {
+        let ram = GuestRam::new(32 << 20, HostPages::Thp).unwrap();
+        let r = ram.host_regions()[0];
+        assert_eq!(r.host_addr % HUGE_PAGE, 0, "{:#x}", r.host_addr);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let perms = |addr: usize| {
+            maps.lines()
+                .find_map(|l| {
+                    let (range, rest) = l.split_once(' ')?;
+                    let (a, b) = range.split_once('-')?;
+                    let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+                    (a <= addr && addr < b).then(|| rest[..4].to_string())
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(perms(r.host_addr - 1), "---p", "below");
+        assert_eq!(perms(r.host_addr + r.len), "---p", "above");
+        assert_eq!(perms(r.host_addr), "rw-p");
+    }
+
+    #[test]
     fn residency_is_per_vm_when_threads_map_ram_at_once() {
         // Two hosts in one process map and unmap their VMs' RAM from two threads:
-        // one thread's RAM could take the page below the other's before its guard,
-        // or land next to a dying RAM that had lost its guard, and the two joined in
-        // one mapping that neither counted (resident 0).
+        // with a guard page mapped after the RAM, one thread's RAM could take the
+        // page below the other's first, or land next to a dying RAM that had lost
+        // its guard, and the two joined in one mapping that neither counted
+        // (resident 0).
         std::thread::scope(|s| {
             for t in 0..4u64 {
                 s.spawn(move || {
