@@ -189,8 +189,6 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     path
 }
 
-/// Configs of the built-in guest named `names`, each with `mem` and 2 vCPUs (two
-/// writers per VM, as the race stress tests need), booting with `workload`.
 /// How long a stress test runs: `VMM_STRESS_DURATION` (`10m` for a long run:
 /// liveness under contention shows after minutes), else `default` (short, for CI).
 pub fn stress_duration(default: Duration) -> Duration {
@@ -198,6 +196,8 @@ pub fn stress_duration(default: Duration) -> Duration {
         .map_or(default, |d| vmm::units::parse_duration(&d).unwrap_or_else(|e| panic!("VMM_STRESS_DURATION={d}: {e}")))
 }
 
+/// Configs of the built-in guest named `names`, each with `mem` and 2 vCPUs (two
+/// writers per VM, as the race stress tests need), booting with `workload`.
 pub fn two_vcpu_guests(names: &[&str], mem: u64, workload: &str) -> Vec<VmConfig> {
     names
         .iter()
