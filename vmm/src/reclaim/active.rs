@@ -44,7 +44,7 @@ use policy::ActiveEstimate;
 use serde::{Deserialize, Serialize};
 
 /// How long the sampler waits for a VM to pause at a period start before trying
-/// again at its next look.
+/// again a quarter period later.
 const PAUSE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Options of the sampler (`--active-period`, `--active-samples`).
@@ -108,6 +108,8 @@ struct Watched {
     ran: Duration,
     /// The current period's samples; None before the first period starts.
     samples: Option<Vec<Sample>>,
+    /// When to try again to start a period, after the VM did not pause in time.
+    retry_at: Option<Instant>,
     size_pages: u64,
     cpu: Duration,
     faults: u64,
@@ -155,6 +157,7 @@ impl ActiveSampler {
                 stats: stats.clone(),
                 ran: Duration::ZERO,
                 samples: None,
+                retry_at: None,
                 size_pages,
                 cpu: Duration::ZERO,
                 faults: 0,
@@ -186,7 +189,10 @@ impl Drop for ActiveSampler {
 /// The sampling thread: runs while any VM is watched.
 fn sample_all() {
     let mut s = Sampler { rng: seed() };
-    if let Err(e) = s.run() {
+    // A panic must not leave VMs registered with nobody sampling them.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.run()))
+        .unwrap_or_else(|_| Err("the sampling thread panicked".into()));
+    if let Err(e) = ran {
         log::warn!("active memory sampling stopped: {e}");
         let mut reg = registry();
         for w in reg.vms.drain(..) {
@@ -248,7 +254,9 @@ impl Sampler {
             let due: Vec<usize> = (0..vms.len())
                 .filter(|&i| {
                     let w = &vms[i];
-                    w.vm.run().mode() != Mode::Stopping && (w.samples.is_none() || w.ran >= w.opts.period)
+                    w.vm.run().mode() != Mode::Stopping
+                        && (w.samples.is_none() || w.ran >= w.opts.period)
+                        && w.retry_at.is_none_or(|t| now >= t)
                 })
                 .collect();
             let looks: Vec<usize> =
@@ -256,13 +264,12 @@ impl Sampler {
             if !due.is_empty() {
                 self.new_periods(vms, &due, &pagemap, &flags)?;
             } else if !looks.is_empty() {
-                let cpu = thread_cpu();
-                look_all(vms, &pagemap, &flags);
-                let per_vm = (thread_cpu() - cpu) / looks.len() as u32;
                 for &i in &looks {
                     let w = &mut vms[i];
+                    let cpu = thread_cpu();
+                    look(w, &pagemap, &flags);
                     w.last_look = now;
-                    w.cpu += per_vm;
+                    w.cpu += thread_cpu() - cpu;
                     if let Some(samples) = &w.samples {
                         let (t, v) = count(samples, &pagemap);
                         w.stats.lock().unwrap_or_else(|p| p.into_inner()).estimate.observe(t, v);
@@ -297,10 +304,15 @@ impl Sampler {
 
     /// Picks the new period's pages with the VM paused and no other reclaimer at
     /// work, and makes KVM forget the resident ones. A VM that does not pause in
-    /// time is tried again at the next look.
+    /// time is tried again a quarter period later (not at every tick, with the
+    /// registry locked).
     fn start_period(&mut self, w: &mut Watched, pagemap: &Pagemap) {
         let n = w.opts.samples;
-        let Ok(guard) = w.vm.run().reclaim_guard(PAUSE_TIMEOUT) else { return };
+        let Ok(guard) = w.vm.run().reclaim_guard(PAUSE_TIMEOUT) else {
+            w.retry_at = Some(Instant::now() + w.opts.period / 4);
+            return;
+        };
+        w.retry_at = None;
         let held = Instant::now();
         let regions = w.vm.regions().to_vec();
         let mut chosen = HashSet::new();
@@ -349,9 +361,14 @@ impl Sampler {
 /// Reads every watched page's evidence (before any `clear_refs`).
 fn look_all(vms: &mut [Watched], pagemap: &Pagemap, flags: &KPageFlags) {
     for w in vms {
-        for s in w.samples.iter_mut().flatten().filter(|s| !s.touched) {
-            s.touched = touched(s, pagemap, flags);
-        }
+        look(w, pagemap, flags);
+    }
+}
+
+/// Reads the evidence of `w`'s watched pages not yet seen touched.
+fn look(w: &mut Watched, pagemap: &Pagemap, flags: &KPageFlags) {
+    for s in w.samples.iter_mut().flatten().filter(|s| !s.touched) {
+        s.touched = touched(s, pagemap, flags);
     }
 }
 
