@@ -184,11 +184,19 @@ impl HostSample {
                 full_passes: t.full_passes,
             }
         });
+        // Each figure reads /proc/self/smaps whole: once per VM here, and the host's
+        // total from the same figures unless page sharing changes what it counts.
+        let resident: Vec<u64> = host.vms().iter().map(|vm| vm.ram().resident_bytes()).collect();
+        let guest_bytes = match host.sharing() {
+            Some(_) => host.guest_memory_bytes(),
+            None => resident.iter().sum(),
+        };
         let vms = host
             .vms()
             .iter()
+            .zip(&resident)
             .enumerate()
-            .map(|(i, vm)| {
+            .map(|(i, (vm, &resident))| {
                 let balloon = vm.balloon_snapshot();
                 let swap = host.swapper(i).map(|s| s.stats());
                 let sharing = host.sharing().and_then(|s| s.vm_sharing(i));
@@ -202,7 +210,7 @@ impl HostSample {
                     name: vm.name().to_string(),
                     state: vm.state(),
                     memsz_mib: mib(size),
-                    resident_mib: mib(vm.ram().resident_bytes()),
+                    resident_mib: mib(resident),
                     target_mib: plan.map(|p| pages_mib(p.target_pages)),
                     active_mib: active.and_then(|a| a.active_mib),
                     active_fast_mib: active.filter(|a| a.estimate.periods > 0).map(|a| a.estimate.fast * mib(size)),
@@ -225,6 +233,6 @@ impl HostSample {
                 }
             })
             .collect();
-        HostSample { policy, guest_mib: mib(host.guest_memory_bytes()), sharing, vms }
+        HostSample { policy, guest_mib: mib(guest_bytes), sharing, vms }
     }
 }
