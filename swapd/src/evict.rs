@@ -254,13 +254,15 @@ pub(crate) fn swap_out(
                 in_flight.push_back(s.spawn(move || write_batch(sh, b)));
             }
             // Keep the compression cache within its cap (outside the pause).
-            let mut lap = Lap::start();
-            let mut mem = ev.take();
-            let spilled = spill(sh, &mut mem.buf);
-            ev.spare.push(mem);
-            lap.to(&sh.counters.stages.spill);
-            if let Err(e) = spilled {
-                break Err(e);
+            if sh.cfg.cache.is_some() {
+                let mut lap = Lap::start();
+                let mut mem = ev.take();
+                let spilled = spill(sh, &mut mem.buf);
+                ev.spare.push(mem);
+                lap.to(&sh.counters.stages.spill);
+                if let Err(e) = spilled {
+                    break Err(e);
+                }
             }
         };
         // A request that ends early drops what is still in flight (never discarded:

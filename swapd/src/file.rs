@@ -426,17 +426,24 @@ impl SwapFile {
         debug_assert!(first as u64 + (data.len() / PAGE_SIZE) as u64 <= self.slots);
         let off = Self::offset(first);
         self.write_all_at(data, off)?;
-        if !self.direct {
-            let fd = self.file.as_raw_fd();
-            let flags =
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-            // SAFETY: plain syscalls on our descriptor.
-            if unsafe { libc::sync_file_range(fd, off as i64, data.len() as i64, flags) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: as above; advisory, failure is harmless.
-            unsafe { libc::posix_fadvise(fd, off as i64, data.len() as i64, libc::POSIX_FADV_DONTNEED) };
+        self.settle(off, data.len())
+    }
+
+    /// With buffered I/O, writes `len` bytes at `off` back and drops them from the
+    /// page cache, so that write errors surface now and the memory is really free.
+    /// Nothing to do with direct I/O.
+    fn settle(&self, off: u64, len: usize) -> io::Result<()> {
+        if self.direct {
+            return Ok(());
         }
+        let fd = self.file.as_raw_fd();
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        // SAFETY: plain syscalls on our descriptor.
+        if unsafe { libc::sync_file_range(fd, off as i64, len as i64, flags) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above; advisory, failure is harmless.
+        unsafe { libc::posix_fadvise(fd, off as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
         Ok(())
     }
 
@@ -468,17 +475,7 @@ impl SwapFile {
             for (i, p) in chunk.iter().enumerate().skip(done) {
                 self.write_all_at(p, Self::offset(slot + i as u32))?;
             }
-            if !self.direct {
-                let len = chunk.len() * PAGE_SIZE;
-                let flags =
-                    libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-                // SAFETY: plain syscalls on our descriptor.
-                if unsafe { libc::sync_file_range(fd, off as i64, len as i64, flags) } < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // SAFETY: as above; advisory, failure is harmless.
-                unsafe { libc::posix_fadvise(fd, off as i64, len as i64, libc::POSIX_FADV_DONTNEED) };
-            }
+            self.settle(off, chunk.len() * PAGE_SIZE)?;
             slot += chunk.len() as u32;
         }
         Ok(())
